@@ -1,0 +1,44 @@
+// ztier: the command-line front end (benchmarks, config tools, replay).
+#include <cstdio>
+
+#include <CLI/CLI.hpp>
+
+#include "base/log.h"
+#include "cli/commands.h"
+
+namespace ztier::cli {
+
+void InstallStderrLogSink(bool verbose) {
+  SetLogSink(
+      [](LogLevel level, std::string_view msg) {
+        fprintf(stderr, "ztier: %.*s: %.*s\n",
+                static_cast<int>(LogLevelName(level).size()),
+                LogLevelName(level).data(), static_cast<int>(msg.size()),
+                msg.data());
+      },
+      verbose ? LogLevel::kDebug : LogLevel::kInfo);
+}
+
+}  // namespace ztier::cli
+
+int main(int argc, char** argv) {
+  CLI::App app{"ztier: NVMe offload memory tiering engine"};
+  app.require_subcommand(1);
+  bool verbose = false;
+  app.add_flag("-v,--verbose", verbose, "Print debug log messages");
+  int exit_code = 0;
+
+  CLI::App* bench = app.add_subcommand("bench", "Benchmarks: io");
+  bench->require_subcommand(1);
+  ztier::cli::RegisterBenchIo(*bench, &exit_code);
+  ztier::cli::RegisterConfigCommands(app, &exit_code);
+
+  app.parse_complete_callback(
+      [&verbose] { ztier::cli::InstallStderrLogSink(verbose); });
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  return exit_code;
+}
