@@ -9,6 +9,7 @@ namespace ztier::cli {
 
 void RegisterBenchIo(CLI::App& bench, int* exit_code);
 void RegisterConfigCommands(CLI::App& app, int* exit_code);
+void RegisterTraceCommands(CLI::App& app, int* exit_code);
 
 // Writes library log messages to stderr ("ztier: info: ...").
 void InstallStderrLogSink(bool verbose);

@@ -32,6 +32,7 @@ int main(int argc, char** argv) {
   bench->require_subcommand(1);
   ztier::cli::RegisterBenchIo(*bench, &exit_code);
   ztier::cli::RegisterConfigCommands(app, &exit_code);
+  ztier::cli::RegisterTraceCommands(app, &exit_code);
 
   app.parse_complete_callback(
       [&verbose] { ztier::cli::InstallStderrLogSink(verbose); });

@@ -123,7 +123,7 @@ int Engine::BufferIndex(const void* buf, uint64_t len) const {
   return -1;
 }
 
-Status Engine::ValidateTransfer(const Transfer& t) const {
+Status Engine::Validate(const Transfer& t) const {
   if (t.file == nullptr) return Status::InvalidArgument("transfer has no file");
   if (t.buf == nullptr) return Status::InvalidArgument("transfer has no buffer");
   if (t.length == 0) return Status::InvalidArgument("transfer has length 0 bytes");
@@ -158,7 +158,7 @@ Status Engine::ValidateTransfer(const Transfer& t) const {
 }
 
 Status Engine::Submit(Transfer transfer) {
-  ZTIER_RETURN_IF_ERROR(ValidateTransfer(transfer));
+  ZTIER_RETURN_IF_ERROR(Validate(transfer));
   auto* s = new TransferState{std::move(transfer)};
   queue_.push_back(s);
   ++active_transfers_;

@@ -68,6 +68,10 @@ class Engine {
   // Registers the files' fds (io_uring fixed files).
   Status RegisterFiles(const std::vector<const StripedFile*>& files);
 
+  // Checks a transfer without queueing it (alignment, buffer, length). Reads
+  // only immutable state: safe from any thread.
+  Status Validate(const Transfer& t) const;
+
   // Validates and queues a transfer. Errors (misalignment, null buffer,
   // zero length) are returned here and on_done is not called.
   Status Submit(Transfer transfer);
@@ -94,7 +98,6 @@ class Engine {
   struct TransferState;
   struct Piece;
   Engine(std::unique_ptr<Backend> backend, const EngineOptions& options);
-  Status ValidateTransfer(const Transfer& t) const;
   void Refill();
   Status SubmitReady();
   void HandleCompletion(const Completion& c);

@@ -113,7 +113,8 @@ Result<std::unique_ptr<StripedFile>> StripedFile::Open(
 }
 
 Result<std::unique_ptr<StripedFile>> StripedFile::FromFiles(
-    std::vector<std::unique_ptr<File>> files, uint64_t stripe_bytes) {
+    std::vector<std::unique_ptr<File>> files, uint64_t stripe_bytes,
+    uint64_t base_offset) {
   if (files.empty()) {
     return Status::InvalidArgument("a striped file needs at least one path");
   }
@@ -125,8 +126,13 @@ Result<std::unique_ptr<StripedFile>> StripedFile::FromFiles(
         "alignment {} bytes",
         stripe_bytes, alignment));
   }
+  if (base_offset % alignment != 0) {
+    return Status::InvalidArgument(fmt::format(
+        "header area {} bytes must be a multiple of the direct-I/O alignment {} bytes",
+        base_offset, alignment));
+  }
   return std::unique_ptr<StripedFile>(
-      new StripedFile(std::move(files), stripe_bytes, alignment));
+      new StripedFile(std::move(files), stripe_bytes, base_offset, alignment));
 }
 
 std::string StripedFile::Describe() const {
@@ -140,12 +146,12 @@ std::string StripedFile::Describe() const {
 
 StripedFile::Location StripedFile::Map(uint64_t offset, uint64_t length) const {
   const uint64_t n = files_.size();
-  if (n == 1) return {0, offset, length};
+  if (n == 1) return {0, base_offset_ + offset, length};
   const uint64_t unit = offset / stripe_bytes_;
   const uint64_t within = offset % stripe_bytes_;
   Location loc;
   loc.file_index = unit % n;
-  loc.offset = (unit / n) * stripe_bytes_ + within;
+  loc.offset = base_offset_ + (unit / n) * stripe_bytes_ + within;
   loc.length = std::min(length, stripe_bytes_ - within);
   return loc;
 }
@@ -156,7 +162,7 @@ Status StripedFile::Allocate(uint64_t bytes) const {
   for (uint64_t i = 0; i < n; ++i) {
     // File i holds units i, i+n, i+2n, ...: ceil((units - i) / n) of them.
     uint64_t mine = units > i ? (units - i + n - 1) / n : 0;
-    ZTIER_RETURN_IF_ERROR(files_[i]->Allocate(mine * stripe_bytes_));
+    ZTIER_RETURN_IF_ERROR(files_[i]->Allocate(base_offset_ + mine * stripe_bytes_));
   }
   return Status::Ok();
 }

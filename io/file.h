@@ -58,7 +58,8 @@ class File {
 
 // A logical byte range striped round-robin over one file per path, in units
 // of `stripe_bytes`: logical offset o lives in file (o / stripe) % n at
-// offset (o / (stripe * n)) * stripe + o % stripe. One path: no striping.
+// offset base + (o / (stripe * n)) * stripe + o % stripe, where `base` is a
+// per-file header area left out of the logical range (0 by default).
 class StripedFile {
  public:
   // `stripe_bytes` must be a multiple of every file's alignment.
@@ -66,12 +67,15 @@ class StripedFile {
       const std::vector<std::string>& paths, uint64_t stripe_bytes,
       const OpenOptions& options);
   // Takes ownership of already open files.
+  // `base_offset` (bytes, aligned) is skipped at the start of every file.
   static Result<std::unique_ptr<StripedFile>> FromFiles(
-      std::vector<std::unique_ptr<File>> files, uint64_t stripe_bytes);
+      std::vector<std::unique_ptr<File>> files, uint64_t stripe_bytes,
+      uint64_t base_offset = 0);
 
   size_t file_count() const { return files_.size(); }
   const File& file(size_t i) const { return *files_[i]; }
   uint64_t stripe_bytes() const { return stripe_bytes_; }
+  uint64_t base_offset() const { return base_offset_; }
   uint32_t alignment() const { return alignment_; }  // max over the files
   bool direct() const { return files_.front()->direct(); }
   // "a" or "a+b+c" for messages.
@@ -85,15 +89,20 @@ class StripedFile {
   // Maps logical [offset, offset+length) to the first physical piece.
   Location Map(uint64_t offset, uint64_t length) const;
 
-  // Reserves `bytes` of logical space (each file gets its share).
+  // Reserves `bytes` of logical space (each file gets its share, after its
+  // header area).
   Status Allocate(uint64_t bytes) const;
 
  private:
   StripedFile(std::vector<std::unique_ptr<File>> files, uint64_t stripe_bytes,
-              uint32_t alignment)
-      : files_(std::move(files)), stripe_bytes_(stripe_bytes), alignment_(alignment) {}
+              uint64_t base_offset, uint32_t alignment)
+      : files_(std::move(files)),
+        stripe_bytes_(stripe_bytes),
+        base_offset_(base_offset),
+        alignment_(alignment) {}
   std::vector<std::unique_ptr<File>> files_;
   uint64_t stripe_bytes_;
+  uint64_t base_offset_;
   uint32_t alignment_;
 };
 

@@ -1,0 +1,83 @@
+// Collective backends: how the ranks of one data-parallel group gather each
+// parameter's partitions into the full parameter (and, for gradients,
+// reduce-scatter it back). Two implementations:
+//
+//  - "local": the ranks are threads of one process sharing memory, over the
+//    host-emulation device backend. A real partition and gather (each rank
+//    copies every rank's part), so world sizes 2, 4, 8 run on one machine.
+//  - "nccl": NCCL on CUDA streams, from a communicator built with an
+//    ncclUniqueId passed in, or an existing ncclComm_t.
+//
+// Ordering: like NCCL, every rank must issue the same collectives in the same
+// order; the coordinator issues them in trace order. Calls only enqueue work
+// on `stream`; completion is observed with events on that stream.
+// Thread-safety: one thread per rank issues that rank's collectives.
+// World size 1 needs no collective (CreateSelfCollective).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string_view>
+#include <vector>
+
+#include "base/status.h"
+#include "tiering/device.h"
+
+namespace ztier::coordinator {
+
+enum class DType : uint8_t { kFloat32 = 0, kFloat16, kBFloat16, kUInt8 };
+uint32_t DTypeBytes(DType t);
+std::string_view DTypeName(DType t);
+Result<DType> ParseDType(std::string_view name);
+
+class Collective {
+ public:
+  virtual ~Collective() = default;
+  virtual std::string_view name() const = 0;  // "self", "local", "nccl"
+  virtual uint32_t rank() const = 0;
+  virtual uint32_t world_size() const = 0;
+
+  // Each rank's `part_bytes` bytes at `part` (device memory) land in every
+  // rank's `full` (world_size x part_bytes bytes; rank r's at r x part_bytes),
+  // enqueued on `stream`.
+  virtual Status AllGather(const void* part, void* full, uint64_t part_bytes,
+                           tiering::StreamHandle stream) = 0;
+  // The element-wise mean over ranks of `full` (world_size x part_elems
+  // elements of `dtype`), rank r keeping elements [r x part_elems, (r+1) x
+  // part_elems) in `part`. Enqueued on `stream`.
+  virtual Status ReduceScatterMean(const void* full, void* part, uint64_t part_elems,
+                                   DType dtype, tiering::StreamHandle stream) = 0;
+  // Host-side, blocking: every rank's `value`, in rank order. Used to check
+  // that all ranks recorded the same trace.
+  virtual Result<std::vector<uint64_t>> AllGatherHost(uint64_t value) = 0;
+};
+
+// World size 1: AllGather is a device copy when part != full, else nothing.
+std::unique_ptr<Collective> CreateSelfCollective(tiering::DeviceBackend* device);
+
+// A group of `world_size` local ranks (threads of this process). Create one
+// group, then one Collective per rank, each used by that rank's thread.
+class LocalGroup {
+ public:
+  static std::shared_ptr<LocalGroup> Create(uint32_t world_size);
+  virtual ~LocalGroup() = default;
+  virtual uint32_t world_size() const = 0;
+  // `device` must be a host-emulation backend (device memory is host memory).
+  virtual Result<std::unique_ptr<Collective>> Join(uint32_t rank,
+                                                   tiering::DeviceBackend* device) = 0;
+};
+
+// NCCL (compiled with ZTIER_WITH_NCCL; Unavailable with the reason else).
+// `unique_id` is the 128-byte ncclUniqueId produced by rank 0 and shared by
+// the trainer; `device` must be a CUDA backend.
+Result<std::unique_ptr<Collective>> CreateNcclCollective(
+    const void* unique_id, uint64_t unique_id_bytes, uint32_t rank, uint32_t world_size,
+    tiering::DeviceBackend* device);
+// Wraps an existing ncclComm_t (not owned).
+Result<std::unique_ptr<Collective>> WrapNcclCommunicator(void* nccl_comm,
+                                                         tiering::DeviceBackend* device);
+// Rank 0's ncclUniqueId (128 bytes) for CreateNcclCollective.
+Result<std::vector<uint8_t>> NcclUniqueId();
+bool NcclAvailable(std::string* why);
+
+}  // namespace ztier::coordinator

@@ -1,0 +1,867 @@
+#include "coordinator/coordinator.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include <fmt/format.h>
+
+#include "base/log.h"
+
+namespace ztier::coordinator {
+
+using Clock = std::chrono::steady_clock;
+
+namespace {
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+// Sorted-unique copy, for comparing sets of param indices.
+std::vector<uint32_t> SortedUnique(std::vector<uint32_t> v) {
+  std::sort(v.begin(), v.end());
+  v.erase(std::unique(v.begin(), v.end()), v.end());
+  return v;
+}
+}  // namespace
+
+struct Coordinator::Param {
+  uint64_t id = 0;
+  uint32_t index = 0;
+  std::string name;
+  uint64_t numel = 0;        // elements of the full parameter
+  DType dtype = DType::kFloat16;
+  ParamTier tier = ParamTier::kNvme;
+  bool persist_hint = false;
+  bool persistent = false;
+  uint64_t part_numel = 0;   // elements of this rank's partition
+  uint64_t part_bytes = 0;   // bytes of this rank's partition
+  uint64_t full_bytes = 0;   // world x part_bytes
+  bool has_data = false;
+
+  ParamStatus status = ParamStatus::kNotAvailable;
+  ReadState read = ReadState::kNone;
+  bool enqueued = false;      // gather (or copy) enqueued on the device
+  bool gather_failed = false;
+  void* full = nullptr;       // device: full parameter while INFLIGHT/AVAILABLE
+  void* part_dev = nullptr;   // device: the partition (permanent for device tier)
+  std::vector<uint8_t> host_part;  // host tier: the partition
+  tiering::EventHandle copied, ready;
+  std::vector<uint64_t> active;    // ids of active modules using it
+  int64_t fetched_for = -1;        // most recent step id it was fetched for
+  std::vector<uint64_t> uses;      // module-trace positions using it (complete trace)
+};
+
+struct Coordinator::Module {
+  uint64_t id = 0;
+  std::string name;
+  std::vector<uint32_t> params;  // param indices, in registration order, unique
+  uint64_t numel = 0;            // elements of its params
+};
+
+std::string_view TraceModeName(TraceMode m) {
+  switch (m) {
+    case TraceMode::kRecord: return "RECORD";
+    case TraceMode::kComplete: return "COMPLETE";
+    case TraceMode::kInvalid: return "INVALID";
+  }
+  return "?";
+}
+
+Coordinator::Coordinator(const CoordinatorOptions& options, const CoordinatorDeps& deps)
+    : options_(options), deps_(deps) {
+  if (deps.collective) {
+    rank_ = deps.collective->rank();
+    world_ = deps.collective->world_size();
+  }
+}
+
+Result<std::unique_ptr<Coordinator>> Coordinator::Create(const CoordinatorOptions& options,
+                                                         const CoordinatorDeps& deps) {
+  if (!options.null_io && (deps.device == nullptr || deps.collective == nullptr)) {
+    return Status::InvalidArgument(
+        "the coordinator needs a device backend and a collective (or null_io)");
+  }
+  std::unique_ptr<Coordinator> c(new Coordinator(options, deps));
+  if (deps.swapper && !options.null_io) {
+    Coordinator* self = c.get();
+    deps.swapper->SetReadCallback(
+        [self](uint64_t id, const Status& s) { self->OnReadDone(id, s); });
+  }
+  return c;
+}
+
+Coordinator::~Coordinator() {
+  std::unique_lock<std::mutex> lock(mu_);
+  Status drained = Drain(lock);
+  (void)drained;  // errors were reported by the calls that hit them
+  stop_ = true;
+  cv_.notify_all();
+  lock.unlock();
+  if (pipeline_.joinable()) pipeline_.join();
+  if (deps_.swapper && !options_.null_io) {
+    deps_.swapper->SetReadCallback(nullptr);
+    (void)deps_.swapper->WaitAll();
+  }
+  if (options_.null_io || deps_.device == nullptr) return;
+  (void)deps_.device->DeviceSynchronize();
+  for (auto& p : params_) {
+    if (p->read == ReadState::kInHost) (void)deps_.swapper->ReleaseBuffer(p->id, true);
+    if (p->full && p->full != p->part_dev) (void)deps_.device->Free(p->full, {});
+    if (p->part_dev) (void)deps_.device->Free(p->part_dev, {});
+    if (p->copied) (void)deps_.device->DestroyEvent(p->copied);
+    if (p->ready) (void)deps_.device->DestroyEvent(p->ready);
+  }
+  if (copy_stream_) (void)deps_.device->DestroyStream(copy_stream_);
+  if (coll_stream_) (void)deps_.device->DestroyStream(coll_stream_);
+}
+
+// ---------------------------------------------------------------- set-up
+
+Status Coordinator::RegisterParam(uint64_t id, uint64_t numel, DType dtype, ParamTier tier,
+                                  bool persist, std::string name) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (finalized_) return Status::FailedPrecondition("register parameters before Finalize()");
+  if (numel == 0) return Status::InvalidArgument(fmt::format("parameter {} has numel 0", id));
+  if (param_index_.count(id)) {
+    return Status::InvalidArgument(fmt::format("parameter {} is registered twice", id));
+  }
+  auto p = std::make_unique<Param>();
+  p->id = id;
+  p->index = static_cast<uint32_t>(params_.size());
+  p->name = std::move(name);
+  p->numel = numel;
+  p->dtype = dtype;
+  p->tier = tier;
+  p->persist_hint = persist;
+  p->part_numel = (numel + world_ - 1) / world_;
+  p->part_bytes = p->part_numel * DTypeBytes(dtype);
+  p->full_bytes = p->part_bytes * world_;
+  if (tier == ParamTier::kNvme && !options_.null_io) {
+    if (deps_.swapper == nullptr) {
+      return Status::InvalidArgument(fmt::format(
+          "parameter {} is on the nvme tier but no NVMe swapper is configured "
+          "(tiers.nvme.paths)", id));
+    }
+    ZTIER_RETURN_IF_ERROR(deps_.swapper->Add(id, p->part_bytes));
+  }
+  param_index_[id] = p->index;
+  params_.push_back(std::move(p));
+  return Status::Ok();
+}
+
+Status Coordinator::RegisterModule(uint64_t id, std::string name, std::vector<uint64_t> params) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (module_index_.count(id)) {
+    return Status::InvalidArgument(fmt::format("module {} is registered twice", id));
+  }
+  auto m = std::make_unique<Module>();
+  m->id = id;
+  m->name = std::move(name);
+  for (uint64_t pid : params) {
+    auto it = param_index_.find(pid);
+    if (it == param_index_.end()) {
+      return Status::NotFound(fmt::format("module {} ({}) names unknown parameter {}", id,
+                                          m->name, pid));
+    }
+    if (std::find(m->params.begin(), m->params.end(), it->second) == m->params.end()) {
+      m->params.push_back(it->second);
+      m->numel += params_[it->second]->numel;
+    }
+  }
+  module_index_[id] = static_cast<uint32_t>(modules_.size());
+  modules_.push_back(std::move(m));
+  return Status::Ok();
+}
+
+Status Coordinator::Finalize() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (finalized_) return Status::FailedPrecondition("Finalize() was already called");
+  // Persistence in registration order, as the thresholds allow (elements).
+  for (auto& p : params_) {
+    const bool small = p->numel <= options_.param_persistence_threshold;
+    if (p->persist_hint ||
+        (small && persistent_numel_ + p->numel <= options_.model_persistence_threshold)) {
+      p->persistent = true;
+      persistent_numel_ += p->numel;
+    }
+  }
+  if (!options_.null_io) {
+    if (deps_.swapper) ZTIER_RETURN_IF_ERROR(deps_.swapper->Seal());
+    tiering::DeviceBackend& d = *deps_.device;
+    ZTIER_ASSIGN_OR_RETURN(copy_stream_, d.CreateStream());
+    ZTIER_ASSIGN_OR_RETURN(coll_stream_, d.CreateStream());
+    for (auto& p : params_) {
+      ZTIER_ASSIGN_OR_RETURN(p->copied, d.CreateEvent());
+      ZTIER_ASSIGN_OR_RETURN(p->ready, d.CreateEvent());
+    }
+    pipeline_ = std::thread([this] { PipelineLoop(); });
+  }
+  finalized_ = true;
+  return Status::Ok();
+}
+
+Status Coordinator::SetParamData(uint64_t id, const void* full_host_data) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!finalized_) return Status::FailedPrecondition("call Finalize() before SetParamData()");
+  ZTIER_ASSIGN_OR_RETURN(Param * p, FindParam(id));
+  if (p->status != ParamStatus::kNotAvailable || p->read != ReadState::kNone) {
+    return Status::FailedPrecondition(fmt::format(
+        "parameter {} is in use; set its data while it is released", id));
+  }
+  p->has_data = true;
+  if (options_.null_io) return Status::Ok();
+  // This rank's slice of the flattened parameter, zero-padded to part_bytes.
+  const uint64_t esize = DTypeBytes(p->dtype);
+  const uint64_t begin = std::min<uint64_t>(uint64_t{rank_} * p->part_numel, p->numel);
+  const uint64_t end = std::min<uint64_t>(begin + p->part_numel, p->numel);
+  std::vector<uint8_t> slice(p->part_bytes, 0);
+  if (end > begin) {
+    memcpy(slice.data(), static_cast<const uint8_t*>(full_host_data) + begin * esize,
+           (end - begin) * esize);
+  }
+  switch (p->tier) {
+    case ParamTier::kNvme:
+      lock.unlock();
+      return deps_.swapper->Write(id, slice.data());
+    case ParamTier::kHost:
+      p->host_part = std::move(slice);
+      return Status::Ok();
+    case ParamTier::kDevice: {
+      tiering::DeviceBackend& d = *deps_.device;
+      if (p->part_dev == nullptr) {
+        ZTIER_ASSIGN_OR_RETURN(p->part_dev, d.Alloc(p->part_bytes, {}));
+      }
+      ZTIER_RETURN_IF_ERROR(d.MemcpyH2DAsync(p->part_dev, slice.data(), p->part_bytes,
+                                             copy_stream_));
+      return d.StreamSynchronize(copy_stream_);
+    }
+  }
+  return Status::Internal("unknown tier");
+}
+
+Result<Coordinator::Param*> Coordinator::FindParam(uint64_t id) {
+  auto it = param_index_.find(id);
+  if (it == param_index_.end()) {
+    return Status::NotFound(fmt::format("parameter {} is not registered", id));
+  }
+  return params_[it->second].get();
+}
+
+Result<Coordinator::Module*> Coordinator::FindModule(uint64_t id) {
+  auto it = module_index_.find(id);
+  if (it == module_index_.end()) {
+    return Status::NotFound(fmt::format("module {} is not registered", id));
+  }
+  return modules_[it->second].get();
+}
+
+bool Coordinator::OnNvme(const Param& p) const {
+  return p.tier == ParamTier::kNvme && !options_.null_io;
+}
+
+void Coordinator::Emit(EventKind kind, int64_t module, const std::vector<uint64_t>& ids) {
+  const uint64_t seq = seq_++;
+  if (deps_.events == nullptr) return;
+  CoordEvent e;
+  e.step = step_;
+  e.seq = seq;
+  e.module = module;
+  e.kind = kind;
+  e.params = ids;
+  for (uint64_t id : ids) e.numel += params_[param_index_.at(id)]->numel;
+  deps_.events->OnEvent(e);
+}
+
+// ---------------------------------------------------------------- hooks
+
+Status Coordinator::Fetch(uint64_t module, bool forward) {
+  (void)forward;  // the rules are the same for both passes
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!finalized_) return Status::FailedPrecondition("call Finalize() before the first fetch");
+  if (!async_error_.ok()) {
+    Status e = async_error_;
+    async_error_ = Status::Ok();
+    return e.WithContext(fmt::format("fetch of module {}", module));
+  }
+  ZTIER_ASSIGN_OR_RETURN(Module * m, FindModule(module));
+  const uint32_t mi = module_index_.at(module);
+  ++stats_.fetch_calls;
+  for (uint32_t pi : m->params) {
+    Param& p = *params_[pi];
+    if (!p.has_data) {
+      return Status::FailedPrecondition(fmt::format(
+          "parameter {} of module {} has no data (call SetParamData first)", p.id, module));
+    }
+    p.active.push_back(module);
+  }
+
+  // Trace: record, or check the module is the one the trace expects.
+  if (mode_ == TraceMode::kRecord) {
+    RecordFetch(mi);
+  } else if (mode_ == TraceMode::kComplete &&
+             (step_id_ >= module_order_.size() || module_order_[step_id_] != mi)) {
+    InvalidateTrace(lock, module);
+  }
+
+  // Demand fetch: gathers for the module's params not yet requested.
+  std::vector<uint64_t> demand;
+  for (uint32_t pi : m->params) {
+    Param& p = *params_[pi];
+    ++stats_.params_fetched;
+    if (p.status != ParamStatus::kNotAvailable) {
+      ++stats_.prefetch_hits;
+      continue;
+    }
+    RequestGather(p);
+    demand.push_back(p.id);
+  }
+  if (!demand.empty()) {
+    ++stats_.fetch_calls_with_demand;
+    stats_.demand_gathers += demand.size();
+    Emit(EventKind::kFetch, static_cast<int64_t>(module), demand);
+    IssueReads();
+    cv_.notify_all();
+  }
+
+  // With a complete trace, pop the module's params off the queue front.
+  Status tracing_error;
+  if (mode_ == TraceMode::kComplete) {
+    std::vector<uint32_t> expected;  // not already fetched for this step
+    for (uint32_t pi : m->params) {
+      if (params_[pi]->fetched_for < static_cast<int64_t>(step_id_)) expected.push_back(pi);
+    }
+    std::vector<uint32_t> popped;
+    while (queue_head_ < param_order_.size() && popped.size() < expected.size()) {
+      const QueueEntry& e = param_order_[queue_head_++];
+      params_[e.param]->fetched_for = static_cast<int64_t>(e.step_id);
+      popped.push_back(e.param);
+    }
+    if (SortedUnique(popped) != SortedUnique(expected)) {
+      auto ids = [&](const std::vector<uint32_t>& v) {
+        std::string s;
+        for (uint32_t pi : v) s += (s.empty() ? "" : ", ") + std::to_string(params_[pi]->id);
+        return "[" + s + "]";
+      };
+      tracing_error = Status::FailedPrecondition(fmt::format(
+          "tracing error at step {}, fetch {}: module {} ({}) uses params {} but the "
+          "trace's next params are {}; the trace is invalidated and re-recorded",
+          step_, step_id_, module, m->name, ids(expected), ids(popped)));
+    }
+  }
+
+  // Wait for the module's params.
+  for (uint32_t pi : m->params) {
+    Status s = WaitAvailable(lock, *params_[pi], module);
+    if (!s.ok()) return s.WithContext(fmt::format("fetch of module {} ({})", module, m->name));
+  }
+  if (!tracing_error.ok()) {
+    InvalidateTrace(lock, module);
+    ++step_id_;
+    return tracing_error;
+  }
+
+  // Prefetch the next params in trace order, within the bucket and budget.
+  if (mode_ == TraceMode::kComplete) {
+    const uint64_t budget = options_.max_live_parameters > live_numel_
+                                ? options_.max_live_parameters - live_numel_
+                                : 0;
+    const uint64_t limit = std::min(budget, options_.prefetch_bucket_size);
+    uint64_t prefetching = 0;
+    std::vector<uint64_t> prefetched;
+    while (queue_head_ < param_order_.size() && prefetching < limit) {
+      const QueueEntry& e = param_order_[queue_head_++];
+      Param& p = *params_[e.param];
+      p.fetched_for = static_cast<int64_t>(e.step_id);
+      if (p.status == ParamStatus::kNotAvailable) {
+        RequestGather(p);
+        prefetching += p.numel;
+        prefetched.push_back(p.id);
+      }
+    }
+    if (!prefetched.empty()) {
+      stats_.prefetch_gathers += prefetched.size();
+      Emit(EventKind::kPrefetch, static_cast<int64_t>(module), prefetched);
+      cv_.notify_all();
+    }
+    IssueReads();
+  }
+  ++step_id_;
+  return Status::Ok();
+}
+
+Status Coordinator::Release(uint64_t module, bool backward) {
+  (void)backward;
+  std::unique_lock<std::mutex> lock(mu_);
+  ZTIER_ASSIGN_OR_RETURN(Module * m, FindModule(module));
+  bool was_active = false;
+  for (uint32_t pi : m->params) {
+    auto& act = params_[pi]->active;
+    auto it = std::find(act.begin(), act.end(), module);
+    if (it != act.end()) {
+      act.erase(it);
+      was_active = true;
+    }
+  }
+  if (!was_active && !m->params.empty()) {
+    return Status::FailedPrecondition(fmt::format(
+        "release of module {} ({}) without a matching fetch", module, m->name));
+  }
+  std::vector<uint64_t> released;
+  for (uint32_t pi : m->params) {
+    Param& p = *params_[pi];
+    if (p.persistent || p.status != ParamStatus::kAvailable || !p.active.empty()) continue;
+    if (mode_ == TraceMode::kComplete) {
+      // Prefetched for a later use, or used again soon: keep it.
+      if (p.fetched_for > static_cast<int64_t>(step_id_)) continue;
+      if (ReusedSoon(p, step_id_)) continue;
+    }
+    ReleaseParam(p);
+    released.push_back(p.id);
+  }
+  if (!released.empty()) Emit(EventKind::kRelease, static_cast<int64_t>(module), released);
+  return Status::Ok();
+}
+
+bool Coordinator::ReusedSoon(const Param& p, uint64_t from) const {
+  // First use of p at module position >= from; kept if the elements of the
+  // modules before it (from `from`) are below max_reuse_distance.
+  auto it = std::lower_bound(p.uses.begin(), p.uses.end(), from);
+  if (it == p.uses.end()) return false;
+  return module_prefix_[*it] - module_prefix_[from] < options_.max_reuse_distance;
+}
+
+Status Coordinator::ResetStep() {
+  std::unique_lock<std::mutex> lock(mu_);
+  ZTIER_RETURN_IF_ERROR(Drain(lock));
+  Status result;
+  if (mode_ == TraceMode::kRecord) {
+    // All ranks must have recorded the same module and parameter order.
+    uint64_t h = 1469598103934665603ull;
+    auto mix = [&h](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
+    for (uint32_t mi : module_order_) mix(modules_[mi]->id);
+    for (const QueueEntry& e : param_order_) mix(params_[e.param]->id);
+    if (deps_.collective && world_ > 1 && !options_.null_io) {
+      lock.unlock();
+      auto all = deps_.collective->AllGatherHost(h);
+      lock.lock();
+      if (!all.ok()) return all.status();
+      for (uint32_t r = 0; r < all->size(); ++r) {
+        if ((*all)[r] != h) {
+          result = Status::FailedPrecondition(fmt::format(
+              "trace of rank {} differs from rank {}'s (module order hash {:#x} vs "
+              "{:#x}): every rank must run the same modules in the same order",
+              rank_, r, h, (*all)[r]));
+        }
+      }
+    }
+    if (result.ok()) {
+      mode_ = TraceMode::kComplete;
+      Emit(EventKind::kTraceComplete, -1, {});
+    } else {
+      module_order_.clear();
+      param_order_.clear();
+    }
+  } else if (mode_ == TraceMode::kInvalid) {
+    mode_ = TraceMode::kRecord;
+    module_order_.clear();
+    param_order_.clear();
+  }
+  step_id_ = 0;
+  ++step_;
+  ++stats_.steps;
+  for (auto& p : params_) p->fetched_for = -1;
+  if (mode_ == TraceMode::kComplete) BuildParamQueue();
+  return result;
+}
+
+Status Coordinator::ReleaseAll(bool persistent) {
+  std::unique_lock<std::mutex> lock(mu_);
+  ZTIER_RETURN_IF_ERROR(Drain(lock));
+  std::vector<uint64_t> released;
+  for (auto& p : params_) {
+    p->active.clear();
+    if (p->status == ParamStatus::kAvailable && (persistent || !p->persistent)) {
+      ReleaseParam(*p);
+      released.push_back(p->id);
+    }
+  }
+  if (!released.empty()) Emit(EventKind::kRelease, -1, released);
+  return Status::Ok();
+}
+
+Result<void*> Coordinator::ParamData(uint64_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ZTIER_ASSIGN_OR_RETURN(Param * p, FindParam(id));
+  if (p->status != ParamStatus::kAvailable) {
+    return Status::FailedPrecondition(fmt::format(
+        "parameter {} is {}: its device data exists only while AVAILABLE (between "
+        "the fetch and the release of a module that uses it)",
+        id, p->status == ParamStatus::kInflight ? "INFLIGHT" : "NOT_AVAILABLE"));
+  }
+  return p->full;
+}
+
+ParamStatus Coordinator::param_status(uint64_t id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = param_index_.find(id);
+  return it == param_index_.end() ? ParamStatus::kNotAvailable : params_[it->second]->status;
+}
+
+TraceMode Coordinator::trace_mode() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return mode_;
+}
+
+uint64_t Coordinator::step_id() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return step_id_;
+}
+
+uint64_t Coordinator::partition_numel(uint64_t id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = param_index_.find(id);
+  return it == param_index_.end() ? 0 : params_[it->second]->part_numel;
+}
+
+CoordinatorStats Coordinator::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  CoordinatorStats s = stats_;
+  s.live_numel = live_numel_;
+  if (deps_.pool) s.peak_swap_buffers = deps_.pool->stats().high_water_buffers;
+  return s;
+}
+
+// ---------------------------------------------------------------- trace
+
+void Coordinator::RecordFetch(uint32_t module_index) {
+  module_order_.push_back(module_index);
+  for (uint32_t pi : modules_[module_index]->params) {
+    param_order_.push_back({pi, step_id_});
+  }
+}
+
+void Coordinator::BuildParamQueue() {
+  queue_head_ = 0;
+  read_cursor_ = 0;
+  param_prefix_.assign(param_order_.size() + 1, 0);
+  for (size_t k = 0; k < param_order_.size(); ++k) {
+    param_prefix_[k + 1] = param_prefix_[k] + params_[param_order_[k].param]->numel;
+  }
+  module_prefix_.assign(module_order_.size() + 1, 0);
+  for (auto& p : params_) p->uses.clear();
+  for (size_t k = 0; k < module_order_.size(); ++k) {
+    const Module& m = *modules_[module_order_[k]];
+    module_prefix_[k + 1] = module_prefix_[k] + m.numel;
+    for (uint32_t pi : m.params) params_[pi]->uses.push_back(k);
+  }
+}
+
+void Coordinator::InvalidateTrace(std::unique_lock<std::mutex>& lock, uint64_t module) {
+  mode_ = TraceMode::kInvalid;
+  ++stats_.trace_invalidations;
+  Emit(EventKind::kTraceInvalidated, static_cast<int64_t>(module), {});
+  // Stop prefetching, finish what is in flight (every rank issues the same
+  // collectives), then free what was fetched for an order that did not come.
+  queue_head_ = param_order_.size();
+  read_cursor_ = param_order_.size();
+  Status drained = Drain(lock);
+  if (!drained.ok() && async_error_.ok()) async_error_ = drained;
+  std::vector<uint64_t> released;
+  for (auto& p : params_) {
+    if (p->status == ParamStatus::kAvailable && !p->persistent && p->active.empty()) {
+      ReleaseParam(*p);
+      released.push_back(p->id);
+    }
+  }
+  if (!released.empty()) Emit(EventKind::kRelease, static_cast<int64_t>(module), released);
+  module_order_.clear();
+  param_order_.clear();
+  queue_head_ = read_cursor_ = 0;
+}
+
+Status Coordinator::Drain(std::unique_lock<std::mutex>& lock) {
+  Status first;
+  for (auto& p : params_) {
+    if (p->status != ParamStatus::kInflight) continue;
+    Status s = WaitAvailable(lock, *p, UINT64_MAX);
+    if (first.ok() && !s.ok()) first = s;
+  }
+  // Read-ahead that no gather asked for: wait for it, give the buffers back.
+  cv_.wait(lock, [&] { return reads_in_flight_ == 0; });
+  if (!options_.null_io && deps_.swapper) {
+    for (auto& p : params_) {
+      if (p->read == ReadState::kInHost && p->status == ParamStatus::kNotAvailable) {
+        (void)deps_.swapper->ReleaseBuffer(p->id, true);
+        p->read = ReadState::kNone;
+      }
+    }
+  }
+  return first;
+}
+
+// ---------------------------------------------------------------- gathers
+
+void Coordinator::RequestGather(Param& p) {
+  p.status = ParamStatus::kInflight;
+  p.gather_failed = false;
+  live_numel_ += p.numel;
+  stats_.peak_live_numel = std::max(stats_.peak_live_numel, live_numel_);
+  if (options_.null_io) {
+    p.enqueued = true;
+    return;
+  }
+  p.enqueued = false;
+  gather_queue_.push_back(p.index);
+}
+
+Status Coordinator::WaitAvailable(std::unique_lock<std::mutex>& lock, Param& p,
+                                  uint64_t module) {
+  if (p.status == ParamStatus::kAvailable) return Status::Ok();
+  if (p.status == ParamStatus::kNotAvailable) {
+    return Status::Internal(fmt::format("parameter {} was never requested", p.id));
+  }
+  if (options_.null_io) {
+    p.status = ParamStatus::kAvailable;
+    return Status::Ok();
+  }
+  bool blocked = !p.enqueued;
+  if (!blocked) {
+    auto done = deps_.device->EventQuery(p.ready);
+    blocked = !done.ok() || !*done;
+  }
+  if (blocked && module != UINT64_MAX) {
+    ++stats_.waits;
+    Emit(EventKind::kWait, static_cast<int64_t>(module), {p.id});
+  }
+  const auto t0 = Clock::now();
+  cv_.wait(lock, [&] { return p.enqueued || p.gather_failed || stop_; });
+  const auto t1 = Clock::now();
+  stats_.stall_nvme_s += Seconds(t0, t1);
+  if (p.gather_failed || !p.enqueued) {
+    p.status = ParamStatus::kNotAvailable;
+    live_numel_ -= p.numel;
+    Status e = async_error_.ok() ? Status::IoError("the pipeline stopped") : async_error_;
+    async_error_ = Status::Ok();
+    return e.WithContext(fmt::format("parameter {}", p.id));
+  }
+  tiering::EventHandle ready = p.ready;
+  lock.unlock();
+  Status s = deps_.device->EventSynchronize(ready);
+  lock.lock();
+  stats_.stall_device_s += Seconds(t1, Clock::now());
+  if (!s.ok()) return s.WithContext(fmt::format("gather of parameter {}", p.id));
+  if (p.status == ParamStatus::kInflight) p.status = ParamStatus::kAvailable;
+  return Status::Ok();
+}
+
+void Coordinator::ReleaseParam(Param& p) {
+  if (!options_.null_io && p.full != nullptr && p.full != p.part_dev) {
+    // Stream-ordered after the gather that filled it.
+    (void)deps_.device->Free(p.full, world_ > 1 ? coll_stream_ : copy_stream_);
+  }
+  p.full = nullptr;
+  p.enqueued = false;
+  p.status = ParamStatus::kNotAvailable;
+  live_numel_ -= p.numel;
+  ++stats_.releases;
+}
+
+// ---------------------------------------------------------------- reads
+
+void Coordinator::IssueReads() {
+  if (options_.null_io || deps_.swapper == nullptr) return;
+  // 1. Requested gathers, in order. The first one without a read may take
+  //    buffers from read-ahead and from requests queued behind it (they read
+  //    again later), so the queue head can always make progress.
+  for (size_t q = 0; q < gather_queue_.size(); ++q) {
+    Param& p = *params_[gather_queue_[q]];
+    if (!OnNvme(p) || p.read != ReadState::kNone) continue;
+    bool started = TryStartRead(p);
+    while (!started && ReclaimOne(q)) started = TryStartRead(p);
+    if (!started) return;  // keep trace order
+  }
+  // 2. Read-ahead in trace order, while free buffers last, within the window.
+  if (mode_ != TraceMode::kComplete) return;
+  const uint64_t window = options_.nvme_lookahead ? options_.nvme_lookahead
+                                                  : options_.max_live_parameters;
+  read_cursor_ = std::max(read_cursor_, queue_head_);
+  while (read_cursor_ < param_order_.size() &&
+         param_prefix_[read_cursor_] - param_prefix_[queue_head_] < window) {
+    Param& p = *params_[param_order_[read_cursor_].param];
+    if (OnNvme(p) && p.status == ParamStatus::kNotAvailable && p.read == ReadState::kNone) {
+      if (!TryStartRead(p)) return;
+    }
+    ++read_cursor_;
+  }
+}
+
+bool Coordinator::TryStartRead(Param& p) {
+  swapper::ParamSwapper& sw = *deps_.swapper;
+  if (sw.BuffersNeeded(p.id) > sw.available_swap_in_buffers()) return false;
+  const uint64_t id = p.id;
+  auto got = sw.SwapIn(std::span<const uint64_t>(&id, 1));
+  if (!got.ok()) {
+    if (async_error_.ok()) async_error_ = got.status();
+    if (p.status == ParamStatus::kInflight) p.gather_failed = true;
+    cv_.notify_all();
+    return false;
+  }
+  if (*got == 0) return false;  // free buffers, but no adjacent run of them
+  ++stats_.nvme_reads;
+  Emit(EventKind::kNvmeRead, -1, {p.id});
+  if (sw.state(p.id) == swapper::PartitionState::kInHost) {
+    p.read = ReadState::kInHost;  // its pack was already in a buffer
+    cv_.notify_all();
+  } else {
+    p.read = ReadState::kReading;
+    ++reads_in_flight_;
+  }
+  return true;
+}
+
+bool Coordinator::ReclaimOne(size_t queue_pos) {
+  swapper::ParamSwapper& sw = *deps_.swapper;
+  auto give_back = [&](Param& p) {
+    (void)sw.ReleaseBuffer(p.id, true);
+    p.read = ReadState::kNone;
+    ++stats_.nvme_read_reclaims;
+    read_cursor_ = queue_head_;  // consider it for read-ahead again later
+    return true;
+  };
+  // Read-ahead that no gather asked for, the furthest param first.
+  for (size_t k = params_.size(); k-- > 0;) {
+    Param& p = *params_[k];
+    if (p.read == ReadState::kInHost && p.status == ParamStatus::kNotAvailable) {
+      return give_back(p);
+    }
+  }
+  // Requests queued behind `queue_pos`, the last first.
+  for (size_t q = gather_queue_.size(); q-- > queue_pos + 1;) {
+    Param& p = *params_[gather_queue_[q]];
+    if (p.read == ReadState::kInHost) return give_back(p);
+  }
+  return false;
+}
+
+void Coordinator::OnReadDone(uint64_t partition_id, const Status& status) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = param_index_.find(partition_id);
+  if (it == param_index_.end()) return;
+  Param& p = *params_[it->second];
+  if (p.read != ReadState::kReading) return;
+  --reads_in_flight_;
+  if (status.ok()) {
+    p.read = ReadState::kInHost;
+  } else {
+    p.read = ReadState::kNone;
+    if (async_error_.ok()) async_error_ = status;
+    if (p.status == ParamStatus::kInflight) p.gather_failed = true;
+  }
+  IssueReads();
+  cv_.notify_all();
+}
+
+void Coordinator::OnCopyDone(uint32_t param_index) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Param& p = *params_[param_index];
+  if (p.read == ReadState::kInHost) {
+    // The device has its copy: the swap buffer goes back now, not at release.
+    (void)deps_.swapper->ReleaseBuffer(p.id, true);
+    p.read = ReadState::kNone;
+    IssueReads();
+  }
+  cv_.notify_all();
+}
+
+// ---------------------------------------------------------------- pipeline
+
+bool Coordinator::HeadReady() const {
+  if (gather_queue_.empty()) return false;
+  const Param& p = *params_[gather_queue_.front()];
+  return !OnNvme(p) || p.read == ReadState::kInHost || p.gather_failed;
+}
+
+void Coordinator::PipelineLoop() {
+  tiering::DeviceBackend& d = *deps_.device;
+  std::unique_lock<std::mutex> lock(mu_);
+  const size_t max_ongoing = std::max<uint32_t>(1, options_.max_ongoing_fetch_events);
+  for (;;) {
+    cv_.wait(lock, [&] { return stop_ || HeadReady(); });
+    if (stop_ && !HeadReady()) return;
+    // Retire finished gathers; throttle to max_ongoing_fetch_events.
+    while (!ongoing_.empty()) {
+      auto done = d.EventQuery(params_[ongoing_.front()]->ready);
+      if (!done.ok() || !*done) break;
+      ongoing_.pop_front();
+    }
+    if (ongoing_.size() >= max_ongoing) {
+      tiering::EventHandle oldest = params_[ongoing_.front()]->ready;
+      lock.unlock();
+      (void)d.EventSynchronize(oldest);
+      lock.lock();
+      ongoing_.pop_front();
+      continue;
+    }
+    Param& p = *params_[gather_queue_.front()];
+    gather_queue_.pop_front();
+    if (p.gather_failed) {
+      cv_.notify_all();
+      continue;
+    }
+    Status s = EnqueueGather(p);
+    if (!s.ok()) {
+      p.gather_failed = true;
+      if (async_error_.ok()) async_error_ = s;
+    } else {
+      ongoing_.push_back(p.index);
+    }
+    cv_.notify_all();
+  }
+}
+
+Status Coordinator::EnqueueGather(Param& p) {
+  tiering::DeviceBackend& d = *deps_.device;
+  const void* src = nullptr;
+  switch (p.tier) {
+    case ParamTier::kNvme: {
+      ZTIER_ASSIGN_OR_RETURN(uint8_t * host, deps_.swapper->Data(p.id));
+      src = host;
+      break;
+    }
+    case ParamTier::kHost: src = p.host_part.data(); break;
+    case ParamTier::kDevice: src = nullptr; break;
+  }
+  if (world_ == 1) {
+    if (p.tier == ParamTier::kDevice) {
+      p.full = p.part_dev;
+    } else {
+      ZTIER_ASSIGN_OR_RETURN(p.full, d.Alloc(p.full_bytes, copy_stream_));
+      ZTIER_RETURN_IF_ERROR(d.MemcpyH2DAsync(p.full, src, p.part_bytes, copy_stream_));
+    }
+    if (OnNvme(p)) {
+      const uint32_t idx = p.index;
+      ZTIER_RETURN_IF_ERROR(d.LaunchHostFunc(copy_stream_, [this, idx] { OnCopyDone(idx); }));
+    }
+    ZTIER_RETURN_IF_ERROR(d.RecordEvent(p.ready, copy_stream_));
+  } else {
+    void* part = p.part_dev;
+    if (p.tier != ParamTier::kDevice) {
+      ZTIER_ASSIGN_OR_RETURN(part, d.Alloc(p.part_bytes, copy_stream_));
+      ZTIER_RETURN_IF_ERROR(d.MemcpyH2DAsync(part, src, p.part_bytes, copy_stream_));
+      if (OnNvme(p)) {
+        const uint32_t idx = p.index;
+        ZTIER_RETURN_IF_ERROR(
+            d.LaunchHostFunc(copy_stream_, [this, idx] { OnCopyDone(idx); }));
+      }
+    }
+    ZTIER_RETURN_IF_ERROR(d.RecordEvent(p.copied, copy_stream_));
+    ZTIER_RETURN_IF_ERROR(d.StreamWaitEvent(coll_stream_, p.copied));
+    ZTIER_ASSIGN_OR_RETURN(p.full, d.Alloc(p.full_bytes, coll_stream_));
+    ZTIER_RETURN_IF_ERROR(deps_.collective->AllGather(part, p.full, p.part_bytes, coll_stream_));
+    if (p.tier != ParamTier::kDevice) ZTIER_RETURN_IF_ERROR(d.Free(part, coll_stream_));
+    ZTIER_RETURN_IF_ERROR(d.RecordEvent(p.ready, coll_stream_));
+  }
+  p.enqueued = true;
+  return Status::Ok();
+}
+
+}  // namespace ztier::coordinator

@@ -1,0 +1,534 @@
+#include "swapper/param_swapper.h"
+
+#include <chrono>
+#include <cstring>
+#include <future>
+
+#include <fmt/format.h>
+
+#include "base/crc32c.h"
+
+namespace ztier::swapper {
+namespace {
+
+// Members of a pack start at multiples of this many bytes, so each partition's
+// host copy is aligned well enough for vectorised and DMA copies.
+constexpr uint64_t kPackMemberAlignment = 256;
+
+uint64_t AlignUp(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+// Runs one transfer on the async engine and waits for it.
+Status RunSync(io::AsyncEngine* engine, io::Transfer t) {
+  auto done = std::make_shared<std::promise<Status>>();
+  std::future<Status> f = done->get_future();
+  t.on_done = [done](const Status& s) { done->set_value(s); };
+  ZTIER_RETURN_IF_ERROR(engine->Submit(std::move(t)));
+  return f.get();
+}
+
+}  // namespace
+
+std::string_view PartitionStateName(PartitionState s) {
+  switch (s) {
+    case PartitionState::kOnNvme: return "ON_NVME";
+    case PartitionState::kReading: return "READING";
+    case PartitionState::kInHost: return "IN_HOST";
+    case PartitionState::kWriting: return "WRITING";
+  }
+  return "?";
+}
+
+ParamSwapper::ParamSwapper(const SwapperOptions& options, tiering::PinnedPool* pool,
+                           io::AsyncEngine* engine)
+    : options_(options), pool_(pool), engine_(engine) {}
+
+Result<std::unique_ptr<ParamSwapper>> ParamSwapper::Create(
+    const SwapperOptions& options, tiering::PinnedPool* pool, io::AsyncEngine* engine) {
+  if (pool == nullptr || engine == nullptr) {
+    return Status::InvalidArgument("the parameter swapper needs a buffer pool and an engine");
+  }
+  return std::unique_ptr<ParamSwapper>(new ParamSwapper(options, pool, engine));
+}
+
+ParamSwapper::~ParamSwapper() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return in_flight_ == 0; });
+  for (ExtentState& e : extents_) {
+    if (e.span.count > 0) ReturnSpan(e);
+  }
+}
+
+Status ParamSwapper::Add(uint64_t id, uint64_t bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (sealed_) return Status::FailedPrecondition("partitions must be added before Seal()");
+  if (bytes == 0) {
+    return Status::InvalidArgument(fmt::format("partition {} has 0 bytes", id));
+  }
+  if (!index_.emplace(id, static_cast<uint32_t>(members_.size())).second) {
+    return Status::InvalidArgument(fmt::format("partition {} is added twice", id));
+  }
+  members_.push_back(Member{.id = id, .bytes = bytes});
+  return Status::Ok();
+}
+
+Status ParamSwapper::Seal() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (sealed_) return Status::FailedPrecondition("Seal() was already called");
+  const uint64_t buffer_bytes = pool_->buffer_bytes();
+  const uint64_t pack_limit = std::min(options_.pack_threshold_bytes, buffer_bytes);
+  // Lay out extents in the order partitions were added.
+  int open_pack = -1;
+  uint64_t pack_fill = 0;
+  for (uint32_t i = 0; i < members_.size(); ++i) {
+    Member& m = members_[i];
+    const bool small = pack_limit > 0 && m.bytes <= pack_limit;
+    if (small && open_pack >= 0 &&
+        AlignUp(pack_fill, kPackMemberAlignment) + m.bytes <= buffer_bytes) {
+      m.offset = AlignUp(pack_fill, kPackMemberAlignment);
+      m.extent = static_cast<uint32_t>(open_pack);
+      pack_fill = m.offset + m.bytes;
+      extents_[open_pack].members.push_back(i);
+      extents_[open_pack].where.bytes = pack_fill;
+      ++stats_.packed_partitions;
+      continue;
+    }
+    ExtentState e;
+    e.where.bytes = m.bytes;
+    e.members.push_back(i);
+    m.offset = 0;
+    m.extent = static_cast<uint32_t>(extents_.size());
+    extents_.push_back(std::move(e));
+    if (small) {
+      open_pack = static_cast<int>(m.extent);
+      pack_fill = m.bytes;
+      ++stats_.packed_partitions;
+    } else {
+      open_pack = -1;
+    }
+  }
+  // Every extent must fit in the pool, or swap-in could never finish.
+  uint64_t capacity = 0;
+  const uint64_t align = 4096;
+  for (ExtentState& e : extents_) {
+    e.where.bytes = AlignUp(e.where.bytes, align);
+    e.buffers = pool_->BuffersFor(e.where.bytes);
+    if (e.buffers > pool_->buffer_count()) {
+      const Member& m = members_[e.members.front()];
+      return Status::InvalidArgument(fmt::format(
+          "partition {} needs {} bytes, which takes {} swap buffers of {} bytes, "
+          "but the pool has buffer_count {}; raise tiers.nvme.buffer_count to at "
+          "least {} or tiers.nvme.buffer_size so that one buffer holds {} bytes",
+          m.id, m.bytes, e.buffers, buffer_bytes, pool_->buffer_count(), e.buffers,
+          m.bytes));
+    }
+    capacity += e.where.bytes;
+  }
+  ZTIER_ASSIGN_OR_RETURN(store_, NvmeStore::Create(options_.store, capacity));
+  for (ExtentState& e : extents_) {
+    ZTIER_ASSIGN_OR_RETURN(Extent where, store_->Allocate(e.where.bytes));
+    e.where = where;
+  }
+  stats_.extents = extents_.size();
+  sealed_ = true;
+  return Status::Ok();
+}
+
+Result<ParamSwapper::Member*> ParamSwapper::Find(uint64_t id) {
+  if (!sealed_) return Status::FailedPrecondition("call Seal() before moving partitions");
+  auto it = index_.find(id);
+  if (it == index_.end()) {
+    return Status::NotFound(fmt::format("partition {} is not registered with the swapper", id));
+  }
+  return &members_[it->second];
+}
+
+const ParamSwapper::Member* ParamSwapper::Find(uint64_t id) const {
+  auto it = index_.find(id);
+  return it == index_.end() ? nullptr : &members_[it->second];
+}
+
+std::string ParamSwapper::Describe(const Member& m) const {
+  const ExtentState& e = extents_[m.extent];
+  return fmt::format("partition {} ({} bytes, {})", m.id, m.bytes,
+                     store_->Locate(e.where.offset + m.offset));
+}
+
+void ParamSwapper::ReturnSpan(ExtentState& e) {
+  Status s = pool_->Release(e.span);
+  (void)s;  // a span the swapper took is always valid to give back
+  e.span = {};
+}
+
+Status ParamSwapper::Write(uint64_t id, const void* src) {
+  std::unique_lock<std::mutex> lock(mu_);
+  ZTIER_ASSIGN_OR_RETURN(Member * m, Find(id));
+  ExtentState& e = extents_[m->extent];
+  if (e.state != PartitionState::kOnNvme) {
+    return Status::FailedPrecondition(fmt::format(
+        "partition {} is {}: Write() needs it ON_NVME (release or swap it out first)",
+        id, PartitionStateName(e.state)));
+  }
+  // Buffers may all be in use by swap-ins: wait for them, never beyond the
+  // pool (the extent fits, checked by Seal).
+  std::optional<tiering::BufferSpan> span;
+  while (!span) {
+    lock.unlock();
+    auto got = pool_->AcquireUntil(e.buffers, std::chrono::steady_clock::now() +
+                                                  std::chrono::milliseconds(100));
+    lock.lock();
+    if (!got.ok()) return got.status();
+    span = *got;
+    if (span && e.state != PartitionState::kOnNvme) {
+      // Someone swapped it in meanwhile: give the buffers back and refuse.
+      Status ignored = pool_->Release(*span);
+      (void)ignored;
+      return Status::FailedPrecondition(
+          fmt::format("partition {} was swapped in during Write()", id));
+    }
+  }
+  e.span = *span;
+  e.state = PartitionState::kWriting;
+  ++in_flight_;
+  bool others_written = false;
+  for (uint32_t mi : e.members) {
+    if (&members_[mi] != m && members_[mi].written) others_written = true;
+  }
+  lock.unlock();
+
+  // A pack whose other members hold data is read first (read-modify-write).
+  Status s;
+  if (others_written) {
+    s = RunSync(engine_, {io::Op::kRead, &store_->file(), e.where.offset, e.where.bytes,
+                          e.span.data, nullptr});
+  } else {
+    memset(e.span.data, 0, e.where.bytes);
+  }
+  uint32_t crc = 0;
+  if (s.ok()) {
+    memcpy(e.span.data + m->offset, src, m->bytes);
+    if (options_.checksum) crc = Crc32c(e.span.data + m->offset, m->bytes);
+    s = RunSync(engine_, {io::Op::kWrite, &store_->file(), e.where.offset, e.where.bytes,
+                          e.span.data, nullptr});
+  }
+
+  lock.lock();
+  --in_flight_;
+  if (s.ok()) {
+    m->crc = crc;
+    m->written = true;
+    stats_.bytes_written += e.where.bytes;
+    ++stats_.writes;
+  } else {
+    // The extent on disk may be torn: none of its partitions may be read
+    // back until written again (the caller still has `src`).
+    for (uint32_t mi : e.members) members_[mi].written = false;
+  }
+  ReturnSpan(e);
+  e.state = PartitionState::kOnNvme;
+  cv_.notify_all();
+  if (!s.ok()) return s.WithContext(fmt::format("write {}", Describe(*m)));
+  return Status::Ok();
+}
+
+Result<size_t> ParamSwapper::SwapIn(std::span<const uint64_t> ids) {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t covered = 0;
+  for (uint64_t id : ids) {
+    ZTIER_ASSIGN_OR_RETURN(Member * m, Find(id));
+    if (!m->written) {
+      return Status::FailedPrecondition(fmt::format(
+          "partition {} has no data on NVMe in this run (never written, or its "
+          "last write-back failed); write it before swapping it in",
+          id));
+    }
+    ExtentState& e = extents_[m->extent];
+    if (e.state == PartitionState::kOnNvme) {
+      auto got = pool_->TryAcquire(e.buffers);
+      if (!got.ok()) return got.status();
+      if (!got->has_value()) break;  // out of free buffers: the caller retries later
+      e.span = **got;
+      ZTIER_RETURN_IF_ERROR(StartRead(e, m->extent));
+    }
+    m->error = Status::Ok();
+    if (!m->held) {
+      m->held = true;
+      ++e.holders;
+    }
+    ++covered;
+  }
+  return covered;
+}
+
+Status ParamSwapper::StartRead(ExtentState& e, uint32_t extent_index) {
+  e.state = PartitionState::kReading;
+  ++in_flight_;
+  Status s = engine_->Submit({io::Op::kRead, &store_->file(), e.where.offset,
+                              e.where.bytes, e.span.data,
+                              [this, extent_index](const Status& st) {
+                                OnReadDone(extent_index, st);
+                              }});
+  if (!s.ok()) {
+    --in_flight_;
+    e.state = PartitionState::kOnNvme;
+    ReturnSpan(e);
+  }
+  return s;
+}
+
+Status ParamSwapper::VerifyMember(const Member& m, const uint8_t* data) const {
+  if (!options_.checksum || !m.written) return Status::Ok();
+  const uint32_t got = Crc32c(data + m.offset, m.bytes);
+  if (got == m.crc) return Status::Ok();
+  return Status::Corruption(fmt::format(
+      "{}: checksum mismatch (crc32c {:#010x} read, {:#010x} written): the swap "
+      "file was modified or corrupted; the data is not used",
+      Describe(m), got, m.crc));
+}
+
+void ParamSwapper::OnReadDone(uint32_t extent_index, const Status& status) {
+  // The extent is READING: nobody else touches its members or buffer, so the
+  // checksums are computed outside the lock.
+  ExtentState& e = extents_[extent_index];
+  Status result = status;
+  if (result.ok()) {
+    for (uint32_t mi : e.members) {
+      result = VerifyMember(members_[mi], e.span.data);
+      if (!result.ok()) break;
+    }
+  }
+  std::vector<std::pair<uint64_t, Status>> notify;
+  ReadCallback cb;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    --in_flight_;
+    if (result.ok()) {
+      e.state = PartitionState::kInHost;
+      stats_.bytes_read += e.where.bytes;
+      ++stats_.reads;
+    } else {
+      if (result.code() == StatusCode::kCorruption) ++stats_.checksum_failures;
+      if (status.code() != StatusCode::kCorruption && !status.ok()) {
+        result = status.WithContext(fmt::format(
+            "read {}", Describe(members_[e.members.front()])));
+      }
+      if (first_error_.ok()) first_error_ = result;
+      ReturnSpan(e);
+      e.state = PartitionState::kOnNvme;
+      e.holders = 0;
+    }
+    for (uint32_t mi : e.members) {
+      Member& m = members_[mi];
+      if (!m.held) continue;
+      if (!result.ok()) {
+        m.held = false;
+        m.error = result;
+      }
+      notify.emplace_back(m.id, result);
+    }
+    cb = read_cb_;
+  }
+  cv_.notify_all();
+  if (cb) {
+    for (auto& [id, s] : notify) cb(id, s);
+  }
+}
+
+Status ParamSwapper::Wait(uint64_t id) {
+  std::unique_lock<std::mutex> lock(mu_);
+  ZTIER_ASSIGN_OR_RETURN(Member * m, Find(id));
+  ExtentState& e = extents_[m->extent];
+  // A partition swapped in while its extent was being written back becomes
+  // IN_HOST when that write completes.
+  cv_.wait(lock, [&] {
+    return e.state != PartitionState::kReading &&
+           !(e.state == PartitionState::kWriting && m->held);
+  });
+  if (!m->error.ok()) {
+    Status s = m->error;
+    m->error = Status::Ok();
+    return s;
+  }
+  if (!m->held) {
+    return Status::FailedPrecondition(
+        fmt::format("partition {} was not swapped in (call SwapIn first)", id));
+  }
+  return Status::Ok();
+}
+
+Status ParamSwapper::WaitAll() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return in_flight_ == 0; });
+  Status s = first_error_;
+  first_error_ = Status::Ok();
+  return s;
+}
+
+Result<uint8_t*> ParamSwapper::Data(uint64_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ZTIER_ASSIGN_OR_RETURN(Member * m, Find(id));
+  ExtentState& e = extents_[m->extent];
+  if (e.state != PartitionState::kInHost || !m->held) {
+    return Status::FailedPrecondition(fmt::format(
+        "partition {} is {}{}: its host data is available only while IN_HOST", id,
+        PartitionStateName(e.state), m->held ? "" : " and not swapped in"));
+  }
+  return e.span.data + m->offset;
+}
+
+Status ParamSwapper::ReleaseBuffer(uint64_t id, bool discard) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ZTIER_ASSIGN_OR_RETURN(Member * m, Find(id));
+  ExtentState& e = extents_[m->extent];
+  if (!m->held) {
+    return Status::FailedPrecondition(fmt::format(
+        "partition {} holds no swap buffer (state {}): release without swap-in",
+        id, PartitionStateName(e.state)));
+  }
+  if (e.state == PartitionState::kReading) {
+    return Status::FailedPrecondition(
+        fmt::format("partition {} is still READING: Wait() for it before releasing", id));
+  }
+  if (!m->written && !discard) {
+    return Status::FailedPrecondition(fmt::format(
+        "partition {}: its last write-back failed, so the swap buffer holds its "
+        "only good copy; SwapOut() again, or release with discard",
+        id));
+  }
+  m->held = false;
+  --e.holders;
+  if (e.holders == 0 && e.state == PartitionState::kInHost) {
+    ReturnSpan(e);
+    e.state = PartitionState::kOnNvme;
+  }
+  return Status::Ok();
+}
+
+Status ParamSwapper::SwapOut(uint64_t id) {
+  std::unique_lock<std::mutex> lock(mu_);
+  ZTIER_ASSIGN_OR_RETURN(Member * m, Find(id));
+  ExtentState& e = extents_[m->extent];
+  // Another member of the same pack may be writing the shared buffer back;
+  // this member's data needs a write of its own after that one.
+  cv_.wait(lock, [&] { return !(e.state == PartitionState::kWriting && m->held); });
+  if (e.state != PartitionState::kInHost || !m->held) {
+    return Status::FailedPrecondition(fmt::format(
+        "partition {} is {}{}: SwapOut needs it IN_HOST", id,
+        PartitionStateName(e.state), m->held ? "" : " and not swapped in"));
+  }
+  e.state = PartitionState::kWriting;
+  m->held = false;
+  --e.holders;
+  ++in_flight_;
+  const uint32_t extent_index = m->extent;
+  const uint64_t target = id;
+  lock.unlock();
+  // New checksums (outside the lock: the extent is WRITING, its data fixed).
+  std::vector<uint32_t> crcs;
+  for (uint32_t mi : e.members) {
+    const Member& x = members_[mi];
+    crcs.push_back(options_.checksum ? Crc32c(e.span.data + x.offset, x.bytes) : 0);
+  }
+  Status s = engine_->Submit(
+      {io::Op::kWrite, &store_->file(), e.where.offset, e.where.bytes, e.span.data,
+       [this, extent_index, target, crcs = std::move(crcs)](const Status& st) {
+         std::lock_guard<std::mutex> lock(mu_);
+         ExtentState& ex = extents_[extent_index];
+         if (st.ok()) {
+           for (size_t k = 0; k < ex.members.size(); ++k) {
+             Member& x = members_[ex.members[k]];
+             x.crc = crcs[k];
+             // Valid on disk again: the target, and members whose earlier
+             // write-back failed (their good copy was in this buffer).
+             if (x.id == target || x.write_failed) {
+               x.written = true;
+               x.write_failed = false;
+             }
+           }
+         }
+         OnWriteDone(extent_index, st);
+       }});
+  if (!s.ok()) {
+    lock.lock();
+    --in_flight_;
+    e.state = PartitionState::kInHost;
+    m->held = true;
+    ++e.holders;
+    cv_.notify_all();
+  }
+  return s;
+}
+
+// Needs mu_ (called from SwapOut's completion with the lock held).
+void ParamSwapper::OnWriteDone(uint32_t extent_index, const Status& status) {
+  ExtentState& e = extents_[extent_index];
+  --in_flight_;
+  if (status.ok()) {
+    stats_.bytes_written += e.where.bytes;
+    ++stats_.writes;
+    if (e.holders == 0) {
+      ReturnSpan(e);
+      e.state = PartitionState::kOnNvme;
+    } else {
+      e.state = PartitionState::kInHost;
+    }
+  } else {
+    // The NVMe copy may be torn: no member of the extent may be read back
+    // from it, and the buffer (the only good copy) stays, held for the caller.
+    Status err = status.WithContext(
+        fmt::format("write back {}", Describe(members_[e.members.front()])));
+    if (first_error_.ok()) first_error_ = err;
+    e.state = PartitionState::kInHost;
+    for (uint32_t mi : e.members) {
+      Member& x = members_[mi];
+      if (x.written) x.write_failed = true;
+      x.written = false;
+      x.error = err;
+      if (!x.held) {
+        x.held = true;
+        ++e.holders;
+      }
+    }
+  }
+  cv_.notify_all();
+}
+
+void ParamSwapper::SetReadCallback(ReadCallback cb) {
+  std::lock_guard<std::mutex> lock(mu_);
+  read_cb_ = std::move(cb);
+}
+
+PartitionState ParamSwapper::state(uint64_t id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  const Member* m = Find(id);
+  return m ? extents_[m->extent].state : PartitionState::kOnNvme;
+}
+
+uint64_t ParamSwapper::bytes(uint64_t id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  const Member* m = Find(id);
+  return m ? m->bytes : 0;
+}
+
+bool ParamSwapper::contains(uint64_t id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return Find(id) != nullptr;
+}
+
+uint32_t ParamSwapper::BuffersNeeded(uint64_t id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  const Member* m = Find(id);
+  if (!m) return 0;
+  const ExtentState& e = extents_[m->extent];
+  return e.state == PartitionState::kOnNvme ? e.buffers : 0;
+}
+
+uint32_t ParamSwapper::available_swap_in_buffers() const {
+  return pool_->stats().buffers_free;
+}
+
+SwapperStats ParamSwapper::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+}  // namespace ztier::swapper

@@ -1,0 +1,162 @@
+// ParamSwapper: moves this rank's parameter partitions between the NVMe store
+// and the pinned swap-buffer pool, with the partition states of DESIGN.md:
+//
+//   ON_NVME --SwapIn--> READING --read done--> IN_HOST (holds swap buffers)
+//   IN_HOST --ReleaseBuffer--> ON_NVME
+//   IN_HOST --SwapOut--> WRITING --write done--> ON_NVME (buffers returned)
+//
+// Layout: partitions are laid out in the order they are added. A partition
+// larger than one buffer takes several adjacent buffers; partitions of at
+// most `pack_threshold_bytes` are packed, in order, into shared extents of at
+// most one buffer, read and written as a unit (one buffer for many small
+// partitions instead of one each). Packing and states are per extent; the
+// per-partition API hides it.
+//
+// SwapIn never waits for buffers: it starts reads in the order given while
+// free buffers last and returns how many partitions it covered; the caller
+// retries the rest later. A partition that could never fit in the pool is
+// rejected by Seal(), naming buffer_count, buffer_size and the size needed.
+// Every read is checked against the partition's CRC32C when checksums are on;
+// a mismatch or a truncated file is an error naming the partition, file and
+// offset, and the data is never returned.
+//
+// Ownership: the swapper owns its NvmeStore; the pool and the engine are
+// borrowed and must outlive it. Thread-safety: all methods may be called from
+// any thread; the read callback runs on the engine's I/O thread (keep it short).
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "base/status.h"
+#include "io/async_engine.h"
+#include "swapper/nvme_store.h"
+#include "tiering/pinned_pool.h"
+
+namespace ztier::swapper {
+
+enum class PartitionState : uint8_t { kOnNvme, kReading, kInHost, kWriting };
+std::string_view PartitionStateName(PartitionState s);
+
+struct SwapperOptions {
+  StoreOptions store;
+  // Partitions of at most this many bytes share packed extents. 0: no packing.
+  uint64_t pack_threshold_bytes = 1u << 20;
+  bool checksum = true;  // CRC32C per partition, checked on every read
+};
+
+struct SwapperStats {
+  uint64_t bytes_read = 0, bytes_written = 0;  // device bytes (aligned extents)
+  uint64_t reads = 0, writes = 0;              // extent transfers completed
+  uint64_t checksum_failures = 0;
+  uint64_t packed_partitions = 0, extents = 0;
+};
+
+class ParamSwapper {
+ public:
+  using ReadCallback = std::function<void(uint64_t id, const Status& status)>;
+
+  static Result<std::unique_ptr<ParamSwapper>> Create(const SwapperOptions& options,
+                                                      tiering::PinnedPool* pool,
+                                                      io::AsyncEngine* engine);
+  // Waits for transfers in flight, then returns every buffer it holds.
+  ~ParamSwapper();
+
+  // Set-up: add every partition (id unique, bytes > 0), then Seal() once to
+  // lay them out and create the store.
+  Status Add(uint64_t id, uint64_t bytes);
+  Status Seal();
+
+  // Writes `bytes(id)` bytes from `src` (any memory) to the partition's NVMe
+  // copy, staging through pool buffers; waits for free buffers and for the
+  // write. The partition must be ON_NVME.
+  Status Write(uint64_t id, const void* src);
+
+  // Starts reads for `ids` in order while buffers last; returns how many of
+  // them (a prefix) are now READING or IN_HOST. Errors: unknown id, a
+  // partition never written in this run, a pending write error.
+  Result<size_t> SwapIn(std::span<const uint64_t> ids);
+  // Waits until `id` is IN_HOST (OK) or its read failed (the error, once).
+  Status Wait(uint64_t id);
+  // Waits until no read or write is in flight; returns the first error seen
+  // since the last call.
+  Status WaitAll();
+
+  // Host memory of an IN_HOST partition (`bytes(id)` bytes, writable).
+  Result<uint8_t*> Data(uint64_t id);
+  // IN_HOST -> ON_NVME: the buffer goes back to the pool (shared buffers of a
+  // pack when its last holder releases). A partition whose write-back failed
+  // keeps its buffer (its only good copy) unless `discard` is set.
+  Status ReleaseBuffer(uint64_t id, bool discard = false);
+  // IN_HOST -> WRITING -> ON_NVME: writes the buffer back asynchronously and
+  // returns the buffer when the write completes. Wait with WaitAll().
+  Status SwapOut(uint64_t id);
+
+  void SetReadCallback(ReadCallback cb);
+
+  PartitionState state(uint64_t id) const;
+  uint64_t bytes(uint64_t id) const;
+  bool contains(uint64_t id) const;
+  // Buffers a swap-in of `id` takes (0 if its pack already holds them).
+  uint32_t BuffersNeeded(uint64_t id) const;
+  uint32_t available_swap_in_buffers() const;
+  SwapperStats stats() const;
+  const NvmeStore& store() const { return *store_; }
+
+ private:
+  struct Member {
+    uint64_t id = 0;
+    uint64_t bytes = 0;     // exact bytes of the partition
+    uint64_t offset = 0;    // bytes into its extent
+    uint32_t extent = 0;
+    uint32_t crc = 0;
+    bool written = false;   // the NVMe copy holds this run's data
+    bool held = false;      // asked for by SwapIn and not released
+    bool write_failed = false;  // good data only in the buffer after a failed write
+    Status error;           // a failed read or write, reported once
+  };
+  struct ExtentState {
+    Extent where;
+    uint32_t buffers = 0;              // pool buffers this extent needs
+    std::vector<uint32_t> members;     // indices into members_
+    PartitionState state = PartitionState::kOnNvme;
+    tiering::BufferSpan span;          // valid while READING/IN_HOST/WRITING
+    uint32_t holders = 0;              // members held
+  };
+
+  ParamSwapper(const SwapperOptions& options, tiering::PinnedPool* pool,
+               io::AsyncEngine* engine);
+  Result<Member*> Find(uint64_t id);
+  const Member* Find(uint64_t id) const;
+  Status StartRead(ExtentState& e, uint32_t extent_index);  // needs mu_
+  void OnReadDone(uint32_t extent_index, const Status& status);
+  void OnWriteDone(uint32_t extent_index, const Status& status);
+  Status VerifyMember(const Member& m, const uint8_t* data) const;
+  void ReturnSpan(ExtentState& e);  // needs mu_
+  std::string Describe(const Member& m) const;
+
+  SwapperOptions options_;
+  tiering::PinnedPool* pool_;
+  io::AsyncEngine* engine_;
+  std::unique_ptr<NvmeStore> store_;
+  bool sealed_ = false;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Member> members_;
+  std::unordered_map<uint64_t, uint32_t> index_;  // id -> members_ index
+  std::vector<ExtentState> extents_;
+  uint32_t in_flight_ = 0;   // extent transfers not yet completed
+  Status first_error_;       // for WaitAll
+  ReadCallback read_cb_;
+  SwapperStats stats_;
+};
+
+}  // namespace ztier::swapper

@@ -1,0 +1,391 @@
+// The parameter swapper against real files on every backend: bit-exact round
+// trips over stripes, sizes and packing; buffer exhaustion and release
+// order; faults at every stage; corrupted and truncated swap files; stale and
+// shared stores; concurrent swap-in/swap-out (run under TSan in CI's
+// sanitizer job too).
+#include "swapper/param_swapper.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "io/fault_backend.h"
+#include "tests/testutil/testutil.h"
+
+namespace ztier::swapper {
+namespace {
+
+using ztier::testing::FillPattern;
+using ztier::testing::FirstMismatch;
+using ztier::testing::ScratchDir;
+
+constexpr uint64_t kKiB = 1024, kMiB = 1024 * 1024;
+
+class SwapperTest : public ::testing::TestWithParam<io::BackendKind> {
+ protected:
+  void SetUp() override {
+    auto probe = io::CreateBackend(GetParam(), io::BackendOptions{});
+    if (!probe.ok()) GTEST_SKIP() << probe.status().ToString();
+  }
+
+  // Builds pool + engine + swapper. `paths` are subdirectories of the scratch
+  // dir. Faults, if any, are injected below the engine.
+  void Build(uint32_t buffer_count, uint64_t buffer_bytes, int paths = 1,
+             std::vector<io::Fault> faults = {}, SwapperOptions so = {}) {
+    tiering::PoolOptions po;
+    po.buffer_count = buffer_count;
+    po.buffer_bytes = buffer_bytes;
+    po.pin = tiering::PinMode::kNone;
+    auto pool = tiering::PinnedPool::Create(po);
+    ASSERT_TRUE(pool.ok()) << pool.status().ToString();
+    pool_ = std::move(pool).value();
+    auto backend = io::CreateBackend(GetParam(), io::BackendOptions{});
+    ASSERT_TRUE(backend.ok());
+    auto wrapper = std::make_unique<io::FaultInjectingBackend>(std::move(backend).value());
+    fault_ = wrapper.get();
+    for (const auto& f : faults) fault_->AddFault(f);
+    auto engine = io::Engine::Create(std::move(wrapper),
+                                     io::EngineOptions{.block_size = 256 * kKiB, .queue_depth = 16});
+    ASSERT_TRUE(engine.ok());
+    auto async = io::AsyncEngine::Create(std::move(engine).value());
+    ASSERT_TRUE(async.ok());
+    engine_ = std::move(async).value();
+    so.store.paths.clear();
+    for (int i = 0; i < paths; ++i) so.store.paths.push_back(dir_.File("nvme" + std::to_string(i)));
+    so.store.stripe_bytes = 256 * kKiB;
+    auto sw = ParamSwapper::Create(so, pool_.get(), engine_.get());
+    ASSERT_TRUE(sw.ok());
+    swapper_ = std::move(sw).value();
+  }
+
+  void TearDown() override {
+    swapper_.reset();  // before the engine and pool it borrows
+    engine_.reset();
+    if (pool_) {
+      // No buffer leaked, whatever the test did.
+      EXPECT_EQ(pool_->stats().buffers_in_use, 0u);
+    }
+  }
+
+  // Adds partitions of the given byte sizes (ids 0..n-1), seals, writes each
+  // with its own pattern.
+  void AddAndWrite(const std::vector<uint64_t>& sizes) {
+    for (size_t i = 0; i < sizes.size(); ++i) ASSERT_TRUE(swapper_->Add(i, sizes[i]).ok());
+    ASSERT_TRUE(swapper_->Seal().ok());
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      std::vector<uint8_t> data(sizes[i]);
+      FillPattern(data.data(), data.size(), 100 + i);
+      Status s = swapper_->Write(i, data.data());
+      ASSERT_TRUE(s.ok()) << s.ToString();
+    }
+  }
+
+  // Swaps every id in, a window at a time, checking each against `seed(i)`.
+  void ExpectAllIntact(size_t n, uint64_t seed_base = 100) {
+    size_t next = 0;
+    std::vector<uint64_t> ids(n);
+    for (size_t i = 0; i < n; ++i) ids[i] = i;
+    while (next < n) {
+      auto got = swapper_->SwapIn(std::span<const uint64_t>(ids).subspan(next));
+      ASSERT_TRUE(got.ok()) << got.status().ToString();
+      ASSERT_GT(*got, 0u) << "no progress: buffers leaked?";
+      for (size_t k = next; k < next + *got; ++k) {
+        Status w = swapper_->Wait(k);
+        ASSERT_TRUE(w.ok()) << w.ToString();
+        auto data = swapper_->Data(k);
+        ASSERT_TRUE(data.ok());
+        EXPECT_EQ(FirstMismatch(*data, swapper_->bytes(k), seed_base + k), -1) << "id " << k;
+        EXPECT_EQ(swapper_->state(k), PartitionState::kInHost);
+      }
+      for (size_t k = next; k < next + *got; ++k) ASSERT_TRUE(swapper_->ReleaseBuffer(k).ok());
+      next += *got;
+    }
+  }
+
+  ScratchDir dir_;
+  std::unique_ptr<tiering::PinnedPool> pool_;
+  std::unique_ptr<io::AsyncEngine> engine_;
+  io::FaultInjectingBackend* fault_ = nullptr;
+  std::unique_ptr<ParamSwapper> swapper_;
+};
+
+// Odd element counts of 2- and 4-byte dtypes, one spanning several buffers,
+// several small enough to be packed.
+const std::vector<uint64_t> kSizes = {2 * 1,        4 * 1001,      2 * 3 * 1024 * 1024 + 6,
+                                      2 * 7919,     4 * 65537,     2 * 99,
+                                      4 * 262144,   2 * 50001,     4 * 3,
+                                      2 * 1000003};
+
+TEST_P(SwapperTest, RoundTripIsBitExactOnOnePath) {
+  Build(8, kMiB);
+  AddAndWrite(kSizes);
+  ExpectAllIntact(kSizes.size());
+  EXPECT_GT(swapper_->stats().packed_partitions, 0u);
+}
+
+TEST_P(SwapperTest, RoundTripIsBitExactStripedOverThreePaths) {
+  Build(8, kMiB, 3);
+  AddAndWrite(kSizes);
+  ExpectAllIntact(kSizes.size());
+  EXPECT_EQ(swapper_->store().file_paths().size(), 3u);
+}
+
+TEST_P(SwapperTest, RoundTripWithoutPackingOrChecksums) {
+  SwapperOptions so;
+  so.pack_threshold_bytes = 0;
+  so.checksum = false;
+  Build(8, kMiB, 2, {}, so);
+  AddAndWrite(kSizes);
+  ExpectAllIntact(kSizes.size());
+  EXPECT_EQ(swapper_->stats().packed_partitions, 0u);
+  EXPECT_EQ(swapper_->stats().extents, kSizes.size());
+}
+
+TEST_P(SwapperTest, SmallPartitionsShareOneBuffer) {
+  Build(2, kMiB);
+  std::vector<uint64_t> sizes(40, 10 * kKiB);  // 400 KiB in all: one pack
+  AddAndWrite(sizes);
+  EXPECT_EQ(swapper_->stats().extents, 1u);
+  std::vector<uint64_t> ids = {3, 7, 11};
+  auto got = swapper_->SwapIn(ids);
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(*got, 3u);
+  EXPECT_EQ(pool_->stats().buffers_in_use, 1u);
+  for (uint64_t id : ids) ASSERT_TRUE(swapper_->Wait(id).ok());
+  ASSERT_TRUE(swapper_->ReleaseBuffer(3).ok());
+  ASSERT_TRUE(swapper_->ReleaseBuffer(7).ok());
+  EXPECT_EQ(pool_->stats().buffers_in_use, 1u);  // 11 still holds the pack
+  ASSERT_TRUE(swapper_->ReleaseBuffer(11).ok());
+  EXPECT_EQ(pool_->stats().buffers_in_use, 0u);
+  ExpectAllIntact(sizes.size());
+}
+
+TEST_P(SwapperTest, SwapInStopsAtFreeBuffersAndResumesAfterRelease) {
+  Build(2, kMiB);
+  AddAndWrite({kMiB, kMiB, kMiB});
+  std::vector<uint64_t> ids = {0, 1, 2};
+  auto got = swapper_->SwapIn(ids);
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(*got, 2u);  // never asks for a buffer that is not free
+  EXPECT_EQ(swapper_->available_swap_in_buffers(), 0u);
+  EXPECT_EQ(swapper_->state(2), PartitionState::kOnNvme);
+  ASSERT_TRUE(swapper_->Wait(0).ok());
+  ASSERT_TRUE(swapper_->ReleaseBuffer(0).ok());
+  auto rest = swapper_->SwapIn(std::span<const uint64_t>(ids).subspan(2));
+  ASSERT_TRUE(rest.ok());
+  EXPECT_EQ(*rest, 1u);
+  ASSERT_TRUE(swapper_->Wait(1).ok());
+  ASSERT_TRUE(swapper_->Wait(2).ok());
+  ASSERT_TRUE(swapper_->ReleaseBuffer(1).ok());
+  ASSERT_TRUE(swapper_->ReleaseBuffer(2).ok());
+  // Pinned bytes never exceed buffer_count x aligned buffer_size.
+  auto st = pool_->stats();
+  EXPECT_LE(st.high_water_buffers, 2u);
+  EXPECT_LE(st.bytes_allocated, 2 * pool_->buffer_bytes());
+  EXPECT_LE(st.bytes_pinned, 2 * pool_->buffer_bytes());
+}
+
+TEST_P(SwapperTest, APartitionThatCanNeverFitIsRejectedAtSeal) {
+  Build(4, kMiB);
+  ASSERT_TRUE(swapper_->Add(0, 4 * kMiB + 1).ok());
+  Status s = swapper_->Seal();
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("buffer_count 4"), std::string_view::npos) << s.ToString();
+  EXPECT_NE(s.message().find("4194305 bytes"), std::string_view::npos) << s.ToString();
+}
+
+TEST_P(SwapperTest, MisuseIsAnErrorNotACrash) {
+  Build(2, kMiB);
+  AddAndWrite({kMiB});
+  EXPECT_EQ(swapper_->ReleaseBuffer(0).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(swapper_->Data(0).status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(swapper_->SwapOut(0).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(swapper_->SwapIn(std::vector<uint64_t>{9}).status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(swapper_->Add(5, 10).code(), StatusCode::kFailedPrecondition);  // after Seal
+}
+
+TEST_P(SwapperTest, SwapOutWritesBackUpdatedData) {
+  Build(4, kMiB);
+  AddAndWrite({3 * kMiB / 2, 10 * kKiB, 20 * kKiB});
+  std::vector<uint64_t> ids = {0, 1, 2};
+  ASSERT_EQ(*swapper_->SwapIn(ids), 3u);
+  for (uint64_t id : ids) {
+    ASSERT_TRUE(swapper_->Wait(id).ok());
+    FillPattern(*swapper_->Data(id), swapper_->bytes(id), 500 + id);
+  }
+  for (uint64_t id : ids) ASSERT_TRUE(swapper_->SwapOut(id).ok());
+  ASSERT_TRUE(swapper_->WaitAll().ok());
+  EXPECT_EQ(pool_->stats().buffers_in_use, 0u);
+  ExpectAllIntact(3, 500);
+}
+
+TEST_P(SwapperTest, ReadErrorLeavesStateAndPoolConsistent) {
+  Build(4, kMiB, 1, {io::Fault{io::FaultKind::kEio, 0, 1, io::Op::kRead}});
+  AddAndWrite({kMiB, kMiB});
+  std::vector<uint64_t> ids = {0, 1};
+  ASSERT_EQ(*swapper_->SwapIn(ids), 2u);
+  Status s0 = swapper_->Wait(0);
+  ASSERT_FALSE(s0.ok());
+  EXPECT_NE(s0.message().find("partition 0"), std::string_view::npos) << s0.ToString();
+  EXPECT_NE(s0.message().find("Input/output error"), std::string_view::npos);
+  EXPECT_EQ(swapper_->state(0), PartitionState::kOnNvme);
+  ASSERT_TRUE(swapper_->Wait(1).ok());
+  ASSERT_TRUE(swapper_->ReleaseBuffer(1).ok());
+  EXPECT_FALSE(swapper_->WaitAll().ok());
+  EXPECT_EQ(pool_->stats().buffers_in_use, 0u);
+  ExpectAllIntact(2);  // the fault was one-shot: a retry reads good data
+}
+
+TEST_P(SwapperTest, WriteBackErrorKeepsTheOnlyGoodCopy) {
+  Build(4, kMiB);
+  AddAndWrite({kMiB, kMiB});
+  std::vector<uint64_t> ids = {0};
+  ASSERT_EQ(*swapper_->SwapIn(ids), 1u);
+  ASSERT_TRUE(swapper_->Wait(0).ok());
+  FillPattern(*swapper_->Data(0), kMiB, 777);
+  // Fail the second 256 KiB piece of the write-back: a torn extent on disk.
+  fault_->AddFault(io::Fault{io::FaultKind::kEio, fault_->ops_seen(io::Op::kWrite) + 1, 1,
+                             io::Op::kWrite});
+  ASSERT_TRUE(swapper_->SwapOut(0).ok());
+  Status s = swapper_->WaitAll();
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("write back partition 0"), std::string_view::npos) << s.ToString();
+  EXPECT_EQ(swapper_->state(0), PartitionState::kInHost);
+  EXPECT_EQ(swapper_->ReleaseBuffer(0).code(), StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(swapper_->SwapOut(0).ok());  // retry succeeds
+  ASSERT_TRUE(swapper_->WaitAll().ok());
+  EXPECT_EQ(pool_->stats().buffers_in_use, 0u);
+  ASSERT_EQ(*swapper_->SwapIn(ids), 1u);
+  ASSERT_TRUE(swapper_->Wait(0).ok());
+  EXPECT_EQ(FirstMismatch(*swapper_->Data(0), kMiB, 777), -1);
+  ASSERT_TRUE(swapper_->ReleaseBuffer(0).ok());
+}
+
+TEST_P(SwapperTest, ShortWritesAndReadsAreCompleted) {
+  Build(4, kMiB, 1,
+        {io::Fault{io::FaultKind::kShort, 0, 4, io::Op::kWrite},
+         io::Fault{io::FaultKind::kShort, 0, 4, io::Op::kRead}});
+  AddAndWrite({kMiB, 300 * kKiB});
+  ExpectAllIntact(2);
+  EXPECT_GE(fault_->faults_injected(), 8u);
+}
+
+TEST_P(SwapperTest, EnospcOnWriteLeavesNoDataThatLooksValid) {
+  Build(4, kMiB, 1, {io::Fault{io::FaultKind::kEnospc, 1, 1, io::Op::kWrite}});
+  ASSERT_TRUE(swapper_->Add(0, kMiB).ok());
+  ASSERT_TRUE(swapper_->Seal().ok());
+  std::vector<uint8_t> data(kMiB, 1);
+  Status s = swapper_->Write(0, data.data());
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kResourceExhausted);
+  auto in = swapper_->SwapIn(std::vector<uint64_t>{0});
+  EXPECT_EQ(in.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(swapper_->Write(0, data.data()).ok());  // recovers once space is back
+}
+
+TEST_P(SwapperTest, CorruptedSwapFileIsDetectedNotReturned) {
+  Build(4, kMiB);
+  AddAndWrite({kMiB, 512 * kKiB});
+  // Flip bytes inside partition 1 on disk, behind the swapper's back.
+  const auto& file = swapper_->store().file();
+  auto loc = file.Map(kMiB + 4096, 4096);
+  int fd = open(file.file(loc.file_index).path().c_str(), O_WRONLY);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(pwrite(fd, "garbage!", 8, static_cast<off_t>(loc.offset + 100)), 8);
+  fsync(fd);
+  close(fd);
+  ASSERT_EQ(*swapper_->SwapIn(std::vector<uint64_t>{1}), 1u);
+  Status s = swapper_->Wait(1);
+  ASSERT_EQ(s.code(), StatusCode::kCorruption) << s.ToString();
+  EXPECT_NE(s.message().find("partition 1"), std::string_view::npos);
+  EXPECT_NE(s.message().find(".swp at offset"), std::string_view::npos) << s.ToString();
+  EXPECT_FALSE(swapper_->Data(1).ok());
+  EXPECT_EQ(swapper_->stats().checksum_failures, 1u);
+  EXPECT_FALSE(swapper_->WaitAll().ok());
+}
+
+TEST_P(SwapperTest, TruncatedSwapFileIsReportedWithThePartition) {
+  Build(4, kMiB);
+  AddAndWrite({kMiB, kMiB});
+  ASSERT_EQ(truncate(swapper_->store().file_paths()[0].c_str(), 4096 + kMiB), 0);
+  ASSERT_EQ(*swapper_->SwapIn(std::vector<uint64_t>{1}), 1u);
+  Status s = swapper_->Wait(1);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("partition 1"), std::string_view::npos) << s.ToString();
+  EXPECT_NE(s.message().find("end of file"), std::string_view::npos) << s.ToString();
+  (void)swapper_->WaitAll();
+}
+
+TEST_P(SwapperTest, AStaleStoreIsNeverReadAsDataAndALiveOneIsNotShared) {
+  Build(4, kMiB);
+  AddAndWrite({kMiB});
+  // A second swapper on the same path and rank while the first is alive.
+  SwapperOptions so;
+  so.store.paths = {dir_.File("nvme0")};
+  so.store.stripe_bytes = 256 * kKiB;
+  auto other = ParamSwapper::Create(so, pool_.get(), engine_.get());
+  ASSERT_TRUE(other.ok());
+  ASSERT_TRUE((*other)->Add(0, kMiB).ok());
+  Status s = (*other)->Seal();
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("in use by another live process"), std::string_view::npos)
+      << s.ToString();
+  // After the first is gone, a new store starts empty: nothing is "written".
+  swapper_.reset();
+  auto fresh = ParamSwapper::Create(so, pool_.get(), engine_.get());
+  ASSERT_TRUE((*fresh)->Add(0, kMiB).ok());
+  ASSERT_TRUE((*fresh)->Seal().ok());
+  EXPECT_EQ((*fresh)->SwapIn(std::vector<uint64_t>{0}).status().code(),
+            StatusCode::kFailedPrecondition);
+}
+
+TEST_P(SwapperTest, ConcurrentSwapInAndSwapOut) {
+  Build(6, 256 * kKiB, 2);
+  constexpr int kThreads = 4, kPerThread = 6, kRounds = 5;
+  std::vector<uint64_t> sizes;
+  for (int i = 0; i < kThreads * kPerThread; ++i) sizes.push_back(64 * kKiB + 4096 * i);
+  AddAndWrite(sizes);
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int r = 0; r < kRounds; ++r) {
+        for (int k = 0; k < kPerThread; ++k) {
+          uint64_t id = t * kPerThread + k;
+          std::vector<uint64_t> one = {id};
+          for (;;) {
+            auto got = swapper_->SwapIn(one);
+            if (!got.ok()) { ++failures; return; }
+            if (*got == 1) break;
+            std::this_thread::yield();
+          }
+          if (!swapper_->Wait(id).ok()) { ++failures; return; }
+          uint8_t* d = *swapper_->Data(id);
+          if (FirstMismatch(d, sizes[id], 100 + id + (r ? 1000 : 0)) != -1) ++failures;
+          FillPattern(d, sizes[id], 100 + id + 1000);
+          if (!swapper_->SwapOut(id).ok()) ++failures;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+  ASSERT_TRUE(swapper_->WaitAll().ok());
+  ExpectAllIntact(sizes.size(), 1100);
+}
+
+INSTANTIATE_TEST_SUITE_P(AllBackends, SwapperTest,
+                         ::testing::Values(io::BackendKind::kIoUring, io::BackendKind::kLibaio,
+                                           io::BackendKind::kPsync),
+                         [](const auto& info) {
+                           return std::string(io::BackendKindName(info.param));
+                         });
+
+}  // namespace
+}  // namespace ztier::swapper

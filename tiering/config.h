@@ -1,0 +1,204 @@
+// Config: the effective configuration of a ztier engine, and its YAML form.
+//
+// Config is a plain value: nested structs whose members hold the defaults
+// (DeepSpeed's code defaults where the concept is the same). A YAML file is
+// loaded strictly: an unknown key, a wrong type, an out-of-range value, a bad
+// unit or a missing NVMe path parent is an error; all of them are collected
+// and returned together in one InvalidArgument Status, one line per error:
+//
+//   config.yaml:12:5: tiers.nvme.buffer_cont: unknown key (did you mean
+//   'buffer_count'?)
+//
+// Units: element counts ("1e8") and byte sizes ("1MiB") are described in
+// tiering/units.h; every key, its unit, default and range in docs/config.md.
+//
+// String values may reference environment variables: ${VAR} (an error when
+// VAR is unset) and ${VAR:-default} (default when VAR is unset or empty); $$
+// is a literal $. Relative NVMe paths are relative to the process's working
+// directory.
+//
+// Thread-safety: the functions are reentrant (they read the environment and
+// the file system, nothing else). The library never prints.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "base/status.h"
+#include "io/backend.h"
+#include "tiering/units.h"
+
+namespace ztier::tiering {
+
+// Where this rank's parameter partitions live between uses.
+enum class ParamTier : uint8_t {
+  kNvme = 0,  // on the NVMe paths; pinned swap buffers stage them
+  kHost,      // in (pinned) host memory; no NVMe is used
+};
+
+enum class CommBackend : uint8_t { kAuto = 0, kNccl, kLocal };
+
+enum class Checksum : uint8_t { kCrc32c = 0, kNone };
+
+std::string_view ParamTierName(ParamTier t);      // "nvme", "host"
+std::string_view CommBackendName(CommBackend b);  // "auto", "nccl", "local"
+std::string_view ChecksumName(Checksum c);        // "crc32c", "none"
+// The config spelling of an io backend: "auto", "io_uring", "libaio", "psync".
+std::string_view IoBackendConfigName(io::BackendKind k);
+
+// The NVMe path used when tiers.nvme.paths is not given (before expansion).
+inline constexpr std::string_view kDefaultNvmePath =
+    "${ZTIER_NVME_PATH:-ztier_nvme}";
+
+struct DeviceTier {
+  // Elements of full (gathered) parameters allowed on the device at once;
+  // prefetch stops at this budget. kInfinite ("inf"): no limit.
+  uint64_t max_live_parameters = 1'000'000'000;
+
+  bool operator==(const DeviceTier&) const = default;
+};
+
+struct HostTier {
+  // Allocate swap buffers and host-tier partitions in page-locked memory
+  // (fast DMA, counts against RLIMIT_MEMLOCK).
+  bool pin_memory = true;
+  // With tiers.params == nvme: elements of parameter partitions that may
+  // stay resident in host memory instead of going to NVMe.
+  uint64_t max_in_cpu = 1'000'000'000;
+  // When pinning is refused (memlock limit), continue with pageable memory
+  // (slower copies) instead of failing.
+  bool allow_unpinned = false;
+
+  bool operator==(const HostTier&) const = default;
+};
+
+struct NvmeTier {
+  // Directories that hold the swap files, one file per path per rank;
+  // several paths are striped. Empty only when params live on the host. A
+  // path's parent must exist; the path itself is created (mode 0700).
+  std::vector<std::string> paths;
+  // Pinned swap buffers that stage partitions between NVMe and the device.
+  uint32_t buffer_count = 5;
+  // Elements per swap buffer; the largest partition must fit in one.
+  uint64_t buffer_size = 100'000'000;
+  // Bytes per element in a swap buffer (2: fp16/bf16, 4: fp32); a buffer is
+  // buffer_size * buffer_element_bytes bytes (rounded up to the direct I/O
+  // alignment). 1, 2, 4 or 8.
+  uint32_t buffer_element_bytes = 2;
+
+  bool operator==(const NvmeTier&) const = default;
+};
+
+struct TiersConfig {
+  ParamTier params = ParamTier::kNvme;
+  DeviceTier device;
+  HostTier host;
+  NvmeTier nvme;
+
+  bool operator==(const TiersConfig&) const = default;
+};
+
+struct IoConfig {
+  // auto probes io_uring, libaio, psync in this order; an explicit backend
+  // that is unavailable is an error.
+  io::BackendKind backend = io::BackendKind::kAuto;
+  // Bytes per I/O request; transfers are split into pieces of this size.
+  // A multiple of 4 KiB, 4 KiB to 256 MiB.
+  uint64_t block_size = 1ULL << 20;
+  // Requests in flight at most, per I/O thread. 1 to 4096.
+  uint32_t queue_depth = 32;
+  // I/O submission threads, each with its own queue. 1 to 64.
+  uint32_t threads = 1;
+  // io_uring fixed buffers for the swap buffers (saves a page walk per I/O;
+  // needs memlock).
+  bool register_buffers = true;
+  // io_uring kernel submission-queue polling (a kernel thread spins).
+  bool sqpoll = false;
+  // O_DIRECT: bypass the page cache (needs 4 KiB-aligned buffers/offsets).
+  bool direct = true;
+
+  bool operator==(const IoConfig&) const = default;
+};
+
+struct CoordinatorConfig {
+  // Elements of parameters all-gathered ahead of use, at most.
+  uint64_t prefetch_bucket_size = 50'000'000;
+  // A released parameter is kept if it is used again within this many
+  // elements of the trace ahead. kInfinite: always kept while reused.
+  uint64_t max_reuse_distance = 1'000'000'000;
+  // Parameters of at most this many elements are persistent (gathered once).
+  uint64_t param_persistence_threshold = 100'000;
+  // Elements of persistent parameters in total, at most. kInfinite: no cap.
+  uint64_t model_persistence_threshold = kInfinite;
+  // All-gathers queued at once, at most. 1 to 1024.
+  uint32_t max_ongoing_fetch_events = 2;
+  // Elements of NVMe reads issued ahead of use, in trace order. nullopt
+  // ("auto"): as far as free swap buffers and max_live_parameters allow.
+  std::optional<uint64_t> nvme_lookahead;
+
+  bool operator==(const CoordinatorConfig&) const = default;
+};
+
+struct CommConfig {
+  CommBackend backend =
+      CommBackend::kAuto;  // auto: nccl if built and world > 1
+
+  bool operator==(const CommConfig&) const = default;
+};
+
+struct IntegrityConfig {
+  Checksum checksum = Checksum::kCrc32c;  // per swapped extent, checked on read
+
+  bool operator==(const IntegrityConfig&) const = default;
+};
+
+struct Config {
+  TiersConfig tiers;
+  IoConfig io;
+  CoordinatorConfig coordinator;
+  CommConfig comm;
+  IntegrityConfig integrity;
+
+  bool operator==(const Config&) const = default;
+};
+
+struct LoadOptions {
+  // Check the NVMe paths against the file system (parent exists, a present
+  // path is a writable directory). Off for checking a config meant for
+  // another machine.
+  bool check_paths = true;
+};
+
+// Loads a YAML file. A file that cannot be read is NotFound/IoError; every
+// problem in its content is reported (InvalidArgument, one line each).
+Result<Config> LoadConfigFile(const std::string& path,
+                              const LoadOptions& options = {});
+
+// Loads YAML text; `source_name` prefixes each error line ("config.yaml").
+Result<Config> LoadConfigText(std::string_view yaml,
+                              std::string_view source_name,
+                              const LoadOptions& options = {});
+
+// Checks a Config built in code by the same rules as the loader (without
+// line numbers; lines look like "io.queue_depth: ..."). Paths are checked
+// when options.check_paths.
+Status ValidateConfig(const Config& config, const LoadOptions& options = {});
+
+// The YAML of `config`, every key present with a short unit comment.
+// LoadConfigText(ConfigToYaml(c)) gives back c for every valid c.
+std::string ConfigToYaml(const Config& config);
+
+// A one-screen, human-readable summary of the effective config.
+std::string SummarizeConfig(const Config& config);
+
+// Expands ${VAR} / ${VAR:-default} / $$ in `text`. Error messages name the
+// variable; the caller adds where it was.
+Result<std::string> ExpandEnv(std::string_view text);
+
+// Levenshtein distance (for "did you mean" suggestions).
+size_t EditDistance(std::string_view a, std::string_view b);
+
+}  // namespace ztier::tiering
