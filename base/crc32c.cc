@@ -51,12 +51,12 @@ uint32_t TableUpdate(uint32_t state, const uint8_t* p, size_t n) {
     while (n >= 8) {
       const uint64_t word = Load64(p) ^ state;
       // Two independent halves: a shorter dependency chain than one long xor.
-      const uint32_t lo = kSlice.t[7][word & 0xFF] ^ kSlice.t[6][(word >> 8) & 0xFF] ^
-                          kSlice.t[5][(word >> 16) & 0xFF] ^
-                          kSlice.t[4][(word >> 24) & 0xFF];
-      const uint32_t hi = kSlice.t[3][(word >> 32) & 0xFF] ^
-                          kSlice.t[2][(word >> 40) & 0xFF] ^
-                          kSlice.t[1][(word >> 48) & 0xFF] ^ kSlice.t[0][word >> 56];
+      const uint32_t lo =
+          kSlice.t[7][word & 0xFF] ^ kSlice.t[6][(word >> 8) & 0xFF] ^
+          kSlice.t[5][(word >> 16) & 0xFF] ^ kSlice.t[4][(word >> 24) & 0xFF];
+      const uint32_t hi =
+          kSlice.t[3][(word >> 32) & 0xFF] ^ kSlice.t[2][(word >> 40) & 0xFF] ^
+          kSlice.t[1][(word >> 48) & 0xFF] ^ kSlice.t[0][word >> 56];
       state = lo ^ hi;
       p += 8;
       n -= 8;
@@ -93,7 +93,8 @@ constexpr uint32_t Apply(const Gf2Matrix& m, uint32_t v) {
   return r;
 }
 
-constexpr Gf2Matrix Compose(const Gf2Matrix& a, const Gf2Matrix& b) {  // a after b
+constexpr Gf2Matrix Compose(const Gf2Matrix& a,
+                            const Gf2Matrix& b) {  // a after b
   Gf2Matrix r{};
   for (int i = 0; i < 32; ++i) r.col[i] = Apply(a, b.col[i]);
   return r;
@@ -163,7 +164,8 @@ __attribute__((target("sse4.2"))) inline uint32_t HwTriple(
 }
 
 __attribute__((target("sse4.2"))) uint32_t HwUpdate(uint32_t state,
-                                                     const uint8_t* p, size_t n) {
+                                                    const uint8_t* p,
+                                                    size_t n) {
   // Align the 8-byte loads (unaligned ones work but can split cache lines).
   while (n > 0 && (reinterpret_cast<uintptr_t>(p) & 7u) != 0) {
     state = _mm_crc32_u8(state, *p);

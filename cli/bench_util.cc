@@ -1,11 +1,11 @@
 #include "cli/bench_util.h"
 
-#include <fmt/format.h>
-
 #include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <string>
+
+#include <fmt/format.h>
 
 namespace ztier::cli {
 
@@ -133,6 +133,7 @@ double LatencyHistogram::Percentile(double q) const {
   uint64_t rank =
       static_cast<uint64_t>(std::ceil(q * static_cast<double>(count_)));
   rank = std::clamp<uint64_t>(rank, 1, count_);
+  if (rank == count_) return static_cast<double>(max_ns_);  // known exactly
   uint64_t seen = 0;
   for (size_t b = 0; b < kBuckets; ++b) {
     seen += buckets_[b];

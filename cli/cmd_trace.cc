@@ -91,11 +91,11 @@ int RunGen(const GenArgs& a) {
   }
   fprintf(stderr,
           "ztier: trace gen: %s: %zu params, %llu elements (%.3g), %zu modules, "
-          "%s events per step, %zu steps%s%s\n",
+          "%s events per step, %zu step%s%s%s\n",
           trace->model.c_str(), trace->params.size(),
           static_cast<unsigned long long>(TotalNumel(*trace)),
           static_cast<double>(TotalNumel(*trace)), trace->modules.size(),
-          EventsPerStep(*trace).c_str(), trace->steps.size(),
+          EventsPerStep(*trace).c_str(), trace->steps.size(), trace->steps.size() == 1 ? "" : "s",
           a.out.empty() || a.out == "-" ? "" : " -> ", a.out == "-" ? "" : a.out.c_str());
   return 0;
 }

@@ -368,8 +368,14 @@ Status Coordinator::Fetch(uint64_t module, bool forward) {
     uint64_t prefetching = 0;
     std::vector<uint64_t> prefetched;
     while (queue_head_ < param_order_.size() && prefetching < limit) {
-      const QueueEntry& e = param_order_[queue_head_++];
+      const QueueEntry& e = param_order_[queue_head_];
       Param& p = *params_[e.param];
+      // Unlike a plain bucket check, never go past max_live_parameters.
+      if (p.status == ParamStatus::kNotAvailable &&
+          live_numel_ + p.numel > options_.max_live_parameters) {
+        break;
+      }
+      ++queue_head_;
       p.fetched_for = static_cast<int64_t>(e.step_id);
       if (p.status == ParamStatus::kNotAvailable) {
         RequestGather(p);

@@ -122,7 +122,8 @@ class DeviceBackend {
 
   // Runs `fn` on a backend thread once `stream` reaches this point; later
   // work on the stream waits for it to return.
-  virtual Status LaunchHostFunc(StreamHandle stream, std::function<void()> fn) = 0;
+  virtual Status LaunchHostFunc(StreamHandle stream,
+                                std::function<void()> fn) = 0;
 
   // ---- host memory ----
   // Page-locks [ptr, ptr+bytes) for DMA (cudaHostRegister, portable to all

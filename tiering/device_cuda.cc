@@ -6,12 +6,11 @@
 // return code is checked and turned into a Status that names the call, the
 // runtime's text and the error's name.
 #include <cuda_runtime_api.h>
+#include <fmt/format.h>
 
 #include <atomic>
 #include <mutex>
 #include <utility>
-
-#include <fmt/format.h>
 
 #include "base/log.h"
 #include "tiering/device.h"
@@ -23,8 +22,9 @@ Status CudaStatus(cudaError_t err, std::string_view what) {
   // Clear the runtime's "last error" for non-sticky errors, so that a later,
   // unrelated check does not report this one again.
   (void)cudaGetLastError();
-  std::string msg = fmt::format("{}: {} ({} = {})", what, cudaGetErrorString(err),
-                                cudaGetErrorName(err), static_cast<int>(err));
+  std::string msg =
+      fmt::format("{}: {} ({} = {})", what, cudaGetErrorString(err),
+                  cudaGetErrorName(err), static_cast<int>(err));
   switch (err) {
     case cudaErrorMemoryAllocation:
       return Status::ResourceExhausted(std::move(msg));
@@ -44,9 +44,9 @@ Status CudaStatus(cudaError_t err, std::string_view what) {
   }
 }
 
-#define ZTIER_CUDA_RETURN(call, what)                      \
-  do {                                                     \
-    const cudaError_t _zt_err = (call);                    \
+#define ZTIER_CUDA_RETURN(call, what)                             \
+  do {                                                            \
+    const cudaError_t _zt_err = (call);                           \
     if (_zt_err != cudaSuccess) return CudaStatus(_zt_err, what); \
   } while (0)
 
@@ -81,8 +81,9 @@ class CudaDeviceBackend final : public DeviceBackend {
   static Result<std::unique_ptr<DeviceBackend>> Create(int device) {
     ZTIER_ASSIGN_OR_RETURN(const int count, DeviceCount());
     if (device < 0 || device >= count) {
-      return Status::Unavailable(fmt::format(
-          "CUDA device {} does not exist ({} device(s) visible)", device, count));
+      return Status::Unavailable(
+          fmt::format("CUDA device {} does not exist ({} device(s) visible)",
+                      device, count));
     }
     ZTIER_CUDA_RETURN(cudaSetDevice(device), "cudaSetDevice");
     cudaDeviceProp prop{};
@@ -93,11 +94,12 @@ class CudaDeviceBackend final : public DeviceBackend {
         cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, device),
         "cudaDeviceGetAttribute(MemoryPoolsSupported)");
     cudaStream_t internal = nullptr;
-    ZTIER_CUDA_RETURN(cudaStreamCreateWithFlags(&internal, cudaStreamNonBlocking),
-                      "cudaStreamCreateWithFlags");
-    std::string desc = fmt::format("cuda:{} {} ({} bytes{})", device, prop.name,
-                                   prop.totalGlobalMem,
-                                   pools ? "" : ", no stream-ordered allocator");
+    ZTIER_CUDA_RETURN(
+        cudaStreamCreateWithFlags(&internal, cudaStreamNonBlocking),
+        "cudaStreamCreateWithFlags");
+    std::string desc = fmt::format(
+        "cuda:{} {} ({} bytes{})", device, prop.name, prop.totalGlobalMem,
+        pools ? "" : ", no stream-ordered allocator");
     Log(LogLevel::kInfo, "device backend: {}", desc);
     return std::unique_ptr<DeviceBackend>(
         new CudaDeviceBackend(device, pools != 0, internal, std::move(desc)));
@@ -144,11 +146,14 @@ class CudaDeviceBackend final : public DeviceBackend {
       return Status::Ok();
     }
     if (stream) {
-      ZTIER_CUDA_RETURN(cudaFreeAsync(ptr, S(stream)), "device Free (cudaFreeAsync)");
+      ZTIER_CUDA_RETURN(cudaFreeAsync(ptr, S(stream)),
+                        "device Free (cudaFreeAsync)");
       return Status::Ok();
     }
-    ZTIER_CUDA_RETURN(cudaDeviceSynchronize(), "device Free (cudaDeviceSynchronize)");
-    ZTIER_CUDA_RETURN(cudaFreeAsync(ptr, internal_), "device Free (cudaFreeAsync)");
+    ZTIER_CUDA_RETURN(cudaDeviceSynchronize(),
+                      "device Free (cudaDeviceSynchronize)");
+    ZTIER_CUDA_RETURN(cudaFreeAsync(ptr, internal_),
+                      "device Free (cudaFreeAsync)");
     ZTIER_CUDA_RETURN(cudaStreamSynchronize(internal_),
                       "device Free (cudaStreamSynchronize)");
     return Status::Ok();
@@ -192,7 +197,8 @@ class CudaDeviceBackend final : public DeviceBackend {
   }
 
   Status DestroyEvent(EventHandle event) override {
-    if (!event) return Status::InvalidArgument("DestroyEvent: null event handle");
+    if (!event)
+      return Status::InvalidArgument("DestroyEvent: null event handle");
     ZTIER_RETURN_IF_ERROR(SetDevice());
     ZTIER_CUDA_RETURN(cudaEventDestroy(E(event)), "cudaEventDestroy");
     return Status::Ok();
@@ -200,7 +206,8 @@ class CudaDeviceBackend final : public DeviceBackend {
 
   Status RecordEvent(EventHandle event, StreamHandle stream) override {
     if (!stream) return NullStream("RecordEvent");
-    if (!event) return Status::InvalidArgument("RecordEvent: null event handle");
+    if (!event)
+      return Status::InvalidArgument("RecordEvent: null event handle");
     ZTIER_RETURN_IF_ERROR(SetDevice());
     ZTIER_CUDA_RETURN(cudaEventRecord(E(event), S(stream)), "cudaEventRecord");
     return Status::Ok();
@@ -208,7 +215,8 @@ class CudaDeviceBackend final : public DeviceBackend {
 
   Status StreamWaitEvent(StreamHandle stream, EventHandle event) override {
     if (!stream) return NullStream("StreamWaitEvent");
-    if (!event) return Status::InvalidArgument("StreamWaitEvent: null event handle");
+    if (!event)
+      return Status::InvalidArgument("StreamWaitEvent: null event handle");
     ZTIER_RETURN_IF_ERROR(SetDevice());
     ZTIER_CUDA_RETURN(cudaStreamWaitEvent(S(stream), E(event), 0),
                       "cudaStreamWaitEvent");
@@ -228,7 +236,8 @@ class CudaDeviceBackend final : public DeviceBackend {
   }
 
   Status EventSynchronize(EventHandle event) override {
-    if (!event) return Status::InvalidArgument("EventSynchronize: null event handle");
+    if (!event)
+      return Status::InvalidArgument("EventSynchronize: null event handle");
     ZTIER_RETURN_IF_ERROR(SetDevice());
     ZTIER_CUDA_RETURN(cudaEventSynchronize(E(event)), "cudaEventSynchronize");
     return TakeCallbackError();
@@ -237,7 +246,8 @@ class CudaDeviceBackend final : public DeviceBackend {
   Status StreamSynchronize(StreamHandle stream) override {
     if (!stream) return NullStream("StreamSynchronize");
     ZTIER_RETURN_IF_ERROR(SetDevice());
-    ZTIER_CUDA_RETURN(cudaStreamSynchronize(S(stream)), "cudaStreamSynchronize");
+    ZTIER_CUDA_RETURN(cudaStreamSynchronize(S(stream)),
+                      "cudaStreamSynchronize");
     return TakeCallbackError();
   }
 
@@ -249,15 +259,18 @@ class CudaDeviceBackend final : public DeviceBackend {
 
   Status MemcpyH2DAsync(void* dst, const void* src, uint64_t bytes,
                         StreamHandle stream) override {
-    return Copy(dst, src, bytes, cudaMemcpyHostToDevice, stream, "MemcpyH2DAsync");
+    return Copy(dst, src, bytes, cudaMemcpyHostToDevice, stream,
+                "MemcpyH2DAsync");
   }
   Status MemcpyD2HAsync(void* dst, const void* src, uint64_t bytes,
                         StreamHandle stream) override {
-    return Copy(dst, src, bytes, cudaMemcpyDeviceToHost, stream, "MemcpyD2HAsync");
+    return Copy(dst, src, bytes, cudaMemcpyDeviceToHost, stream,
+                "MemcpyD2HAsync");
   }
   Status MemcpyD2DAsync(void* dst, const void* src, uint64_t bytes,
                         StreamHandle stream) override {
-    return Copy(dst, src, bytes, cudaMemcpyDeviceToDevice, stream, "MemcpyD2DAsync");
+    return Copy(dst, src, bytes, cudaMemcpyDeviceToDevice, stream,
+                "MemcpyD2DAsync");
   }
 
   Status MemsetAsync(void* dst, uint8_t value, uint64_t bytes,
@@ -270,7 +283,8 @@ class CudaDeviceBackend final : public DeviceBackend {
     return Status::Ok();
   }
 
-  Status LaunchHostFunc(StreamHandle stream, std::function<void()> fn) override {
+  Status LaunchHostFunc(StreamHandle stream,
+                        std::function<void()> fn) override {
     if (!stream) return NullStream("LaunchHostFunc");
     if (!fn) return Status::InvalidArgument("LaunchHostFunc: empty function");
     ZTIER_RETURN_IF_ERROR(SetDevice());
@@ -318,8 +332,11 @@ class CudaDeviceBackend final : public DeviceBackend {
     delete call;
   }
 
-  CudaDeviceBackend(int device, bool pools, cudaStream_t internal, std::string desc)
-      : device_(device), pools_(pools), internal_(internal),
+  CudaDeviceBackend(int device, bool pools, cudaStream_t internal,
+                    std::string desc)
+      : device_(device),
+        pools_(pools),
+        internal_(internal),
         description_(std::move(desc)) {}
 
   Status SetDevice() {
@@ -348,7 +365,8 @@ class CudaDeviceBackend final : public DeviceBackend {
 
   // A host-callback failure, reported once by the next synchronising call.
   Status TakeCallbackError() {
-    if (!has_callback_error_.load(std::memory_order_acquire)) return Status::Ok();
+    if (!has_callback_error_.load(std::memory_order_acquire))
+      return Status::Ok();
     std::lock_guard<std::mutex> lock(error_mu_);
     Status s = std::move(callback_error_);
     callback_error_ = Status::Ok();
@@ -357,8 +375,8 @@ class CudaDeviceBackend final : public DeviceBackend {
   }
 
   const int device_;
-  const bool pools_;          // cudaMallocAsync supported
-  cudaStream_t internal_;     // for synchronous Alloc/Free
+  const bool pools_;       // cudaMallocAsync supported
+  cudaStream_t internal_;  // for synchronous Alloc/Free
   const std::string description_;
   std::mutex error_mu_;
   std::atomic<bool> has_callback_error_{false};

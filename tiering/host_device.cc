@@ -6,6 +6,7 @@
 // registrations); each HostStream has its own mutex for its queue; each
 // Marker its own for its completion flag. No lock is held while a task runs,
 // so a host callback may enqueue more work without deadlocking.
+#include <fmt/format.h>
 #include <stdlib.h>
 
 #include <condition_variable>
@@ -17,8 +18,6 @@
 #include <unordered_map>
 #include <utility>
 #include <vector>
-
-#include <fmt/format.h>
 
 #include "tiering/device.h"
 
@@ -103,6 +102,13 @@ class HostStream {
     return error;
   }
 
+  // Waits like Synchronize but leaves any error for the stream's owner.
+  void WaitIdle() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const uint64_t target = enqueued_;
+    idle_cv_.wait(lock, [&] { return completed_ >= target; });
+  }
+
  private:
   void Run() {
     std::unique_lock<std::mutex> lock(mu_);
@@ -146,7 +152,8 @@ class HostDeviceBackend final : public DeviceBackend {
     }
     streams.clear();  // joins each worker after its queue drains
     std::lock_guard<std::mutex> lock(mu_);
-    for (auto& [addr, bytes] : allocations_) free(reinterpret_cast<void*>(addr));
+    for (auto& [addr, bytes] : allocations_)
+      free(reinterpret_cast<void*>(addr));
     for (auto& [p, event] : events_) delete event;
   }
 
@@ -163,8 +170,8 @@ class HostDeviceBackend final : public DeviceBackend {
       auto s = FindStream(stream);
       if (!s.ok()) return s.status();
     }
-    const uint64_t rounded = (bytes + kDeviceAlignment - 1) / kDeviceAlignment *
-                             kDeviceAlignment;
+    const uint64_t rounded =
+        (bytes + kDeviceAlignment - 1) / kDeviceAlignment * kDeviceAlignment;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (capacity_ != 0 && used_ + rounded > capacity_) {
@@ -179,8 +186,8 @@ class HostDeviceBackend final : public DeviceBackend {
     std::lock_guard<std::mutex> lock(mu_);
     if (p == nullptr) {
       used_ -= rounded;
-      return Status::ResourceExhausted(
-          fmt::format("device Alloc of {} bytes: host allocation failed", bytes));
+      return Status::ResourceExhausted(fmt::format(
+          "device Alloc of {} bytes: host allocation failed", bytes));
     }
     allocations_[reinterpret_cast<uintptr_t>(p)] = rounded;
     return p;
@@ -221,9 +228,11 @@ class HostDeviceBackend final : public DeviceBackend {
         return Status::Ok();
       });
     }
-    Status sync = DeviceSynchronize();
+    // As cudaFree: wait for the whole device, without consuming the streams'
+    // errors (they belong to whoever synchronises those streams).
+    for (auto& stream : AllStreams()) stream->WaitIdle();
     release();
-    return sync;
+    return Status::Ok();
   }
 
   Status MemInfo(uint64_t* free_bytes, uint64_t* total_bytes) override {
@@ -300,7 +309,8 @@ class HostDeviceBackend final : public DeviceBackend {
     if (!s.ok()) return s.status();
     auto marker = LatestMarker(event);
     if (!marker.ok()) return marker.status();
-    if (!marker.value()) return Status::Ok();  // never recorded: nothing to wait
+    if (!marker.value())
+      return Status::Ok();  // never recorded: nothing to wait
     std::shared_ptr<Marker> m = std::move(marker.value());
     return s.value()->Enqueue([m] {
       m->Wait();
@@ -328,13 +338,8 @@ class HostDeviceBackend final : public DeviceBackend {
   }
 
   Status DeviceSynchronize() override {
-    std::vector<std::shared_ptr<HostStream>> streams;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      for (auto& [p, s] : streams_) streams.push_back(s);
-    }
     Status first;
-    for (auto& s : streams) {
+    for (auto& s : AllStreams()) {
       Status st = s->Synchronize();
       if (!st.ok() && first.ok()) first = std::move(st);
     }
@@ -359,14 +364,16 @@ class HostDeviceBackend final : public DeviceBackend {
     auto s = FindStream(stream);
     if (!s.ok()) return s.status();
     if (bytes == 0) return Status::Ok();
-    ZTIER_RETURN_IF_ERROR(CheckDeviceRange("MemsetAsync destination", dst, bytes));
+    ZTIER_RETURN_IF_ERROR(
+        CheckDeviceRange("MemsetAsync destination", dst, bytes));
     return s.value()->Enqueue([dst, value, bytes] {
       std::memset(dst, value, bytes);
       return Status::Ok();
     });
   }
 
-  Status LaunchHostFunc(StreamHandle stream, std::function<void()> fn) override {
+  Status LaunchHostFunc(StreamHandle stream,
+                        std::function<void()> fn) override {
     if (!fn) return Status::InvalidArgument("LaunchHostFunc: empty function");
     auto s = FindStream(stream);
     if (!s.ok()) return s.status();
@@ -405,12 +412,19 @@ class HostDeviceBackend final : public DeviceBackend {
 
  private:
   static Status BadStream(StreamHandle s) {
-    return Status::InvalidArgument(
-        fmt::format("device stream {} is not a live stream of this backend", s.p));
+    return Status::InvalidArgument(fmt::format(
+        "device stream {} is not a live stream of this backend", s.p));
   }
   static Status BadEvent(EventHandle e) {
-    return Status::InvalidArgument(
-        fmt::format("device event {} is not a live event of this backend", e.p));
+    return Status::InvalidArgument(fmt::format(
+        "device event {} is not a live event of this backend", e.p));
+  }
+
+  std::vector<std::shared_ptr<HostStream>> AllStreams() {
+    std::vector<std::shared_ptr<HostStream>> streams;
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [p, s] : streams_) streams.push_back(s);
+    return streams;
   }
 
   Result<std::shared_ptr<HostStream>> FindStream(StreamHandle stream) {
@@ -431,7 +445,8 @@ class HostDeviceBackend final : public DeviceBackend {
   // [p, p+bytes) must lie inside one live allocation, as on a GPU where an
   // address outside would fault.
   Status CheckDeviceRange(const char* what, const void* p, uint64_t bytes) {
-    if (p == nullptr) return Status::InvalidArgument(fmt::format("{} is null", what));
+    if (p == nullptr)
+      return Status::InvalidArgument(fmt::format("{} is null", what));
     const auto addr = reinterpret_cast<uintptr_t>(p);
     std::lock_guard<std::mutex> lock(mu_);
     auto it = allocations_.upper_bound(addr);
@@ -442,8 +457,9 @@ class HostDeviceBackend final : public DeviceBackend {
         return Status::Ok();
       }
     }
-    return Status::InvalidArgument(fmt::format(
-        "{} [{}, +{} bytes) is not inside a live device allocation", what, p, bytes));
+    return Status::InvalidArgument(
+        fmt::format("{} [{}, +{} bytes) is not inside a live device allocation",
+                    what, p, bytes));
   }
 
   Status Copy(const char* op, void* dst, bool dst_device, const void* src,
@@ -488,12 +504,14 @@ Result<std::unique_ptr<DeviceBackend>> CreateHostDeviceBackend(
 #if !defined(ZTIER_HAVE_CUDA)
 namespace {
 constexpr const char* kNoCuda =
-    "built without the CUDA toolkit (reconfigure with CUDAToolkit_ROOT pointing "
+    "built without the CUDA toolkit (reconfigure with CUDAToolkit_ROOT "
+    "pointing "
     "at it, or ZTIER_WITH_CUDA=ON to make it required)";
 }  // namespace
 
 Result<std::unique_ptr<DeviceBackend>> CreateCudaDeviceBackend(int device) {
-  return Status::Unavailable(fmt::format("CUDA device {}: {}", device, kNoCuda));
+  return Status::Unavailable(
+      fmt::format("CUDA device {}: {}", device, kNoCuda));
 }
 
 bool CudaDeviceAvailable(std::string* why) {

@@ -1,5 +1,6 @@
 #include "tiering/pinned_pool.h"
 
+#include <fmt/format.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -12,8 +13,6 @@
 #include <string>
 #include <utility>
 
-#include <fmt/format.h>
-
 #include "base/log.h"
 #include "tiering/device.h"
 
@@ -21,7 +20,8 @@ namespace ztier::tiering {
 namespace {
 
 std::string LimitText(rlim_t v) {
-  return v == RLIM_INFINITY ? std::string("unlimited") : fmt::format("{} bytes", v);
+  return v == RLIM_INFINITY ? std::string("unlimited")
+                            : fmt::format("{} bytes", v);
 }
 
 // Bytes this process already holds locked (VmLck in /proc/self/status, which
@@ -57,41 +57,51 @@ int UnlockPages(void* p, uint64_t bytes) {
 
 std::string_view PinModeName(PinMode mode) {
   switch (mode) {
-    case PinMode::kAuto: return "auto";
-    case PinMode::kMlock: return "mlock";
-    case PinMode::kCuda: return "cuda";
-    case PinMode::kNone: return "none";
+    case PinMode::kAuto:
+      return "auto";
+    case PinMode::kMlock:
+      return "mlock";
+    case PinMode::kCuda:
+      return "cuda";
+    case PinMode::kNone:
+      return "none";
   }
   return "unknown";
 }
 
 Result<PinMode> ParsePinMode(std::string_view name) {
-  for (PinMode m : {PinMode::kAuto, PinMode::kMlock, PinMode::kCuda, PinMode::kNone}) {
+  for (PinMode m :
+       {PinMode::kAuto, PinMode::kMlock, PinMode::kCuda, PinMode::kNone}) {
     if (name == PinModeName(m)) return m;
   }
   return Status::InvalidArgument(fmt::format(
       "unknown pin mode '{}' (expected auto, mlock, cuda or none)", name));
 }
 
-Result<std::unique_ptr<PinnedPool>> PinnedPool::Create(const PoolOptions& options,
-                                                       DeviceBackend* device) {
+Result<std::unique_ptr<PinnedPool>> PinnedPool::Create(
+    const PoolOptions& options, DeviceBackend* device) {
   if (options.buffer_count == 0) {
-    return Status::InvalidArgument("host buffer pool: buffer_count must be at least 1");
+    return Status::InvalidArgument(
+        "host buffer pool: buffer_count must be at least 1");
   }
   if (options.buffer_bytes == 0) {
-    return Status::InvalidArgument("host buffer pool: buffer_size must be at least 1 byte");
+    return Status::InvalidArgument(
+        "host buffer pool: buffer_size must be at least 1 byte");
   }
   const uint64_t align = options.alignment;
   if (align == 0 || (align & (align - 1)) != 0) {
-    return Status::InvalidArgument(fmt::format(
-        "host buffer pool: alignment {} is not a power of two", options.alignment));
+    return Status::InvalidArgument(
+        fmt::format("host buffer pool: alignment {} is not a power of two",
+                    options.alignment));
   }
   if (options.buffer_bytes > UINT64_MAX - align) {
-    return Status::InvalidArgument("host buffer pool: buffer_size is too large");
+    return Status::InvalidArgument(
+        "host buffer pool: buffer_size is too large");
   }
   const uint64_t buffer_bytes = RoundUp(options.buffer_bytes, align);
   uint64_t total = 0;
-  if (__builtin_mul_overflow(buffer_bytes, uint64_t{options.buffer_count}, &total) ||
+  if (__builtin_mul_overflow(buffer_bytes, uint64_t{options.buffer_count},
+                             &total) ||
       total > (uint64_t{1} << 56)) {
     return Status::InvalidArgument(fmt::format(
         "host buffer pool: {} buffers x {} bytes does not fit in memory",
@@ -106,8 +116,9 @@ Result<std::unique_ptr<PinnedPool>> PinnedPool::Create(const PoolOptions& option
   void* mapping = mmap(nullptr, mapping_bytes, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (mapping == MAP_FAILED) {
-    return Status::FromErrno(errno, fmt::format("host buffer pool: mmap of {} bytes",
-                                                mapping_bytes));
+    return Status::FromErrno(
+        errno,
+        fmt::format("host buffer pool: mmap of {} bytes", mapping_bytes));
   }
   // Pinned pages shared copy-on-write with a forked child (a data-loader
   // worker, say) break DMA; keep them out of children.
@@ -118,7 +129,8 @@ Result<std::unique_ptr<PinnedPool>> PinnedPool::Create(const PoolOptions& option
   std::unique_ptr<PinnedPool> pool(new PinnedPool(
       options, buffer_bytes, base, total, mapping, mapping_bytes, device));
   ZTIER_RETURN_IF_ERROR(pool->Pin(options));
-  Log(LogLevel::kInfo, "host buffer pool: {} buffers x {} bytes = {} bytes, pinned: {}",
+  Log(LogLevel::kInfo,
+      "host buffer pool: {} buffers x {} bytes = {} bytes, pinned: {}",
       options.buffer_count, buffer_bytes, total, pool->pin_method_);
   return pool;
 }
@@ -150,7 +162,8 @@ PinnedPool::~PinnedPool() {
   if (pinned_ == Pinned::kCuda) {
     Status s = device_->HostUnregister(base_);
     if (!s.ok()) {
-      Log(LogLevel::kError, "host buffer pool: unpinning failed: {}", s.ToString());
+      Log(LogLevel::kError, "host buffer pool: unpinning failed: {}",
+          s.ToString());
     }
   } else if (pinned_ == Pinned::kMlock) {
     (void)UnlockPages(base_, total_bytes_);
@@ -162,7 +175,7 @@ Status PinnedPool::Pin(const PoolOptions& options) {
   PinMode mode = options.pin;
   if (mode == PinMode::kAuto) {
     mode = device_ != nullptr && device_->pins_host_memory() ? PinMode::kCuda
-                                                              : PinMode::kMlock;
+                                                             : PinMode::kMlock;
   }
   if (mode == PinMode::kNone) {
     pin_method_ = "none";
@@ -172,9 +185,11 @@ Status PinnedPool::Pin(const PoolOptions& options) {
   if (mode == PinMode::kCuda) {
     if (device_ == nullptr || !device_->pins_host_memory()) {
       return Status::Unavailable(fmt::format(
-          "host buffer pool: pin mode 'cuda' needs a CUDA device backend, but {}",
-          device_ == nullptr ? std::string("none was given")
-                             : fmt::format("the backend is '{}'", device_->name())));
+          "host buffer pool: pin mode 'cuda' needs a CUDA device backend, but "
+          "{}",
+          device_ == nullptr
+              ? std::string("none was given")
+              : fmt::format("the backend is '{}'", device_->name())));
     }
     s = device_->HostRegister(base_, total_bytes_);
     if (s.ok()) {
@@ -193,7 +208,8 @@ Status PinnedPool::Pin(const PoolOptions& options) {
     if (s.ok()) return s;
   }
   if (!options.allow_unpinned) return s;
-  Log(LogLevel::kWarning, "{} -- continuing unpinned (allow_unpinned)", s.message());
+  Log(LogLevel::kWarning, "{} -- continuing unpinned (allow_unpinned)",
+      s.message());
   pin_method_ = fmt::format("none ({} refused)", PinModeName(mode));
   return Status::Ok();
 }
@@ -213,20 +229,22 @@ Status PinnedPool::PinWithMlock() {
   }
   const int64_t locked = LockedBytes();
   const std::string already =
-      locked >= 0 ? fmt::format(", {} bytes already locked by this process", locked)
-                  : std::string();
+      locked >= 0
+          ? fmt::format(", {} bytes already locked by this process", locked)
+          : std::string();
   const Status os = Status::FromErrno(err, "mlock");
   return Status::ResourceExhausted(fmt::format(
       "host buffer pool: cannot pin {} bytes ({} buffers x {} bytes): {}. "
-      "RLIMIT_MEMLOCK is soft {}, hard {}{}; {} bytes are needed. Fix: raise the "
+      "RLIMIT_MEMLOCK is soft {}, hard {}{}; {} bytes are needed. Fix: raise "
+      "the "
       "limit for the training process (`ulimit -l unlimited` in its shell, a "
       "`* - memlock unlimited` line in /etc/security/limits.conf, "
       "LimitMEMLOCK=infinity for a systemd service, `--ulimit memlock=-1` for "
       "docker), or lower tiers.nvme.buffer_count / buffer_size, or set "
       "`tiers.host.allow_unpinned: true` to run with pageable buffers (slower "
       "copies)",
-      total_bytes_, buffer_count_, buffer_bytes_, os.message(), soft, hard, already,
-      total_bytes_));
+      total_bytes_, buffer_count_, buffer_bytes_, os.message(), soft, hard,
+      already, total_bytes_));
 }
 
 Status PinnedPool::CheckCount(uint32_t count) const {
@@ -246,7 +264,8 @@ Status PinnedPool::CheckCount(uint32_t count) const {
 }
 
 uint32_t PinnedPool::BuffersFor(uint64_t bytes) const {
-  const uint64_t n = bytes / buffer_bytes_ + (bytes % buffer_bytes_ != 0 ? 1 : 0);
+  const uint64_t n =
+      bytes / buffer_bytes_ + (bytes % buffer_bytes_ != 0 ? 1 : 0);
   return n > UINT32_MAX ? UINT32_MAX : static_cast<uint32_t>(n);
 }
 
@@ -267,8 +286,8 @@ BufferSpan PinnedPool::TakeRun(uint32_t first, uint32_t count) {
   in_use_count_ += count;
   if (in_use_count_ > high_water_) high_water_ = in_use_count_;
   ++acquires_;
-  return BufferSpan{buffer(first), uint64_t{count} * buffer_bytes_, first, count,
-                    lease};
+  return BufferSpan{buffer(first), uint64_t{count} * buffer_bytes_, first,
+                    count, lease};
 }
 
 Result<std::optional<BufferSpan>> PinnedPool::TryAcquire(uint32_t count) {
@@ -308,7 +327,8 @@ bool PinnedPool::WaitForFree(uint32_t count,
 
 Status PinnedPool::Release(const BufferSpan& span) {
   if (span.data == nullptr || span.count == 0) {
-    return Status::InvalidArgument("host buffer pool: release of an empty span");
+    return Status::InvalidArgument(
+        "host buffer pool: release of an empty span");
   }
   if (span.first >= buffer_count_ || span.count > buffer_count_ - span.first ||
       span.data != buffer(span.first) ||
@@ -328,7 +348,8 @@ Status PinnedPool::Release(const BufferSpan& span) {
           "{}): released twice, or a stale copy of a released span",
           span.first, span.first + span.count - 1, span.lease));
     }
-    for (uint32_t i = span.first; i < span.first + span.count; ++i) in_use_[i] = false;
+    for (uint32_t i = span.first; i < span.first + span.count; ++i)
+      in_use_[i] = false;
     lease_[span.first] = 0;
     run_[span.first] = 0;
     in_use_count_ -= span.count;
@@ -345,8 +366,9 @@ std::vector<iovec> PinnedPool::IoRegions(uint64_t max_bytes) const {
   }
   // Whole buffers per region when a buffer fits, so that a transfer into one
   // buffer never straddles two registered regions.
-  const uint64_t step =
-      buffer_bytes_ <= max_bytes ? max_bytes / buffer_bytes_ * buffer_bytes_ : max_bytes;
+  const uint64_t step = buffer_bytes_ <= max_bytes
+                            ? max_bytes / buffer_bytes_ * buffer_bytes_
+                            : max_bytes;
   if (buffer_bytes_ <= max_bytes) {
     for (uint64_t off = 0; off < total_bytes_; off += step) {
       out.push_back(iovec{base_ + off, std::min(step, total_bytes_ - off)});
@@ -355,7 +377,8 @@ std::vector<iovec> PinnedPool::IoRegions(uint64_t max_bytes) const {
   }
   for (uint32_t b = 0; b < buffer_count_; ++b) {
     for (uint64_t off = 0; off < buffer_bytes_; off += step) {
-      out.push_back(iovec{buffer(b) + off, std::min(step, buffer_bytes_ - off)});
+      out.push_back(
+          iovec{buffer(b) + off, std::min(step, buffer_bytes_ - off)});
     }
   }
   return out;

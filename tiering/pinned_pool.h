@@ -69,7 +69,7 @@ struct BufferSpan {
   uint64_t bytes = 0;       // count x buffer_bytes
   uint32_t first = 0;       // index of the first buffer
   uint32_t count = 0;       // buffers
-  uint64_t lease = 0;       // identifies this acquisition (catches stale Release)
+  uint64_t lease = 0;  // identifies this acquisition (catches stale Release)
 };
 
 struct PoolStats {
@@ -90,8 +90,8 @@ class PinnedPool {
 
   // Allocates and pins. `device` may be null (then kAuto means mlock, kCuda
   // is an error); it must outlive the pool.
-  static Result<std::unique_ptr<PinnedPool>> Create(const PoolOptions& options,
-                                                    DeviceBackend* device = nullptr);
+  static Result<std::unique_ptr<PinnedPool>> Create(
+      const PoolOptions& options, DeviceBackend* device = nullptr);
   ~PinnedPool();  // unpins and frees; logs an error if spans are still leased
   PinnedPool(const PinnedPool&) = delete;
   PinnedPool& operator=(const PinnedPool&) = delete;
@@ -106,7 +106,8 @@ class PinnedPool {
   // Waits until `count` adjacent buffers are free (true) or `deadline`
   // passes (false). Returns false at once if count is 0 or > buffer_count.
   // Another thread may take the buffers before the caller does.
-  bool WaitForFree(uint32_t count, std::chrono::steady_clock::time_point deadline);
+  bool WaitForFree(uint32_t count,
+                   std::chrono::steady_clock::time_point deadline);
 
   // Gives a span back. Releasing a span twice, a stale copy of a span, or a
   // span of another pool is an error and changes nothing.
@@ -117,7 +118,9 @@ class PinnedPool {
   uint64_t SpanBytes(uint32_t count) const { return count * buffer_bytes_; }
   uint32_t BuffersFor(uint64_t bytes) const;
 
-  uint8_t* buffer(uint32_t index) const { return base_ + index * buffer_bytes_; }
+  uint8_t* buffer(uint32_t index) const {
+    return base_ + index * buffer_bytes_;
+  }
   uint32_t buffer_count() const { return buffer_count_; }
   uint64_t buffer_bytes() const { return buffer_bytes_; }  // after rounding
   uint32_t alignment() const { return alignment_; }
@@ -145,9 +148,9 @@ class PinnedPool {
   const uint32_t buffer_count_;
   const uint64_t buffer_bytes_;  // bytes, multiple of alignment_
   const uint32_t alignment_;
-  uint8_t* const base_;          // aligned start of buffer 0
-  const uint64_t total_bytes_;   // buffer_count_ x buffer_bytes_
-  void* const mapping_;          // what mmap returned (munmap'd in ~)
+  uint8_t* const base_;         // aligned start of buffer 0
+  const uint64_t total_bytes_;  // buffer_count_ x buffer_bytes_
+  void* const mapping_;         // what mmap returned (munmap'd in ~)
   const uint64_t mapping_bytes_;
   DeviceBackend* const device_;
   enum class Pinned : uint8_t { kNo, kMlock, kCuda };

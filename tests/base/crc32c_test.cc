@@ -139,9 +139,10 @@ TEST(Crc32cTest, Throughput64MiB) {
     const int reps = 3;
     for (int i = 0; i < reps; ++i) sink ^= impl.fn(data.data(), n, sink);
     const double s =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::printf("crc32c %-8s %.2f GB/s (64 MiB x %d, checksum %08x)\n", impl.name,
-                static_cast<double>(n) * reps / s / 1e9, reps, sink);
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)
+            .count();
+    std::printf("crc32c %-8s %.2f GB/s (64 MiB x %d, checksum %08x)\n",
+                impl.name, static_cast<double>(n) * reps / s / 1e9, reps, sink);
   }
 }
 

@@ -685,6 +685,8 @@ TEST(ConfigSuggest, EditDistance) {
 // ---------------------------------------------------------------------------
 // The shipped configs
 
+// Engine configs under configs/ (configs/models/ holds model shapes, another
+// schema).
 std::vector<fs::path> ShippedConfigs() {
   std::vector<fs::path> files;
   for (const auto& e : fs::recursive_directory_iterator(

@@ -21,13 +21,13 @@
 namespace ztier::tiering {
 namespace {
 
-using ::testing::HasSubstr;
 using testing::FillPattern;
 using testing::FirstMismatch;
+using ::testing::HasSubstr;
 
-#define ASSERT_OK(expr)                                  \
-  do {                                                   \
-    const ::ztier::Status _s = (expr);                   \
+#define ASSERT_OK(expr)                                     \
+  do {                                                      \
+    const ::ztier::Status _s = (expr);                      \
     ASSERT_TRUE(_s.ok()) << #expr << ": " << _s.ToString(); \
   } while (0)
 
@@ -355,14 +355,18 @@ TEST_P(DeviceTest, ConcurrentSubmitters) {
       for (int i = 0; i < 25; ++i) {
         const uint64_t seed = t * 1000 + i;
         FillPattern(host[t].data, kBytes / 2, seed);
-        bool ok = dev_->MemcpyH2DAsync(dev[t], host[t].data, kBytes / 2, own[t]).ok() &&
-                  dev_->MemcpyD2HAsync(host[t].data + kBytes / 2, dev[t], kBytes / 2,
-                                       own[t]).ok() &&
-                  dev_->RecordEvent(done[t], own[t]).ok() &&
-                  dev_->StreamWaitEvent(shared, done[t]).ok() &&
-                  dev_->LaunchHostFunc(shared, [&] { ++shared_callbacks; }).ok() &&
-                  dev_->EventSynchronize(done[t]).ok();
-        if (!ok || FirstMismatch(host[t].data + kBytes / 2, kBytes / 2, seed) != -1) {
+        bool ok =
+            dev_->MemcpyH2DAsync(dev[t], host[t].data, kBytes / 2, own[t])
+                .ok() &&
+            dev_->MemcpyD2HAsync(host[t].data + kBytes / 2, dev[t], kBytes / 2,
+                                 own[t])
+                .ok() &&
+            dev_->RecordEvent(done[t], own[t]).ok() &&
+            dev_->StreamWaitEvent(shared, done[t]).ok() &&
+            dev_->LaunchHostFunc(shared, [&] { ++shared_callbacks; }).ok() &&
+            dev_->EventSynchronize(done[t]).ok();
+        if (!ok ||
+            FirstMismatch(host[t].data + kBytes / 2, kBytes / 2, seed) != -1) {
           ++failures;
         }
       }
@@ -375,7 +379,8 @@ TEST_P(DeviceTest, ConcurrentSubmitters) {
   for (auto& h : host) ASSERT_OK(pool_->Release(h));
 }
 
-INSTANTIATE_TEST_SUITE_P(Backends, DeviceTest, ::testing::Values("host", "cuda"),
+INSTANTIATE_TEST_SUITE_P(Backends, DeviceTest,
+                         ::testing::Values("host", "cuda"),
                          [](const auto& info) { return info.param; });
 
 // ---- host emulation only: checks a GPU would make by faulting ----
@@ -403,9 +408,11 @@ TEST_F(HostDeviceTest, CopiesOutsideAllocationsAreErrors) {
   EXPECT_TRUE(dev_->MemcpyH2DAsync(d, host.data(), 1024, s.value()).ok());
   Status over = dev_->MemcpyH2DAsync(d + 1, host.data(), 1024, s.value());
   EXPECT_EQ(over.code(), StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(over.message()), HasSubstr("not inside a live device"));
+  EXPECT_THAT(std::string(over.message()),
+              HasSubstr("not inside a live device"));
   // Host memory passed as device memory.
-  EXPECT_FALSE(dev_->MemcpyD2HAsync(host.data(), host.data() + 8, 8, s.value()).ok());
+  EXPECT_FALSE(
+      dev_->MemcpyD2HAsync(host.data(), host.data() + 8, 8, s.value()).ok());
   EXPECT_FALSE(dev_->MemsetAsync(host.data(), 0, 8, s.value()).ok());
   ASSERT_TRUE(dev_->Free(d, s.value()).ok());
   EXPECT_FALSE(dev_->Free(d, s.value()).ok());  // double free
@@ -425,7 +432,8 @@ TEST_F(HostDeviceTest, CapacityAndStreamOrderedFree) {
   // The free happens when the stream gets there: hold the stream first.
   std::promise<void> gate;
   auto opened = gate.get_future().share();
-  ASSERT_TRUE(dev_->LaunchHostFunc(s.value(), [opened] { opened.wait(); }).ok());
+  ASSERT_TRUE(
+      dev_->LaunchHostFunc(s.value(), [opened] { opened.wait(); }).ok());
   ASSERT_TRUE(dev_->Free(a.value(), s.value()).ok());
   uint64_t free_bytes = 0, total = 0;
   ASSERT_TRUE(dev_->MemInfo(&free_bytes, &total).ok());
@@ -479,7 +487,8 @@ TEST(CudaAvailabilityTest, ReportsAReason) {
     EXPECT_FALSE(why.empty());
     auto b = CreateCudaDeviceBackend(0);
     ASSERT_FALSE(b.ok());
-    EXPECT_EQ(b.status().code(), StatusCode::kUnavailable) << b.status().ToString();
+    EXPECT_EQ(b.status().code(), StatusCode::kUnavailable)
+        << b.status().ToString();
     std::printf("CUDA unavailable here: %s\n", why.c_str());
   } else {
     EXPECT_FALSE(CreateCudaDeviceBackend(1 << 20).ok());

@@ -154,7 +154,8 @@ TEST(PinnedPoolTest, ExhaustionReturnsNothingWithoutBlocking) {
   auto u = pool->AcquireUntil(1, Clock::now());
   ASSERT_TRUE(u.ok());
   EXPECT_FALSE(u.value().has_value());
-  EXPECT_FALSE(pool->WaitForFree(1, Clock::now() + std::chrono::milliseconds(20)));
+  EXPECT_FALSE(
+      pool->WaitForFree(1, Clock::now() + std::chrono::milliseconds(20)));
   EXPECT_LT(Clock::now() - t0, std::chrono::seconds(2));
   ASSERT_TRUE(pool->Release(a).ok());
   EXPECT_TRUE(pool->WaitForFree(2, Clock::now()));
@@ -170,7 +171,8 @@ TEST(PinnedPoolTest, ImpossibleRequestIsAnErrorNamingTheShape) {
   EXPECT_THAT(msg, HasSubstr("buffer_count 4"));
   EXPECT_THAT(msg, HasSubstr("buffer_size 12288 bytes"));
   EXPECT_THAT(msg, HasSubstr("61440 bytes"));  // 5 x 12288: the size needed
-  EXPECT_FALSE(pool->AcquireUntil(5, Clock::now() + std::chrono::hours(1)).ok());
+  EXPECT_FALSE(
+      pool->AcquireUntil(5, Clock::now() + std::chrono::hours(1)).ok());
   // Never waits for buffers that do not exist.
   const auto t0 = Clock::now();
   EXPECT_FALSE(pool->WaitForFree(5, Clock::now() + std::chrono::hours(1)));
@@ -252,10 +254,11 @@ TEST(PinnedPoolTest, PinsExactlyWhatIsConfigured) {
     uint64_t bytes;
     uint32_t alignment;
   };
-  for (const Shape& sh : {Shape{1, 1, 4096}, Shape{3, 4097, 4096},
-                          Shape{7, 65536, 512}, Shape{2, 100, 1u << 21},
-                          Shape{16, 100000, 4096}}) {
-    const uint64_t rounded = (sh.bytes + sh.alignment - 1) / sh.alignment * sh.alignment;
+  for (const Shape& sh :
+       {Shape{1, 1, 4096}, Shape{3, 4097, 4096}, Shape{7, 65536, 512},
+        Shape{2, 100, 1u << 21}, Shape{16, 100000, 4096}}) {
+    const uint64_t rounded =
+        (sh.bytes + sh.alignment - 1) / sh.alignment * sh.alignment;
     const uint64_t configured = sh.count * rounded;
     const int64_t locked_before = LockedBytes();
     auto pool = MakePool(sh.count, sh.bytes, PinMode::kMlock, sh.alignment);
@@ -271,7 +274,8 @@ TEST(PinnedPoolTest, PinsExactlyWhatIsConfigured) {
       // The kernel locks whole pages: at most one partial page more.
       const int64_t delta = LockedBytes() - locked_before;
       EXPECT_GE(delta, static_cast<int64_t>(configured / page * page));
-      ASSERT_LE(delta, static_cast<int64_t>((configured + page - 1) / page * page));
+      ASSERT_LE(delta,
+                static_cast<int64_t>((configured + page - 1) / page * page));
     }
     pool.reset();
     if (locked_before >= 0) {
@@ -314,17 +318,21 @@ TEST(PinnedPoolTest, InvalidOptions) {
   PoolOptions o;
   o.buffer_count = 0;
   o.buffer_bytes = 4096;
-  EXPECT_EQ(PinnedPool::Create(o).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(PinnedPool::Create(o).status().code(),
+            StatusCode::kInvalidArgument);
   o.buffer_count = 1;
   o.buffer_bytes = 0;
-  EXPECT_EQ(PinnedPool::Create(o).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(PinnedPool::Create(o).status().code(),
+            StatusCode::kInvalidArgument);
   o.buffer_bytes = 4096;
   o.alignment = 3000;
-  EXPECT_EQ(PinnedPool::Create(o).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(PinnedPool::Create(o).status().code(),
+            StatusCode::kInvalidArgument);
   o.alignment = 4096;
   o.buffer_count = UINT32_MAX;
   o.buffer_bytes = uint64_t{1} << 40;
-  EXPECT_EQ(PinnedPool::Create(o).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(PinnedPool::Create(o).status().code(),
+            StatusCode::kInvalidArgument);
 }
 
 TEST(PinnedPoolTest, IoRegionsCoverThePoolOnBufferBoundaries) {
@@ -364,7 +372,8 @@ TEST(PinnedPoolTest, RegistersWithIoUringOnce) {
   ASSERT_TRUE(pool);
   const std::vector<iovec> regions = pool->IoRegions();
   ASSERT_EQ(regions.size(), 1u);
-  auto engine = io::Engine::Create(std::move(backend).value(), io::EngineOptions{});
+  auto engine =
+      io::Engine::Create(std::move(backend).value(), io::EngineOptions{});
   ASSERT_TRUE(engine.ok()) << engine.status().ToString();
   Status reg = engine.value()->RegisterBuffers(regions);
   ASSERT_TRUE(reg.ok()) << reg.ToString();
@@ -410,7 +419,8 @@ TEST(PinnedPoolTest, ConcurrentAcquireRelease) {
           if (!r.ok()) ++errors;
           if (r.ok()) span = r.value();
         } else {
-          auto r = pool->AcquireUntil(count, Clock::now() + std::chrono::milliseconds(5));
+          auto r = pool->AcquireUntil(
+              count, Clock::now() + std::chrono::milliseconds(5));
           if (!r.ok()) ++errors;
           if (r.ok()) span = r.value();
         }
@@ -420,7 +430,8 @@ TEST(PinnedPoolTest, ConcurrentAcquireRelease) {
         const uint8_t tag = static_cast<uint8_t>(t + 1);
         std::memset(span->data, tag, span->bytes);
         const PoolStats s = pool->stats();
-        if (s.buffers_in_use > kBuffers || s.buffers_in_use + s.buffers_free != kBuffers) {
+        if (s.buffers_in_use > kBuffers ||
+            s.buffers_in_use + s.buffers_free != kBuffers) {
           ++errors;
         }
         std::this_thread::yield();

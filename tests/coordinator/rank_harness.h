@@ -1,0 +1,135 @@
+// A test rank: everything one rank of ztier needs, on the host-emulation
+// device, with its parameters on NVMe under a scratch directory. World sizes
+// above 1 run one Rank per thread over a LocalGroup.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "coordinator/coordinator.h"
+#include "io/fault_backend.h"
+#include "tests/testutil/testutil.h"
+
+namespace ztier::coordinator::testing {
+
+struct RankConfig {
+  uint32_t buffer_count = 4;
+  uint64_t buffer_bytes = 256 * 1024;
+  uint64_t pack_threshold_bytes = 16 * 1024;
+  CoordinatorOptions options;
+  std::vector<io::Fault> faults;
+};
+
+struct Rank {
+  std::unique_ptr<tiering::DeviceBackend> device;
+  std::unique_ptr<Collective> collective;
+  std::unique_ptr<tiering::PinnedPool> pool;
+  std::unique_ptr<io::AsyncEngine> engine;
+  io::FaultInjectingBackend* fault = nullptr;
+  std::unique_ptr<swapper::ParamSwapper> swapper;
+  VectorSink events;
+  std::unique_ptr<Coordinator> coordinator;
+
+  ~Rank() {
+    coordinator.reset();
+    swapper.reset();
+    engine.reset();
+    pool.reset();
+    collective.reset();
+    device.reset();
+  }
+};
+
+// Builds rank `rank` of `world` (group may be null for world 1). The swap
+// files go to `dir`.
+inline std::unique_ptr<Rank> MakeRank(const std::string& dir, uint32_t rank, uint32_t world,
+                                      LocalGroup* group, const RankConfig& cfg) {
+  auto r = std::make_unique<Rank>();
+  r->device = tiering::CreateHostDeviceBackend().value();
+  if (world == 1) {
+    r->collective = CreateSelfCollective(r->device.get());
+  } else {
+    auto c = group->Join(rank, r->device.get());
+    EXPECT_TRUE(c.ok()) << c.status().ToString();
+    r->collective = std::move(c).value();
+  }
+  tiering::PoolOptions po;
+  po.buffer_count = cfg.buffer_count;
+  po.buffer_bytes = cfg.buffer_bytes;
+  po.pin = tiering::PinMode::kNone;
+  r->pool = tiering::PinnedPool::Create(po).value();
+  auto backend = io::CreateBackend(io::BackendKind::kAuto, io::BackendOptions{}).value();
+  auto fb = std::make_unique<io::FaultInjectingBackend>(std::move(backend));
+  r->fault = fb.get();
+  for (const auto& f : cfg.faults) fb->AddFault(f);
+  auto engine = io::Engine::Create(std::move(fb), io::EngineOptions{.block_size = 128 * 1024,
+                                                                     .queue_depth = 16});
+  r->engine = io::AsyncEngine::Create(std::move(engine).value()).value();
+  swapper::SwapperOptions so;
+  so.store.paths = {dir};
+  so.store.rank = rank;
+  so.store.world_size = world;
+  so.store.stripe_bytes = 128 * 1024;
+  so.pack_threshold_bytes = cfg.pack_threshold_bytes;
+  r->swapper = swapper::ParamSwapper::Create(so, r->pool.get(), r->engine.get()).value();
+  CoordinatorDeps deps;
+  deps.device = r->device.get();
+  deps.collective = r->collective.get();
+  deps.swapper = r->swapper.get();
+  deps.pool = r->pool.get();
+  deps.events = &r->events;
+  auto c = Coordinator::Create(cfg.options, deps);
+  EXPECT_TRUE(c.ok()) << c.status().ToString();
+  r->coordinator = std::move(c).value();
+  return r;
+}
+
+// The full data of parameter `id` (numel x 2 bytes, float16-sized elements):
+// a pattern seeded by the id.
+inline std::vector<uint8_t> ParamBytes(uint64_t id, uint64_t numel) {
+  std::vector<uint8_t> v(numel * 2);
+  ztier::testing::FillPattern(v.data(), v.size(), 1000 + id);
+  return v;
+}
+
+// Registers a trace's params (all float16) and modules, finalizes, and sets
+// every param's data.
+inline void RegisterTrace(Coordinator& c, const TraceFile& t) {
+  for (const auto& p : t.params) {
+    ASSERT_TRUE(c.RegisterParam(p.id, p.numel, DType::kFloat16, p.tier, p.persist, p.name).ok());
+  }
+  for (const auto& m : t.modules) ASSERT_TRUE(c.RegisterModule(m.id, m.name, m.params).ok());
+  Status f = c.Finalize();
+  ASSERT_TRUE(f.ok()) << f.ToString();
+  for (const auto& p : t.params) {
+    auto bytes = ParamBytes(p.id, p.numel);
+    Status s = c.SetParamData(p.id, bytes.data());
+    ASSERT_TRUE(s.ok()) << s.ToString();
+  }
+}
+
+// True if every param of `module` is AVAILABLE with exactly its data.
+inline ::testing::AssertionResult ModuleDataIntact(Coordinator& c, const TraceFile& t,
+                                                   uint64_t module) {
+  for (const auto& m : t.modules) {
+    if (m.id != module) continue;
+    for (uint64_t pid : m.params) {
+      auto data = c.ParamData(pid);
+      if (!data.ok()) return ::testing::AssertionFailure() << data.status().ToString();
+      uint64_t numel = 0;
+      for (const auto& p : t.params) if (p.id == pid) numel = p.numel;
+      int64_t bad = ztier::testing::FirstMismatch(static_cast<const uint8_t*>(*data),
+                                                  numel * 2, 1000 + pid);
+      if (bad >= 0) {
+        return ::testing::AssertionFailure()
+               << "param " << pid << " differs at byte " << bad << " of " << numel * 2;
+      }
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
+}  // namespace ztier::coordinator::testing
