@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "base/status.h"
 
@@ -75,5 +76,51 @@ class LatencyHistogram {
   uint64_t max_ns_ = 0;
   uint64_t min_ns_ = UINT64_MAX;
 };
+
+// The options of `ztier bench io`, as typed on its command line (sizes are
+// text such as "1MiB"; RunIoBenchmark validates them with the same messages
+// as the command).
+struct IoBenchOptions {
+  std::string backend = "auto";  // auto, io_uring, libaio, psync
+  std::string rw = "read";       // read, write, randread, randwrite
+  std::string bs = "1MiB";       // bytes per request
+  uint32_t qd = 32;              // requests in flight per thread
+  std::string size = "1GiB";     // bytes of file covered, all threads
+  // Files to stripe over; empty: ${ZTIER_NVME_PATH:-./ztier_nvme}/bench_io.dat.
+  std::vector<std::string> files;
+  uint32_t threads = 1;
+  double time_s = 0;   // > 0: run this long (seconds), wrapping around
+  uint64_t loops = 1;  // passes over `size` when not time based
+  bool direct = true;
+  bool sqpoll = false;
+  bool register_io = false;
+  uint64_t seed = 1;
+  uint32_t submit_batch = 1;
+  // Progress lines on stderr for runs longer than 3 s.
+  bool progress = true;
+};
+
+// What one `bench io` run measured.
+struct IoBenchResult {
+  std::string backend;  // the backend that ran (auto resolved)
+  std::string rw;
+  uint64_t bs = 0;       // bytes per request
+  uint32_t qd = 0;
+  uint32_t threads = 0;
+  uint64_t size = 0;     // bytes covered
+  uint64_t bytes = 0;    // bytes moved
+  uint64_t ios = 0;      // requests completed
+  double seconds = 0;
+  double bw_bytes_per_s = 0;
+  double iops = 0;
+  double lat_p50_us = 0, lat_p99_us = 0, lat_mean_us = 0;
+  double cpu_s = 0;      // user + sys of the process over the run
+  std::string file;      // description of the file(s)
+};
+
+// Runs the `ztier bench io` measurement (cmd_bench_io.cc) with `options`:
+// lays out the file if a read needs it, runs the workers, returns the sums.
+// Errors: InvalidArgument naming the bad option, or the I/O error.
+Result<IoBenchResult> RunIoBenchmark(const IoBenchOptions& options);
 
 }  // namespace ztier::cli

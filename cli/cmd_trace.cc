@@ -1,5 +1,8 @@
 // `ztier trace gen --model FILE` (a ztier-trace-v1 file from a model shape)
 // and `ztier trace info FILE` (what a trace holds).
+#include <fmt/format.h>
+
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
 #include <map>
@@ -7,9 +10,6 @@
 #include <string>
 #include <unordered_map>
 #include <vector>
-
-#include <CLI/CLI.hpp>
-#include <fmt/format.h>
 
 #include "cli/commands.h"
 #include "coordinator/trace_file.h"
@@ -30,7 +30,8 @@ void PrintError(const Status& s) {
     size_t end = msg.find('\n', start);
     if (end == std::string_view::npos) end = msg.size();
     std::string_view line = msg.substr(start, end - start);
-    fprintf(stderr, "ztier: %.*s\n", static_cast<int>(line.size()), line.data());
+    fprintf(stderr, "ztier: %.*s\n", static_cast<int>(line.size()),
+            line.data());
     start = end + 1;
   }
 }
@@ -81,7 +82,8 @@ int RunGen(const GenArgs& a) {
   }
   if (a.out.empty() || a.out == "-") {
     std::string json = coordinator::TraceToJson(*trace);
-    if (fwrite(json.data(), 1, json.size(), stdout) != json.size() || fflush(stdout) != 0) {
+    if (fwrite(json.data(), 1, json.size(), stdout) != json.size() ||
+        fflush(stdout) != 0) {
       fprintf(stderr, "ztier: trace gen: cannot write to standard output\n");
       return kExitIoError;
     }
@@ -89,14 +91,17 @@ int RunGen(const GenArgs& a) {
     PrintError(s);
     return kExitIoError;
   }
-  fprintf(stderr,
-          "ztier: trace gen: %s: %zu params, %llu elements (%.3g), %zu modules, "
-          "%s events per step, %zu step%s%s%s\n",
-          trace->model.c_str(), trace->params.size(),
-          static_cast<unsigned long long>(TotalNumel(*trace)),
-          static_cast<double>(TotalNumel(*trace)), trace->modules.size(),
-          EventsPerStep(*trace).c_str(), trace->steps.size(), trace->steps.size() == 1 ? "" : "s",
-          a.out.empty() || a.out == "-" ? "" : " -> ", a.out == "-" ? "" : a.out.c_str());
+  fprintf(
+      stderr,
+      "ztier: trace gen: %s: %zu params, %llu elements (%.3g), %zu modules, "
+      "%s events per step, %zu step%s%s%s\n",
+      trace->model.c_str(), trace->params.size(),
+      static_cast<unsigned long long>(TotalNumel(*trace)),
+      static_cast<double>(TotalNumel(*trace)), trace->modules.size(),
+      EventsPerStep(*trace).c_str(), trace->steps.size(),
+      trace->steps.size() == 1 ? "" : "s",
+      a.out.empty() || a.out == "-" ? "" : " -> ",
+      a.out == "-" ? "" : a.out.c_str());
   return 0;
 }
 
@@ -146,7 +151,8 @@ int RunInfo(const InfoArgs& a) {
   if (!t.steps.empty()) {
     for (const coordinator::TraceEvent& e : t.steps[0]) {
       if (e.op != coordinator::TraceOp::kFetch) continue;
-      step_flops += static_cast<double>(flops[e.module]) * (e.forward ? 1.0 : 2.0);
+      step_flops +=
+          static_cast<double>(flops[e.module]) * (e.forward ? 1.0 : 2.0);
     }
   }
 
@@ -160,26 +166,35 @@ int RunInfo(const InfoArgs& a) {
     size_t i = 0;
     while (i < n && a0[i].op == as[i].op && a0[i].module == as[i].module) ++i;
     if (i < n || a0.size() != as.size()) {
-      order = fmt::format("differs: step {} departs from step 0 at event {}", s, i);
+      order =
+          fmt::format("differs: step {} departs from step 0 at event {}", s, i);
       break;
     }
   }
 
   uint64_t total = TotalNumel(t);
-  std::string largest_name = !largest                ? "-"
-                             : largest->name.empty() ? fmt::format("id {}", largest->id)
-                                                     : largest->name;
+  std::string largest_name = !largest ? "-"
+                             : largest->name.empty()
+                                 ? fmt::format("id {}", largest->id)
+                                 : largest->name;
   printf("%s: ztier-trace-v1%s%s, world_size %u\n", a.file.c_str(),
          t.model.empty() ? "" : ", model ", t.model.c_str(), t.world_size);
-  printf("params:   %zu, %llu elements (%.3g); largest %llu (%s); %zu persistent; %s\n",
-         t.params.size(), static_cast<unsigned long long>(total), static_cast<double>(total),
-         static_cast<unsigned long long>(largest ? largest->numel : 0), largest_name.c_str(),
-         persistent, tier_text.empty() ? "no tiers" : tier_text.c_str());
-  printf("modules:  %zu, %zu with params; %zu param%s shared by several modules\n",
-         t.modules.size(), with_params, shared, shared == 1 ? "" : "s");
+  printf(
+      "params:   %zu, %llu elements (%.3g); largest %llu (%s); %zu persistent; "
+      "%s\n",
+      t.params.size(), static_cast<unsigned long long>(total),
+      static_cast<double>(total),
+      static_cast<unsigned long long>(largest ? largest->numel : 0),
+      largest_name.c_str(), persistent,
+      tier_text.empty() ? "no tiers" : tier_text.c_str());
+  printf(
+      "modules:  %zu, %zu with params; %zu param%s shared by several modules\n",
+      t.modules.size(), with_params, shared, shared == 1 ? "" : "s");
   printf("steps:    %zu, %s events per step; module order %s\n", t.steps.size(),
          EventsPerStep(t).c_str(), order.c_str());
-  printf("compute:  %.3g FLOPs in step 0 (forward calls x1, backward calls x2)\n", step_flops);
+  printf(
+      "compute:  %.3g FLOPs in step 0 (forward calls x1, backward calls x2)\n",
+      step_flops);
   if (!t.config.empty()) {
     printf("config:  ");
     for (const auto& [k, v] : t.config) printf(" %s=%s", k.c_str(), v.c_str());
@@ -192,34 +207,43 @@ int RunInfo(const InfoArgs& a) {
 
 void RegisterTraceCommands(CLI::App& app, int* exit_code) {
   CLI::App* trace = app.add_subcommand(
-      "trace", "Generate a ztier-trace-v1 file from a model shape, or summarize one");
+      "trace",
+      "Generate a ztier-trace-v1 file from a model shape, or summarize one");
   trace->require_subcommand(1);
 
   auto gen_args = std::make_shared<GenArgs>();
   CLI::App* gen = trace->add_subcommand(
-      "gen", "Write the trace of a model shape (configs/models/*.yaml): its parameters, "
-             "modules and the fetch/release calls of each training step");
+      "gen",
+      "Write the trace of a model shape (configs/models/*.yaml): its "
+      "parameters, "
+      "modules and the fetch/release calls of each training step");
   gen->add_option("--model", gen_args->model, "Model shape YAML")->required();
   gen->add_option("--steps", gen_args->steps, "Training steps to record")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  gen->add_option("--world-size", gen_args->world_size, "Ranks the trace is for")
+  gen->add_option("--world-size", gen_args->world_size,
+                  "Ranks the trace is for")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  gen->add_option("--scale", gen_args->scale,
-                  "Divide every tensor's element count (and FLOPs) by this, keeping the "
-                  "structure: a large model on a small disk")
-      ->capture_default_str()
-      ->check(CLI::Range(1.0, 1e15));
-  gen->add_flag("--checkpointing", gen_args->checkpointing,
-                "Activation checkpointing: each layer's forward runs again in backward");
-  gen->add_option("--seed", gen_args->seed, "MoE routing seed")->capture_default_str();
-  gen->add_option("-o,--output", gen_args->out, "Output file (default: standard output)");
+  gen->add_option(
+         "--scale", gen_args->scale,
+         "Divide every tensor's element count (and FLOPs) by this, keeping the "
+         "structure: a large model on a small disk")
+      ->capture_default_str();
+  gen->add_flag(
+      "--checkpointing", gen_args->checkpointing,
+      "Activation checkpointing: each layer's forward runs again in backward");
+  gen->add_option("--seed", gen_args->seed, "MoE routing seed")
+      ->capture_default_str();
+  gen->add_option("-o,--output", gen_args->out,
+                  "Output file (default: standard output)");
   gen->callback([gen_args, exit_code] { *exit_code = RunGen(*gen_args); });
 
   auto info_args = std::make_shared<InfoArgs>();
-  CLI::App* info = trace->add_subcommand("info", "Summarize a trace file (exit 2 if invalid)");
-  info->add_option("FILE", info_args->file, "ztier-trace-v1 JSON file")->required();
+  CLI::App* info = trace->add_subcommand(
+      "info", "Summarize a trace file (exit 2 if invalid)");
+  info->add_option("FILE", info_args->file, "ztier-trace-v1 JSON file")
+      ->required();
   info->callback([info_args, exit_code] { *exit_code = RunInfo(*info_args); });
 }
 

@@ -8,8 +8,13 @@
 namespace ztier::cli {
 
 void RegisterBenchIo(CLI::App& bench, int* exit_code);
+void RegisterBenchStep(CLI::App& bench, int* exit_code);
+void RegisterBenchSweep(CLI::App& bench, int* exit_code);
+void RegisterPlan(CLI::App& app, int* exit_code);
 void RegisterConfigCommands(CLI::App& app, int* exit_code);
 void RegisterTraceCommands(CLI::App& app, int* exit_code);
+void RegisterReplay(CLI::App& app, int* exit_code);
+void RegisterBenchSwap(CLI::App& bench, int* exit_code);
 
 // Writes library log messages to stderr ("ztier: info: ...").
 void InstallStderrLogSink(bool verbose);

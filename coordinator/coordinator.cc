@@ -1,6 +1,7 @@
 #include "coordinator/coordinator.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -48,6 +49,7 @@ struct Coordinator::Param {
   std::vector<uint64_t> active;    // ids of active modules using it
   int64_t fetched_for = -1;        // most recent step id it was fetched for
   std::vector<uint64_t> uses;      // module-trace positions using it (complete trace)
+  Clock::time_point read_started;  // for the timeline (deps_.timeline set)
 };
 
 struct Coordinator::Module {
@@ -528,6 +530,166 @@ uint64_t Coordinator::partition_numel(uint64_t id) const {
   return it == param_index_.end() ? 0 : params_[it->second]->part_numel;
 }
 
+// ---------------------------------------------------------------- optimizer access
+
+Status Coordinator::ReduceScatterGradient(uint64_t id, const void* full_grad,
+                                          void* part_grad_host) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!finalized_) return Status::FailedPrecondition("call Finalize() before gradients");
+  ZTIER_ASSIGN_OR_RETURN(Param * p, FindParam(id));
+  if (full_grad == nullptr || part_grad_host == nullptr) {
+    return Status::InvalidArgument(fmt::format("gradient of parameter {}: null buffer", id));
+  }
+  if (options_.null_io) return Status::Unavailable("gradients need a device (null io)");
+  // Every gather requested so far is enqueued before this collective: the
+  // ranks request the same gathers, so they number this one alike.
+  cv_.wait(lock, [&] { return gather_queue_.empty() || stop_; });
+  tiering::DeviceBackend& d = *deps_.device;
+  const uint64_t grad_bytes = p->numel * DTypeBytes(p->dtype);
+  ZTIER_ASSIGN_OR_RETURN(void* full, d.Alloc(p->full_bytes, coll_stream_));
+  auto part = d.Alloc(p->part_bytes, coll_stream_);
+  if (!part.ok()) {
+    (void)d.Free(full, coll_stream_);
+    return part.status();
+  }
+  auto ev = d.CreateEvent();
+  Status s = ev.status();
+  if (s.ok()) {
+    // On the host emulation the trainer's "device" gradient is host memory
+    // that the emulation did not allocate: copy it in as host memory.
+    s = d.name() == "host" ? d.MemcpyH2DAsync(full, full_grad, grad_bytes, coll_stream_)
+                           : d.MemcpyD2DAsync(full, full_grad, grad_bytes, coll_stream_);
+  }
+  if (s.ok() && p->full_bytes > grad_bytes) {
+    s = d.MemsetAsync(static_cast<uint8_t*>(full) + grad_bytes, 0, p->full_bytes - grad_bytes,
+                      coll_stream_);
+  }
+  if (s.ok()) {
+    s = deps_.collective->ReduceScatterMean(full, *part, p->part_numel, p->dtype, coll_stream_);
+  }
+  if (s.ok()) s = d.MemcpyD2HAsync(part_grad_host, *part, p->part_bytes, coll_stream_);
+  (void)d.Free(full, coll_stream_);
+  (void)d.Free(*part, coll_stream_);
+  if (!ev.ok()) return s.WithContext(fmt::format("gradient of parameter {}", id));
+  if (s.ok()) s = d.RecordEvent(*ev, coll_stream_);
+  lock.unlock();
+  // Waits outside the lock: copy-stream callbacks ahead of it take mu_.
+  if (s.ok()) s = d.EventSynchronize(*ev);
+  else (void)d.StreamSynchronize(coll_stream_);
+  (void)d.DestroyEvent(*ev);
+  if (!s.ok()) return s.WithContext(fmt::format("gradient of parameter {}", id));
+  return Status::Ok();
+}
+
+Status Coordinator::ReadPartition(uint64_t id, void* out_host) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!finalized_) return Status::FailedPrecondition("call Finalize() before ReadPartition()");
+  ZTIER_ASSIGN_OR_RETURN(Param * p, FindParam(id));
+  if (out_host == nullptr) {
+    return Status::InvalidArgument(fmt::format("partition of parameter {}: null buffer", id));
+  }
+  if (!p->has_data) {
+    return Status::FailedPrecondition(fmt::format("parameter {} has no data yet", id));
+  }
+  if (!p->active.empty() || p->status == ParamStatus::kInflight) {
+    return Status::FailedPrecondition(fmt::format(
+        "parameter {} is in use (fetched by module {} or in flight); read its partition "
+        "after the release",
+        id, p->active.empty() ? std::string("-") : std::to_string(p->active.front())));
+  }
+  if (options_.null_io) return Status::Unavailable("partitions need a device (null io)");
+  switch (p->tier) {
+    case ParamTier::kHost:
+      memcpy(out_host, p->host_part.data(), p->part_bytes);
+      return Status::Ok();
+    case ParamTier::kDevice: {
+      tiering::DeviceBackend& d = *deps_.device;
+      ZTIER_RETURN_IF_ERROR(d.MemcpyD2HAsync(out_host, p->part_dev, p->part_bytes, copy_stream_));
+      lock.unlock();
+      return d.StreamSynchronize(copy_stream_);
+    }
+    case ParamTier::kNvme: break;
+  }
+  // Read-ahead holds swap buffers the read below may need: give them back.
+  ZTIER_RETURN_IF_ERROR(Drain(lock));
+  if (p->read != ReadState::kNone) {
+    return Status::Internal(fmt::format("parameter {} holds a swap buffer after a drain", id));
+  }
+  lock.unlock();
+  // Nothing is in flight now; the read callback ignores a param not kReading.
+  swapper::ParamSwapper& sw = *deps_.swapper;
+  ZTIER_ASSIGN_OR_RETURN(size_t started, sw.SwapIn(std::span<const uint64_t>(&id, 1)));
+  if (started == 0) {
+    return Status::ResourceExhausted(
+        fmt::format("no free swap buffer to read the partition of parameter {}", id));
+  }
+  Status s = sw.Wait(id);
+  if (s.ok()) {
+    auto data = sw.Data(id);
+    s = data.status();
+    if (s.ok()) memcpy(out_host, *data, p->part_bytes);
+  }
+  Status released = sw.ReleaseBuffer(id, /*discard=*/true);
+  if (!s.ok()) return s.WithContext(fmt::format("partition of parameter {}", id));
+  return released;
+}
+
+Status Coordinator::WritePartition(uint64_t id, const void* in_host) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!finalized_) return Status::FailedPrecondition("call Finalize() before WritePartition()");
+  ZTIER_ASSIGN_OR_RETURN(Param * p, FindParam(id));
+  if (in_host == nullptr) {
+    return Status::InvalidArgument(fmt::format("partition of parameter {}: null buffer", id));
+  }
+  if (!p->active.empty() || p->status == ParamStatus::kInflight) {
+    return Status::FailedPrecondition(fmt::format(
+        "parameter {} is in use (fetched by module {} or in flight); write its partition "
+        "after the release",
+        id, p->active.empty() ? std::string("-") : std::to_string(p->active.front())));
+  }
+  if (options_.null_io) {
+    p->has_data = true;
+    return Status::Ok();
+  }
+  if (OnNvme(*p)) ZTIER_RETURN_IF_ERROR(Drain(lock));
+  if (p->status == ParamStatus::kAvailable) {
+    // The full parameter holds the old values: free it, the next fetch gathers.
+    ReleaseParam(*p);
+    Emit(EventKind::kRelease, -1, {p->id});
+  }
+  const auto* src = static_cast<const uint8_t*>(in_host);
+  switch (p->tier) {
+    case ParamTier::kHost:
+      p->host_part.assign(src, src + p->part_bytes);
+      p->has_data = true;
+      return Status::Ok();
+    case ParamTier::kDevice: {
+      tiering::DeviceBackend& d = *deps_.device;
+      if (p->part_dev == nullptr) {
+        ZTIER_ASSIGN_OR_RETURN(p->part_dev, d.Alloc(p->part_bytes, {}));
+      }
+      ZTIER_RETURN_IF_ERROR(d.MemcpyH2DAsync(p->part_dev, src, p->part_bytes, copy_stream_));
+      ZTIER_RETURN_IF_ERROR(d.StreamSynchronize(copy_stream_));
+      p->has_data = true;
+      return Status::Ok();
+    }
+    case ParamTier::kNvme: break;
+  }
+  if (p->read != ReadState::kNone) {
+    return Status::Internal(fmt::format("parameter {} holds a swap buffer after a drain", id));
+  }
+  lock.unlock();
+  ZTIER_RETURN_IF_ERROR(deps_.swapper->Write(id, src));
+  lock.lock();
+  p->has_data = true;
+  return Status::Ok();
+}
+
+Status Coordinator::PendingAsyncError() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return async_error_;
+}
+
 CoordinatorStats Coordinator::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   CoordinatorStats s = stats_;
@@ -714,6 +876,7 @@ bool Coordinator::TryStartRead(Param& p) {
   if (*got == 0) return false;  // free buffers, but no adjacent run of them
   ++stats_.nvme_reads;
   Emit(EventKind::kNvmeRead, -1, {p.id});
+  if (deps_.timeline) p.read_started = Clock::now();
   if (sw.state(p.id) == swapper::PartitionState::kInHost) {
     p.read = ReadState::kInHost;  // its pack was already in a buffer
     cv_.notify_all();
@@ -757,6 +920,9 @@ void Coordinator::OnReadDone(uint64_t partition_id, const Status& status) {
   --reads_in_flight_;
   if (status.ok()) {
     p.read = ReadState::kInHost;
+    if (deps_.timeline) {
+      deps_.timeline->Span(rank_, TimelineStage::kNvmeRead, p.id, p.read_started, Clock::now());
+    }
   } else {
     p.read = ReadState::kNone;
     if (async_error_.ok()) async_error_ = status;
@@ -808,6 +974,18 @@ void Coordinator::PipelineLoop() {
       continue;
     }
     Param& p = *params_[gather_queue_.front()];
+    if (OnNvme(p) && !p.gather_failed) {
+      // Check the partition's checksum outside the lock (it is the queue
+      // head and holds its buffer: nothing else moves it meanwhile).
+      lock.unlock();
+      Status v = deps_.swapper->Verify(p.id);
+      lock.lock();
+      if (!v.ok()) {
+        p.read = ReadState::kNone;  // the swapper dropped the buffer
+        p.gather_failed = true;
+        if (async_error_.ok()) async_error_ = v;
+      }
+    }
     gather_queue_.pop_front();
     if (p.gather_failed) {
       cv_.notify_all();
@@ -826,6 +1004,7 @@ void Coordinator::PipelineLoop() {
 
 Status Coordinator::EnqueueGather(Param& p) {
   tiering::DeviceBackend& d = *deps_.device;
+  const auto enqueued_at = deps_.timeline ? Clock::now() : Clock::time_point();
   const void* src = nullptr;
   switch (p.tier) {
     case ParamTier::kNvme: {
@@ -866,8 +1045,35 @@ Status Coordinator::EnqueueGather(Param& p) {
     if (p.tier != ParamTier::kDevice) ZTIER_RETURN_IF_ERROR(d.Free(part, coll_stream_));
     ZTIER_RETURN_IF_ERROR(d.RecordEvent(p.ready, coll_stream_));
   }
+  if (deps_.timeline) ZTIER_RETURN_IF_ERROR(TimelineSpans(p, enqueued_at));
   p.enqueued = true;
   return Status::Ok();
+}
+
+Status Coordinator::TimelineSpans(const Param& p, Clock::time_point enqueued) {
+  // Host functions queued behind the copy (and the gather) stamp the time
+  // their stream reaches them: the copy and gather completion times.
+  tiering::DeviceBackend& d = *deps_.device;
+  TimelineSink* sink = deps_.timeline;
+  const uint32_t rank = rank_;
+  const uint64_t id = p.id;
+  if (world_ == 1) {
+    return d.LaunchHostFunc(copy_stream_, [sink, rank, id, enqueued] {
+      sink->Span(rank, TimelineStage::kH2d, id, enqueued, Clock::now());
+    });
+  }
+  auto copied = std::make_shared<std::atomic<int64_t>>(enqueued.time_since_epoch().count());
+  if (p.tier != ParamTier::kDevice) {
+    ZTIER_RETURN_IF_ERROR(d.LaunchHostFunc(copy_stream_, [sink, rank, id, enqueued, copied] {
+      const auto now = Clock::now();
+      copied->store(now.time_since_epoch().count());
+      sink->Span(rank, TimelineStage::kH2d, id, enqueued, now);
+    }));
+  }
+  return d.LaunchHostFunc(coll_stream_, [sink, rank, id, copied] {
+    const Clock::time_point begin{Clock::duration(copied->load())};
+    sink->Span(rank, TimelineStage::kCollective, id, begin, Clock::now());
+  });
 }
 
 }  // namespace ztier::coordinator

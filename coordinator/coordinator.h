@@ -38,6 +38,7 @@
 #include "base/status.h"
 #include "coordinator/collective.h"
 #include "coordinator/event_log.h"
+#include "coordinator/timeline_sink.h"
 #include "coordinator/trace_file.h"
 #include "swapper/param_swapper.h"
 #include "tiering/device.h"
@@ -99,6 +100,7 @@ struct CoordinatorDeps {
   swapper::ParamSwapper* swapper = nullptr;  // needed when a param is on NVMe
   tiering::PinnedPool* pool = nullptr;       // optional: for peak buffer stats
   EventSink* events = nullptr;               // optional
+  TimelineSink* timeline = nullptr;          // optional: stage spans for a timeline
 };
 
 class Coordinator {
@@ -136,6 +138,25 @@ class Coordinator {
   CoordinatorStats stats() const;
   // Partition elements (p) of `id`, 0 if unknown.
   uint64_t partition_numel(uint64_t id) const;
+
+  // ---- optimizer access (training thread, like the hooks) ----
+  // Reduce-scatters a parameter's full gradient (`full_grad`: numel elements
+  // of its dtype, device memory, complete before the call) averaged over the
+  // ranks; this rank's partition of the mean (partition_numel elements,
+  // padding included) lands in host memory at `part_grad_host`. Issued on the
+  // collective stream after every gather already requested, so each rank
+  // issues it at the same place in its collective order; blocks until done.
+  Status ReduceScatterGradient(uint64_t id, const void* full_grad, void* part_grad_host);
+  // Copies this rank's partition (partition_numel elements) from its tier to
+  // host memory, or from host memory to its tier. The parameter must not be
+  // used by an active module nor be in flight. WritePartition frees a full
+  // parameter kept AVAILABLE (persistent, reused soon): the next fetch
+  // gathers the new data.
+  Status ReadPartition(uint64_t id, void* out_host);
+  Status WritePartition(uint64_t id, const void* in_host);
+  // The background-thread error (a failed read or gather) that the next
+  // Fetch will return, without taking it; OK if none.
+  Status PendingAsyncError() const;
 
  private:
   struct Param;
@@ -176,6 +197,8 @@ class Coordinator {
   void PipelineLoop();
   bool HeadReady() const;                                        // needs mu_
   Status EnqueueGather(Param& p);                                // needs mu_
+  // Queues the host functions that report p's copy/gather spans.
+  Status TimelineSpans(const Param& p, std::chrono::steady_clock::time_point enqueued);
   void Emit(EventKind kind, int64_t module, const std::vector<uint64_t>& params);  // needs mu_
   bool OnNvme(const Param& p) const;
 

@@ -6,8 +6,11 @@
 #include "coordinator/trace_file.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <yaml-cpp/yaml.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -15,17 +18,13 @@
 #include <cstdio>
 #include <filesystem>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <span>
 #include <string_view>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
-
-#include <fmt/format.h>
-#include <fmt/ranges.h>
-#include <nlohmann/json.hpp>
-#include <yaml-cpp/yaml.h>
 
 #include "tiering/config.h"  // EditDistance, for "did you mean" hints
 #include "tiering/units.h"   // ParseElementCount
@@ -77,7 +76,8 @@ std::string UnknownKeyHint(std::string_view key,
 Result<std::string> ReadFile(const std::string& path, std::string_view what) {
   int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
-    return Status::FromErrno(errno, fmt::format("cannot open {} '{}'", what, path));
+    return Status::FromErrno(errno,
+                             fmt::format("cannot open {} '{}'", what, path));
   }
   std::string text;
   char buf[1 << 16];
@@ -85,7 +85,8 @@ Result<std::string> ReadFile(const std::string& path, std::string_view what) {
     ssize_t n = read(fd, buf, sizeof(buf));
     if (n < 0) {
       if (errno == EINTR) continue;
-      Status s = Status::FromErrno(errno, fmt::format("cannot read {} '{}'", what, path));
+      Status s = Status::FromErrno(
+          errno, fmt::format("cannot read {} '{}'", what, path));
       close(fd);
       return s;
     }
@@ -165,8 +166,8 @@ class DuplicateKeyFinder {
  private:
   struct Frame {
     bool array;
-    size_t index;          // array: the element being parsed
-    std::string key;       // object: the key being parsed
+    size_t index;     // array: the element being parsed
+    std::string key;  // object: the key being parsed
     std::set<std::string> keys;
   };
   void ElementDone() {
@@ -199,12 +200,14 @@ class Reader {
   bool CheckObject(const Json& obj, std::string_view path,
                    std::span<const std::string_view> valid) {
     if (!obj.is_object()) {
-      errors_->Add(path, fmt::format("expected an object, got {}", TypeName(obj)));
+      errors_->Add(path,
+                   fmt::format("expected an object, got {}", TypeName(obj)));
       return false;
     }
     for (const auto& [key, value] : obj.items()) {
       if (std::find(valid.begin(), valid.end(), key) == valid.end()) {
-        errors_->Add(Join(path, key), "unknown key" + UnknownKeyHint(key, valid));
+        errors_->Add(Join(path, key),
+                     "unknown key" + UnknownKeyHint(key, valid));
       }
     }
     return true;
@@ -222,12 +225,14 @@ class Reader {
 
   // A whole number >= `min`. JSON writers that print 5e7 for an integer are
   // accepted as long as the value is exactly whole.
-  std::optional<uint64_t> Uint(const Json& j, std::string_view path, uint64_t min) {
+  std::optional<uint64_t> Uint(const Json& j, std::string_view path,
+                               uint64_t min) {
     std::optional<uint64_t> v;
     if (j.is_number_unsigned()) {
       v = j.get<uint64_t>();
     } else if (j.is_number_integer()) {
-      errors_->Add(path, fmt::format("must not be negative, got {}", j.get<int64_t>()));
+      errors_->Add(
+          path, fmt::format("must not be negative, got {}", j.get<int64_t>()));
       return std::nullopt;
     } else if (j.is_number_float()) {
       double d = j.get<double>();
@@ -235,11 +240,15 @@ class Reader {
       if (d >= 0 && d <= 9007199254740992.0 && std::floor(d) == d) {
         v = static_cast<uint64_t>(d);
       } else {
-        errors_->Add(path, fmt::format("expected a non-negative whole number, got {}", j.dump()));
+        errors_->Add(path,
+                     fmt::format("expected a non-negative whole number, got {}",
+                                 j.dump()));
         return std::nullopt;
       }
     } else {
-      errors_->Add(path, fmt::format("expected a non-negative whole number, got {}", TypeName(j)));
+      errors_->Add(path,
+                   fmt::format("expected a non-negative whole number, got {}",
+                               TypeName(j)));
       return std::nullopt;
     }
     if (*v < min) {
@@ -251,7 +260,8 @@ class Reader {
 
   std::optional<bool> Bool(const Json& j, std::string_view path) {
     if (!j.is_boolean()) {
-      errors_->Add(path, fmt::format("expected true or false, got {}", TypeName(j)));
+      errors_->Add(path,
+                   fmt::format("expected true or false, got {}", TypeName(j)));
       return std::nullopt;
     }
     return j.get<bool>();
@@ -271,17 +281,23 @@ class Reader {
   Errors* errors_;
 };
 
-constexpr std::string_view kTopKeys[] = {"format", "world_size", "model", "params",
-                                         "modules", "steps", "config"};
-constexpr std::string_view kParamKeys[] = {"id", "numel", "persist", "tier", "name"};
-constexpr std::string_view kModuleKeys[] = {"id", "name", "params", "parent", "flops"};
-constexpr std::string_view kEventKeys[] = {"op", "module", "forward", "backward"};
+constexpr std::string_view kTopKeys[] = {
+    "format", "world_size", "model", "params", "modules", "steps", "config"};
+constexpr std::string_view kParamKeys[] = {"id", "numel", "persist", "tier",
+                                           "name"};
+constexpr std::string_view kModuleKeys[] = {"id", "name", "params", "parent",
+                                            "flops"};
+constexpr std::string_view kEventKeys[] = {"op", "module", "forward",
+                                           "backward"};
 
 std::string_view TierName(ParamTier t) {
   switch (t) {
-    case ParamTier::kNvme: return "nvme";
-    case ParamTier::kHost: return "host";
-    case ParamTier::kDevice: return "device";
+    case ParamTier::kNvme:
+      return "nvme";
+    case ParamTier::kHost:
+      return "host";
+    case ParamTier::kDevice:
+      return "device";
   }
   return "nvme";
 }
@@ -301,7 +317,8 @@ std::string ModuleLabel(const TraceModule& m) {
 
 void ParseParams(const Json& arr, Reader& r, TraceFile& t) {
   if (!arr.is_array()) {
-    r.errors().Add("params", fmt::format("expected an array, got {}", TypeName(arr)));
+    r.errors().Add("params",
+                   fmt::format("expected an array, got {}", TypeName(arr)));
     return;
   }
   std::unordered_map<uint64_t, size_t> seen;  // id -> index in the file
@@ -317,7 +334,8 @@ void ParseParams(const Json& arr, Reader& r, TraceFile& t) {
         auto [it, fresh] = seen.emplace(*v, i);
         if (!fresh) {
           r.errors().Add(Join(path, "id"),
-                         fmt::format("duplicate param id {} (also params[{}])", *v, it->second));
+                         fmt::format("duplicate param id {} (also params[{}])",
+                                     *v, it->second));
           ok = false;
         }
       } else {
@@ -338,8 +356,9 @@ void ParseParams(const Json& arr, Reader& r, TraceFile& t) {
         if (auto tier = TierFromName(*v)) {
           param.tier = *tier;
         } else {
-          r.errors().Add(Join(path, "tier"),
-                         fmt::format("unknown tier '{}' (use nvme, host or device)", *v));
+          r.errors().Add(
+              Join(path, "tier"),
+              fmt::format("unknown tier '{}' (use nvme, host or device)", *v));
         }
       }
     }
@@ -354,7 +373,8 @@ void ParseParams(const Json& arr, Reader& r, TraceFile& t) {
 
 void ParseModules(const Json& arr, Reader& r, TraceFile& t) {
   if (!arr.is_array()) {
-    r.errors().Add("modules", fmt::format("expected an array, got {}", TypeName(arr)));
+    r.errors().Add("modules",
+                   fmt::format("expected an array, got {}", TypeName(arr)));
     return;
   }
   std::unordered_set<uint64_t> param_ids;
@@ -371,8 +391,10 @@ void ParseModules(const Json& arr, Reader& r, TraceFile& t) {
         mod.id = *v;
         auto [it, fresh] = seen.emplace(*v, i);
         if (!fresh) {
-          r.errors().Add(Join(path, "id"),
-                         fmt::format("duplicate module id {} (also modules[{}])", *v, it->second));
+          r.errors().Add(
+              Join(path, "id"),
+              fmt::format("duplicate module id {} (also modules[{}])", *v,
+                          it->second));
           ok = false;
         }
       } else {
@@ -387,7 +409,9 @@ void ParseModules(const Json& arr, Reader& r, TraceFile& t) {
     if (const Json* j = r.Find(m, path, "params", false)) {
       std::string ppath = Join(path, "params");
       if (!j->is_array()) {
-        r.errors().Add(ppath, fmt::format("expected an array of param ids, got {}", TypeName(*j)));
+        r.errors().Add(ppath,
+                       fmt::format("expected an array of param ids, got {}",
+                                   TypeName(*j)));
       } else {
         std::unordered_set<uint64_t> mine;
         for (size_t k = 0; k < j->size(); ++k) {
@@ -416,7 +440,8 @@ void ParseModules(const Json& arr, Reader& r, TraceFile& t) {
   // Parents may be declared after their children; check them once all ids
   // are known. The tree must have no cycle (a walk up must end).
   std::unordered_map<uint64_t, size_t> index;
-  for (size_t i = 0; i < t.modules.size(); ++i) index.emplace(t.modules[i].id, i);
+  for (size_t i = 0; i < t.modules.size(); ++i)
+    index.emplace(t.modules[i].id, i);
   auto file_index = [&](size_t k) { return seen.at(t.modules[k].id); };
   bool parents_ok = true;
   for (size_t k = 0; k < t.modules.size(); ++k) {
@@ -448,17 +473,20 @@ void ParseModules(const Json& arr, Reader& r, TraceFile& t) {
 
 void ParseSteps(const Json& arr, Reader& r, TraceFile& t) {
   if (!arr.is_array()) {
-    r.errors().Add("steps", fmt::format("expected an array of steps, got {}", TypeName(arr)));
+    r.errors().Add("steps", fmt::format("expected an array of steps, got {}",
+                                        TypeName(arr)));
     return;
   }
   std::unordered_map<uint64_t, size_t> index;
-  for (size_t i = 0; i < t.modules.size(); ++i) index.emplace(t.modules[i].id, i);
+  for (size_t i = 0; i < t.modules.size(); ++i)
+    index.emplace(t.modules[i].id, i);
   for (size_t s = 0; s < arr.size(); ++s) {
     const Json& step = arr[s];
     std::string spath = Index("steps", s);
     std::vector<TraceEvent> events;
     if (!step.is_array()) {
-      r.errors().Add(spath, fmt::format("expected an array of events, got {}", TypeName(step)));
+      r.errors().Add(spath, fmt::format("expected an array of events, got {}",
+                                        TypeName(step)));
       t.steps.push_back(std::move(events));
       continue;
     }
@@ -480,8 +508,9 @@ void ParseSteps(const Json& arr, Reader& r, TraceFile& t) {
           } else if (*v == "release") {
             op = TraceOp::kRelease;
           } else {
-            r.errors().Add(Join(path, "op"),
-                           fmt::format("unknown op '{}' (use fetch or release)", *v));
+            r.errors().Add(
+                Join(path, "op"),
+                fmt::format("unknown op '{}' (use fetch or release)", *v));
           }
         }
       }
@@ -491,7 +520,8 @@ void ParseSteps(const Json& arr, Reader& r, TraceFile& t) {
           if (index.contains(*v)) {
             module = v;
           } else {
-            r.errors().Add(Join(path, "module"), fmt::format("unknown module {}", *v));
+            r.errors().Add(Join(path, "module"),
+                           fmt::format("unknown module {}", *v));
           }
         }
       }
@@ -501,11 +531,14 @@ void ParseSteps(const Json& arr, Reader& r, TraceFile& t) {
       std::string_view own = *op == TraceOp::kFetch ? "forward" : "backward";
       std::string_view other = *op == TraceOp::kFetch ? "backward" : "forward";
       if (ev.contains(other)) {
-        r.errors().Add(Join(path, other),
-                       fmt::format("not valid on a {} event (it takes '{}')",
-                                   *op == TraceOp::kFetch ? "fetch" : "release", own));
+        r.errors().Add(
+            Join(path, other),
+            fmt::format("not valid on a {} event (it takes '{}')",
+                        *op == TraceOp::kFetch ? "fetch" : "release", own));
       }
-      bool flag = *op == TraceOp::kFetch;  // defaults: forward fetch, forward release
+      // `flag` is `forward`. Defaults: a forward fetch, a release after
+      // forward.
+      bool flag = true;
       if (const Json* j = r.Find(ev, path, own, false)) {
         if (auto v = r.Bool(*j, Join(path, own))) {
           flag = *op == TraceOp::kFetch ? *v : !*v;
@@ -521,9 +554,11 @@ void ParseSteps(const Json& arr, Reader& r, TraceFile& t) {
       } else {
         std::vector<size_t>& fetches = open[*module];
         if (fetches.empty()) {
-          r.errors().Add(path, fmt::format("release of {}, which is not fetched at this point "
-                                           "of step {}",
-                                           ModuleLabel(t.modules[index.at(*module)]), s));
+          r.errors().Add(
+              path,
+              fmt::format("release of {}, which is not fetched at this point "
+                          "of step {}",
+                          ModuleLabel(t.modules[index.at(*module)]), s));
         } else {
           fetches.pop_back();
         }
@@ -536,9 +571,10 @@ void ParseSteps(const Json& arr, Reader& r, TraceFile& t) {
     }
     std::sort(unreleased.begin(), unreleased.end());
     for (auto [e, m] : unreleased) {
-      r.errors().Add(Index(spath, e),
-                     fmt::format("{} is fetched here and never released in step {}",
-                                 ModuleLabel(t.modules[index.at(m)]), s));
+      r.errors().Add(
+          Index(spath, e),
+          fmt::format("{} is fetched here and never released in step {}",
+                      ModuleLabel(t.modules[index.at(m)]), s));
     }
     t.steps.push_back(std::move(events));
   }
@@ -546,10 +582,11 @@ void ParseSteps(const Json& arr, Reader& r, TraceFile& t) {
 
 // Flattens nested objects into "section.key" entries; any other value is
 // kept as its JSON text.
-void ParseConfig(const Json& obj, std::string_view path, std::string_view prefix,
-                 Reader& r, TraceFile& t) {
+void ParseConfig(const Json& obj, std::string_view path,
+                 std::string_view prefix, Reader& r, TraceFile& t) {
   if (!obj.is_object()) {
-    r.errors().Add(path, fmt::format("expected an object, got {}", TypeName(obj)));
+    r.errors().Add(path,
+                   fmt::format("expected an object, got {}", TypeName(obj)));
     return;
   }
   for (const auto& [key, value] : obj.items()) {
@@ -580,22 +617,26 @@ std::string Dump(const OrderedJson& j) {
 // Model shapes.
 
 constexpr std::string_view kShapeKeys[] = {
-    "name",      "family",          "layers",  "hidden",   "heads",
-    "kv_heads",  "vocab",           "ffn_hidden", "seq_len", "batch",
-    "tied_embeddings", "experts",   "moe_every"};
+    "name",     "family",   "layers",          "hidden",
+    "heads",    "kv_heads", "vocab",           "ffn_hidden",
+    "seq_len",  "batch",    "tied_embeddings", "experts",
+    "moe_every"};
 constexpr std::string_view kFamilies[] = {"gpt2", "llama", "moe"};
 
 // Experts each token is routed to in an MoE layer (top-2 gating).
 constexpr uint64_t kTopK = 2;
 
 // Semantic checks of a shape, as (key, message) pairs.
-std::vector<std::pair<std::string, std::string>> ShapeProblems(const ModelShape& s) {
+std::vector<std::pair<std::string, std::string>> ShapeProblems(
+    const ModelShape& s) {
   std::vector<std::pair<std::string, std::string>> out;
   auto add = [&](std::string key, std::string msg) {
     out.emplace_back(std::move(key), std::move(msg));
   };
-  if (std::find(std::begin(kFamilies), std::end(kFamilies), s.family) == std::end(kFamilies)) {
-    add("family", fmt::format("unknown family '{}' (use gpt2, llama or moe)", s.family));
+  if (std::find(std::begin(kFamilies), std::end(kFamilies), s.family) ==
+      std::end(kFamilies)) {
+    add("family",
+        fmt::format("unknown family '{}' (use gpt2, llama or moe)", s.family));
   }
   if (s.layers == 0) add("layers", "must be at least 1");
   if (s.hidden == 0) add("hidden", "must be at least 1");
@@ -604,30 +645,35 @@ std::vector<std::pair<std::string, std::string>> ShapeProblems(const ModelShape&
   if (s.seq_len == 0) add("seq_len", "must be at least 1");
   if (s.batch == 0) add("batch", "must be at least 1");
   if (s.hidden > 0 && s.heads > 0 && s.hidden % s.heads != 0) {
-    add("heads", fmt::format("hidden ({}) is not a multiple of heads ({})", s.hidden, s.heads));
+    add("heads", fmt::format("hidden ({}) is not a multiple of heads ({})",
+                             s.hidden, s.heads));
   }
   if (s.kv_heads != 0) {
     if (s.family != "llama") {
       add("kv_heads", "only the llama family has grouped-query attention");
-    } else if (s.heads > 0 && (s.kv_heads > s.heads || s.heads % s.kv_heads != 0)) {
+    } else if (s.heads > 0 &&
+               (s.kv_heads > s.heads || s.heads % s.kv_heads != 0)) {
       add("kv_heads",
-          fmt::format("heads ({}) is not a multiple of kv_heads ({})", s.heads, s.kv_heads));
+          fmt::format("heads ({}) is not a multiple of kv_heads ({})", s.heads,
+                      s.kv_heads));
     }
   }
   if (s.family == "moe") {
-    if (s.experts == 0) add("experts", "an moe model needs at least 1 expert per MoE layer");
+    if (s.experts == 0)
+      add("experts", "an moe model needs at least 1 expert per MoE layer");
     if (s.moe_every == 0) add("moe_every", "must be at least 1");
   } else if (s.experts != 0) {
     add("experts", "only the moe family has experts");
   }
-  // Products below (hidden x vocab x tokens for FLOPs) must stay far from
-  // 2^64; these bounds are well past any real model.
+  // Element counts (vocab x hidden, hidden x ffn) must stay far from 2^64;
+  // these bounds are well past any real model.
   if (s.hidden > (1u << 20) || s.vocab > (1u << 24) || s.layers > (1u << 14) ||
-      s.seq_len > (1u << 24) || s.batch > (1u << 16) || s.ffn_hidden > (1u << 22) ||
-      s.experts > (1u << 12)) {
-    add("", "a dimension is beyond what ztier models (hidden <= 2^20, vocab <= 2^24, "
-            "layers <= 2^14, seq_len <= 2^24, batch <= 2^16, ffn_hidden <= 2^22, "
-            "experts <= 2^12)");
+      s.seq_len > (1u << 24) || s.batch > (1u << 16) ||
+      s.ffn_hidden > (1u << 22) || s.experts > (1u << 12)) {
+    add("",
+        "a dimension is beyond what ztier models (hidden <= 2^20, "
+        "vocab <= 2^24, layers <= 2^14, seq_len <= 2^24, batch <= 2^16, "
+        "ffn_hidden <= 2^22, experts <= 2^12)");
   }
   return out;
 }
@@ -652,7 +698,8 @@ uint64_t SplitMix64(uint64_t& state) {
 
 class TraceBuilder {
  public:
-  TraceBuilder(double scale, uint64_t tokens) : scale_(scale), tokens_(tokens) {}
+  TraceBuilder(double scale, uint64_t tokens)
+      : scale_(scale), tokens_(tokens) {}
 
   // `numel`: elements of the full-size tensor; stored divided by the scale.
   uint64_t Param(std::string name, uint64_t numel) {
@@ -673,21 +720,24 @@ class TraceBuilder {
   // compute to bytes moved.
   uint64_t Module(std::string name, std::optional<uint64_t> parent,
                   std::vector<uint64_t> params, bool lookup_only = false,
-                  uint64_t extra_flops = 0, double token_share = 1.0) {
+                  long double extra_flops = 0, double token_share = 1.0) {
     TraceModule m;
     m.id = trace_.modules.size();
     m.name = std::move(name);
     m.parent = parent;
-    long double flops = static_cast<long double>(extra_flops);
+    long double flops = extra_flops;
     if (!lookup_only) {
       for (uint64_t p : params) {
         flops += 2.0L * static_cast<long double>(full_numel_[p]) *
                  static_cast<long double>(tokens_) * token_share;
       }
     }
-    m.flops = flops > 0 ? std::max<uint64_t>(1, static_cast<uint64_t>(
-                                                    std::llroundl(flops / scale_)))
-                        : 0;
+    // Clamped: only a shape far beyond any real model reaches 2^64 FLOPs.
+    const long double scaled = std::round(flops / scale_);
+    m.flops = flops <= 0 ? 0
+              : scaled >= 1.8e19L
+                  ? std::numeric_limits<uint64_t>::max()
+                  : std::max<uint64_t>(1, static_cast<uint64_t>(scaled));
     m.params = std::move(params);
     trace_.modules.push_back(std::move(m));
     return trace_.modules.back().id;
@@ -708,10 +758,19 @@ class TraceBuilder {
   std::vector<uint64_t> full_numel_;  // elements before scaling, by param id
 };
 
+// FLOPs of the attention scores of one forward call: QK^T and the weighted
+// sum of V, 2 x seq^2 x hidden each per sequence. In long double: seq^2 x
+// hidden x batch leaves 64 bits for long sequences.
+long double AttentionFlops(const ModelShape& s) {
+  const long double seq = static_cast<long double>(s.seq_len);
+  return 4.0L * seq * seq * static_cast<long double>(s.hidden) *
+         static_cast<long double>(s.batch);
+}
+
 // The modules of one transformer layer.
 struct LayerModules {
-  uint64_t layer = 0;               // "layers.i": a container, no params
-  std::vector<uint64_t> children;   // dense: norms, attention, MLP in order
+  uint64_t layer = 0;              // "layers.i": a container, no params
+  std::vector<uint64_t> children;  // dense: norms, attention, MLP in order
   // moe layers: `children` ends before the MLP; the router and the experts
   // the step routes to follow it.
   std::optional<uint64_t> router;
@@ -730,8 +789,7 @@ struct ModelModules {
 ModelModules BuildGpt2(const ModelShape& s, TraceBuilder& b) {
   const uint64_t h = s.hidden;
   const uint64_t ffn = s.ffn_hidden ? s.ffn_hidden : 4 * h;
-  // QK^T and softmax(.)V: 2 FLOPs x seq^2 x hidden each, per sequence.
-  const uint64_t attn_flops = 4 * s.seq_len * s.seq_len * h * s.batch;
+  const long double attn_flops = AttentionFlops(s);
   ModelModules m;
   uint64_t wte = b.Param("wte.weight", s.vocab * h);
   uint64_t wpe = b.Param("wpe.weight", s.seq_len * h);
@@ -752,7 +810,8 @@ ModelModules BuildGpt2(const ModelShape& s, TraceBuilder& b) {
       uint64_t fc_b = b.Param(name + ".c_fc.bias", ffn);
       uint64_t pr_w = b.Param(name + ".c_proj.weight", ffn * h);
       uint64_t pr_b = b.Param(name + ".c_proj.bias", h);
-      return b.Module(name, lm.layer, {fc_w, fc_b, pr_w, pr_b}, false, 0, token_share);
+      return b.Module(name, lm.layer, {fc_w, fc_b, pr_w, pr_b}, false, 0,
+                      token_share);
     };
     lm.children.push_back(norm(l + ".ln_1"));
     {
@@ -761,7 +820,8 @@ ModelModules BuildGpt2(const ModelShape& s, TraceBuilder& b) {
       uint64_t qkv_b = b.Param(a + ".c_attn.bias", 3 * h);
       uint64_t pr_w = b.Param(a + ".c_proj.weight", h * h);
       uint64_t pr_b = b.Param(a + ".c_proj.bias", h);
-      lm.children.push_back(b.Module(a, lm.layer, {qkv_w, qkv_b, pr_w, pr_b}, false, attn_flops));
+      lm.children.push_back(
+          b.Module(a, lm.layer, {qkv_w, qkv_b, pr_w, pr_b}, false, attn_flops));
     }
     lm.children.push_back(norm(l + ".ln_2"));
     // Every moe_every-th layer (1-based: layers 1, 3, ... for 2) is MoE.
@@ -782,7 +842,8 @@ ModelModules BuildGpt2(const ModelShape& s, TraceBuilder& b) {
   uint64_t lnf_w = b.Param("ln_f.weight", h);
   uint64_t lnf_b = b.Param("ln_f.bias", h);
   m.final_norm = b.Module("ln_f", m.root, {lnf_w, lnf_b});
-  uint64_t head_w = s.tied_embeddings ? wte : b.Param("lm_head.weight", s.vocab * h);
+  uint64_t head_w =
+      s.tied_embeddings ? wte : b.Param("lm_head.weight", s.vocab * h);
   m.head = b.Module("lm_head", m.root, {head_w});
   return m;
 }
@@ -794,7 +855,7 @@ ModelModules BuildLlama(const ModelShape& s, TraceBuilder& b) {
   const uint64_t ffn = s.ffn_hidden ? s.ffn_hidden : LlamaDefaultFfn(h);
   const uint64_t kv_heads = s.kv_heads ? s.kv_heads : s.heads;
   const uint64_t kv = h / s.heads * kv_heads;  // width of k and v
-  const uint64_t attn_flops = 4 * s.seq_len * s.seq_len * h * s.batch;
+  const long double attn_flops = AttentionFlops(s);
   ModelModules m;
   uint64_t emb = b.Param("embed_tokens.weight", s.vocab * h);
   m.root = b.Module("model", std::nullopt, {});
@@ -813,7 +874,8 @@ ModelModules BuildLlama(const ModelShape& s, TraceBuilder& b) {
       uint64_t k = b.Param(a + ".k_proj.weight", h * kv);
       uint64_t v = b.Param(a + ".v_proj.weight", h * kv);
       uint64_t o = b.Param(a + ".o_proj.weight", h * h);
-      lm.children.push_back(b.Module(a, lm.layer, {q, k, v, o}, false, attn_flops));
+      lm.children.push_back(
+          b.Module(a, lm.layer, {q, k, v, o}, false, attn_flops));
     }
     lm.children.push_back(norm(l + ".post_attention_layernorm"));
     {
@@ -826,7 +888,8 @@ ModelModules BuildLlama(const ModelShape& s, TraceBuilder& b) {
     m.layers.push_back(std::move(lm));
   }
   m.final_norm = b.Module("norm", m.root, {b.Param("norm.weight", h)});
-  uint64_t head_w = s.tied_embeddings ? emb : b.Param("lm_head.weight", s.vocab * h);
+  uint64_t head_w =
+      s.tied_embeddings ? emb : b.Param("lm_head.weight", s.vocab * h);
   m.head = b.Module("lm_head", m.root, {head_w});
   return m;
 }
@@ -854,11 +917,12 @@ class StepWriter {
   std::vector<TraceEvent> events_;
 };
 
-std::vector<TraceEvent> GenerateStep(const ModelModules& m, const TraceGenOptions& o,
-                                     uint32_t step) {
+std::vector<TraceEvent> GenerateStep(const ModelModules& m,
+                                     const TraceGenOptions& o, uint32_t step) {
   // The leaf modules each layer calls this step, in forward order.
   std::vector<std::vector<uint64_t>> calls(m.layers.size());
-  uint64_t rng = o.seed ^ (0xD1B54A32D192ED03ULL * (static_cast<uint64_t>(step) + 1));
+  uint64_t rng =
+      o.seed ^ (0xD1B54A32D192ED03ULL * (static_cast<uint64_t>(step) + 1));
   for (size_t i = 0; i < m.layers.size(); ++i) {
     const LayerModules& l = m.layers[i];
     calls[i] = l.children;
@@ -869,7 +933,8 @@ std::vector<TraceEvent> GenerateStep(const ModelModules& m, const TraceGenOption
     std::vector<uint64_t> chosen;
     while (chosen.size() < std::min<uint64_t>(kTopK, n)) {
       uint64_t e = SplitMix64(rng) % n;
-      if (std::find(chosen.begin(), chosen.end(), e) == chosen.end()) chosen.push_back(e);
+      if (std::find(chosen.begin(), chosen.end(), e) == chosen.end())
+        chosen.push_back(e);
     }
     std::sort(chosen.begin(), chosen.end());
     for (uint64_t e : chosen) calls[i].push_back(l.experts[e]);
@@ -901,7 +966,8 @@ std::vector<TraceEvent> GenerateStep(const ModelModules& m, const TraceGenOption
       w.Release(m.layers[i].layer, false);
     }
     w.Fetch(m.layers[i].layer, false);
-    for (auto it = calls[i].rbegin(); it != calls[i].rend(); ++it) w.Backward(*it);
+    for (auto it = calls[i].rbegin(); it != calls[i].rend(); ++it)
+      w.Backward(*it);
     w.Release(m.layers[i].layer, true);
   }
   w.Backward(m.embed);
@@ -914,15 +980,17 @@ std::vector<TraceEvent> GenerateStep(const ModelModules& m, const TraceGenOption
 // ---------------------------------------------------------------------------
 // Public API.
 
-Result<TraceFile> ParseTrace(std::string_view json_text, std::string_view source_name) {
+Result<TraceFile> ParseTrace(std::string_view json_text,
+                             std::string_view source_name) {
   Errors errors(source_name);
   Json root;
   DuplicateKeyFinder dups;
   try {
-    root = Json::parse(json_text.begin(), json_text.end(),
-                       [&dups](int depth, Json::parse_event_t event, Json& parsed) {
-                         return dups.OnEvent(depth, event, parsed);
-                       });
+    root = Json::parse(
+        json_text.begin(), json_text.end(),
+        [&dups](int depth, Json::parse_event_t event, Json& parsed) {
+          return dups.OnEvent(depth, event, parsed);
+        });
   } catch (const Json::parse_error& e) {
     // e.what() is "[json.exception.parse_error.N] parse error at line L,
     // column C: ..."; the bracketed id means nothing to a reader.
@@ -947,9 +1015,11 @@ Result<TraceFile> ParseTrace(std::string_view json_text, std::string_view source
     if (const Json* j = r.Find(root, "", "format", true)) {
       if (auto v = r.String(*j, "format")) {
         if (*v != kFormat) {
-          errors.Add("format", fmt::format("unknown format '{}' (this reader knows '{}')", *v,
-                                           kFormat));
-          return errors.ToStatus();  // the rest would be read by the wrong rules
+          errors.Add("format",
+                     fmt::format("unknown format '{}' (this reader knows '{}')",
+                                 *v, kFormat));
+          return errors
+              .ToStatus();  // the rest would be read by the wrong rules
         }
       }
     }
@@ -966,12 +1036,15 @@ Result<TraceFile> ParseTrace(std::string_view json_text, std::string_view source
       if (auto v = r.String(*j, "model")) t.model = *v;
     }
     if (const Json* j = r.Find(root, "", "params", true)) ParseParams(*j, r, t);
-    if (const Json* j = r.Find(root, "", "modules", true)) ParseModules(*j, r, t);
+    if (const Json* j = r.Find(root, "", "modules", true))
+      ParseModules(*j, r, t);
     if (const Json* j = r.Find(root, "", "steps", true)) ParseSteps(*j, r, t);
-    if (const Json* j = r.Find(root, "", "config", false)) ParseConfig(*j, "config", "", r, t);
+    if (const Json* j = r.Find(root, "", "config", false))
+      ParseConfig(*j, "config", "", r, t);
   } catch (const std::exception& e) {
     // Every access above is type-checked first; this is a guard, not a path.
-    return Status::Internal(fmt::format("{}: reading the trace: {}", source_name, e.what()));
+    return Status::Internal(
+        fmt::format("{}: reading the trace: {}", source_name, e.what()));
   }
   if (!errors.empty()) return errors.ToStatus();
   return t;
@@ -988,7 +1061,8 @@ std::string TraceToJson(const TraceFile& trace) {
   std::string out;
   out += fmt::format("{{\"format\": {},\n", Quote(std::string(kFormat)));
   out += fmt::format(" \"world_size\": {},\n", trace.world_size);
-  if (!trace.model.empty()) out += fmt::format(" \"model\": {},\n", Quote(trace.model));
+  if (!trace.model.empty())
+    out += fmt::format(" \"model\": {},\n", Quote(trace.model));
 
   auto lines = [&out](std::string_view key, size_t n, auto&& line) {
     out += fmt::format(" \"{}\": [", key);
@@ -1030,11 +1104,12 @@ std::string TraceToJson(const TraceFile& trace) {
       const TraceEvent& ev = events[e];
       out += e == 0 ? "\n   " : ",\n   ";
       if (ev.op == TraceOp::kFetch) {
-        out += fmt::format("{{\"op\":\"fetch\",\"module\":{},\"forward\":{}}}", ev.module,
-                           ev.forward);
+        out += fmt::format("{{\"op\":\"fetch\",\"module\":{},\"forward\":{}}}",
+                           ev.module, ev.forward);
       } else {
-        out += fmt::format("{{\"op\":\"release\",\"module\":{},\"backward\":{}}}", ev.module,
-                           ev.backward);
+        out +=
+            fmt::format("{{\"op\":\"release\",\"module\":{},\"backward\":{}}}",
+                        ev.module, ev.backward);
       }
     }
     out += events.empty() ? "]" : "\n  ]";
@@ -1048,9 +1123,10 @@ std::string TraceToJson(const TraceFile& trace) {
       // Values are JSON text; text that is not a JSON scalar or array (a
       // bare word set by a program) is written as a string.
       Json v = Json::parse(text, nullptr, /*allow_exceptions=*/false);
-      std::string value = (v.is_discarded() || v.is_object() || v.is_null())
-                              ? Quote(text)
-                              : v.dump(-1, ' ', false, Json::error_handler_t::replace);
+      std::string value =
+          (v.is_discarded() || v.is_object() || v.is_null())
+              ? Quote(text)
+              : v.dump(-1, ' ', false, Json::error_handler_t::replace);
       out += first ? "\n  " : ",\n  ";
       out += fmt::format("{}: {}", Quote(key), value);
       first = false;
@@ -1067,9 +1143,13 @@ Status SaveTrace(const TraceFile& trace, const std::string& path) {
   const std::string text = TraceToJson(trace);
   const std::string tmp = fmt::format("{}.tmp.{}", path, getpid());
   int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return Status::FromErrno(errno, fmt::format("cannot create '{}'", tmp));
+  if (fd < 0) {
+    return Status::FromErrno(
+        errno, fmt::format("cannot create '{}' (to write '{}')", tmp, path));
+  }
   auto fail = [&](std::string_view what) {
-    Status s = Status::FromErrno(errno, fmt::format("cannot {} '{}'", what, tmp));
+    Status s =
+        Status::FromErrno(errno, fmt::format("cannot {} '{}'", what, tmp));
     if (fd >= 0) close(fd);
     unlink(tmp.c_str());
     return s;
@@ -1088,7 +1168,8 @@ Status SaveTrace(const TraceFile& trace, const std::string& path) {
   fd = -1;
   if (rc != 0) return fail("close");
   if (rename(tmp.c_str(), path.c_str()) != 0) {
-    Status s = Status::FromErrno(errno, fmt::format("cannot rename '{}' to '{}'", tmp, path));
+    Status s = Status::FromErrno(
+        errno, fmt::format("cannot rename '{}' to '{}'", tmp, path));
     unlink(tmp.c_str());
     return s;
   }
@@ -1099,13 +1180,17 @@ Result<ModelShape> LoadModelShape(const std::string& path) {
   ZTIER_ASSIGN_OR_RETURN(std::string text, ReadFile(path, "model shape"));
   // "<path>:<line>:<column>: <key>: <message>", 1-based like compilers.
   std::vector<std::string> errors;
-  auto add = [&](const YAML::Mark& mark, std::string_view key, std::string_view msg) {
+  auto add = [&](const YAML::Mark& mark, std::string_view key,
+                 std::string_view msg) {
     std::string where = path;
-    if (mark.line >= 0) where += fmt::format(":{}:{}", mark.line + 1, mark.column + 1);
+    if (mark.line >= 0)
+      where += fmt::format(":{}:{}", mark.line + 1, mark.column + 1);
     errors.push_back(key.empty() ? fmt::format("{}: {}", where, msg)
                                  : fmt::format("{}: {}: {}", where, key, msg));
   };
-  auto fail = [&]() { return Status::InvalidArgument(fmt::format("{}", fmt::join(errors, "\n"))); };
+  auto fail = [&]() {
+    return Status::InvalidArgument(fmt::format("{}", fmt::join(errors, "\n")));
+  };
 
   ModelShape shape;
   shape.name = std::filesystem::path(path).stem().string();
@@ -1113,7 +1198,8 @@ Result<ModelShape> LoadModelShape(const std::string& path) {
   try {
     YAML::Node root = YAML::Load(text);
     if (!root.IsMap()) {
-      add(root.Mark(), "", "expected a mapping of shape keys (name, family, layers, ...)");
+      add(root.Mark(), "",
+          "expected a mapping of shape keys (name, family, layers, ...)");
       return fail();
     }
     for (auto it = root.begin(); it != root.end(); ++it) {
@@ -1124,7 +1210,8 @@ Result<ModelShape> LoadModelShape(const std::string& path) {
         continue;
       }
       const std::string key = k.Scalar();
-      if (std::find(std::begin(kShapeKeys), std::end(kShapeKeys), key) == std::end(kShapeKeys)) {
+      if (std::find(std::begin(kShapeKeys), std::end(kShapeKeys), key) ==
+          std::end(kShapeKeys)) {
         add(k.Mark(), key, "unknown key" + UnknownKeyHint(key, kShapeKeys));
         continue;
       }
@@ -1147,7 +1234,8 @@ Result<ModelShape> LoadModelShape(const std::string& path) {
         } else if (s == "false" || s == "False") {
           shape.tied_embeddings = false;
         } else {
-          add(v.Mark(), key, fmt::format("expected true or false, got '{}'", s));
+          add(v.Mark(), key,
+              fmt::format("expected true or false, got '{}'", s));
         }
       } else {
         Result<uint64_t> n = tiering::ParseElementCount(s, tiering::Limits{});
@@ -1168,17 +1256,21 @@ Result<ModelShape> LoadModelShape(const std::string& path) {
         *field = *n;
       }
     }
-    for (std::string_view req : {"family", "layers", "hidden", "heads", "vocab"}) {
-      if (!marks.contains(std::string(req))) add(root.Mark(), req, "missing (required)");
+    for (std::string_view req :
+         {"family", "layers", "hidden", "heads", "vocab"}) {
+      if (!marks.contains(std::string(req)))
+        add(root.Mark(), req, "missing (required)");
     }
     if (shape.family != "moe" && marks.contains("moe_every")) {
-      add(marks.at("moe_every"), "moe_every", "only the moe family has MoE layers");
+      add(marks.at("moe_every"), "moe_every",
+          "only the moe family has MoE layers");
     }
   } catch (const YAML::Exception& e) {
     add(e.mark, "", fmt::format("not valid YAML: {}", e.msg));
     return fail();
   } catch (const std::exception& e) {
-    add(YAML::Mark::null_mark(), "", fmt::format("cannot read YAML: {}", e.what()));
+    add(YAML::Mark::null_mark(), "",
+        fmt::format("cannot read YAML: {}", e.what()));
     return fail();
   }
   if (!errors.empty()) return fail();
@@ -1190,19 +1282,22 @@ Result<ModelShape> LoadModelShape(const std::string& path) {
   return shape;
 }
 
-Result<TraceFile> GenerateTrace(const ModelShape& shape, const TraceGenOptions& options) {
+Result<TraceFile> GenerateTrace(const ModelShape& shape,
+                                const TraceGenOptions& options) {
   std::vector<std::string> problems;
   for (const auto& [key, msg] : ShapeProblems(shape)) {
     problems.push_back(key.empty() ? msg : fmt::format("{}: {}", key, msg));
   }
   if (!(options.scale >= 1.0) || !std::isfinite(options.scale)) {
-    problems.push_back(fmt::format("scale: must be a finite number >= 1, got {}", options.scale));
+    problems.push_back(fmt::format(
+        "scale: must be a finite number >= 1, got {}", options.scale));
   }
   if (options.steps == 0) problems.push_back("steps: must be at least 1");
-  if (options.world_size == 0) problems.push_back("world_size: must be at least 1");
+  if (options.world_size == 0)
+    problems.push_back("world_size: must be at least 1");
   if (!problems.empty()) {
-    return Status::InvalidArgument(
-        fmt::format("model shape '{}': {}", shape.name, fmt::join(problems, "; ")));
+    return Status::InvalidArgument(fmt::format(
+        "model shape '{}': {}", shape.name, fmt::join(problems, "; ")));
   }
 
   TraceBuilder b(options.scale, shape.seq_len * shape.batch);

@@ -100,6 +100,7 @@ struct TraceGenOptions {
   uint32_t world_size = 1;
   // Divides every tensor's element count (rounded up, at least 1), keeping
   // the structure (layers, modules, order): a 70B shape on a small disk.
+  // Module FLOPs are divided too, so compute per byte moved stays the same.
   double scale = 1.0;
   // Activation checkpointing: each layer's forward modules run again at the
   // start of its backward.

@@ -84,10 +84,10 @@ void AsyncEngine::Loop() {
       auto user = std::move(t.on_done);
       t.on_done = [this, user = std::move(user)](const Status& s) {
         if (user) user(s);
-        {
-          std::lock_guard<std::mutex> lock(mu_);
-          ++completed_;
-        }
+        // Notify under the lock: Drain() may return and the engine be
+        // destroyed as soon as the count is seen.
+        std::lock_guard<std::mutex> lock(mu_);
+        ++completed_;
         drain_cv_.notify_all();
       };
       // Validated in Submit(); the engine accepts it.

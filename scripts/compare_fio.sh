@@ -18,14 +18,25 @@
 # neither tool drops the cache (fio gets --invalidate=0). That measures the
 # tools' own cost, not the disk's.
 #
-# CPU seconds are user+sys of the whole process (fio's job processes
-# included), taken from wait4() as /usr/bin/time does, but printed with
-# microsecond precision rather than its 10 ms.
+# CPU per GB is CPU seconds (user+sys) per 10^9 bytes moved, two ways:
+# "proc", the whole process from exec to exit (fio's job process included),
+# from wait4() as /usr/bin/time reports it but with microsecond rather than
+# 10 ms precision; and "run", each tool's own figure for its timed window
+# (fio usr_cpu+sys_cpu over job_runtime, ztier's getrusage deltas), which
+# leaves out start-up (fio spends ~0.2 s CPU before its first I/O).
+# Targets printed: bandwidth ratio >= 0.98 sequential, >= 0.95 random and
+# buffered; proc CPU ratio <= 1.10 with O_DIRECT.
 #
 # Usage: scripts/compare_fio.sh [--pairs N] [--file PATH] [--size SIZE]
 #          [--rand-size SIZE] [--workloads "seqread seqwrite randread"]
 #          [--engines "io_uring libaio psync"] [--buffered] [--out CSV]
 #          [--ztier PATH]
+# Defaults: 5 pairs; file ${ZTIER_NVME_PATH:-./ztier_nvme}/compare_fio.dat
+# (written once with real data before measuring); --size 1GiB for the
+# sequential workloads, --rand-size 256MiB for randread (psync's queue depth
+# 1 makes larger sizes slow); CSV of every pair in build/compare_fio.csv;
+# ztier from $ZTIER, else build/ztier, else build-bench/ztier. Sizes are
+# 1024-based and given to both tools in bytes.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -172,7 +183,7 @@ fi
 # without touching the disk), outside any measurement.
 echo "compare_fio: writing $file ($size) with ztier before measuring" >&2
 "$ztier" bench io --rw write --bs 1MiB --qd 32 --size "$size" --file "$file" \
-  $direct_ztier --json >/dev/null
+  "$direct_ztier" --json >/dev/null
 if ((buffered)); then
   echo "compare_fio: warming the page cache with a buffered read of $file" >&2
   "$ztier" bench io --rw read --bs 1MiB --qd 32 --size "$size" --file "$file" \
@@ -191,7 +202,7 @@ run_tool() {
          --invalidate=0 --output-format=json)
   else
     cmd=("$ztier" bench io --backend "$engine" --rw "$rw" --bs "$bs" --qd "$qd"
-         --threads 1 --size "$sz" --file "$file" $direct_ztier --json)
+         --threads 1 --size "$sz" --file "$file" "$direct_ztier" --json)
   fi
   local user sys rc
   read -r user sys rc < <(python3 "$tmp/timed.py" "$tmp/$tool.json" "${cmd[@]}")

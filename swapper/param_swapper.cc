@@ -286,23 +286,18 @@ Status ParamSwapper::VerifyMember(const Member& m, const uint8_t* data) const {
 }
 
 void ParamSwapper::OnReadDone(uint32_t extent_index, const Status& status) {
-  // The extent is READING: nobody else touches its members or buffer, so the
-  // checksums are computed outside the lock.
+  // Checksums are verified later, by the thread that first asks for the data
+  // (Wait, Data or Verify), so the I/O thread goes straight back to keeping
+  // the drive's queue full.
   ExtentState& e = extents_[extent_index];
   Status result = status;
-  if (result.ok()) {
-    for (uint32_t mi : e.members) {
-      result = VerifyMember(members_[mi], e.span.data);
-      if (!result.ok()) break;
-    }
-  }
   std::vector<std::pair<uint64_t, Status>> notify;
   ReadCallback cb;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    --in_flight_;
     if (result.ok()) {
       e.state = PartitionState::kInHost;
+      for (uint32_t mi : e.members) members_[mi].verified = !options_.checksum;
       stats_.bytes_read += e.where.bytes;
       ++stats_.reads;
     } else {
@@ -326,11 +321,17 @@ void ParamSwapper::OnReadDone(uint32_t extent_index, const Status& status) {
       notify.emplace_back(m.id, result);
     }
     cb = read_cb_;
+    cv_.notify_all();
   }
-  cv_.notify_all();
   if (cb) {
     for (auto& [id, s] : notify) cb(id, s);
   }
+  // Counted done only after the callbacks ran: the destructor waits for
+  // in_flight_ == 0 and must not free what they use. Notify under the lock,
+  // so the condition variable outlives the call.
+  std::lock_guard<std::mutex> lock(mu_);
+  --in_flight_;
+  cv_.notify_all();
 }
 
 Status ParamSwapper::Wait(uint64_t id) {
@@ -352,7 +353,46 @@ Status ParamSwapper::Wait(uint64_t id) {
     return Status::FailedPrecondition(
         fmt::format("partition {} was not swapped in (call SwapIn first)", id));
   }
-  return Status::Ok();
+  return VerifyLocked(lock, *m);
+}
+
+Status ParamSwapper::Verify(uint64_t id) {
+  std::unique_lock<std::mutex> lock(mu_);
+  ZTIER_ASSIGN_OR_RETURN(Member * m, Find(id));
+  const ExtentState& e = extents_[m->extent];
+  if (e.state != PartitionState::kInHost || !m->held) {
+    return Status::FailedPrecondition(fmt::format(
+        "partition {} is {}: only a swapped-in partition can be verified", id,
+        PartitionStateName(e.state)));
+  }
+  return VerifyLocked(lock, *m);
+}
+
+Status ParamSwapper::VerifyLocked(std::unique_lock<std::mutex>& lock, Member& m) {
+  if (m.verified) return Status::Ok();
+  ExtentState& e = extents_[m.extent];
+  const uint8_t* data = e.span.data;
+  // The extent is IN_HOST and held by this caller: its buffer cannot go away
+  // or change under us, so the checksum is computed without the lock.
+  lock.unlock();
+  Status s = VerifyMember(m, data);
+  lock.lock();
+  if (s.ok()) {
+    m.verified = true;
+    return s;
+  }
+  ++stats_.checksum_failures;
+  if (first_error_.ok()) first_error_ = s;
+  // Never hand out the data: drop this holder (and the buffer if it was the
+  // last one).
+  if (m.held) {
+    m.held = false;
+    if (--e.holders == 0 && e.state == PartitionState::kInHost) {
+      ReturnSpan(e);
+      e.state = PartitionState::kOnNvme;
+    }
+  }
+  return s;
 }
 
 Status ParamSwapper::WaitAll() {
@@ -364,7 +404,7 @@ Status ParamSwapper::WaitAll() {
 }
 
 Result<uint8_t*> ParamSwapper::Data(uint64_t id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
   ZTIER_ASSIGN_OR_RETURN(Member * m, Find(id));
   ExtentState& e = extents_[m->extent];
   if (e.state != PartitionState::kInHost || !m->held) {
@@ -372,6 +412,7 @@ Result<uint8_t*> ParamSwapper::Data(uint64_t id) {
         "partition {} is {}{}: its host data is available only while IN_HOST", id,
         PartitionStateName(e.state), m->held ? "" : " and not swapped in"));
   }
+  ZTIER_RETURN_IF_ERROR(VerifyLocked(lock, *m));
   return e.span.data + m->offset;
 }
 
@@ -414,6 +455,14 @@ Status ParamSwapper::SwapOut(uint64_t id) {
     return Status::FailedPrecondition(fmt::format(
         "partition {} is {}{}: SwapOut needs it IN_HOST", id,
         PartitionStateName(e.state), m->held ? "" : " and not swapped in"));
+  }
+  // Never write back (and re-checksum) data that failed its check.
+  for (uint32_t mi : e.members) {
+    Member& x = members_[mi];
+    if (x.held || &x == m) ZTIER_RETURN_IF_ERROR(VerifyLocked(lock, x));
+  }
+  if (e.state != PartitionState::kInHost || !m->held) {
+    return Status::FailedPrecondition(fmt::format("partition {} changed during SwapOut", id));
   }
   e.state = PartitionState::kWriting;
   m->held = false;

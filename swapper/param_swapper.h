@@ -90,7 +90,12 @@ class ParamSwapper {
   Status WaitAll();
 
   // Host memory of an IN_HOST partition (`bytes(id)` bytes, writable).
+  // Checks the partition's CRC32C first (once per swap-in), like Wait().
   Result<uint8_t*> Data(uint64_t id);
+  // Checks an IN_HOST partition's CRC32C now (once per swap-in). A mismatch
+  // is kCorruption naming the partition, file and offset; the caller's hold
+  // is dropped and the data is never handed out.
+  Status Verify(uint64_t id);
   // IN_HOST -> ON_NVME: the buffer goes back to the pool (shared buffers of a
   // pack when its last holder releases). A partition whose write-back failed
   // keeps its buffer (its only good copy) unless `discard` is set.
@@ -120,6 +125,7 @@ class ParamSwapper {
     bool written = false;   // the NVMe copy holds this run's data
     bool held = false;      // asked for by SwapIn and not released
     bool write_failed = false;  // good data only in the buffer after a failed write
+    bool verified = true;   // the host copy passed its checksum since the read
     Status error;           // a failed read or write, reported once
   };
   struct ExtentState {
@@ -139,6 +145,8 @@ class ParamSwapper {
   void OnReadDone(uint32_t extent_index, const Status& status);
   void OnWriteDone(uint32_t extent_index, const Status& status);
   Status VerifyMember(const Member& m, const uint8_t* data) const;
+  // Verifies once per swap-in; `lock` holds mu_ (released during the CRC).
+  Status VerifyLocked(std::unique_lock<std::mutex>& lock, Member& m);
   void ReturnSpan(ExtentState& e);  // needs mu_
   std::string Describe(const Member& m) const;
 

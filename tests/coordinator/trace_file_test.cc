@@ -3,6 +3,9 @@
 // invariants, and the shapes and traces shipped in configs/.
 #include "coordinator/trace_file.h"
 
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
@@ -12,9 +15,6 @@
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 
 #include "tests/testutil/testutil.h"
 
@@ -36,7 +36,8 @@ ModelShape LoadShapeOrDie(const std::string& name) {
   return s.ok() ? *s : ModelShape{};
 }
 
-TraceFile GenerateOrDie(const ModelShape& shape, const TraceGenOptions& o = {}) {
+TraceFile GenerateOrDie(const ModelShape& shape,
+                        const TraceGenOptions& o = {}) {
   Result<TraceFile> t = GenerateTrace(shape, o);
   EXPECT_TRUE(t.ok()) << t.status().ToString();
   return t.ok() ? *t : TraceFile{};
@@ -80,11 +81,12 @@ TraceFile HandMadeTrace() {
   t.modules = {{0, "root", {}, std::nullopt, 0},
                {1, "a", {0, 1}, 0, 123456789012ULL},
                {5, "", {7, 0}, 0, 0}};
-  t.steps = {{Fetch(0, true), Fetch(1, true), Release(1, false), Fetch(5, true),
-              Release(5, false), Release(0, false), Fetch(0, false), Fetch(5, false),
-              Release(5, true), Fetch(1, false), Release(1, true), Release(0, true)},
-             {},
-             {Fetch(1, true), Fetch(1, true), Release(1, false), Release(1, false)}};
+  t.steps = {
+      {Fetch(0, true), Fetch(1, true), Release(1, false), Fetch(5, true),
+       Release(5, false), Release(0, false), Fetch(0, false), Fetch(5, false),
+       Release(5, true), Fetch(1, false), Release(1, true), Release(0, true)},
+      {},
+      {Fetch(1, true), Fetch(1, true), Release(1, false), Release(1, false)}};
   t.config = {{"coordinator.prefetch_bucket_size", "50000000"},
               {"io.backend", "\"psync\""},
               {"tiers.nvme.paths", "[\"/a\",\"/b\"]"},
@@ -127,7 +129,8 @@ TEST(TraceJson, OneObjectPerLine) {
   while (std::getline(in, line)) {
     if (line.find("\"op\"") != std::string::npos) {
       ++events;
-      EXPECT_EQ(line.find("\"op\"", line.find("\"op\"") + 1), std::string::npos) << line;
+      EXPECT_EQ(line.find("\"op\"", line.find("\"op\"") + 1), std::string::npos)
+          << line;
     }
     if (line.find("\"numel\"") != std::string::npos) ++params;
     if (line.find("\"flops\"") != std::string::npos) ++modules;
@@ -153,12 +156,14 @@ TEST(TraceJson, EventFlagsDefaultAndAreComplements) {
   EXPECT_EQ(t->params[0].tier, ParamTier::kNvme);
   EXPECT_FALSE(t->params[0].persist);
   ASSERT_EQ(t->steps.size(), 1u);
-  EXPECT_EQ(t->steps[0], (std::vector<TraceEvent>{Fetch(0, true), Release(0, false),
-                                                  Fetch(0, false), Release(0, true)}));
+  EXPECT_EQ(t->steps[0],
+            (std::vector<TraceEvent>{Fetch(0, true), Release(0, false),
+                                     Fetch(0, false), Release(0, true)}));
 }
 
 TEST(TraceJson, NestedConfigIsFlattened) {
-  const char* json = R"({"format": "ztier-trace-v1", "params": [], "modules": [],
+  const char* json =
+      R"({"format": "ztier-trace-v1", "params": [], "modules": [],
     "steps": [], "config": {"coordinator": {"prefetch_bucket_size": 5e7},
                             "io.queue_depth": 64, "io": {"backend": "uring"}}})";
   Result<TraceFile> t = ParseTrace(json, "x");
@@ -206,11 +211,13 @@ TEST(TraceFileIo, Errors) {
   EXPECT_FALSE(s.ok());
   EXPECT_THAT(std::string(s.message()), HasSubstr("no/such/dir"));
 
-  std::ofstream(dir.File("bad.json")) << "{\"format\": \"ztier-trace-v1\",\n \"params\": [,]}";
+  std::ofstream(dir.File("bad.json"))
+      << "{\"format\": \"ztier-trace-v1\",\n \"params\": [,]}";
   Result<TraceFile> bad = LoadTrace(dir.File("bad.json"));
   ASSERT_FALSE(bad.ok());
   EXPECT_EQ(bad.status().code(), StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("bad.json: not valid JSON"));
+  EXPECT_THAT(std::string(bad.status().message()),
+              HasSubstr("bad.json: not valid JSON"));
   EXPECT_THAT(std::string(bad.status().message()), HasSubstr("line 2"));
 }
 
@@ -237,23 +244,31 @@ TEST(TraceValidation, EachErrorNamesItsPath) {
   const BadTrace cases[] = {
       {"module typo", R"("params": [], "modles": [], "steps": [])",
        "x.json: modles: unknown key (did you mean 'modules'?)"},
-      {"unknown key", R"("params": [], "modules": [], "steps": [], "colour": 1)",
+      {"unknown key",
+       R"("params": [], "modules": [], "steps": [], "colour": 1)",
        "colour: unknown key (valid keys: format, world_size"},
-      {"missing steps", R"("params": [], "modules": [])", "steps: missing (required)"},
-      {"world size 0", R"("world_size": 0, "params": [], "modules": [], "steps": [])",
+      {"missing steps", R"("params": [], "modules": [])",
+       "steps: missing (required)"},
+      {"world size 0",
+       R"("world_size": 0, "params": [], "modules": [], "steps": [])",
        "world_size: must be at least 1, got 0"},
       {"params not array", R"("params": {}, "modules": [], "steps": [])",
        "params: expected an array, got object"},
-      {"duplicate param", R"("params": [{"id": 3, "numel": 1}, {"id": 3, "numel": 2}],
+      {"duplicate param",
+       R"("params": [{"id": 3, "numel": 1}, {"id": 3, "numel": 2}],
                              "modules": [], "steps": [])",
        "params[1].id: duplicate param id 3 (also params[0])"},
-      {"numel 0", R"("params": [{"id": 0, "numel": 0}], "modules": [], "steps": [])",
+      {"numel 0",
+       R"("params": [{"id": 0, "numel": 0}], "modules": [], "steps": [])",
        "params[0].numel: must be at least 1, got 0"},
-      {"numel negative", R"("params": [{"id": 0, "numel": -5}], "modules": [], "steps": [])",
+      {"numel negative",
+       R"("params": [{"id": 0, "numel": -5}], "modules": [], "steps": [])",
        "params[0].numel: must not be negative, got -5"},
-      {"numel fraction", R"("params": [{"id": 0, "numel": 1.5}], "modules": [], "steps": [])",
+      {"numel fraction",
+       R"("params": [{"id": 0, "numel": 1.5}], "modules": [], "steps": [])",
        "params[0].numel: expected a non-negative whole number, got 1.5"},
-      {"numel string", R"("params": [{"id": 0, "numel": "8"}], "modules": [], "steps": [])",
+      {"numel string",
+       R"("params": [{"id": 0, "numel": "8"}], "modules": [], "steps": [])",
        "params[0].numel: expected a non-negative whole number, got string"},
       {"missing numel", R"("params": [{"id": 0}], "modules": [], "steps": [])",
        "params[0].numel: missing (required)"},
@@ -272,45 +287,58 @@ TEST(TraceValidation, EachErrorNamesItsPath) {
       {"param twice in module", R"("params": [{"id": 0, "numel": 1}],
          "modules": [{"id": 0, "params": [0, 0]}], "steps": [])",
        "modules[0].params[1]: param 0 listed twice"},
-      {"duplicate module", R"("params": [], "modules": [{"id": 2}, {"id": 2}], "steps": [])",
+      {"duplicate module",
+       R"("params": [], "modules": [{"id": 2}, {"id": 2}], "steps": [])",
        "modules[1].id: duplicate module id 2 (also modules[0])"},
-      {"unknown parent", R"("params": [], "modules": [{"id": 0, "parent": 4}], "steps": [])",
+      {"unknown parent",
+       R"("params": [], "modules": [{"id": 0, "parent": 4}], "steps": [])",
        "modules[0].parent: unknown module 4"},
-      {"own parent", R"("params": [], "modules": [{"id": 0, "parent": 0}], "steps": [])",
+      {"own parent",
+       R"("params": [], "modules": [{"id": 0, "parent": 0}], "steps": [])",
        "modules[0].parent: a module cannot be its own parent"},
       {"parent cycle", R"("params": [], "modules": [{"id": 0, "parent": 1},
                                                     {"id": 1, "parent": 0}], "steps": [])",
        "modules[0].parent: the parent chain of module 0 is a cycle"},
       {"steps not arrays", kPM + R"("steps": [{}])",
        "steps[0]: expected an array of events, got object"},
-      {"unknown module", kPM + R"("steps": [[], [{"op": "fetch", "module": 42}]])",
+      {"unknown module",
+       kPM + R"("steps": [[], [{"op": "fetch", "module": 42}]])",
        "steps[1][0].module: unknown module 42"},
       {"unknown op", kPM + R"("steps": [[{"op": "gather", "module": 0}]])",
        "steps[0][0].op: unknown op 'gather' (use fetch or release)"},
       {"event key typo", kPM + R"("steps": [[{"op": "fetch", "modul": 0}]])",
        "steps[0][0].modul: unknown key (did you mean 'module'?)"},
-      {"backward on fetch", kPM + R"("steps": [[{"op": "fetch", "module": 0, "backward": true},
+      {"backward on fetch",
+       kPM + R"("steps": [[{"op": "fetch", "module": 0, "backward": true},
                                                 {"op": "release", "module": 0}]])",
        "steps[0][0].backward: not valid on a fetch event (it takes 'forward')"},
       {"forward on release", kPM + R"("steps": [[{"op": "fetch", "module": 0},
                                            {"op": "release", "module": 0, "forward": true}]])",
-       "steps[0][1].forward: not valid on a release event (it takes 'backward')"},
-      {"release unfetched", kPM + R"("steps": [[{"op": "release", "module": 1}]])",
-       "steps[0][0]: release of module 1 (b), which is not fetched at this point of step 0"},
+       "steps[0][1].forward: not valid on a release event (it takes "
+       "'backward')"},
+      {"release unfetched",
+       kPM + R"("steps": [[{"op": "release", "module": 1}]])",
+       "steps[0][0]: release of module 1 (b), which is not fetched at this "
+       "point of step 0"},
       {"release twice", kPM + R"("steps": [[{"op": "fetch", "module": 0},
                                             {"op": "release", "module": 0},
                                             {"op": "release", "module": 0}]])",
        "steps[0][2]: release of module 0 (a), which is not fetched"},
-      {"fetched in another step", kPM + R"("steps": [[{"op": "fetch", "module": 0}],
+      {"fetched in another step",
+       kPM + R"("steps": [[{"op": "fetch", "module": 0}],
                                                      [{"op": "release", "module": 0}]])",
-       "steps[1][0]: release of module 0 (a), which is not fetched at this point of step 1"},
+       "steps[1][0]: release of module 0 (a), which is not fetched at this "
+       "point of step 1"},
       {"never released", kPM + R"("steps": [[{"op": "fetch", "module": 1},
                                              {"op": "fetch", "module": 0},
                                              {"op": "release", "module": 0}]])",
-       "steps[0][0]: module 1 (b) is fetched here and never released in step 0"},
-      {"config null", R"("params": [], "modules": [], "steps": [], "config": {"a.b": null})",
+       "steps[0][0]: module 1 (b) is fetched here and never released in step "
+       "0"},
+      {"config null",
+       R"("params": [], "modules": [], "steps": [], "config": {"a.b": null})",
        "config.a.b: null is not a config value"},
-      {"config not object", R"("params": [], "modules": [], "steps": [], "config": [])",
+      {"config not object",
+       R"("params": [], "modules": [], "steps": [], "config": [])",
        "config: expected an object, got array"},
       {"config twice", R"("params": [], "modules": [], "steps": [],
                           "config": {"io.depth": 1, "io": {"depth": 2}})",
@@ -318,7 +346,8 @@ TEST(TraceValidation, EachErrorNamesItsPath) {
       {"repeated json key", R"("params": [{"id": 0, "numel": 1, "numel": 2}],
                                "modules": [], "steps": [])",
        "params[0].numel: key given twice in the same object"},
-      {"repeated key deep", kPM + R"("steps": [[], [{"op": "fetch", "module": 0},
+      {"repeated key deep",
+       kPM + R"("steps": [[], [{"op": "fetch", "module": 0},
                                   {"op": "release", "op": "release", "module": 0}]])",
        "steps[1][1].op: key given twice in the same object"},
   };
@@ -326,23 +355,29 @@ TEST(TraceValidation, EachErrorNamesItsPath) {
     Result<TraceFile> t = ParseTrace(Wrap(c.body), "x.json");
     ASSERT_FALSE(t.ok()) << c.what;
     EXPECT_EQ(t.status().code(), StatusCode::kInvalidArgument) << c.what;
-    EXPECT_THAT(std::string(t.status().message()), HasSubstr(c.expected)) << c.what;
+    EXPECT_THAT(std::string(t.status().message()), HasSubstr(c.expected))
+        << c.what;
   }
 }
 
 TEST(TraceValidation, Format) {
   Result<TraceFile> t = ParseTrace(
-      R"({"format": "ztier-trace-v2", "params": [], "modules": [], "steps": []})", "f.json");
+      R"({"format": "ztier-trace-v2", "params": [], "modules": [], "steps": []})",
+      "f.json");
   ASSERT_FALSE(t.ok());
-  EXPECT_THAT(std::string(t.status().message()),
-              HasSubstr("f.json: format: unknown format 'ztier-trace-v2' (this reader knows "
-                        "'ztier-trace-v1')"));
+  EXPECT_THAT(
+      std::string(t.status().message()),
+      HasSubstr(
+          "f.json: format: unknown format 'ztier-trace-v2' (this reader knows "
+          "'ztier-trace-v1')"));
   t = ParseTrace(R"({"params": [], "modules": [], "steps": []})", "f.json");
   ASSERT_FALSE(t.ok());
-  EXPECT_THAT(std::string(t.status().message()), HasSubstr("format: missing (required)"));
+  EXPECT_THAT(std::string(t.status().message()),
+              HasSubstr("format: missing (required)"));
   t = ParseTrace("[1, 2]", "f.json");
   ASSERT_FALSE(t.ok());
-  EXPECT_THAT(std::string(t.status().message()), HasSubstr("expected an object, got array"));
+  EXPECT_THAT(std::string(t.status().message()),
+              HasSubstr("expected an object, got array"));
   t = ParseTrace("", "f.json");
   ASSERT_FALSE(t.ok());
   EXPECT_THAT(std::string(t.status().message()), HasSubstr("not valid JSON"));
@@ -351,10 +386,12 @@ TEST(TraceValidation, Format) {
 TEST(TraceValidation, ManyErrorsAreCutShort) {
   std::string params;
   for (int i = 0; i < 30; ++i) {
-    params += (i ? ", " : "") + std::string("{\"id\": ") + std::to_string(i) + ", \"numel\": 0}";
+    params += (i ? ", " : "") + std::string("{\"id\": ") + std::to_string(i) +
+              ", \"numel\": 0}";
   }
-  Result<TraceFile> t =
-      ParseTrace(Wrap("\"params\": [" + params + "], \"modules\": [], \"steps\": []"), "m");
+  Result<TraceFile> t = ParseTrace(
+      Wrap("\"params\": [" + params + "], \"modules\": [], \"steps\": []"),
+      "m");
   ASSERT_FALSE(t.ok());
   std::string msg(t.status().message());
   EXPECT_THAT(msg, HasSubstr("params[19].numel"));
@@ -364,7 +401,8 @@ TEST(TraceValidation, ManyErrorsAreCutShort) {
 
 TEST(TraceValidation, ParentsMayComeLater) {
   Result<TraceFile> t = ParseTrace(
-      Wrap(R"("params": [], "modules": [{"id": 5, "parent": 9}, {"id": 9}], "steps": [])"),
+      Wrap(
+          R"("params": [], "modules": [{"id": 5, "parent": 9}, {"id": 9}], "steps": [])"),
       "x");
   ASSERT_TRUE(t.ok()) << t.status().ToString();
   EXPECT_EQ(t->modules[0].parent, std::optional<uint64_t>(9));
@@ -401,7 +439,8 @@ struct BadShape {
 };
 
 TEST(ModelShapeFile, Errors) {
-  const char* kBase = "family: gpt2\nlayers: 2\nhidden: 64\nheads: 4\nvocab: 256\n";
+  const char* kBase =
+      "family: gpt2\nlayers: 2\nhidden: 64\nheads: 4\nvocab: 256\n";
   const BadShape cases[] = {
       {"typo", "family: gpt2\nlayers: 2\nhiden: 64\nheads: 4\nvocab: 256\n",
        "s.yaml:3:1: hiden: unknown key (did you mean 'hidden'?)"},
@@ -409,30 +448,38 @@ TEST(ModelShapeFile, Errors) {
        "hidden: missing (required)"},
       {"family", "family: bert\nlayers: 2\nhidden: 64\nheads: 4\nvocab: 256\n",
        "s.yaml:1:1: family: unknown family 'bert' (use gpt2, llama or moe)"},
-      {"number", "family: gpt2\nlayers: two\nhidden: 64\nheads: 4\nvocab: 256\n",
+      {"number",
+       "family: gpt2\nlayers: two\nhidden: 64\nheads: 4\nvocab: 256\n",
        "s.yaml:2:9: layers:"},
       {"zero", "family: gpt2\nlayers: 0\nhidden: 64\nheads: 4\nvocab: 256\n",
        "s.yaml:2:1: layers: must be at least 1"},
       {"heads", "family: gpt2\nlayers: 2\nhidden: 64\nheads: 5\nvocab: 256\n",
        "heads: hidden (64) is not a multiple of heads (5)"},
-      {"kv_heads on gpt2", "family: gpt2\nlayers: 2\nhidden: 64\nheads: 4\nvocab: 256\n"
-                           "kv_heads: 2\n",
+      {"kv_heads on gpt2",
+       "family: gpt2\nlayers: 2\nhidden: 64\nheads: 4\nvocab: 256\n"
+       "kv_heads: 2\n",
        "kv_heads: only the llama family has grouped-query attention"},
-      {"kv_heads divides", "family: llama\nlayers: 2\nhidden: 64\nheads: 4\nvocab: 256\n"
-                           "kv_heads: 3\n",
+      {"kv_heads divides",
+       "family: llama\nlayers: 2\nhidden: 64\nheads: 4\nvocab: 256\n"
+       "kv_heads: 3\n",
        "kv_heads: heads (4) is not a multiple of kv_heads (3)"},
-      {"experts on gpt2", "family: gpt2\nlayers: 2\nhidden: 64\nheads: 4\nvocab: 256\n"
-                          "experts: 4\n",
+      {"experts on gpt2",
+       "family: gpt2\nlayers: 2\nhidden: 64\nheads: 4\nvocab: 256\n"
+       "experts: 4\n",
        "experts: only the moe family has experts"},
-      {"moe_every on llama", "family: llama\nlayers: 2\nhidden: 64\nheads: 4\nvocab: 256\n"
-                             "moe_every: 2\n",
+      {"moe_every on llama",
+       "family: llama\nlayers: 2\nhidden: 64\nheads: 4\nvocab: 256\n"
+       "moe_every: 2\n",
        "moe_every: only the moe family has MoE layers"},
-      {"moe without experts", "family: moe\nlayers: 2\nhidden: 64\nheads: 4\nvocab: 256\n",
+      {"moe without experts",
+       "family: moe\nlayers: 2\nhidden: 64\nheads: 4\nvocab: 256\n",
        "experts: an moe model needs at least 1 expert"},
-      {"bool", "family: gpt2\nlayers: 2\nhidden: 64\nheads: 4\nvocab: 256\n"
-               "tied_embeddings: maybe\n",
+      {"bool",
+       "family: gpt2\nlayers: 2\nhidden: 64\nheads: 4\nvocab: 256\n"
+       "tied_embeddings: maybe\n",
        "s.yaml:6:18: tied_embeddings: expected true or false, got 'maybe'"},
-      {"twice", "family: gpt2\nlayers: 2\nhidden: 64\nheads: 4\nvocab: 256\nlayers: 3\n",
+      {"twice",
+       "family: gpt2\nlayers: 2\nhidden: 64\nheads: 4\nvocab: 256\nlayers: 3\n",
        "s.yaml:6:1: layers: given twice"},
       {"list", "family: gpt2\nlayers: [2]\nhidden: 64\nheads: 4\nvocab: 256\n",
        "layers: expected a single value"},
@@ -453,7 +500,8 @@ TEST(ModelShapeFile, Errors) {
     Result<ModelShape> s = LoadModelShape(path);
     ASSERT_FALSE(s.ok()) << c.what;
     EXPECT_EQ(s.status().code(), StatusCode::kInvalidArgument) << c.what;
-    EXPECT_THAT(std::string(s.status().message()), HasSubstr(c.expected)) << c.what;
+    EXPECT_THAT(std::string(s.status().message()), HasSubstr(c.expected))
+        << c.what;
   }
   Result<ModelShape> missing = LoadModelShape(dir.File("none.yaml"));
   ASSERT_FALSE(missing.ok());
@@ -495,12 +543,16 @@ TEST(ModelShapes, LlamaDefaultFfnAndGroupedQueryAttention) {
   s.heads = 32;
   s.vocab = 100;
   TraceFile t = GenerateOrDie(s);
-  EXPECT_EQ(FindParam(t, "layers.0.mlp.gate_proj.weight")->numel, 4096u * 11008u);
-  EXPECT_EQ(FindParam(t, "layers.0.self_attn.k_proj.weight")->numel, 4096u * 4096u);
+  EXPECT_EQ(FindParam(t, "layers.0.mlp.gate_proj.weight")->numel,
+            4096u * 11008u);
+  EXPECT_EQ(FindParam(t, "layers.0.self_attn.k_proj.weight")->numel,
+            4096u * 4096u);
   s.kv_heads = 8;
   t = GenerateOrDie(s);
-  EXPECT_EQ(FindParam(t, "layers.0.self_attn.k_proj.weight")->numel, 4096u * 1024u);
-  EXPECT_EQ(FindParam(t, "layers.0.self_attn.q_proj.weight")->numel, 4096u * 4096u);
+  EXPECT_EQ(FindParam(t, "layers.0.self_attn.k_proj.weight")->numel,
+            4096u * 1024u);
+  EXPECT_EQ(FindParam(t, "layers.0.self_attn.q_proj.weight")->numel,
+            4096u * 4096u);
 }
 
 // ---------------------------------------------------------------------------
@@ -521,7 +573,9 @@ void ExpectWellNested(const TraceFile& t) {
         const TraceModule* m = by_id.at(ev.module);
         if (m->parent) {
           EXPECT_FALSE(open.empty());
-          if (!open.empty()) EXPECT_EQ(open.back(), *m->parent) << m->name;
+          if (!open.empty()) {
+            EXPECT_EQ(open.back(), *m->parent) << m->name;
+          }
         } else {
           EXPECT_TRUE(open.empty());
         }
@@ -537,14 +591,16 @@ void ExpectWellNested(const TraceFile& t) {
 }
 
 // Modules with params, in the order a step fetches them with `forward`.
-std::vector<uint64_t> LeafFetches(const TraceFile& t, size_t step, bool forward) {
+std::vector<uint64_t> LeafFetches(const TraceFile& t, size_t step,
+                                  bool forward) {
   std::set<uint64_t> leaves;
   for (const TraceModule& m : t.modules) {
     if (!m.params.empty()) leaves.insert(m.id);
   }
   std::vector<uint64_t> out;
   for (const TraceEvent& e : t.steps[step]) {
-    if (e.op == TraceOp::kFetch && e.forward == forward && leaves.contains(e.module)) {
+    if (e.op == TraceOp::kFetch && e.forward == forward &&
+        leaves.contains(e.module)) {
       out.push_back(e.module);
     }
   }
@@ -561,9 +617,10 @@ TEST(GenerateTrace, Gpt2Structure) {
   std::vector<std::string> names;
   for (const TraceModule& m : t.modules) names.push_back(m.name);
   EXPECT_EQ(names, (std::vector<std::string>{
-                       "model", "embed", "layers.0", "layers.0.ln_1", "layers.0.attn",
-                       "layers.0.ln_2", "layers.0.mlp", "layers.1", "layers.1.ln_1",
-                       "layers.1.attn", "layers.1.ln_2", "layers.1.mlp", "ln_f", "lm_head"}));
+                       "model", "embed", "layers.0", "layers.0.ln_1",
+                       "layers.0.attn", "layers.0.ln_2", "layers.0.mlp",
+                       "layers.1", "layers.1.ln_1", "layers.1.attn",
+                       "layers.1.ln_2", "layers.1.mlp", "ln_f", "lm_head"}));
   EXPECT_EQ(t.params[0].name, "wte.weight");
   EXPECT_EQ(t.params[0].numel, 256u * 64u);
   EXPECT_EQ(t.params[1].name, "wpe.weight");
@@ -573,14 +630,17 @@ TEST(GenerateTrace, Gpt2Structure) {
   EXPECT_EQ(FindParam(t, "lm_head.weight"), nullptr);  // tied
   // The layer containers own no params; their parts do.
   EXPECT_TRUE(FindModule(t, "layers.0")->params.empty());
-  EXPECT_EQ(FindModule(t, "layers.0.attn")->parent, FindModule(t, "layers.0")->id);
+  EXPECT_EQ(FindModule(t, "layers.0.attn")->parent,
+            FindModule(t, "layers.0")->id);
   EXPECT_EQ(FindModule(t, "layers.0")->parent, FindModule(t, "model")->id);
-  EXPECT_EQ(TotalNumel(t), 256u * 64 + 32 * 64 + 2 * (12 * 64 * 64 + 13 * 64) + 2 * 64);
+  EXPECT_EQ(TotalNumel(t),
+            256u * 64 + 32 * 64 + 2 * (12 * 64 * 64 + 13 * 64) + 2 * 64);
 
   // 2 FLOPs per element per token, plus the attention scores.
   const uint64_t tokens = 32;
   const TraceModule* attn = FindModule(t, "layers.0.attn");
-  EXPECT_EQ(attn->flops, 2 * (4 * 64 * 64 + 4 * 64) * tokens + 4 * 32 * 32 * 64);
+  EXPECT_EQ(attn->flops,
+            2 * (4 * 64 * 64 + 4 * 64) * tokens + 4 * 32 * 32 * 64);
   EXPECT_EQ(FindModule(t, "lm_head")->flops, 2u * 256 * 64 * tokens);
   EXPECT_EQ(FindModule(t, "embed")->flops, 0u);  // a lookup, no matmul
   ExpectWellNested(t);
@@ -592,7 +652,8 @@ TEST(GenerateTrace, TiedEmbeddingIsUsedByTwoModules) {
   ASSERT_NE(wte, nullptr);
   std::vector<std::string> users;
   for (const TraceModule& m : t.modules) {
-    if (std::find(m.params.begin(), m.params.end(), wte->id) != m.params.end()) {
+    if (std::find(m.params.begin(), m.params.end(), wte->id) !=
+        m.params.end()) {
       users.push_back(m.name);
     }
   }
@@ -621,14 +682,15 @@ TEST(GenerateTrace, ForwardInOrderThenBackwardInReverse) {
       EXPECT_EQ(fwd, bwd) << name << " step " << s;
       // Every forward event comes before every backward event.
       const auto& ev = t.steps[s];
-      auto first_bwd = std::find_if(ev.begin(), ev.end(),
-                                    [](const TraceEvent& e) { return !e.forward; });
-      EXPECT_TRUE(std::all_of(first_bwd, ev.end(),
-                              [](const TraceEvent& e) { return !e.forward; }))
-          << name;
+      auto first_bwd = std::find_if(
+          ev.begin(), ev.end(), [](const TraceEvent& e) { return !e.forward; });
+      EXPECT_TRUE(std::all_of(first_bwd, ev.end(), [](const TraceEvent& e) {
+        return !e.forward;
+      })) << name;
       // Leaves fetch and release back to back.
       for (size_t e = 0; e < ev.size(); ++e) {
-        if (ev[e].op == TraceOp::kFetch && !t.modules[ev[e].module].params.empty()) {
+        if (ev[e].op == TraceOp::kFetch &&
+            !t.modules[ev[e].module].params.empty()) {
           ASSERT_LT(e + 1, ev.size());
           EXPECT_EQ(ev[e + 1].op, TraceOp::kRelease);
           EXPECT_EQ(ev[e + 1].module, ev[e].module);
@@ -643,16 +705,18 @@ TEST(GenerateTrace, LlamaStructure) {
   TraceFile t = GenerateOrDie(LoadShapeOrDie("llama-tiny"));
   std::vector<std::string> names;
   for (const TraceModule& m : t.modules) names.push_back(m.name);
-  EXPECT_EQ(names, (std::vector<std::string>{
-                       "model", "embed_tokens", "layers.0", "layers.0.input_layernorm",
-                       "layers.0.self_attn", "layers.0.post_attention_layernorm",
-                       "layers.0.mlp", "layers.1", "layers.1.input_layernorm",
-                       "layers.1.self_attn", "layers.1.post_attention_layernorm",
-                       "layers.1.mlp", "norm", "lm_head"}));
+  EXPECT_EQ(names,
+            (std::vector<std::string>{
+                "model", "embed_tokens", "layers.0", "layers.0.input_layernorm",
+                "layers.0.self_attn", "layers.0.post_attention_layernorm",
+                "layers.0.mlp", "layers.1", "layers.1.input_layernorm",
+                "layers.1.self_attn", "layers.1.post_attention_layernorm",
+                "layers.1.mlp", "norm", "lm_head"}));
   EXPECT_EQ(FindParam(t, "layers.0.mlp.down_proj.weight")->numel, 344u * 128u);
   EXPECT_EQ(FindParam(t, "lm_head.weight")->numel, 512u * 128u);
-  EXPECT_EQ(TotalNumel(t),
-            2u * 512 * 128 + 2 * (4 * 128 * 128 + 3 * 128 * 344 + 2 * 128) + 128);
+  EXPECT_EQ(
+      TotalNumel(t),
+      2u * 512 * 128 + 2 * (4 * 128 * 128 + 3 * 128 * 344 + 2 * 128) + 128);
   ExpectWellNested(t);
 }
 
@@ -678,7 +742,8 @@ TEST(GenerateTrace, MoeStepsRouteToDifferentExperts) {
       if (at != std::string::npos) chosen[n.substr(0, at)].insert(n);
     }
     ASSERT_EQ(chosen.size(), 2u) << "step " << s;
-    for (const auto& [layer, experts] : chosen) EXPECT_EQ(experts.size(), 2u) << layer;
+    for (const auto& [layer, experts] : chosen)
+      EXPECT_EQ(experts.size(), 2u) << layer;
   }
   // An expert sees 2/8 of the tokens.
   const uint64_t tokens = 128;
@@ -706,7 +771,8 @@ TEST(GenerateTrace, ScaleKeepsTheStructure) {
     ASSERT_EQ(scaled.modules.size(), full.modules.size());
     for (size_t i = 0; i < full.params.size(); ++i) {
       EXPECT_EQ(scaled.params[i].name, full.params[i].name);
-      uint64_t want = std::max<uint64_t>(1, (full.params[i].numel + 999) / 1000);
+      uint64_t want =
+          std::max<uint64_t>(1, (full.params[i].numel + 999) / 1000);
       EXPECT_EQ(scaled.params[i].numel, want) << full.params[i].name;
     }
     for (size_t i = 0; i < full.modules.size(); ++i) {
@@ -735,7 +801,8 @@ TEST(GenerateTrace, CheckpointingRunsEachLayersForwardAgainInBackward) {
   const std::vector<TraceEvent>& ev = ckpt.steps[0];
   auto first_bwd = std::find_if(ev.begin(), ev.end(),
                                 [](const TraceEvent& e) { return !e.forward; });
-  std::vector<std::string> seq;  // "+name" forward fetch, "-name" backward fetch
+  std::vector<std::string>
+      seq;  // "+name" forward fetch, "-name" backward fetch
   for (auto it = first_bwd; it != ev.end(); ++it) {
     const TraceModule& m = ckpt.modules[it->module];
     if (it->op == TraceOp::kFetch && !m.params.empty()) {
@@ -743,12 +810,12 @@ TEST(GenerateTrace, CheckpointingRunsEachLayersForwardAgainInBackward) {
     }
   }
   EXPECT_EQ(seq, (std::vector<std::string>{
-                     "-lm_head", "-ln_f",
-                     "+layers.1.ln_1", "+layers.1.attn", "+layers.1.ln_2", "+layers.1.mlp",
-                     "-layers.1.mlp", "-layers.1.ln_2", "-layers.1.attn", "-layers.1.ln_1",
-                     "+layers.0.ln_1", "+layers.0.attn", "+layers.0.ln_2", "+layers.0.mlp",
-                     "-layers.0.mlp", "-layers.0.ln_2", "-layers.0.attn", "-layers.0.ln_1",
-                     "-embed"}));
+                     "-lm_head", "-ln_f", "+layers.1.ln_1", "+layers.1.attn",
+                     "+layers.1.ln_2", "+layers.1.mlp", "-layers.1.mlp",
+                     "-layers.1.ln_2", "-layers.1.attn", "-layers.1.ln_1",
+                     "+layers.0.ln_1", "+layers.0.attn", "+layers.0.ln_2",
+                     "+layers.0.mlp", "-layers.0.mlp", "-layers.0.ln_2",
+                     "-layers.0.attn", "-layers.0.ln_1", "-embed"}));
 }
 
 TEST(GenerateTrace, RejectsBadShapesAndOptions) {
@@ -764,7 +831,8 @@ TEST(GenerateTrace, RejectsBadShapesAndOptions) {
   shape.family = "rnn";
   t = GenerateTrace(shape, {});
   ASSERT_FALSE(t.ok());
-  EXPECT_THAT(std::string(t.status().message()), HasSubstr("unknown family 'rnn'"));
+  EXPECT_THAT(std::string(t.status().message()),
+              HasSubstr("unknown family 'rnn'"));
 }
 
 // ---------------------------------------------------------------------------
@@ -809,16 +877,19 @@ TEST(ShippedConfigs, TracesMatchTheGenerator) {
     const char* model;
     double scale;
   };
-  for (const Shipped& s : {Shipped{"gpt2_tied", "tiny", 1}, Shipped{"llama_small", "llama-tiny", 1},
+  for (const Shipped& s : {Shipped{"gpt2_tied", "tiny", 1},
+                           Shipped{"llama_small", "llama-tiny", 1},
                            Shipped{"moe_branch", "moe-small", 1}}) {
-    Result<TraceFile> shipped = LoadTrace(kSource + "/configs/traces/" + s.file + ".json");
+    Result<TraceFile> shipped =
+        LoadTrace(kSource + "/configs/traces/" + s.file + ".json");
     ASSERT_TRUE(shipped.ok()) << shipped.status().ToString();
     TraceGenOptions o;
     o.steps = 3;
     o.scale = s.scale;
     EXPECT_EQ(*shipped, GenerateOrDie(LoadShapeOrDie(s.model), o)) << s.file;
   }
-  Result<TraceFile> moe = LoadTrace(kSource + "/configs/traces/moe_branch.json");
+  Result<TraceFile> moe =
+      LoadTrace(kSource + "/configs/traces/moe_branch.json");
   ASSERT_TRUE(moe.ok());
   EXPECT_NE(moe->steps[0], moe->steps[1]);
 }

@@ -1,0 +1,740 @@
+// The C API (include/ztier/ztier.h) over one RankRuntime per engine.
+//
+// Every entry point runs inside Guard(): C++ exceptions become a status and
+// a message, never cross the boundary. Engine calls take the engine's mutex
+// (the hooks are one training thread's anyway); stats and the async-error
+// query read only what is safe from any thread. Handles are checked against
+// the set of live engines, so a destroyed handle is refused, not followed.
+//
+// Initial parameter data: the coordinator lays out the NVMe store once all
+// parameters are known (Finalize), so the rank's partition of each
+// registered parameter is held here, in host memory, until the first call
+// that needs the store (fetch, step end, partition access), then written to
+// its tier and dropped.
+#include "ztier/ztier.h"
+
+#include <atomic>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "base/status.h"
+#include "coordinator/collective.h"
+#include "coordinator/coordinator.h"
+#include "coordinator/runtime.h"
+#include "tiering/config.h"
+
+namespace co = ztier::coordinator;
+namespace ti = ztier::tiering;
+using ztier::Result;
+using ztier::Status;
+using ztier::StatusCode;
+
+struct ztier_local_group {
+  std::shared_ptr<co::LocalGroup> group;
+};
+
+struct ztier_engine {
+  struct Param {
+    uint64_t numel = 0;
+    co::DType dtype = co::DType::kFloat32;
+    uint64_t part_numel = 0;
+    std::vector<uint8_t> pending;  // initial partition until finalize (bytes)
+    std::vector<uint8_t> grad;     // gradient partition (bytes), once handed in
+    bool has_grad = false;
+  };
+
+  std::mutex mu;  // serialises the calls on this engine
+  std::unique_ptr<co::RankRuntime> rt;
+  std::shared_ptr<co::LocalGroup> group;  // kept alive while the engine lives
+  uint32_t rank = 0, world = 1;
+  co::ParamTier tier = co::ParamTier::kNvme;
+  bool finalized = false;
+  std::string failed;  // non-empty: the engine is unusable, and why
+  std::unordered_map<uint64_t, Param> params;
+  std::vector<uint64_t> param_order;  // registration order
+  std::unordered_set<uint64_t> modules;
+  std::atomic<uint64_t> grad_reduces{0};
+
+  std::mutex async_mu;  // guards the latched background error
+  ztier_status_t async_status = ZTIER_STATUS_OK;
+  std::string async_message;
+};
+
+namespace {
+
+thread_local std::string t_last_error;
+
+std::mutex g_live_mu;
+std::unordered_set<const ztier_engine*>& LiveEngines() {
+  static auto* live = new std::unordered_set<const ztier_engine*>();  // never destroyed
+  return *live;
+}
+bool IsLive(const ztier_engine* e) {
+  std::lock_guard<std::mutex> lock(g_live_mu);
+  return LiveEngines().count(e) != 0;
+}
+
+constexpr const char* kStatusNames[] = {
+    "ZTIER_STATUS_OK",
+    "ZTIER_STATUS_INVALID_ARGUMENT",
+    "ZTIER_STATUS_NOT_FOUND",
+    "ZTIER_STATUS_IO_ERROR",
+    "ZTIER_STATUS_UNAVAILABLE",
+    "ZTIER_STATUS_RESOURCE_EXHAUSTED",
+    "ZTIER_STATUS_FAILED_PRECONDITION",
+    "ZTIER_STATUS_CORRUPTION",
+    "ZTIER_STATUS_CANCELLED",
+    "ZTIER_STATUS_INTERNAL",
+    "ZTIER_STATUS_INVALID_HANDLE",
+    "ZTIER_STATUS_BAD_STRUCT_SIZE",
+    "ZTIER_STATUS_ENGINE_FAILED",
+};
+static_assert(sizeof(kStatusNames) / sizeof(kStatusNames[0]) == ZTIER_STATUS_COUNT,
+              "one name per status");
+
+ztier_status_t ToC(StatusCode code) {
+  switch (code) {
+    case StatusCode::kOk: return ZTIER_STATUS_OK;
+    case StatusCode::kInvalidArgument: return ZTIER_STATUS_INVALID_ARGUMENT;
+    case StatusCode::kNotFound: return ZTIER_STATUS_NOT_FOUND;
+    case StatusCode::kIoError: return ZTIER_STATUS_IO_ERROR;
+    case StatusCode::kUnavailable: return ZTIER_STATUS_UNAVAILABLE;
+    case StatusCode::kResourceExhausted: return ZTIER_STATUS_RESOURCE_EXHAUSTED;
+    case StatusCode::kFailedPrecondition: return ZTIER_STATUS_FAILED_PRECONDITION;
+    case StatusCode::kCorruption: return ZTIER_STATUS_CORRUPTION;
+    case StatusCode::kCancelled: return ZTIER_STATUS_CANCELLED;
+    case StatusCode::kInternal: return ZTIER_STATUS_INTERNAL;
+  }
+  return ZTIER_STATUS_INTERNAL;
+}
+
+// Records the detail for ztier_last_error() and returns `status`.
+ztier_status_t Fail(ztier_status_t status, const char* fn, std::string_view detail) {
+  try {
+    t_last_error = fmt::format("{}: {}", fn, detail);
+  } catch (...) {
+    t_last_error.clear();  // no memory for the text; the status still says it
+  }
+  return status;
+}
+
+ztier_status_t FromStatus(const Status& s, const char* fn) {
+  if (s.ok()) return ZTIER_STATUS_OK;
+  return Fail(ToC(s.code()), fn, s.message());
+}
+
+// Runs `body` and turns any exception into a status.
+template <typename F>
+ztier_status_t Guard(const char* fn, F&& body) noexcept {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    return Fail(ZTIER_STATUS_RESOURCE_EXHAUSTED, fn, "out of host memory");
+  } catch (const std::exception& e) {
+    return Fail(ZTIER_STATUS_INTERNAL, fn, fmt::format("unexpected exception: {}", e.what()));
+  } catch (...) {
+    return Fail(ZTIER_STATUS_INTERNAL, fn, "unexpected exception");
+  }
+}
+
+ztier_status_t CheckHandle(const ztier_engine* e, const char* fn) {
+  if (e == nullptr) return Fail(ZTIER_STATUS_INVALID_HANDLE, fn, "the engine handle is NULL");
+  if (!IsLive(e)) {
+    return Fail(ZTIER_STATUS_INVALID_HANDLE, fn,
+                fmt::format("{} is not a live engine (destroyed already, or not from "
+                            "ztier_engine_create)",
+                            static_cast<const void*>(e)));
+  }
+  return ZTIER_STATUS_OK;
+}
+
+// Errors that only a background thread produces: a fetch that returns one
+// reports a failed read or gather, which the async query then also shows.
+bool IsBackgroundCode(StatusCode c) {
+  return c == StatusCode::kIoError || c == StatusCode::kCorruption;
+}
+
+void LatchAsync(ztier_engine& e, const Status& s) {
+  if (s.ok()) return;
+  std::lock_guard<std::mutex> lock(e.async_mu);
+  if (e.async_status != ZTIER_STATUS_OK) return;
+  e.async_status = ToC(s.code());
+  e.async_message = std::string(s.message());
+}
+
+// Checks the handle, takes the engine's lock, runs `body(engine)` (returning
+// a Status) and converts the result.
+template <typename F>
+ztier_status_t WithEngine(ztier_engine* e, const char* fn, F&& body) noexcept {
+  return Guard(fn, [&]() -> ztier_status_t {
+    if (ztier_status_t h = CheckHandle(e, fn); h != ZTIER_STATUS_OK) return h;
+    std::lock_guard<std::mutex> lock(e->mu);
+    if (!e->failed.empty()) {
+      return Fail(ZTIER_STATUS_ENGINE_FAILED, fn,
+                  fmt::format("the engine failed earlier and cannot be used (destroy it): {}",
+                              e->failed));
+    }
+    LatchAsync(*e, e->rt->coordinator().PendingAsyncError());
+    Status s = body(*e);
+    if (!s.ok() && s.code() == StatusCode::kInternal) e->failed = std::string(s.message());
+    return FromStatus(s, fn);
+  });
+}
+
+Result<co::DType> ToDType(ztier_dtype_t d) {
+  switch (d) {
+    case ZTIER_DTYPE_FLOAT32: return co::DType::kFloat32;
+    case ZTIER_DTYPE_FLOAT16: return co::DType::kFloat16;
+    case ZTIER_DTYPE_BFLOAT16: return co::DType::kBFloat16;
+    case ZTIER_DTYPE_UINT8: return co::DType::kUInt8;
+  }
+  return Status::InvalidArgument(fmt::format(
+      "dtype {} is not a ztier_dtype_t (0 float32, 1 float16, 2 bfloat16, 3 uint8)",
+      static_cast<int>(d)));
+}
+
+ztier_dtype_t FromDType(co::DType d) {
+  switch (d) {
+    case co::DType::kFloat32: return ZTIER_DTYPE_FLOAT32;
+    case co::DType::kFloat16: return ZTIER_DTYPE_FLOAT16;
+    case co::DType::kBFloat16: return ZTIER_DTYPE_BFLOAT16;
+    case co::DType::kUInt8: return ZTIER_DTYPE_UINT8;
+  }
+  return ZTIER_DTYPE_UINT8;
+}
+
+// Lays out the store and moves the held initial partitions to their tier,
+// once. A failure here leaves partitions nowhere: the engine is unusable.
+Status EnsureFinalized(ztier_engine& e) {
+  if (e.finalized) return Status::Ok();
+  co::Coordinator& c = e.rt->coordinator();
+  Status s = c.Finalize();
+  for (size_t i = 0; s.ok() && i < e.param_order.size(); ++i) {
+    const uint64_t id = e.param_order[i];
+    ztier_engine::Param& p = e.params.at(id);
+    s = c.WritePartition(id, p.pending.data());
+    if (!s.ok()) s = s.WithContext(fmt::format("initial data of parameter {}", id));
+    std::vector<uint8_t>().swap(p.pending);
+  }
+  if (!s.ok()) {
+    e.failed = std::string(s.message());
+    return s.WithContext("laying out the parameters (first fetch / step end)");
+  }
+  e.finalized = true;
+  return Status::Ok();
+}
+
+Result<ztier_engine::Param*> FindParam(ztier_engine& e, uint64_t id) {
+  auto it = e.params.find(id);
+  if (it == e.params.end()) {
+    return Status::NotFound(fmt::format("parameter {} is not registered", id));
+  }
+  return &it->second;
+}
+
+Status CheckBytes(const ztier_engine::Param& p, uint64_t id, size_t bytes, const void* buf,
+                  const char* what) {
+  const uint64_t want = p.part_numel * co::DTypeBytes(p.dtype);
+  if (buf == nullptr) {
+    return Status::InvalidArgument(fmt::format("{} of parameter {}: buffer is NULL", what, id));
+  }
+  if (bytes != want) {
+    return Status::InvalidArgument(fmt::format(
+        "{} of parameter {}: {} bytes given, its partition is {} bytes ({} elements of {})",
+        what, id, bytes, want, p.part_numel, co::DTypeName(p.dtype)));
+  }
+  return Status::Ok();
+}
+
+void CopyText(const std::string& text, char* out, size_t out_bytes) {
+  if (out == nullptr || out_bytes == 0) return;
+  const size_t n = std::min(text.size(), out_bytes - 1);
+  memcpy(out, text.data(), n);
+  out[n] = '\0';
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* ztier_status_string(ztier_status_t status) {
+  const int s = static_cast<int>(status);
+  if (s < 0 || s >= ZTIER_STATUS_COUNT) return "unknown status";
+  return kStatusNames[s];
+}
+
+const char* ztier_last_error(void) { return t_last_error.c_str(); }
+
+ztier_status_t ztier_version(uint32_t* major, uint32_t* minor, uint32_t* patch) {
+  if (major) *major = ZTIER_VERSION_MAJOR;
+  if (minor) *minor = ZTIER_VERSION_MINOR;
+  if (patch) *patch = ZTIER_VERSION_PATCH;
+  return ZTIER_STATUS_OK;
+}
+
+const char* ztier_version_string(void) { return ZTIER_VERSION_STRING; }
+
+// ---------------------------------------------------------------- local group
+
+ztier_status_t ztier_local_group_create(uint32_t world_size, ztier_local_group_t** out) {
+  constexpr const char* fn = "ztier_local_group_create";
+  return Guard(fn, [&]() -> ztier_status_t {
+    if (out == nullptr) return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn, "out is NULL");
+    if (world_size == 0) {
+      return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn, "world_size must be at least 1");
+    }
+    auto g = std::make_unique<ztier_local_group>();
+    g->group = co::LocalGroup::Create(world_size);
+    *out = g.release();
+    return ZTIER_STATUS_OK;
+  });
+}
+
+ztier_status_t ztier_local_group_destroy(ztier_local_group_t* group) {
+  return Guard("ztier_local_group_destroy", [&]() -> ztier_status_t {
+    delete group;
+    return ZTIER_STATUS_OK;
+  });
+}
+
+// ---------------------------------------------------------------- engine
+
+ztier_status_t ztier_engine_options_init(ztier_engine_options_t* options) {
+  if (options == nullptr) {
+    return Fail(ZTIER_STATUS_INVALID_ARGUMENT, "ztier_engine_options_init", "options is NULL");
+  }
+  memset(options, 0, sizeof(*options));
+  options->size = sizeof(*options);
+  options->world_size = 1;
+  options->comm = ZTIER_COMM_NONE;
+  options->device = ZTIER_DEVICE_AUTO;
+  return ZTIER_STATUS_OK;
+}
+
+ztier_status_t ztier_engine_create(const ztier_engine_options_t* o, ztier_engine_t** out) {
+  constexpr const char* fn = "ztier_engine_create";
+  return Guard(fn, [&]() -> ztier_status_t {
+    if (o == nullptr || out == nullptr) {
+      return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn, "options and out must not be NULL");
+    }
+    if (o->size != sizeof(ztier_engine_options_t)) {
+      return Fail(ZTIER_STATUS_BAD_STRUCT_SIZE, fn,
+                  fmt::format("options->size is {}, this library knows {} "
+                              "(call ztier_engine_options_init)",
+                              o->size, sizeof(ztier_engine_options_t)));
+    }
+    if ((o->config_path == nullptr) == (o->config_text == nullptr)) {
+      return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn,
+                  "set exactly one of config_path and config_text");
+    }
+    if (o->world_size == 0 || o->rank >= o->world_size) {
+      return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn,
+                  fmt::format("rank {} of world size {}: need 0 <= rank < world_size",
+                              o->rank, o->world_size));
+    }
+    auto config = o->config_path ? ti::LoadConfigFile(o->config_path)
+                                 : ti::LoadConfigText(o->config_text, "config_text");
+    if (!config.ok()) return FromStatus(config.status(), fn);
+
+    auto e = std::make_unique<ztier_engine>();
+    co::RuntimeOptions ro;
+    ro.config = *config;
+    ro.rank = o->rank;
+    ro.world_size = o->world_size;
+    switch (o->comm) {
+      case ZTIER_COMM_NONE:
+        if (o->world_size != 1) {
+          return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn,
+                      fmt::format("world size {} needs a communicator (comm)", o->world_size));
+        }
+        break;
+      case ZTIER_COMM_LOCAL_GROUP:
+        if (o->local_group == nullptr) {
+          return Fail(ZTIER_STATUS_INVALID_HANDLE, fn,
+                      "comm is ZTIER_COMM_LOCAL_GROUP but local_group is NULL");
+        }
+        if (o->local_group->group->world_size() != o->world_size) {
+          return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn,
+                      fmt::format("the local group has {} ranks, world_size is {}",
+                                  o->local_group->group->world_size(), o->world_size));
+        }
+        e->group = o->local_group->group;
+        ro.local_group = e->group.get();
+        ro.config.comm.backend = ti::CommBackend::kLocal;
+        break;
+      case ZTIER_COMM_NCCL_UNIQUE_ID:
+        if (o->nccl_unique_id == nullptr || o->nccl_unique_id_bytes != 128) {
+          return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn,
+                      "ZTIER_COMM_NCCL_UNIQUE_ID needs the 128 bytes of rank 0's ncclUniqueId");
+        }
+        ro.nccl_unique_id.assign(static_cast<const uint8_t*>(o->nccl_unique_id),
+                                 static_cast<const uint8_t*>(o->nccl_unique_id) + 128);
+        ro.config.comm.backend = ti::CommBackend::kNccl;
+        break;
+      case ZTIER_COMM_NCCL_COMM:
+        return Fail(ZTIER_STATUS_UNAVAILABLE, fn,
+                    "wrapping an existing ncclComm_t is not supported yet; pass rank 0's "
+                    "ncclUniqueId (ZTIER_COMM_NCCL_UNIQUE_ID)");
+      default:
+        return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn,
+                    fmt::format("comm {} is not a ztier_comm_kind_t", static_cast<int>(o->comm)));
+    }
+    switch (o->device) {
+      case ZTIER_DEVICE_AUTO: ro.device = co::DeviceKind::kAuto; break;
+      case ZTIER_DEVICE_HOST: ro.device = co::DeviceKind::kHost; break;
+      case ZTIER_DEVICE_CUDA: ro.device = co::DeviceKind::kCuda; break;
+      default:
+        return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn,
+                    fmt::format("device {} is not a ztier_device_kind_t",
+                                static_cast<int>(o->device)));
+    }
+    ro.cuda_device = o->cuda_device;
+    auto rt = co::RankRuntime::Create(ro);
+    if (!rt.ok()) return FromStatus(rt.status(), fn);
+    e->rt = std::move(*rt);
+    e->rank = o->rank;
+    e->world = o->world_size;
+    e->tier = config->tiers.params == ti::ParamTier::kHost ? co::ParamTier::kHost
+                                                           : co::ParamTier::kNvme;
+    {
+      std::lock_guard<std::mutex> lock(g_live_mu);
+      LiveEngines().insert(e.get());
+    }
+    *out = e.release();
+    return ZTIER_STATUS_OK;
+  });
+}
+
+ztier_status_t ztier_engine_destroy(ztier_engine_t* engine) {
+  constexpr const char* fn = "ztier_engine_destroy";
+  return Guard(fn, [&]() -> ztier_status_t {
+    if (engine == nullptr) return ZTIER_STATUS_OK;
+    {
+      std::lock_guard<std::mutex> lock(g_live_mu);
+      if (LiveEngines().erase(engine) == 0) {
+        return Fail(ZTIER_STATUS_INVALID_HANDLE, fn,
+                    fmt::format("{} is not a live engine (destroyed already?)",
+                                static_cast<const void*>(engine)));
+      }
+    }
+    delete engine;  // the runtime drains the pipeline first
+    return ZTIER_STATUS_OK;
+  });
+}
+
+// ---------------------------------------------------------------- set-up
+
+ztier_status_t ztier_param_register(ztier_engine_t* engine, uint64_t id, uint64_t numel,
+                                    ztier_dtype_t dtype, const void* full_data) {
+  return WithEngine(engine, "ztier_param_register", [&](ztier_engine& e) -> Status {
+    if (e.finalized) {
+      return Status::FailedPrecondition(fmt::format(
+          "parameter {}: register every parameter before the first fetch, step end or "
+          "partition access",
+          id));
+    }
+    ZTIER_ASSIGN_OR_RETURN(co::DType dt, ToDType(dtype));
+    if (full_data == nullptr) {
+      return Status::InvalidArgument(fmt::format("parameter {}: full_data is NULL", id));
+    }
+    co::Coordinator& c = e.rt->coordinator();
+    ZTIER_RETURN_IF_ERROR(c.RegisterParam(id, numel, dt, e.tier));
+    ztier_engine::Param p;
+    p.numel = numel;
+    p.dtype = dt;
+    p.part_numel = c.partition_numel(id);
+    // This rank's slice [rank x p, (rank+1) x p) of the flat parameter,
+    // zero padded past numel (elements).
+    const uint64_t esize = co::DTypeBytes(dt);
+    p.pending.assign(p.part_numel * esize, 0);
+    const uint64_t begin = std::min<uint64_t>(uint64_t{e.rank} * p.part_numel, numel);
+    const uint64_t end = std::min<uint64_t>(begin + p.part_numel, numel);
+    if (end > begin) {
+      memcpy(p.pending.data(), static_cast<const uint8_t*>(full_data) + begin * esize,
+             (end - begin) * esize);
+    }
+    e.params.emplace(id, std::move(p));
+    e.param_order.push_back(id);
+    return Status::Ok();
+  });
+}
+
+ztier_status_t ztier_module_register(ztier_engine_t* engine, uint64_t id, const char* name,
+                                     const uint64_t* param_ids, size_t param_count,
+                                     int64_t parent) {
+  return WithEngine(engine, "ztier_module_register", [&](ztier_engine& e) -> Status {
+    if (param_count > 0 && param_ids == nullptr) {
+      return Status::InvalidArgument(
+          fmt::format("module {}: param_ids is NULL with param_count {}", id, param_count));
+    }
+    if (parent < -1) {
+      return Status::InvalidArgument(
+          fmt::format("module {}: parent {} (use -1 for none)", id, parent));
+    }
+    if (parent >= 0 && e.modules.count(static_cast<uint64_t>(parent)) == 0) {
+      return Status::NotFound(fmt::format(
+          "module {}: parent module {} is not registered (register parents first)", id,
+          parent));
+    }
+    std::vector<uint64_t> ids(param_ids, param_ids + param_count);
+    ZTIER_RETURN_IF_ERROR(
+        e.rt->coordinator().RegisterModule(id, name ? std::string(name) : std::string(), ids));
+    e.modules.insert(id);
+    return Status::Ok();
+  });
+}
+
+// ---------------------------------------------------------------- hooks
+
+ztier_status_t ztier_module_fetch(ztier_engine_t* engine, uint64_t id, int forward) {
+  return WithEngine(engine, "ztier_module_fetch", [&](ztier_engine& e) -> Status {
+    ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+    Status s = e.rt->coordinator().Fetch(id, forward != 0);
+    if (IsBackgroundCode(s.code())) LatchAsync(e, s);
+    return s;
+  });
+}
+
+ztier_status_t ztier_module_release(ztier_engine_t* engine, uint64_t id, int backward) {
+  return WithEngine(engine, "ztier_module_release", [&](ztier_engine& e) -> Status {
+    if (!e.finalized) {
+      if (e.modules.count(id) == 0) {
+        return Status::NotFound(fmt::format("module {} is not registered", id));
+      }
+      return Status::FailedPrecondition(
+          fmt::format("release of module {} without a matching fetch", id));
+    }
+    return e.rt->coordinator().Release(id, backward != 0);
+  });
+}
+
+ztier_status_t ztier_param_data(ztier_engine_t* engine, uint64_t id, void** out) {
+  return WithEngine(engine, "ztier_param_data", [&](ztier_engine& e) -> Status {
+    if (out == nullptr) return Status::InvalidArgument("out is NULL");
+    ZTIER_RETURN_IF_ERROR(FindParam(e, id).status());
+    ZTIER_ASSIGN_OR_RETURN(void* p, e.rt->coordinator().ParamData(id));
+    *out = p;
+    return Status::Ok();
+  });
+}
+
+ztier_status_t ztier_param_grad_reduce(ztier_engine_t* engine, uint64_t id,
+                                       const void* full_grad) {
+  return WithEngine(engine, "ztier_param_grad_reduce", [&](ztier_engine& e) -> Status {
+    ZTIER_ASSIGN_OR_RETURN(ztier_engine::Param * p, FindParam(e, id));
+    if (full_grad == nullptr) {
+      return Status::InvalidArgument(fmt::format("gradient of parameter {}: NULL", id));
+    }
+    if (p->dtype == co::DType::kUInt8) {
+      return Status::InvalidArgument(
+          fmt::format("parameter {} is uint8: it has no gradient", id));
+    }
+    ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+    p->grad.resize(p->part_numel * co::DTypeBytes(p->dtype));
+    ZTIER_RETURN_IF_ERROR(
+        e.rt->coordinator().ReduceScatterGradient(id, full_grad, p->grad.data()));
+    p->has_grad = true;
+    e.grad_reduces.fetch_add(1, std::memory_order_relaxed);
+    return Status::Ok();
+  });
+}
+
+ztier_status_t ztier_step_end(ztier_engine_t* engine) {
+  return WithEngine(engine, "ztier_step_end", [&](ztier_engine& e) -> Status {
+    ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+    return e.rt->coordinator().ResetStep();
+  });
+}
+
+ztier_status_t ztier_release_all(ztier_engine_t* engine, int persistent) {
+  return WithEngine(engine, "ztier_release_all", [&](ztier_engine& e) -> Status {
+    if (!e.finalized) return Status::Ok();  // nothing was ever fetched
+    return e.rt->coordinator().ReleaseAll(persistent != 0);
+  });
+}
+
+// ---------------------------------------------------------------- optimizer
+
+ztier_status_t ztier_param_info(ztier_engine_t* engine, uint64_t id, ztier_param_info_t* info) {
+  constexpr const char* fn = "ztier_param_info";
+  if (info != nullptr && info->size != sizeof(ztier_param_info_t)) {
+    return Guard(fn, [&]() -> ztier_status_t {
+      if (ztier_status_t h = CheckHandle(engine, fn); h != ZTIER_STATUS_OK) return h;
+      return Fail(ZTIER_STATUS_BAD_STRUCT_SIZE, fn,
+                  fmt::format("info->size is {}, this library knows {}", info->size,
+                              sizeof(ztier_param_info_t)));
+    });
+  }
+  return WithEngine(engine, fn, [&](ztier_engine& e) -> Status {
+    if (info == nullptr) return Status::InvalidArgument("info is NULL");
+    ZTIER_ASSIGN_OR_RETURN(ztier_engine::Param * p, FindParam(e, id));
+    info->numel = p->numel;
+    info->partition_numel = p->part_numel;
+    info->partition_offset = uint64_t{e.rank} * p->part_numel;
+    info->dtype = FromDType(p->dtype);
+    switch (e.rt->coordinator().param_status(id)) {
+      case co::ParamStatus::kNotAvailable: info->state = ZTIER_PARAM_NOT_AVAILABLE; break;
+      case co::ParamStatus::kInflight: info->state = ZTIER_PARAM_INFLIGHT; break;
+      case co::ParamStatus::kAvailable: info->state = ZTIER_PARAM_AVAILABLE; break;
+    }
+    info->has_grad = p->has_grad ? 1 : 0;
+    return Status::Ok();
+  });
+}
+
+ztier_status_t ztier_partition_read(ztier_engine_t* engine, uint64_t id, void* out,
+                                    size_t bytes) {
+  return WithEngine(engine, "ztier_partition_read", [&](ztier_engine& e) -> Status {
+    ZTIER_ASSIGN_OR_RETURN(ztier_engine::Param * p, FindParam(e, id));
+    ZTIER_RETURN_IF_ERROR(CheckBytes(*p, id, bytes, out, "partition read"));
+    ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+    Status s = e.rt->coordinator().ReadPartition(id, out);
+    if (IsBackgroundCode(s.code())) LatchAsync(e, s);
+    return s;
+  });
+}
+
+ztier_status_t ztier_partition_write(ztier_engine_t* engine, uint64_t id, const void* in,
+                                     size_t bytes) {
+  return WithEngine(engine, "ztier_partition_write", [&](ztier_engine& e) -> Status {
+    ZTIER_ASSIGN_OR_RETURN(ztier_engine::Param * p, FindParam(e, id));
+    ZTIER_RETURN_IF_ERROR(CheckBytes(*p, id, bytes, in, "partition write"));
+    ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+    return e.rt->coordinator().WritePartition(id, in);
+  });
+}
+
+ztier_status_t ztier_grad_partition_read(ztier_engine_t* engine, uint64_t id, void* out,
+                                         size_t bytes) {
+  return WithEngine(engine, "ztier_grad_partition_read", [&](ztier_engine& e) -> Status {
+    ZTIER_ASSIGN_OR_RETURN(ztier_engine::Param * p, FindParam(e, id));
+    ZTIER_RETURN_IF_ERROR(CheckBytes(*p, id, bytes, out, "gradient read"));
+    if (!p->has_grad) {
+      return Status::FailedPrecondition(fmt::format(
+          "parameter {} has no gradient partition (hand one in with "
+          "ztier_param_grad_reduce)",
+          id));
+    }
+    memcpy(out, p->grad.data(), bytes);
+    return Status::Ok();
+  });
+}
+
+ztier_status_t ztier_grad_partition_write(ztier_engine_t* engine, uint64_t id, const void* in,
+                                          size_t bytes) {
+  return WithEngine(engine, "ztier_grad_partition_write", [&](ztier_engine& e) -> Status {
+    ZTIER_ASSIGN_OR_RETURN(ztier_engine::Param * p, FindParam(e, id));
+    ZTIER_RETURN_IF_ERROR(CheckBytes(*p, id, bytes, in, "gradient write"));
+    const auto* src = static_cast<const uint8_t*>(in);
+    p->grad.assign(src, src + bytes);
+    p->has_grad = true;
+    return Status::Ok();
+  });
+}
+
+ztier_status_t ztier_grad_clear(ztier_engine_t* engine) {
+  return WithEngine(engine, "ztier_grad_clear", [&](ztier_engine& e) -> Status {
+    for (auto& [id, p] : e.params) {
+      std::vector<uint8_t>().swap(p.grad);
+      p.has_grad = false;
+    }
+    return Status::Ok();
+  });
+}
+
+// ---------------------------------------------------------------- observing
+
+ztier_status_t ztier_engine_stats(ztier_engine_t* engine, ztier_stats_t* stats) {
+  constexpr const char* fn = "ztier_engine_stats";
+  return Guard(fn, [&]() -> ztier_status_t {
+    if (ztier_status_t h = CheckHandle(engine, fn); h != ZTIER_STATUS_OK) return h;
+    if (stats == nullptr) return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn, "stats is NULL");
+    if (stats->size != sizeof(ztier_stats_t)) {
+      return Fail(ZTIER_STATUS_BAD_STRUCT_SIZE, fn,
+                  fmt::format("stats->size is {}, this library knows {}", stats->size,
+                              sizeof(ztier_stats_t)));
+    }
+    const co::CoordinatorStats c = engine->rt->coordinator().stats();
+    ztier_stats_t s;
+    memset(&s, 0, sizeof(s));
+    s.size = sizeof(s);
+    s.steps = c.steps;
+    s.fetch_calls = c.fetch_calls;
+    s.demand_gathers = c.demand_gathers;
+    s.prefetch_gathers = c.prefetch_gathers;
+    s.releases = c.releases;
+    s.nvme_reads = c.nvme_reads;
+    if (const ztier::swapper::ParamSwapper* sw = engine->rt->swapper()) {
+      const auto ss = sw->stats();
+      s.nvme_bytes_read = ss.bytes_read;
+      s.nvme_bytes_written = ss.bytes_written;
+    }
+    s.grad_reduces = engine->grad_reduces.load(std::memory_order_relaxed);
+    s.live_numel = c.live_numel;
+    s.peak_live_numel = c.peak_live_numel;
+    s.peak_swap_buffers = c.peak_swap_buffers;
+    s.trace_mode = static_cast<uint32_t>(engine->rt->coordinator().trace_mode());
+    s.stall_nvme_s = c.stall_nvme_s;
+    s.stall_device_s = c.stall_device_s;
+    *stats = s;
+    return ZTIER_STATUS_OK;
+  });
+}
+
+ztier_status_t ztier_engine_async_error(ztier_engine_t* engine, ztier_status_t* status,
+                                        char* message, size_t message_bytes) {
+  constexpr const char* fn = "ztier_engine_async_error";
+  return Guard(fn, [&]() -> ztier_status_t {
+    if (ztier_status_t h = CheckHandle(engine, fn); h != ZTIER_STATUS_OK) return h;
+    if (status == nullptr) return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn, "status is NULL");
+    LatchAsync(*engine, engine->rt->coordinator().PendingAsyncError());
+    std::lock_guard<std::mutex> lock(engine->async_mu);
+    *status = engine->async_status;
+    CopyText(engine->async_message, message, message_bytes);
+    return ZTIER_STATUS_OK;
+  });
+}
+
+ztier_status_t ztier_engine_clear_async_error(ztier_engine_t* engine) {
+  constexpr const char* fn = "ztier_engine_clear_async_error";
+  return Guard(fn, [&]() -> ztier_status_t {
+    if (ztier_status_t h = CheckHandle(engine, fn); h != ZTIER_STATUS_OK) return h;
+    std::lock_guard<std::mutex> lock(engine->async_mu);
+    engine->async_status = ZTIER_STATUS_OK;
+    engine->async_message.clear();
+    return ZTIER_STATUS_OK;
+  });
+}
+
+ztier_status_t ztier_engine_device(ztier_engine_t* engine, ztier_device_kind_t* kind,
+                                   int32_t* ordinal) {
+  constexpr const char* fn = "ztier_engine_device";
+  return Guard(fn, [&]() -> ztier_status_t {
+    if (ztier_status_t h = CheckHandle(engine, fn); h != ZTIER_STATUS_OK) return h;
+    if (kind == nullptr) return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn, "kind is NULL");
+    const ti::DeviceBackend* d = engine->rt->device();
+    const bool cuda = d != nullptr && d->name() == "cuda";
+    *kind = cuda ? ZTIER_DEVICE_CUDA : ZTIER_DEVICE_HOST;
+    if (ordinal) *ordinal = cuda ? engine->rt->options().cuda_device : -1;
+    return ZTIER_STATUS_OK;
+  });
+}
+
+ztier_status_t ztier_engine_describe(ztier_engine_t* engine, char* out, size_t out_bytes) {
+  return WithEngine(engine, "ztier_engine_describe", [&](ztier_engine& e) -> Status {
+    if (out == nullptr || out_bytes == 0) return Status::InvalidArgument("out is NULL or empty");
+    CopyText(e.rt->Describe(), out, out_bytes);
+    return Status::Ok();
+  });
+}
+
+}  // extern "C"

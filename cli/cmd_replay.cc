@@ -1,0 +1,158 @@
+// `ztier replay`: runs a ztier-trace-v1 file through the real coordinator and
+// swapper, writes the event log and prints the counters.
+#include <cstdio>
+
+#include <fmt/format.h>
+
+#include "cli/commands.h"
+#include "coordinator/event_log.h"
+#include "coordinator/trace_runner.h"
+#include "tiering/config.h"
+#include "tiering/units.h"
+
+namespace ztier::cli {
+namespace {
+
+struct ReplayArgs {
+  std::string trace, events, config;
+  bool null_io = false;
+  uint32_t world_size = 0;
+  uint32_t repeat = 1;
+  std::string buffer_elements;
+};
+
+// Applies the trace's "config" overrides ("coordinator.prefetch_bucket_size":
+// "50000000", ...) to the coordinator section.
+Status ApplyOverrides(const coordinator::TraceFile& t, tiering::Config* c) {
+  tiering::Limits any{0, tiering::kInfinite, true};
+  for (const auto& [key, value] : t.config) {
+    std::string v = value;
+    if (v.size() >= 2 && v.front() == '"') v = v.substr(1, v.size() - 2);
+    uint64_t* field = nullptr;
+    if (key == "coordinator.prefetch_bucket_size") field = &c->coordinator.prefetch_bucket_size;
+    if (key == "coordinator.max_reuse_distance") field = &c->coordinator.max_reuse_distance;
+    if (key == "coordinator.param_persistence_threshold")
+      field = &c->coordinator.param_persistence_threshold;
+    if (key == "coordinator.model_persistence_threshold")
+      field = &c->coordinator.model_persistence_threshold;
+    if (key == "tiers.device.max_live_parameters") field = &c->tiers.device.max_live_parameters;
+    if (field == nullptr) {
+      return Status::InvalidArgument(fmt::format(
+          "trace config key '{}' is not supported in traces (use a --config file)", key));
+    }
+    ZTIER_ASSIGN_OR_RETURN(*field, tiering::ParseElementCount(v, any));
+  }
+  return Status::Ok();
+}
+
+int RunReplay(const ReplayArgs& a) {
+  auto trace = coordinator::LoadTrace(a.trace);
+  if (!trace.ok()) {
+    fprintf(stderr, "ztier replay: %s\n", trace.status().ToString().c_str());
+    return 2;
+  }
+  tiering::Config config;
+  if (!a.config.empty()) {
+    auto c = tiering::LoadConfigFile(a.config);
+    if (!c.ok()) {
+      fprintf(stderr, "ztier replay: %s\n", c.status().ToString().c_str());
+      return 2;
+    }
+    config = *c;
+  } else {
+    auto c = tiering::LoadConfigText("{}", "defaults");
+    if (!c.ok()) {
+      fprintf(stderr, "ztier replay: %s\n", c.status().ToString().c_str());
+      return 2;
+    }
+    config = *c;
+  }
+  if (Status s = ApplyOverrides(*trace, &config); !s.ok()) {
+    fprintf(stderr, "ztier replay: %s\n", s.ToString().c_str());
+    return 2;
+  }
+  std::unique_ptr<coordinator::JsonLinesSink> sink;
+  if (!a.events.empty()) {
+    auto s = coordinator::JsonLinesSink::Open(a.events);
+    if (!s.ok()) {
+      fprintf(stderr, "ztier replay: %s\n", s.status().ToString().c_str());
+      return 2;
+    }
+    sink = std::move(s).value();
+  }
+  coordinator::RunOptions ro;
+  ro.runtime.config = config;
+  ro.runtime.null_io = a.null_io;
+  ro.runtime.events = sink.get();
+  ro.runtime.device = coordinator::DeviceKind::kHost;
+  if (!a.buffer_elements.empty()) {
+    auto n = tiering::ParseElementCount(a.buffer_elements, {1, tiering::kMaxElements, false});
+    if (!n.ok()) {
+      fprintf(stderr, "ztier replay: --buffer-elements: %s\n", n.status().ToString().c_str());
+      return 2;
+    }
+    ro.runtime.buffer_elements_override = *n;
+  }
+  ro.world_size = a.world_size ? a.world_size : trace->world_size;
+  ro.repeat = a.repeat;
+  coordinator::RunHooks hooks;
+  hooks.step_done = [](uint64_t step, double s) {
+    fprintf(stderr, "step %llu: %.3f s\n", static_cast<unsigned long long>(step), s);
+  };
+  auto result = coordinator::RunTrace(*trace, ro, hooks);
+  if (sink) (void)sink->Close();
+  if (!result.ok()) {
+    fprintf(stderr, "ztier replay: %s\n", result.status().ToString().c_str());
+    return 1;
+  }
+  const auto& r0 = (*result)[0];
+  const auto& s = r0.stats;
+  printf("%s\n", r0.description.c_str());
+  printf("steps %llu, fetch calls %llu (with a demand gather: %llu)\n",
+         (unsigned long long)s.steps, (unsigned long long)s.fetch_calls,
+         (unsigned long long)s.fetch_calls_with_demand);
+  printf("gathers: demand %llu, prefetch %llu; prefetch hits %llu of %llu params fetched\n",
+         (unsigned long long)s.demand_gathers, (unsigned long long)s.prefetch_gathers,
+         (unsigned long long)s.prefetch_hits, (unsigned long long)s.params_fetched);
+  printf("releases %llu, nvme reads %llu (reclaimed %llu), trace invalidations %llu\n",
+         (unsigned long long)s.releases, (unsigned long long)s.nvme_reads,
+         (unsigned long long)s.nvme_read_reclaims, (unsigned long long)s.trace_invalidations);
+  printf("peak live %llu elements, peak swap buffers %u\n",
+         (unsigned long long)s.peak_live_numel, s.peak_swap_buffers);
+  printf("stall: nvme %.3f s, device %.3f s\n", s.stall_nvme_s, s.stall_device_s);
+  // Fetches after the first step that needed no demand gather.
+  uint64_t calls = 0, demand = 0;
+  for (size_t i = 1; i < r0.steps.size(); ++i) {
+    calls += r0.steps[i].fetch_calls;
+    demand += r0.steps[i].fetch_calls_with_demand;
+  }
+  if (calls) {
+    printf("prefetch hit rate after step 0: %.4f (%llu of %llu module fetches without a demand "
+           "gather)\n",
+           double(calls - demand) / calls, (unsigned long long)(calls - demand),
+           (unsigned long long)calls);
+  }
+  if (!a.events.empty()) printf("events: %s\n", a.events.c_str());
+  return 0;
+}
+
+}  // namespace
+
+void RegisterReplay(CLI::App& app, int* exit_code) {
+  auto args = std::make_shared<ReplayArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "replay", "Run a ztier-trace-v1 file through the coordinator and swapper; write the "
+                "event log and print the counters");
+  cmd->add_option("--trace", args->trace, "Trace file (ztier-trace-v1 JSON)")->required();
+  cmd->add_option("--events", args->events, "Write the event log (JSON lines) here");
+  cmd->add_option("--config", args->config, "ztier YAML config (default: built-in defaults)");
+  cmd->add_flag("--null-io", args->null_io, "Bookkeeping only: no NVMe I/O, no device copies");
+  cmd->add_option("--world-size", args->world_size, "Ranks (threads); default: the trace's");
+  cmd->add_option("--repeat", args->repeat, "Play the trace's steps this many times")
+      ->check(CLI::Range(1u, 100000u));
+  cmd->add_option("--buffer-elements", args->buffer_elements,
+                  "Elements per swap buffer (overrides tiers.nvme.buffer_size)");
+  cmd->callback([args, exit_code] { *exit_code = RunReplay(*args); });
+}
+
+}  // namespace ztier::cli

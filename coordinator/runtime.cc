@@ -1,0 +1,139 @@
+#include "coordinator/runtime.h"
+
+#include <fmt/format.h>
+
+#include "base/log.h"
+
+namespace ztier::coordinator {
+
+CoordinatorOptions RankRuntime::CoordinatorOptionsFrom(const tiering::Config& c) {
+  CoordinatorOptions o;
+  o.max_live_parameters = c.tiers.device.max_live_parameters;
+  o.prefetch_bucket_size = c.coordinator.prefetch_bucket_size;
+  o.max_reuse_distance = c.coordinator.max_reuse_distance;
+  o.param_persistence_threshold = c.coordinator.param_persistence_threshold;
+  o.model_persistence_threshold = c.coordinator.model_persistence_threshold;
+  o.max_ongoing_fetch_events = c.coordinator.max_ongoing_fetch_events;
+  o.nvme_lookahead = c.coordinator.nvme_lookahead.value_or(0);
+  return o;
+}
+
+RankRuntime::~RankRuntime() {
+  coordinator_.reset();
+  swapper_.reset();
+  engine_.reset();
+  pool_.reset();
+  collective_.reset();
+  device_.reset();
+}
+
+namespace {
+
+Result<std::unique_ptr<tiering::DeviceBackend>> MakeDevice(const RuntimeOptions& o) {
+  const bool local = o.config.comm.backend == tiering::CommBackend::kLocal;
+  DeviceKind kind = o.device;
+  if (kind == DeviceKind::kAuto) {
+    std::string why;
+    kind = (!local && tiering::CudaDeviceAvailable(&why)) ? DeviceKind::kCuda : DeviceKind::kHost;
+    if (kind == DeviceKind::kHost) {
+      Log(LogLevel::kDebug, "device: host emulation ({})", local ? "comm.backend local" : why);
+    }
+  }
+  if (kind == DeviceKind::kCuda) return tiering::CreateCudaDeviceBackend(o.cuda_device);
+  return tiering::CreateHostDeviceBackend();
+}
+
+Result<std::unique_ptr<Collective>> MakeCollective(const RuntimeOptions& o,
+                                                   tiering::DeviceBackend* device) {
+  if (o.world_size == 1) return CreateSelfCollective(device);
+  const bool cuda = device->name() == "cuda";
+  const auto backend = o.config.comm.backend;
+  if (backend == tiering::CommBackend::kNccl || (backend == tiering::CommBackend::kAuto && cuda)) {
+    if (o.nccl_unique_id.empty()) {
+      return Status::InvalidArgument(
+          "comm backend nccl needs rank 0's ncclUniqueId (pass it to every rank)");
+    }
+    return CreateNcclCollective(o.nccl_unique_id.data(), o.nccl_unique_id.size(), o.rank,
+                                o.world_size, device);
+  }
+  if (o.local_group == nullptr) {
+    return Status::InvalidArgument(fmt::format(
+        "world size {} with the local collective needs a LocalGroup shared by the ranks",
+        o.world_size));
+  }
+  return o.local_group->Join(o.rank, device);
+}
+
+}  // namespace
+
+Result<std::unique_ptr<RankRuntime>> RankRuntime::Create(const RuntimeOptions& options) {
+  std::unique_ptr<RankRuntime> rt(new RankRuntime());
+  rt->options_ = options;
+  const tiering::Config& c = options.config;
+  CoordinatorDeps deps;
+  deps.events = options.events;
+  deps.timeline = options.timeline;
+  CoordinatorOptions co = CoordinatorOptionsFrom(c);
+  co.null_io = options.null_io;
+  if (!options.null_io) {
+    ZTIER_ASSIGN_OR_RETURN(rt->device_, MakeDevice(options));
+    ZTIER_ASSIGN_OR_RETURN(rt->collective_, MakeCollective(options, rt->device_.get()));
+    deps.device = rt->device_.get();
+    deps.collective = rt->collective_.get();
+  }
+  if (!options.null_io && c.tiers.params == tiering::ParamTier::kNvme) {
+    tiering::PoolOptions po;
+    po.buffer_count = c.tiers.nvme.buffer_count;
+    const uint64_t elements = options.buffer_elements_override ? options.buffer_elements_override
+                                                               : c.tiers.nvme.buffer_size;
+    po.buffer_bytes = elements * c.tiers.nvme.buffer_element_bytes;
+    po.alignment = 4096;
+    po.pin = c.tiers.host.pin_memory ? tiering::PinMode::kAuto : tiering::PinMode::kNone;
+    po.allow_unpinned = c.tiers.host.allow_unpinned;
+    ZTIER_ASSIGN_OR_RETURN(rt->pool_, tiering::PinnedPool::Create(po, rt->device_.get()));
+
+    io::BackendOptions bo;
+    bo.queue_depth = c.io.queue_depth;
+    bo.sqpoll = c.io.sqpoll;
+    ZTIER_ASSIGN_OR_RETURN(auto backend, io::CreateBackend(c.io.backend, bo));
+    rt->backend_name_ = std::string(backend->name());
+    io::EngineOptions eo;
+    eo.block_size = c.io.block_size;
+    eo.queue_depth = c.io.queue_depth;
+    ZTIER_ASSIGN_OR_RETURN(auto engine, io::Engine::Create(std::move(backend), eo));
+    ZTIER_ASSIGN_OR_RETURN(rt->engine_, io::AsyncEngine::Create(std::move(engine)));
+    if (c.io.register_buffers) {
+      const auto regions = rt->pool_->IoRegions();
+      Status s = rt->engine_->RegisterBuffers(regions);
+      if (!s.ok()) Log(LogLevel::kWarning, "{} (continuing without fixed buffers)", s.ToString());
+    }
+    swapper::SwapperOptions so;
+    so.store.paths = c.tiers.nvme.paths;
+    so.store.rank = options.rank;
+    so.store.world_size = options.world_size;
+    so.store.stripe_bytes = c.io.block_size;
+    so.store.direct = c.io.direct;
+    so.checksum = c.integrity.checksum == tiering::Checksum::kCrc32c;
+    ZTIER_ASSIGN_OR_RETURN(rt->swapper_,
+                           swapper::ParamSwapper::Create(so, rt->pool_.get(), rt->engine_.get()));
+    deps.swapper = rt->swapper_.get();
+    deps.pool = rt->pool_.get();
+  }
+  ZTIER_ASSIGN_OR_RETURN(rt->coordinator_, Coordinator::Create(co, deps));
+  return rt;
+}
+
+std::string RankRuntime::Describe() const {
+  std::string s = fmt::format("rank {}/{}", options_.rank, options_.world_size);
+  if (device_) s += fmt::format(", device {}", device_->description());
+  if (collective_) s += fmt::format(", comm {}", collective_->name());
+  if (pool_) {
+    s += fmt::format(", swap buffers {} x {} bytes ({})", pool_->buffer_count(),
+                     pool_->buffer_bytes(), pool_->stats().pin_method);
+  }
+  if (!backend_name_.empty()) s += fmt::format(", io {}", backend_name_);
+  if (options_.null_io) s += ", null io";
+  return s;
+}
+
+}  // namespace ztier::coordinator

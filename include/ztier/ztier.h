@@ -1,0 +1,327 @@
+/*
+ * ztier.h: the C API of ztier, the only header a trainer includes.
+ *
+ * ztier keeps each rank's 1/world slice (partition) of every registered
+ * parameter on a tier (NVMe, or host memory) and brings full parameters onto
+ * the device around the modules that use them. A trainer drives it from its
+ * hooks: module_fetch before a module runs, module_release after it, the full
+ * gradient of each parameter after its backward, an optimizer update through
+ * the partition read/write calls, and step_end once per step. docs/c_api.md
+ * walks through one training step.
+ *
+ * Conventions
+ *  - Every call returns a ztier_status_t; results come back through pointer
+ *    arguments, which are written only on success. A few queries that cannot
+ *    fail return their value directly (status strings, last error, version
+ *    string); each says so.
+ *  - On failure, ztier_last_error() gives the detail on the calling thread.
+ *  - No C++ exception ever crosses this boundary.
+ *  - Structs that may grow start with `size`: set it to sizeof the struct
+ *    you compiled against (the *_init functions do). A size ztier does not
+ *    know is ZTIER_STATUS_BAD_STRUCT_SIZE.
+ *  - Ids (parameters, modules) are chosen by the caller, unique per kind.
+ *  - Sizes are elements unless a name ends in _bytes.
+ *
+ * Ownership: the engine owns every buffer it hands out (param_data
+ * pointers); the caller owns every buffer it passes in and may reuse it once
+ * the call returns.
+ *
+ * Thread-safety: each call says. In short: calls on one engine are
+ * serialised by the engine (one caller at a time, in practice the training
+ * thread); different engines (ranks in one process) are independent;
+ * ztier_engine_stats and ztier_engine_async_error may be called from any
+ * thread at any time; ztier_status_string, ztier_version* are always safe.
+ */
+#ifndef ZTIER_ZTIER_H_
+#define ZTIER_ZTIER_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(__GNUC__)
+#define ZTIER_API __attribute__((visibility("default")))
+#else
+#define ZTIER_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------- version */
+
+/* Compile-time version of this header. */
+#define ZTIER_VERSION_MAJOR 0
+#define ZTIER_VERSION_MINOR 1
+#define ZTIER_VERSION_PATCH 0
+#define ZTIER_VERSION_STRING "0.1.0"
+/* MAJOR * 10000 + MINOR * 100 + PATCH */
+#define ZTIER_VERSION_NUMBER \
+  (ZTIER_VERSION_MAJOR * 10000 + ZTIER_VERSION_MINOR * 100 + ZTIER_VERSION_PATCH)
+
+/* ------------------------------------------------------------- status */
+
+typedef enum ztier_status {
+  ZTIER_STATUS_OK = 0,
+  ZTIER_STATUS_INVALID_ARGUMENT = 1,    /* a bad argument, config or dtype */
+  ZTIER_STATUS_NOT_FOUND = 2,           /* unknown parameter / module id, missing file */
+  ZTIER_STATUS_IO_ERROR = 3,            /* the OS or a device failed */
+  ZTIER_STATUS_UNAVAILABLE = 4,         /* a backend (CUDA, NCCL) is not present */
+  ZTIER_STATUS_RESOURCE_EXHAUSTED = 5,  /* out of memory, swap buffers, disk */
+  ZTIER_STATUS_FAILED_PRECONDITION = 6, /* not valid in the current state */
+  ZTIER_STATUS_CORRUPTION = 7,          /* data on NVMe failed its checksum */
+  ZTIER_STATUS_CANCELLED = 8,           /* cancelled on shutdown */
+  ZTIER_STATUS_INTERNAL = 9,            /* a bug in ztier */
+  ZTIER_STATUS_INVALID_HANDLE = 10,     /* a NULL, destroyed or foreign handle */
+  ZTIER_STATUS_BAD_STRUCT_SIZE = 11,    /* a struct's size field is not one ztier knows */
+  ZTIER_STATUS_ENGINE_FAILED = 12,      /* an earlier error left the engine unusable:
+                                           only ztier_engine_destroy is valid */
+  ZTIER_STATUS_COUNT                    /* number of statuses (not a status) */
+} ztier_status_t;
+
+/* Static text naming `status` ("ZTIER_STATUS_NOT_FOUND"); "unknown status" for
+ * values outside [0, ZTIER_STATUS_COUNT). Never NULL. Thread-safe. */
+ZTIER_API const char* ztier_status_string(ztier_status_t status);
+
+/* The detail of the most recent failed call on this thread (which call,
+ * what was wrong, how to fix it); "" when the thread has had no failure.
+ * Successful calls leave it alone (as errno). Valid until the next failed
+ * call on this thread. Never NULL. */
+ZTIER_API const char* ztier_last_error(void);
+
+/* Run-time version (of the loaded library). Any pointer may be NULL.
+ * Thread-safe. */
+ZTIER_API ztier_status_t ztier_version(uint32_t* major, uint32_t* minor,
+                                       uint32_t* patch);
+/* "0.1.0": the loaded library's version. Never NULL. Thread-safe. */
+ZTIER_API const char* ztier_version_string(void);
+
+/* ------------------------------------------------------------- types */
+
+typedef struct ztier_engine ztier_engine_t;            /* one rank's engine */
+typedef struct ztier_local_group ztier_local_group_t;  /* ranks as threads */
+
+typedef enum ztier_dtype {
+  ZTIER_DTYPE_FLOAT32 = 0,
+  ZTIER_DTYPE_FLOAT16 = 1,
+  ZTIER_DTYPE_BFLOAT16 = 2,
+  ZTIER_DTYPE_UINT8 = 3 /* no gradients */
+} ztier_dtype_t;
+
+typedef enum ztier_comm_kind {
+  ZTIER_COMM_NONE = 0,            /* world size 1 */
+  ZTIER_COMM_LOCAL_GROUP = 1,     /* ranks are threads of this process */
+  ZTIER_COMM_NCCL_UNIQUE_ID = 2,  /* NCCL from rank 0's ncclUniqueId bytes */
+  ZTIER_COMM_NCCL_COMM = 3        /* an existing ncclComm_t (not owned) */
+} ztier_comm_kind_t;
+
+typedef enum ztier_device_kind {
+  ZTIER_DEVICE_AUTO = 0, /* CUDA when present (and comm is not local) */
+  ZTIER_DEVICE_HOST = 1, /* host emulation: device pointers are host memory */
+  ZTIER_DEVICE_CUDA = 2
+} ztier_device_kind_t;
+
+typedef enum ztier_param_state {
+  ZTIER_PARAM_NOT_AVAILABLE = 0, /* only the partition exists (on its tier) */
+  ZTIER_PARAM_INFLIGHT = 1,      /* being read / gathered */
+  ZTIER_PARAM_AVAILABLE = 2      /* the full parameter is on the device */
+} ztier_param_state_t;
+
+/* ------------------------------------------------------------- local group */
+
+/* A group of `world_size` ranks that run as threads of this process (the
+ * "local" collective over host memory): create one, pass it to every rank's
+ * engine, destroy it after the engines. Thread-safe. */
+ZTIER_API ztier_status_t ztier_local_group_create(uint32_t world_size,
+                                                  ztier_local_group_t** out);
+/* NULL is a no-op. Engines keep what they need; destroy may precede them. */
+ZTIER_API ztier_status_t ztier_local_group_destroy(ztier_local_group_t* group);
+
+/* ------------------------------------------------------------- engine */
+
+typedef struct ztier_engine_options {
+  size_t size; /* sizeof(ztier_engine_options_t) */
+  /* Exactly one of the two: a YAML file, or YAML text (docs/config.md). */
+  const char* config_path;
+  const char* config_text;
+  uint32_t rank;       /* 0 <= rank < world_size */
+  uint32_t world_size; /* >= 1 */
+  ztier_comm_kind_t comm;
+  ztier_local_group_t* local_group; /* ZTIER_COMM_LOCAL_GROUP */
+  const void* nccl_unique_id;       /* ZTIER_COMM_NCCL_UNIQUE_ID: 128 bytes */
+  size_t nccl_unique_id_bytes;
+  void* nccl_comm;                  /* ZTIER_COMM_NCCL_COMM: an ncclComm_t */
+  ztier_device_kind_t device;
+  int32_t cuda_device; /* ordinal, ZTIER_DEVICE_CUDA / AUTO */
+} ztier_engine_options_t;
+
+/* Sets `size` and the defaults (world 1, rank 0, no comm, device auto).
+ * NULL is ZTIER_STATUS_INVALID_ARGUMENT. Thread-safe. */
+ZTIER_API ztier_status_t ztier_engine_options_init(ztier_engine_options_t* options);
+
+/* Builds one rank's engine from the config: device backend, collective,
+ * swap buffers, I/O engine, NVMe store. Ranks of one group create their
+ * engines concurrently (each on its own thread). Thread-safe. */
+ZTIER_API ztier_status_t ztier_engine_create(const ztier_engine_options_t* options,
+                                             ztier_engine_t** out);
+
+/* Drains what is in flight and frees the engine's memory and buffers (the
+ * NVMe swap files stay; the next engine on the same paths truncates them).
+ * NULL is a no-op (ZTIER_STATUS_OK). Not concurrently with another call on
+ * the same engine. A handle already destroyed is ZTIER_STATUS_INVALID_HANDLE
+ * (every call checks its handle against the live engines; a stale handle is
+ * caught unless a new engine got the same address). */
+ZTIER_API ztier_status_t ztier_engine_destroy(ztier_engine_t* engine);
+
+/* ------------------------------------------------------------- set-up */
+
+/* Registers parameter `id` of `numel` elements of `dtype`. `full_data`
+ * (host memory, numel elements) is its initial value: the engine keeps
+ * this rank's partition, p = ceil(numel / world) elements starting at
+ * rank * p (zero padded), and puts it on the configured tier. Register
+ * every parameter before the first fetch, step_end or partition call (the
+ * first of those lays out the NVMe store). Serialised per engine. */
+ZTIER_API ztier_status_t ztier_param_register(ztier_engine_t* engine, uint64_t id,
+                                              uint64_t numel, ztier_dtype_t dtype,
+                                              const void* full_data);
+
+/* Registers module `id` (`name` for messages, may be NULL) using the
+ * parameters `param_ids[0..param_count)`, all registered before (a module
+ * may have none). `parent` is the id of an already registered module, or -1.
+ * The same parameter may belong to several modules (tied weights).
+ * Serialised per engine. */
+ZTIER_API ztier_status_t ztier_module_register(ztier_engine_t* engine, uint64_t id,
+                                               const char* name,
+                                               const uint64_t* param_ids,
+                                               size_t param_count, int64_t parent);
+
+/* ------------------------------------------------------------- hooks */
+
+/* Before module `id` runs (forward, or backward when `forward` is 0): makes
+ * each of its parameters AVAILABLE (waits for in-flight reads and gathers,
+ * demand-fetches the rest) and prefetches what the recorded trace needs
+ * next. Every rank calls the same fetches in the same order. A failed
+ * background read for one of its parameters is returned here (and by
+ * ztier_engine_async_error). Serialised per engine. */
+ZTIER_API ztier_status_t ztier_module_fetch(ztier_engine_t* engine, uint64_t id,
+                                            int forward);
+
+/* After module `id` ran: its parameters that no other active module uses,
+ * that are not persistent and not needed again soon are freed. A release
+ * without a matching fetch is ZTIER_STATUS_FAILED_PRECONDITION. Serialised
+ * per engine. */
+ZTIER_API ztier_status_t ztier_module_release(ztier_engine_t* engine, uint64_t id,
+                                              int backward);
+
+/* The device pointer of AVAILABLE parameter `id` (numel elements, then
+ * padding), valid until the release that frees it. Host memory on the host
+ * emulation, CUDA device memory on CUDA. A parameter that is not AVAILABLE
+ * is ZTIER_STATUS_FAILED_PRECONDITION. Serialised per engine. */
+ZTIER_API ztier_status_t ztier_param_data(ztier_engine_t* engine, uint64_t id,
+                                          void** out);
+
+/* Hands in parameter `id`'s full gradient after its backward: `full_grad`
+ * (device memory, numel elements of its dtype, complete: synchronise the
+ * stream that produced it first). ztier reduce-scatters it, averaged over
+ * the ranks, and keeps this rank's partition of the mean (p elements) for
+ * the optimizer, replacing the previous one. Every rank hands in the same
+ * gradients in the same order (it is a collective); blocks until done.
+ * Gradient partitions live in host memory (NVMe-resident gradients are not
+ * implemented yet). Serialised per engine. */
+ZTIER_API ztier_status_t ztier_param_grad_reduce(ztier_engine_t* engine, uint64_t id,
+                                                 const void* full_grad);
+
+/* Ends a training step: waits for everything in flight; after the first
+ * step the recorded trace is checked across ranks and drives prefetching.
+ * Serialised per engine. */
+ZTIER_API ztier_status_t ztier_step_end(ztier_engine_t* engine);
+
+/* Frees every full parameter that is not persistent (all of them with
+ * `persistent` set), e.g. before evaluation. Serialised per engine. */
+ZTIER_API ztier_status_t ztier_release_all(ztier_engine_t* engine, int persistent);
+
+/* ------------------------------------------------------------- optimizer */
+
+typedef struct ztier_param_info {
+  size_t size; /* sizeof(ztier_param_info_t) */
+  uint64_t numel;           /* elements of the full parameter */
+  uint64_t partition_numel; /* p: elements of each rank's partition */
+  uint64_t partition_offset; /* rank * p: where this rank's slice starts */
+  ztier_dtype_t dtype;
+  ztier_param_state_t state;
+  int has_grad; /* a gradient partition has been handed in */
+} ztier_param_info_t;
+
+/* Fills `info` (set info->size first). Serialised per engine. */
+ZTIER_API ztier_status_t ztier_param_info(ztier_engine_t* engine, uint64_t id,
+                                          ztier_param_info_t* info);
+
+/* Copies this rank's partition of parameter `id` (partition_numel elements,
+ * `bytes` must equal partition_numel * element size) between its tier and
+ * host memory. Valid while no active module uses it; a write frees a full
+ * parameter still held (the next fetch gathers the new values). Serialised
+ * per engine. */
+ZTIER_API ztier_status_t ztier_partition_read(ztier_engine_t* engine, uint64_t id,
+                                              void* out, size_t bytes);
+ZTIER_API ztier_status_t ztier_partition_write(ztier_engine_t* engine, uint64_t id,
+                                               const void* in, size_t bytes);
+
+/* This rank's gradient partition of `id` (as ztier_partition_read), from
+ * the last ztier_param_grad_reduce. Reading one never handed in is
+ * ZTIER_STATUS_FAILED_PRECONDITION. A write replaces it (e.g. clipping);
+ * ztier_grad_clear forgets them all. Serialised per engine. */
+ZTIER_API ztier_status_t ztier_grad_partition_read(ztier_engine_t* engine, uint64_t id,
+                                                   void* out, size_t bytes);
+ZTIER_API ztier_status_t ztier_grad_partition_write(ztier_engine_t* engine, uint64_t id,
+                                                    const void* in, size_t bytes);
+ZTIER_API ztier_status_t ztier_grad_clear(ztier_engine_t* engine);
+
+/* ------------------------------------------------------------- observing */
+
+typedef struct ztier_stats {
+  size_t size; /* sizeof(ztier_stats_t) */
+  uint64_t steps;
+  uint64_t fetch_calls;
+  uint64_t demand_gathers;   /* params gathered on demand */
+  uint64_t prefetch_gathers; /* params gathered ahead of use */
+  uint64_t releases;
+  uint64_t nvme_reads;       /* partitions swapped in */
+  uint64_t nvme_bytes_read;
+  uint64_t nvme_bytes_written;
+  uint64_t grad_reduces;     /* ztier_param_grad_reduce calls that succeeded */
+  uint64_t live_numel;       /* elements of full parameters on the device now */
+  uint64_t peak_live_numel;
+  uint32_t peak_swap_buffers;
+  uint32_t trace_mode;       /* 0 record, 1 complete, 2 invalid */
+  double stall_nvme_s;       /* seconds fetches waited for reads */
+  double stall_device_s;     /* seconds fetches waited for copies + gathers */
+} ztier_stats_t;
+
+/* Fills `stats` (set stats->size first). Any thread, any time. */
+ZTIER_API ztier_status_t ztier_engine_stats(ztier_engine_t* engine, ztier_stats_t* stats);
+
+/* The first error that happened on a background thread (a failed prefetch
+ * read, a failed gather), kept until ztier_engine_clear_async_error: `*status`
+ * is ZTIER_STATUS_OK when there was none; its text is copied into
+ * `message` (NUL-terminated, truncated to `message_bytes`; may be NULL).
+ * The failed parameter's next fetch also returns it. Any thread. */
+ZTIER_API ztier_status_t ztier_engine_async_error(ztier_engine_t* engine,
+                                                  ztier_status_t* status, char* message,
+                                                  size_t message_bytes);
+ZTIER_API ztier_status_t ztier_engine_clear_async_error(ztier_engine_t* engine);
+
+/* The device the engine's pointers live on (host emulation or CUDA) and,
+ * for CUDA, its ordinal (`ordinal` may be NULL). Thread-safe. */
+ZTIER_API ztier_status_t ztier_engine_device(ztier_engine_t* engine,
+                                             ztier_device_kind_t* kind, int32_t* ordinal);
+
+/* One line: rank, device, comm, swap buffers, I/O backend, copied as
+ * ztier_engine_async_error copies. Serialised per engine. */
+ZTIER_API ztier_status_t ztier_engine_describe(ztier_engine_t* engine, char* out,
+                                               size_t out_bytes);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* ZTIER_ZTIER_H_ */

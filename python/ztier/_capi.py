@@ -1,0 +1,425 @@
+"""ctypes binding of the ztier C API (include/ztier/ztier.h).
+
+No build step: the shared library is found, in this order, at $ZTIER_LIBRARY,
+next to this package (ztier/libztier.so*), or in a build folder of the source
+tree (build*/lib/libztier.so, the newest). Every failing call raises
+ZtierError carrying the status and the library's message.
+
+Buffers: calls that take memory accept an int address, a torch tensor
+(its data_ptr()), a ctypes object, or a writable buffer (bytearray,
+memoryview, array). Sizes are elements unless a name ends in _bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import glob
+import os
+from typing import Iterable, NamedTuple, Optional, Sequence
+
+__all__ = [
+    "Status", "DType", "DeviceKind", "ParamState", "ZtierError", "Engine", "LocalGroup",
+    "ParamInfo", "load_library", "version", "version_string",
+]
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    INVALID_ARGUMENT = 1
+    NOT_FOUND = 2
+    IO_ERROR = 3
+    UNAVAILABLE = 4
+    RESOURCE_EXHAUSTED = 5
+    FAILED_PRECONDITION = 6
+    CORRUPTION = 7
+    CANCELLED = 8
+    INTERNAL = 9
+    INVALID_HANDLE = 10
+    BAD_STRUCT_SIZE = 11
+    ENGINE_FAILED = 12
+
+
+class DType(enum.IntEnum):
+    FLOAT32 = 0
+    FLOAT16 = 1
+    BFLOAT16 = 2
+    UINT8 = 3
+
+
+DTYPE_BYTES = {DType.FLOAT32: 4, DType.FLOAT16: 2, DType.BFLOAT16: 2, DType.UINT8: 1}
+
+
+class CommKind(enum.IntEnum):
+    NONE = 0
+    LOCAL_GROUP = 1
+    NCCL_UNIQUE_ID = 2
+    NCCL_COMM = 3
+
+
+class DeviceKind(enum.IntEnum):
+    AUTO = 0
+    HOST = 1
+    CUDA = 2
+
+
+class ParamState(enum.IntEnum):
+    NOT_AVAILABLE = 0
+    INFLIGHT = 1
+    AVAILABLE = 2
+
+
+class ZtierError(RuntimeError):
+    """A failed ztier call: `status` (Status) and the library's `message`."""
+
+    def __init__(self, status: int, message: str):
+        try:
+            self.status = Status(status)
+        except ValueError:
+            self.status = status
+        self.message = message
+        name = self.status.name if isinstance(self.status, Status) else str(status)
+        super().__init__(f"{name}: {message}")
+
+
+class _EngineOptions(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("config_path", ctypes.c_char_p),
+        ("config_text", ctypes.c_char_p),
+        ("rank", ctypes.c_uint32),
+        ("world_size", ctypes.c_uint32),
+        ("comm", ctypes.c_int),
+        ("local_group", ctypes.c_void_p),
+        ("nccl_unique_id", ctypes.c_void_p),
+        ("nccl_unique_id_bytes", ctypes.c_size_t),
+        ("nccl_comm", ctypes.c_void_p),
+        ("device", ctypes.c_int),
+        ("cuda_device", ctypes.c_int32),
+    ]
+
+
+class _ParamInfo(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("numel", ctypes.c_uint64),
+        ("partition_numel", ctypes.c_uint64),
+        ("partition_offset", ctypes.c_uint64),
+        ("dtype", ctypes.c_int),
+        ("state", ctypes.c_int),
+        ("has_grad", ctypes.c_int),
+    ]
+
+
+class _Stats(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("steps", ctypes.c_uint64),
+        ("fetch_calls", ctypes.c_uint64),
+        ("demand_gathers", ctypes.c_uint64),
+        ("prefetch_gathers", ctypes.c_uint64),
+        ("releases", ctypes.c_uint64),
+        ("nvme_reads", ctypes.c_uint64),
+        ("nvme_bytes_read", ctypes.c_uint64),
+        ("nvme_bytes_written", ctypes.c_uint64),
+        ("grad_reduces", ctypes.c_uint64),
+        ("live_numel", ctypes.c_uint64),
+        ("peak_live_numel", ctypes.c_uint64),
+        ("peak_swap_buffers", ctypes.c_uint32),
+        ("trace_mode", ctypes.c_uint32),
+        ("stall_nvme_s", ctypes.c_double),
+        ("stall_device_s", ctypes.c_double),
+    ]
+
+
+class ParamInfo(NamedTuple):
+    numel: int
+    partition_numel: int
+    partition_offset: int
+    dtype: DType
+    state: ParamState
+    has_grad: bool
+
+
+_c = ctypes
+_VP = _c.c_void_p
+_U64 = _c.c_uint64
+_SIGNATURES = {
+    "ztier_status_string": (_c.c_char_p, [_c.c_int]),
+    "ztier_last_error": (_c.c_char_p, []),
+    "ztier_version": (_c.c_int, [_c.POINTER(_c.c_uint32)] * 3),
+    "ztier_version_string": (_c.c_char_p, []),
+    "ztier_local_group_create": (_c.c_int, [_c.c_uint32, _c.POINTER(_VP)]),
+    "ztier_local_group_destroy": (_c.c_int, [_VP]),
+    "ztier_engine_options_init": (_c.c_int, [_c.POINTER(_EngineOptions)]),
+    "ztier_engine_create": (_c.c_int, [_c.POINTER(_EngineOptions), _c.POINTER(_VP)]),
+    "ztier_engine_destroy": (_c.c_int, [_VP]),
+    "ztier_param_register": (_c.c_int, [_VP, _U64, _U64, _c.c_int, _VP]),
+    "ztier_module_register": (_c.c_int, [_VP, _U64, _c.c_char_p, _c.POINTER(_U64),
+                                         _c.c_size_t, _c.c_int64]),
+    "ztier_module_fetch": (_c.c_int, [_VP, _U64, _c.c_int]),
+    "ztier_module_release": (_c.c_int, [_VP, _U64, _c.c_int]),
+    "ztier_param_data": (_c.c_int, [_VP, _U64, _c.POINTER(_VP)]),
+    "ztier_param_grad_reduce": (_c.c_int, [_VP, _U64, _VP]),
+    "ztier_step_end": (_c.c_int, [_VP]),
+    "ztier_release_all": (_c.c_int, [_VP, _c.c_int]),
+    "ztier_param_info": (_c.c_int, [_VP, _U64, _c.POINTER(_ParamInfo)]),
+    "ztier_partition_read": (_c.c_int, [_VP, _U64, _VP, _c.c_size_t]),
+    "ztier_partition_write": (_c.c_int, [_VP, _U64, _VP, _c.c_size_t]),
+    "ztier_grad_partition_read": (_c.c_int, [_VP, _U64, _VP, _c.c_size_t]),
+    "ztier_grad_partition_write": (_c.c_int, [_VP, _U64, _VP, _c.c_size_t]),
+    "ztier_grad_clear": (_c.c_int, [_VP]),
+    "ztier_engine_stats": (_c.c_int, [_VP, _c.POINTER(_Stats)]),
+    "ztier_engine_async_error": (_c.c_int, [_VP, _c.POINTER(_c.c_int), _c.c_char_p,
+                                            _c.c_size_t]),
+    "ztier_engine_clear_async_error": (_c.c_int, [_VP]),
+    "ztier_engine_device": (_c.c_int, [_VP, _c.POINTER(_c.c_int), _c.POINTER(_c.c_int32)]),
+    "ztier_engine_describe": (_c.c_int, [_VP, _c.c_char_p, _c.c_size_t]),
+}
+
+_lib = None
+
+
+def _candidates() -> Iterable[str]:
+    env = os.environ.get("ZTIER_LIBRARY")
+    if env:
+        yield env
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    yield from sorted(glob.glob(os.path.join(here, "libztier.so*")))
+    root = os.path.dirname(os.path.dirname(here))  # python/ztier -> source root
+    built = glob.glob(os.path.join(root, "build*", "lib", "libztier.so"))
+    yield from sorted(built, key=os.path.getmtime, reverse=True)
+
+
+def load_library(path: Optional[str] = None) -> ctypes.CDLL:
+    """Loads libztier (once) and declares every function's signature."""
+    global _lib
+    if _lib is not None and path is None:
+        return _lib
+    tried = []
+    for candidate in ([path] if path else _candidates()):
+        tried.append(candidate)
+        if not os.path.exists(candidate):
+            continue
+        lib = ctypes.CDLL(candidate)
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+        _lib = lib
+        return lib
+    raise OSError("libztier.so not found (tried: {}); build it (cmake --build <dir> "
+                  "--target ztier_shared) or set ZTIER_LIBRARY".format(", ".join(tried) or
+                                                                       "nothing"))
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise ZtierError(status, load_library().ztier_last_error().decode(errors="replace"))
+
+
+def version() -> tuple:
+    """The loaded library's (major, minor, patch)."""
+    v = [ctypes.c_uint32() for _ in range(3)]
+    _check(load_library().ztier_version(*[ctypes.byref(x) for x in v]))
+    return tuple(x.value for x in v)
+
+
+def version_string() -> str:
+    return load_library().ztier_version_string().decode()
+
+
+def status_string(status: int) -> str:
+    return load_library().ztier_status_string(int(status)).decode()
+
+
+def _address(buf) -> int:
+    """The address of `buf`'s memory (see the module docstring)."""
+    if isinstance(buf, int):
+        return buf
+    if hasattr(buf, "data_ptr"):
+        return buf.data_ptr()
+    if isinstance(buf, ctypes._SimpleCData) or isinstance(buf, (ctypes.Array, ctypes.Structure)):
+        return ctypes.addressof(buf)
+    if isinstance(buf, bytes):
+        return ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value
+    view = memoryview(buf)
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def _nbytes(buf) -> Optional[int]:
+    if hasattr(buf, "element_size") and hasattr(buf, "numel"):
+        return buf.element_size() * buf.numel()
+    if isinstance(buf, (bytes, bytearray, memoryview)):
+        return memoryview(buf).nbytes
+    if isinstance(buf, (ctypes.Array, ctypes.Structure, ctypes._SimpleCData)):
+        return ctypes.sizeof(buf)
+    return None
+
+
+class LocalGroup:
+    """`world_size` ranks as threads of this process (the local collective)."""
+
+    def __init__(self, world_size: int):
+        self._lib = load_library()
+        self._handle = ctypes.c_void_p()
+        _check(self._lib.ztier_local_group_create(world_size, ctypes.byref(self._handle)))
+        self.world_size = world_size
+
+    def close(self) -> None:
+        if self._handle:
+            _check(self._lib.ztier_local_group_destroy(self._handle))
+            self._handle = ctypes.c_void_p()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to report to
+            pass
+
+
+class Engine:
+    """One rank's ztier engine. Methods mirror the C calls (docs/c_api.md)."""
+
+    def __init__(self, config_path: Optional[str] = None, config_text: Optional[str] = None,
+                 rank: int = 0, world_size: int = 1, local_group: Optional[LocalGroup] = None,
+                 nccl_unique_id: Optional[bytes] = None, device: str = "auto",
+                 cuda_device: int = 0):
+        self._lib = load_library()
+        self._handle = ctypes.c_void_p()
+        opts = _EngineOptions()
+        _check(self._lib.ztier_engine_options_init(ctypes.byref(opts)))
+        opts.config_path = config_path.encode() if config_path is not None else None
+        opts.config_text = config_text.encode() if config_text is not None else None
+        opts.rank = rank
+        opts.world_size = world_size
+        self._group = local_group  # the group must outlive the engine's creation
+        self._uid = None
+        if local_group is not None:
+            opts.comm = CommKind.LOCAL_GROUP
+            opts.local_group = local_group._handle
+        elif nccl_unique_id is not None:
+            self._uid = ctypes.create_string_buffer(bytes(nccl_unique_id), len(nccl_unique_id))
+            opts.comm = CommKind.NCCL_UNIQUE_ID
+            opts.nccl_unique_id = ctypes.addressof(self._uid)
+            opts.nccl_unique_id_bytes = len(nccl_unique_id)
+        opts.device = {"auto": DeviceKind.AUTO, "host": DeviceKind.HOST,
+                       "cuda": DeviceKind.CUDA}[device]
+        opts.cuda_device = cuda_device
+        _check(self._lib.ztier_engine_create(ctypes.byref(opts), ctypes.byref(self._handle)))
+        self.rank = rank
+        self.world_size = world_size
+
+    # ---- lifetime ----
+    def close(self) -> None:
+        if self._handle:
+            handle, self._handle = self._handle, ctypes.c_void_p()
+            _check(self._lib.ztier_engine_destroy(handle))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to report to
+            pass
+
+    # ---- set-up ----
+    def register_param(self, pid: int, numel: int, dtype: DType, full_data) -> None:
+        _check(self._lib.ztier_param_register(self._handle, pid, numel, int(dtype),
+                                              _address(full_data)))
+
+    def register_module(self, mid: int, name: str, param_ids: Sequence[int],
+                        parent: int = -1) -> None:
+        ids = (ctypes.c_uint64 * max(1, len(param_ids)))(*param_ids)
+        _check(self._lib.ztier_module_register(self._handle, mid, name.encode(), ids,
+                                               len(param_ids), parent))
+
+    # ---- hooks ----
+    def fetch(self, mid: int, forward: bool = True) -> None:
+        _check(self._lib.ztier_module_fetch(self._handle, mid, int(forward)))
+
+    def release(self, mid: int, backward: bool = False) -> None:
+        _check(self._lib.ztier_module_release(self._handle, mid, int(backward)))
+
+    def param_data(self, pid: int) -> int:
+        out = ctypes.c_void_p()
+        _check(self._lib.ztier_param_data(self._handle, pid, ctypes.byref(out)))
+        return out.value
+
+    def grad_reduce(self, pid: int, full_grad) -> None:
+        _check(self._lib.ztier_param_grad_reduce(self._handle, pid, _address(full_grad)))
+
+    def step_end(self) -> None:
+        _check(self._lib.ztier_step_end(self._handle))
+
+    def release_all(self, persistent: bool = False) -> None:
+        _check(self._lib.ztier_release_all(self._handle, int(persistent)))
+
+    # ---- optimizer ----
+    def param_info(self, pid: int) -> ParamInfo:
+        info = _ParamInfo()
+        info.size = ctypes.sizeof(info)
+        _check(self._lib.ztier_param_info(self._handle, pid, ctypes.byref(info)))
+        return ParamInfo(info.numel, info.partition_numel, info.partition_offset,
+                         DType(info.dtype), ParamState(info.state), bool(info.has_grad))
+
+    def _io(self, fn, pid: int, buf, nbytes: Optional[int]) -> None:
+        if nbytes is None:
+            nbytes = _nbytes(buf)
+            if nbytes is None:
+                raise ValueError("pass nbytes with a raw address")
+        _check(fn(self._handle, pid, _address(buf), nbytes))
+
+    def partition_read(self, pid: int, out, nbytes: Optional[int] = None) -> None:
+        self._io(self._lib.ztier_partition_read, pid, out, nbytes)
+
+    def partition_write(self, pid: int, data, nbytes: Optional[int] = None) -> None:
+        self._io(self._lib.ztier_partition_write, pid, data, nbytes)
+
+    def grad_partition_read(self, pid: int, out, nbytes: Optional[int] = None) -> None:
+        self._io(self._lib.ztier_grad_partition_read, pid, out, nbytes)
+
+    def grad_partition_write(self, pid: int, data, nbytes: Optional[int] = None) -> None:
+        self._io(self._lib.ztier_grad_partition_write, pid, data, nbytes)
+
+    def grad_clear(self) -> None:
+        _check(self._lib.ztier_grad_clear(self._handle))
+
+    # ---- observing ----
+    def stats(self) -> dict:
+        s = _Stats()
+        s.size = ctypes.sizeof(s)
+        _check(self._lib.ztier_engine_stats(self._handle, ctypes.byref(s)))
+        return {name: getattr(s, name) for name, _ in _Stats._fields_ if name != "size"}
+
+    def async_error(self) -> Optional[ZtierError]:
+        """The first background failure (kept until clear_async_error), or None."""
+        status = ctypes.c_int()
+        msg = ctypes.create_string_buffer(4096)
+        _check(self._lib.ztier_engine_async_error(self._handle, ctypes.byref(status), msg,
+                                                  len(msg)))
+        if status.value == 0:
+            return None
+        return ZtierError(status.value, msg.value.decode(errors="replace"))
+
+    def clear_async_error(self) -> None:
+        _check(self._lib.ztier_engine_clear_async_error(self._handle))
+
+    def device(self) -> tuple:
+        """(DeviceKind.HOST or DeviceKind.CUDA, CUDA ordinal or -1)."""
+        kind = ctypes.c_int()
+        ordinal = ctypes.c_int32()
+        _check(self._lib.ztier_engine_device(self._handle, ctypes.byref(kind),
+                                             ctypes.byref(ordinal)))
+        return DeviceKind(kind.value), ordinal.value
+
+    def describe(self) -> str:
+        out = ctypes.create_string_buffer(1024)
+        _check(self._lib.ztier_engine_describe(self._handle, out, len(out)))
+        return out.value.decode()

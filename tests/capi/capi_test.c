@@ -1,0 +1,450 @@
+/* The C API from C: one engine through whole training steps (world 1), two
+ * ranks as threads of one process (local group), every misuse we know of
+ * (each must return its status with a message, never crash), and a failed
+ * background read (a corrupted swap file). Compiled as C99, linked against
+ * libztier.so only.
+ *
+ * Swap files go under $ZTIER_TEST_TMPDIR (a real disk: O_DIRECT). */
+#define _POSIX_C_SOURCE 200809L
+#include <dirent.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "ztier/ztier.h"
+
+static int g_failures = 0;
+
+#define CHECK(cond)                                                       \
+  do {                                                                    \
+    if (!(cond)) {                                                        \
+      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+      ++g_failures;                                                       \
+    }                                                                     \
+  } while (0)
+
+/* Expects `call` to return `want`; prints the status and message (the
+ * misuse report) and checks a message came with every error. */
+#define EXPECT_STATUS(want, call, label)                                       \
+  do {                                                                         \
+    ztier_status_t got_ = (call);                                              \
+    if (got_ != (want)) {                                                      \
+      fprintf(stderr, "%s:%d: %s: got %s, want %s (%s)\n", __FILE__, __LINE__, \
+              label, ztier_status_string(got_), ztier_status_string(want),     \
+              ztier_last_error());                                             \
+      ++g_failures;                                                            \
+    } else if (got_ != ZTIER_STATUS_OK) {                                      \
+      printf("misuse %-34s -> %-32s %s\n", label, ztier_status_string(got_),   \
+             ztier_last_error());                                              \
+      CHECK(ztier_last_error()[0] != '\0');                                    \
+    }                                                                          \
+  } while (0)
+
+#define OK(call) EXPECT_STATUS(ZTIER_STATUS_OK, call, #call)
+
+static char g_dir[512];
+
+static void MakeConfig(char* out, size_t n, const char* sub) {
+  char path[600];
+  snprintf(path, sizeof(path), "%s/%s", g_dir, sub);
+  snprintf(out, n,
+           "tiers:\n"
+           "  params: nvme\n"
+           "  host: {pin_memory: false}\n"
+           "  nvme: {paths: [\"%s\"], buffer_count: 4, buffer_size: 4096,\n"
+           "         buffer_element_bytes: 4}\n"
+           "coordinator: {param_persistence_threshold: 0, max_reuse_distance: 0}\n"
+           "io: {register_buffers: false}\n",
+           path);
+}
+
+static ztier_engine_t* CreateEngine(const char* sub, uint32_t rank, uint32_t world,
+                                    ztier_local_group_t* group) {
+  char yaml[1024];
+  ztier_engine_options_t o;
+  ztier_engine_t* e = NULL;
+  MakeConfig(yaml, sizeof(yaml), sub);
+  OK(ztier_engine_options_init(&o));
+  o.config_text = yaml;
+  o.rank = rank;
+  o.world_size = world;
+  o.device = ZTIER_DEVICE_HOST;
+  if (group) {
+    o.comm = ZTIER_COMM_LOCAL_GROUP;
+    o.local_group = group;
+  }
+  OK(ztier_engine_create(&o, &e));
+  return e;
+}
+
+/* Three parameters (numel 1000, 3000, 17: 17 is odd, so world 2 pads) and
+ * three modules: a root (no params) with two children; param 2 is shared
+ * by both children (a tied weight). */
+enum { kParams = 3 };
+static const uint64_t kNumel[kParams] = {1000, 3000, 17};
+
+static float InitValue(int param, uint64_t i) { return (float)(param * 10000 + (int)i) * 0.5f; }
+
+static void Register(ztier_engine_t* e, float** init) {
+  for (int p = 0; p < kParams; ++p) {
+    init[p] = malloc(kNumel[p] * sizeof(float));
+    for (uint64_t i = 0; i < kNumel[p]; ++i) init[p][i] = InitValue(p, i);
+    OK(ztier_param_register(e, (uint64_t)p, kNumel[p], ZTIER_DTYPE_FLOAT32, init[p]));
+  }
+  const uint64_t a[] = {0, 2}, b[] = {1, 2};
+  OK(ztier_module_register(e, 100, "root", NULL, 0, -1));
+  OK(ztier_module_register(e, 101, "root.a", a, 2, 100));
+  OK(ztier_module_register(e, 102, "root.b", b, 2, 100));
+}
+
+/* Checks the full parameter's values against `want` (numel elements). */
+static void CheckData(ztier_engine_t* e, int p, const float* want) {
+  void* ptr = NULL;
+  OK(ztier_param_data(e, (uint64_t)p, &ptr));
+  CHECK(ptr != NULL);
+  if (ptr) CHECK(memcmp(ptr, want, kNumel[p] * sizeof(float)) == 0);
+}
+
+static void ForwardBackward(ztier_engine_t* e, float** want) {
+  OK(ztier_module_fetch(e, 100, 1));
+  OK(ztier_module_fetch(e, 101, 1));
+  CheckData(e, 0, want[0]);
+  CheckData(e, 2, want[2]);
+  OK(ztier_module_release(e, 101, 0));
+  OK(ztier_module_fetch(e, 102, 1));
+  CheckData(e, 1, want[1]);
+  OK(ztier_module_release(e, 102, 0));
+  OK(ztier_module_release(e, 100, 0));
+  /* backward, in reverse */
+  OK(ztier_module_fetch(e, 100, 0));
+  OK(ztier_module_fetch(e, 102, 0));
+  CheckData(e, 1, want[1]);
+  OK(ztier_module_release(e, 102, 1));
+  OK(ztier_module_fetch(e, 101, 0));
+  CheckData(e, 0, want[0]);
+  OK(ztier_module_release(e, 101, 1));
+  OK(ztier_module_release(e, 100, 1));
+}
+
+/* ------------------------------------------------------------ world 1 */
+
+static void TestSingleRank(void) {
+  ztier_engine_t* e = CreateEngine("single", 0, 1, NULL);
+  float* want[kParams];
+  if (!e) return;
+  Register(e, want);
+  for (int step = 0; step < 3; ++step) {
+    ForwardBackward(e, want);
+    /* Gradients: g = 1 + index; the mean over one rank is itself. */
+    for (int p = kParams - 1; p >= 0; --p) {
+      float* g = malloc(kNumel[p] * sizeof(float));
+      float* gp = malloc(kNumel[p] * sizeof(float));
+      for (uint64_t i = 0; i < kNumel[p]; ++i) g[i] = (float)(i + 1);
+      OK(ztier_param_grad_reduce(e, (uint64_t)p, g));
+      OK(ztier_grad_partition_read(e, (uint64_t)p, gp, kNumel[p] * sizeof(float)));
+      CHECK(memcmp(g, gp, kNumel[p] * sizeof(float)) == 0);
+      /* SGD with lr 0.25 on the partition (the whole param at world 1). */
+      float* w = malloc(kNumel[p] * sizeof(float));
+      OK(ztier_partition_read(e, (uint64_t)p, w, kNumel[p] * sizeof(float)));
+      CHECK(memcmp(w, want[p], kNumel[p] * sizeof(float)) == 0);
+      for (uint64_t i = 0; i < kNumel[p]; ++i) w[i] -= 0.25f * gp[i];
+      OK(ztier_partition_write(e, (uint64_t)p, w, kNumel[p] * sizeof(float)));
+      memcpy(want[p], w, kNumel[p] * sizeof(float));
+      free(g);
+      free(gp);
+      free(w);
+    }
+    OK(ztier_step_end(e));
+  }
+  ztier_stats_t st;
+  memset(&st, 0, sizeof(st));
+  st.size = sizeof(st);
+  OK(ztier_engine_stats(e, &st));
+  CHECK(st.steps == 3);
+  CHECK(st.grad_reduces == 9);
+  CHECK(st.nvme_reads > 0);
+  CHECK(st.nvme_bytes_written > 0);
+  CHECK(st.trace_mode == 1); /* complete after the first step */
+  CHECK(st.live_numel == 0);
+  ztier_param_info_t info;
+  info.size = sizeof(info);
+  OK(ztier_param_info(e, 1, &info));
+  CHECK(info.numel == 3000 && info.partition_numel == 3000 && info.partition_offset == 0);
+  CHECK(info.dtype == ZTIER_DTYPE_FLOAT32 && info.state == ZTIER_PARAM_NOT_AVAILABLE);
+  CHECK(info.has_grad == 1);
+  char line[256];
+  OK(ztier_engine_describe(e, line, sizeof(line)));
+  printf("engine: %s\n", line);
+  OK(ztier_engine_destroy(e));
+  for (int p = 0; p < kParams; ++p) free(want[p]);
+}
+
+/* ------------------------------------------------------------ misuse */
+
+static void TestMisuse(void) {
+  ztier_engine_options_t o;
+  ztier_engine_t* e = NULL;
+  void* ptr = NULL;
+  float buf[4096];
+  float* init[kParams];
+
+  /* Handles and struct sizes, before any engine exists. */
+  EXPECT_STATUS(ZTIER_STATUS_INVALID_HANDLE, ztier_module_fetch(NULL, 100, 1),
+                "fetch on a NULL engine");
+  EXPECT_STATUS(ZTIER_STATUS_INVALID_HANDLE, ztier_param_data(NULL, 0, &ptr),
+                "param_data on a NULL engine");
+  OK(ztier_engine_destroy(NULL));
+  OK(ztier_local_group_destroy(NULL));
+  OK(ztier_engine_options_init(&o));
+  o.size = sizeof(o) - 8;
+  o.config_text = "{}";
+  EXPECT_STATUS(ZTIER_STATUS_BAD_STRUCT_SIZE, ztier_engine_create(&o, &e),
+                "create with a wrong options size");
+  CHECK(e == NULL);
+  OK(ztier_engine_options_init(&o));
+  o.config_text = "tiers: {nvme: {buffer_cont: 4}}\n";
+  EXPECT_STATUS(ZTIER_STATUS_INVALID_ARGUMENT, ztier_engine_create(&o, &e),
+                "create with a misspelt config key");
+  CHECK(strstr(ztier_last_error(), "buffer_count") != NULL);
+  o.config_text = NULL;
+  EXPECT_STATUS(ZTIER_STATUS_INVALID_ARGUMENT, ztier_engine_create(&o, &e),
+                "create without a config");
+  o.config_path = "/nonexistent/ztier.yaml";
+  EXPECT_STATUS(ZTIER_STATUS_NOT_FOUND, ztier_engine_create(&o, &e),
+                "create from a missing file");
+  o.config_path = NULL;
+  o.config_text = "{}";
+  o.world_size = 2;
+  EXPECT_STATUS(ZTIER_STATUS_INVALID_ARGUMENT, ztier_engine_create(&o, &e),
+                "world 2 without a communicator");
+  o.rank = 2;
+  o.comm = ZTIER_COMM_LOCAL_GROUP;
+  EXPECT_STATUS(ZTIER_STATUS_INVALID_ARGUMENT, ztier_engine_create(&o, &e),
+                "rank out of range");
+  o.rank = 0;
+  EXPECT_STATUS(ZTIER_STATUS_INVALID_HANDLE, ztier_engine_create(&o, &e),
+                "local comm without a group");
+  CHECK(ztier_status_string((ztier_status_t)999)[0] != '\0');
+  CHECK(strcmp(ztier_status_string(ZTIER_STATUS_NOT_FOUND), "ZTIER_STATUS_NOT_FOUND") == 0);
+
+  e = CreateEngine("misuse", 0, 1, NULL);
+  if (!e) return;
+  Register(e, init);
+  EXPECT_STATUS(ZTIER_STATUS_INVALID_ARGUMENT,
+                ztier_param_register(e, 0, 10, ZTIER_DTYPE_FLOAT32, buf),
+                "register a parameter id twice");
+  EXPECT_STATUS(ZTIER_STATUS_INVALID_ARGUMENT,
+                ztier_param_register(e, 9, 10, (ztier_dtype_t)42, buf),
+                "register with a bad dtype");
+  EXPECT_STATUS(ZTIER_STATUS_INVALID_ARGUMENT,
+                ztier_param_register(e, 9, 10, ZTIER_DTYPE_FLOAT32, NULL),
+                "register without data");
+  const uint64_t unknown[] = {77};
+  EXPECT_STATUS(ZTIER_STATUS_NOT_FOUND, ztier_module_register(e, 200, "x", unknown, 1, -1),
+                "module with an unknown param id");
+  EXPECT_STATUS(ZTIER_STATUS_NOT_FOUND, ztier_module_register(e, 201, "x", NULL, 0, 555),
+                "module with an unknown parent");
+  EXPECT_STATUS(ZTIER_STATUS_FAILED_PRECONDITION, ztier_module_release(e, 101, 0),
+                "release without fetch (before any)");
+  EXPECT_STATUS(ZTIER_STATUS_NOT_FOUND, ztier_module_fetch(e, 999, 1),
+                "fetch of an unregistered module");
+  EXPECT_STATUS(ZTIER_STATUS_NOT_FOUND, ztier_param_data(e, 999, &ptr),
+                "param_data of an unknown id");
+  EXPECT_STATUS(ZTIER_STATUS_FAILED_PRECONDITION, ztier_param_data(e, 0, &ptr),
+                "param_data of a released param");
+  OK(ztier_module_fetch(e, 101, 1));
+  OK(ztier_param_data(e, 0, &ptr));
+  EXPECT_STATUS(ZTIER_STATUS_FAILED_PRECONDITION, ztier_module_release(e, 102, 0),
+                "release without fetch");
+  EXPECT_STATUS(ZTIER_STATUS_FAILED_PRECONDITION,
+                ztier_partition_write(e, 0, buf, 1000 * sizeof(float)),
+                "partition write while fetched");
+  OK(ztier_module_release(e, 101, 0));
+  EXPECT_STATUS(ZTIER_STATUS_FAILED_PRECONDITION, ztier_param_data(e, 0, &ptr),
+                "param_data after its release");
+  EXPECT_STATUS(ZTIER_STATUS_FAILED_PRECONDITION,
+                ztier_param_register(e, 9, 10, ZTIER_DTYPE_FLOAT32, buf),
+                "register after the first fetch");
+  EXPECT_STATUS(ZTIER_STATUS_INVALID_ARGUMENT, ztier_partition_read(e, 0, buf, 12),
+                "partition read of the wrong size");
+  EXPECT_STATUS(ZTIER_STATUS_NOT_FOUND, ztier_partition_read(e, 999, buf, 12),
+                "partition read of an unknown id");
+  EXPECT_STATUS(ZTIER_STATUS_FAILED_PRECONDITION,
+                ztier_grad_partition_read(e, 0, buf, 1000 * sizeof(float)),
+                "gradient read before any gradient");
+  EXPECT_STATUS(ZTIER_STATUS_NOT_FOUND, ztier_param_grad_reduce(e, 999, buf),
+                "gradient of an unknown id");
+  EXPECT_STATUS(ZTIER_STATUS_INVALID_ARGUMENT, ztier_param_grad_reduce(e, 0, NULL),
+                "gradient NULL");
+  ztier_stats_t st;
+  st.size = 3;
+  EXPECT_STATUS(ZTIER_STATUS_BAD_STRUCT_SIZE, ztier_engine_stats(e, &st),
+                "stats with a wrong size");
+  ztier_param_info_t info;
+  info.size = sizeof(info) + 1;
+  EXPECT_STATUS(ZTIER_STATUS_BAD_STRUCT_SIZE, ztier_param_info(e, 0, &info),
+                "param_info with a wrong size");
+  /* Still usable after all of that. */
+  OK(ztier_module_fetch(e, 101, 1));
+  CheckData(e, 0, init[0]);
+  OK(ztier_module_release(e, 101, 0));
+  OK(ztier_step_end(e));
+  ztier_status_t async = ZTIER_STATUS_INTERNAL;
+  OK(ztier_engine_async_error(e, &async, NULL, 0));
+  CHECK(async == ZTIER_STATUS_OK);
+
+  OK(ztier_engine_destroy(e));
+  EXPECT_STATUS(ZTIER_STATUS_INVALID_HANDLE, ztier_engine_destroy(e), "double destroy");
+  EXPECT_STATUS(ZTIER_STATUS_INVALID_HANDLE, ztier_module_fetch(e, 101, 1),
+                "fetch on a destroyed engine");
+  for (int p = 0; p < kParams; ++p) free(init[p]);
+}
+
+/* ------------------------------------------------------------ async error */
+
+/* Overwrites the data area of every swap file in `dir` (past the header). */
+static int CorruptSwapFiles(const char* dir) {
+  DIR* d = opendir(dir);
+  struct dirent* ent;
+  int corrupted = 0;
+  char junk[65536];
+  memset(junk, 0x5a, sizeof(junk));
+  if (!d) return 0;
+  while ((ent = readdir(d)) != NULL) {
+    char path[1024];
+    struct stat sb;
+    snprintf(path, sizeof(path), "%s/%s", dir, ent->d_name);
+    if (stat(path, &sb) != 0 || !S_ISREG(sb.st_mode)) continue;
+    int fd = open(path, O_WRONLY);
+    if (fd < 0) continue;
+    if (pwrite(fd, junk, sizeof(junk), 4096) == (ssize_t)sizeof(junk)) ++corrupted;
+    fsync(fd);
+    close(fd);
+  }
+  closedir(d);
+  return corrupted;
+}
+
+static void TestBackgroundReadFailure(void) {
+  ztier_engine_t* e = CreateEngine("async", 0, 1, NULL);
+  float* init[kParams];
+  char dir[600], msg[512];
+  ztier_status_t async = ZTIER_STATUS_OK;
+  if (!e) return;
+  Register(e, init);
+  ForwardBackward(e, init);
+  OK(ztier_step_end(e)); /* the trace is complete: fetches now prefetch */
+  snprintf(dir, sizeof(dir), "%s/async", g_dir);
+  CHECK(CorruptSwapFiles(dir) > 0);
+  ztier_status_t got = ztier_module_fetch(e, 100, 1);
+  if (got == ZTIER_STATUS_OK) got = ztier_module_fetch(e, 101, 1);
+  printf("misuse %-34s -> %-32s %s\n", "fetch after a corrupted read", ztier_status_string(got),
+         ztier_last_error());
+  CHECK(got == ZTIER_STATUS_CORRUPTION || got == ZTIER_STATUS_IO_ERROR);
+  OK(ztier_engine_async_error(e, &async, msg, sizeof(msg)));
+  printf("async error: %s %s\n", ztier_status_string(async), msg);
+  CHECK(async == got);
+  CHECK(msg[0] != '\0');
+  OK(ztier_engine_clear_async_error(e));
+  OK(ztier_engine_async_error(e, &async, NULL, 0));
+  CHECK(async == ZTIER_STATUS_OK);
+  /* The engine is usable: release what the failed fetch took. */
+  (void)ztier_module_release(e, 101, 0);
+  (void)ztier_module_release(e, 100, 0);
+  OK(ztier_engine_destroy(e));
+  for (int p = 0; p < kParams; ++p) free(init[p]);
+}
+
+/* ------------------------------------------------------------ world 2 */
+
+struct RankArgs {
+  ztier_local_group_t* group;
+  uint32_t rank;
+};
+
+static void* RankMain(void* arg) {
+  struct RankArgs* a = arg;
+  ztier_engine_t* e = CreateEngine("world2", a->rank, 2, a->group);
+  float* init[kParams];
+  if (!e) return NULL;
+  Register(e, init);
+  for (int step = 0; step < 2; ++step) {
+    ForwardBackward(e, init);
+    for (int p = kParams - 1; p >= 0; --p) {
+      ztier_param_info_t info;
+      info.size = sizeof(info);
+      OK(ztier_param_info(e, (uint64_t)p, &info));
+      CHECK(info.partition_numel == (kNumel[p] + 1) / 2);
+      CHECK(info.partition_offset == a->rank * info.partition_numel);
+      /* rank r's gradient is (r + 1) x (i + 1): the mean is 1.5 x (i + 1). */
+      float* g = malloc(kNumel[p] * sizeof(float));
+      float* gp = malloc(info.partition_numel * sizeof(float));
+      float* w = malloc(info.partition_numel * sizeof(float));
+      for (uint64_t i = 0; i < kNumel[p]; ++i) g[i] = (float)((a->rank + 1) * (i + 1));
+      OK(ztier_param_grad_reduce(e, (uint64_t)p, g));
+      OK(ztier_grad_partition_read(e, (uint64_t)p, gp, info.partition_numel * sizeof(float)));
+      OK(ztier_partition_read(e, (uint64_t)p, w, info.partition_numel * sizeof(float)));
+      for (uint64_t k = 0; k < info.partition_numel; ++k) {
+        const uint64_t i = info.partition_offset + k;
+        const float want_g = i < kNumel[p] ? 1.5f * (float)(i + 1) : 0.0f;
+        const float want_w = i < kNumel[p] ? init[p][i] : 0.0f;
+        CHECK(gp[k] == want_g);
+        CHECK(w[k] == want_w);
+        w[k] -= 0.5f * gp[k];
+      }
+      OK(ztier_partition_write(e, (uint64_t)p, w, info.partition_numel * sizeof(float)));
+      /* What every rank sees at the next gather. */
+      for (uint64_t i = 0; i < kNumel[p]; ++i) init[p][i] -= 0.5f * 1.5f * (float)(i + 1);
+      free(g);
+      free(gp);
+      free(w);
+    }
+    OK(ztier_step_end(e));
+  }
+  OK(ztier_engine_destroy(e));
+  for (int p = 0; p < kParams; ++p) free(init[p]);
+  return NULL;
+}
+
+static void TestTwoRanks(void) {
+  ztier_local_group_t* group = NULL;
+  pthread_t threads[2];
+  struct RankArgs args[2];
+  OK(ztier_local_group_create(2, &group));
+  for (uint32_t r = 0; r < 2; ++r) {
+    args[r].group = group;
+    args[r].rank = r;
+    CHECK(pthread_create(&threads[r], NULL, RankMain, &args[r]) == 0);
+  }
+  for (int r = 0; r < 2; ++r) pthread_join(threads[r], NULL);
+  OK(ztier_local_group_destroy(group));
+}
+
+int main(void) {
+  const char* tmp = getenv("ZTIER_TEST_TMPDIR");
+  uint32_t major = 0, minor = 0, patch = 0;
+  snprintf(g_dir, sizeof(g_dir), "%s/capi_test_%d", tmp ? tmp : ".", (int)getpid());
+  mkdir(tmp ? tmp : ".", 0700);
+  mkdir(g_dir, 0700);
+
+  OK(ztier_version(&major, &minor, &patch));
+  CHECK(major == ZTIER_VERSION_MAJOR && minor == ZTIER_VERSION_MINOR &&
+        patch == ZTIER_VERSION_PATCH);
+  CHECK(strcmp(ztier_version_string(), ZTIER_VERSION_STRING) == 0);
+  printf("ztier %s (header %s)\n", ztier_version_string(), ZTIER_VERSION_STRING);
+
+  TestMisuse();
+  TestSingleRank();
+  TestTwoRanks();
+  TestBackgroundReadFailure();
+  if (g_failures) {
+    fprintf(stderr, "%d check(s) failed\n", g_failures);
+    return 1;
+  }
+  printf("all C API checks passed\n");
+  return 0;
+}

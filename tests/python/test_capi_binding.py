@@ -1,0 +1,84 @@
+"""The ctypes binding of the C API: version, errors as ZtierError with status
+and message, the full hook cycle and partition access on bytes buffers,
+misuse. Needs no torch."""
+
+import array
+import os
+import sys
+import tempfile
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "python"))
+
+import ztier  # noqa: E402
+from ztier import DType, Status, ZtierError  # noqa: E402
+
+
+def config_text(path):
+    return ("tiers:\n  params: nvme\n  host: {pin_memory: false}\n"
+            f"  nvme: {{paths: [\"{path}\"], buffer_count: 4, buffer_size: 4096,\n"
+            "         buffer_element_bytes: 4}\n"
+            "coordinator: {param_persistence_threshold: 0}\n"
+            "io: {register_buffers: false}\n")
+
+
+class BindingTest(unittest.TestCase):
+    def setUp(self):
+        base = os.environ.get("ZTIER_TEST_TMPDIR") or os.getcwd()
+        os.makedirs(base, exist_ok=True)
+        self.dir = tempfile.mkdtemp(prefix="ztier_py_", dir=base)
+
+    def test_version(self):
+        self.assertEqual(ztier.version(), (0, 1, 0))
+        self.assertEqual(ztier.version_string(), "0.1.0")
+        self.assertEqual(ztier.status_string(Status.NOT_FOUND), "ZTIER_STATUS_NOT_FOUND")
+
+    def test_bad_config_raises(self):
+        with self.assertRaises(ZtierError) as cm:
+            ztier.Engine(config_text="tiers: {nvme: {buffer_cont: 4}}\n")
+        self.assertEqual(cm.exception.status, Status.INVALID_ARGUMENT)
+        self.assertIn("buffer_count", cm.exception.message)
+
+    def test_cycle_and_misuse(self):
+        with ztier.Engine(config_text=config_text(self.dir), device="host") as e:
+            w = array.array("f", [float(i) for i in range(100)])
+            e.register_param(0, 100, DType.FLOAT32, w)
+            e.register_module(0, "m", [0])
+            with self.assertRaises(ZtierError) as cm:
+                e.fetch(5)
+            self.assertEqual(cm.exception.status, Status.NOT_FOUND)
+            with self.assertRaises(ZtierError) as cm:
+                e.release(0)
+            self.assertEqual(cm.exception.status, Status.FAILED_PRECONDITION)
+            e.fetch(0)
+            ptr = e.param_data(0)
+            self.assertEqual(bytes((ztier._capi.ctypes.c_char * 400).from_address(ptr)),
+                             w.tobytes())
+            e.release(0)
+            with self.assertRaises(ZtierError) as cm:
+                e.param_data(0)
+            self.assertEqual(cm.exception.status, Status.FAILED_PRECONDITION)
+            e.grad_reduce(0, array.array("f", [1.0] * 100))
+            g = array.array("f", [0.0] * 100)
+            e.grad_partition_read(0, g)
+            self.assertEqual(list(g), [1.0] * 100)
+            out = bytearray(400)
+            e.partition_read(0, out)
+            self.assertEqual(bytes(out), w.tobytes())
+            with self.assertRaises(ZtierError) as cm:
+                e.partition_read(0, bytearray(12))
+            self.assertEqual(cm.exception.status, Status.INVALID_ARGUMENT)
+            e.step_end()
+            info = e.param_info(0)
+            self.assertEqual((info.numel, info.partition_numel, info.has_grad), (100, 100, True))
+            self.assertIsNone(e.async_error())
+            self.assertEqual(e.stats()["steps"], 1)
+        with self.assertRaises(ZtierError) as cm:
+            e._lib.ztier_engine_destroy(e._handle) or ztier._capi._check(
+                e._lib.ztier_module_fetch(None, 0, 1))
+        self.assertEqual(cm.exception.status, Status.INVALID_HANDLE)
+
+
+if __name__ == "__main__":
+    unittest.main()
