@@ -68,13 +68,13 @@ void BM_CoordinatorStep(benchmark::State& state, const std::string& model, bool 
 }
 
 BENCHMARK_CAPTURE(BM_CoordinatorStep, gpt2_xl, std::string("gpt2-xl"), false)
-    ->Unit(benchmark::kMicrosecond);
+    ->Unit(benchmark::kMicrosecond)->MinTime(0.5);
 BENCHMARK_CAPTURE(BM_CoordinatorStep, llama2_7b, std::string("llama2-7b"), false)
-    ->Unit(benchmark::kMicrosecond);
+    ->Unit(benchmark::kMicrosecond)->MinTime(0.5);
 BENCHMARK_CAPTURE(BM_CoordinatorStep, llama2_7b_checkpointing, std::string("llama2-7b"), true)
-    ->Unit(benchmark::kMicrosecond);
+    ->Unit(benchmark::kMicrosecond)->MinTime(0.5);
 BENCHMARK_CAPTURE(BM_CoordinatorStep, llama2_70b, std::string("llama2-70b"), false)
-    ->Unit(benchmark::kMicrosecond);
+    ->Unit(benchmark::kMicrosecond)->MinTime(0.5);
 
 }  // namespace
 }  // namespace ztier::coordinator

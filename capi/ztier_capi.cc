@@ -190,7 +190,19 @@ ztier_status_t WithEngine(ztier_engine* e, const char* fn, F&& body) noexcept {
   });
 }
 
-Result<co::DType> ToDType(ztier_dtype_t d) {
+// A C enum argument as the int the caller passed. C allows any int in an
+// enum-typed object; C++ only the enum's range, so a typed load of a bad
+// value (say 42) would itself be undefined: read the bytes instead.
+template <typename E>
+int RawEnum(const E& e) {
+  static_assert(sizeof(E) == sizeof(int), "C enums are int-sized");
+  int v = 0;
+  memcpy(&v, &e, sizeof(v));
+  return v;
+}
+
+Result<co::DType> ToDType(const ztier_dtype_t& dtype) {
+  const int d = RawEnum(dtype);
   switch (d) {
     case ZTIER_DTYPE_FLOAT32: return co::DType::kFloat32;
     case ZTIER_DTYPE_FLOAT16: return co::DType::kFloat16;
@@ -198,8 +210,7 @@ Result<co::DType> ToDType(ztier_dtype_t d) {
     case ZTIER_DTYPE_UINT8: return co::DType::kUInt8;
   }
   return Status::InvalidArgument(fmt::format(
-      "dtype {} is not a ztier_dtype_t (0 float32, 1 float16, 2 bfloat16, 3 uint8)",
-      static_cast<int>(d)));
+      "dtype {} is not a ztier_dtype_t (0 float32, 1 float16, 2 bfloat16, 3 uint8)", d));
 }
 
 ztier_dtype_t FromDType(co::DType d) {
@@ -267,7 +278,7 @@ void CopyText(const std::string& text, char* out, size_t out_bytes) {
 extern "C" {
 
 const char* ztier_status_string(ztier_status_t status) {
-  const int s = static_cast<int>(status);
+  const int s = RawEnum(status);
   if (s < 0 || s >= ZTIER_STATUS_COUNT) return "unknown status";
   return kStatusNames[s];
 }
@@ -350,7 +361,8 @@ ztier_status_t ztier_engine_create(const ztier_engine_options_t* o, ztier_engine
     ro.config = *config;
     ro.rank = o->rank;
     ro.world_size = o->world_size;
-    switch (o->comm) {
+    const int comm = RawEnum(o->comm);
+    switch (comm) {
       case ZTIER_COMM_NONE:
         if (o->world_size != 1) {
           return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn,
@@ -386,16 +398,17 @@ ztier_status_t ztier_engine_create(const ztier_engine_options_t* o, ztier_engine
                     "ncclUniqueId (ZTIER_COMM_NCCL_UNIQUE_ID)");
       default:
         return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn,
-                    fmt::format("comm {} is not a ztier_comm_kind_t", static_cast<int>(o->comm)));
+                    fmt::format("comm {} is not a ztier_comm_kind_t", comm));
     }
-    switch (o->device) {
+    const int device = RawEnum(o->device);
+    switch (device) {
       case ZTIER_DEVICE_AUTO: ro.device = co::DeviceKind::kAuto; break;
       case ZTIER_DEVICE_HOST: ro.device = co::DeviceKind::kHost; break;
       case ZTIER_DEVICE_CUDA: ro.device = co::DeviceKind::kCuda; break;
       default:
         return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn,
                     fmt::format("device {} is not a ztier_device_kind_t",
-                                static_cast<int>(o->device)));
+                                device));
     }
     ro.cuda_device = o->cuda_device;
     auto rt = co::RankRuntime::Create(ro);

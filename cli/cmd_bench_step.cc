@@ -135,7 +135,8 @@ class StepBench {
 
  private:
   Status Prepare();
-  Status MeasureDevice();
+  // Sequential read on the first NVMe path into `out` (bench io).
+  Status MeasureDevice(IoBenchResult* out);
   Result<RunOutput> RunSteps(uint32_t steps, bool emulate, TimelineRecorder* timeline);
   // Compute seconds of one module fetch, for the emulated modes.
   double ComputeFor(const coordinator::TraceEvent& e) const;
@@ -156,8 +157,8 @@ class StepBench {
   std::map<uint64_t, uint64_t> module_bytes_;  // bytes per rank a fetch swaps in
   double seconds_per_byte_ = 0;
   double balanced_io_s_ = 0;
-  IoBenchResult device_;
-  double device_bw_ = 0;
+  IoBenchResult device_, device_after_;
+  double device_bw_ = 0;  // bytes/s: the mean of the runs before and after the steps
   bool measured_bw_ = false;
 };
 
@@ -266,14 +267,7 @@ Status StepBench::Prepare() {
   return Status::Ok();
 }
 
-Status StepBench::MeasureDevice() {
-  if (!a_.device_bw.empty()) {
-    auto bw = tiering::ParseByteSize(a_.device_bw, {1, tiering::kMaxElements, false});
-    if (!bw.ok()) return bw.status().WithContext("--device-bw (bytes per second)");
-    device_bw_ = static_cast<double>(*bw);
-    return Status::Ok();
-  }
-  if (config_.tiers.params != tiering::ParamTier::kNvme) return Status::Ok();
+Status StepBench::MeasureDevice(IoBenchResult* out) {
   // As much as a step reads, all ranks: each swapped parameter twice
   // (forward and backward), in elements x bytes per element.
   uint64_t step_bytes = 0;
@@ -308,9 +302,7 @@ Status StepBench::MeasureDevice() {
   }
   auto r = RunIoBenchmark(o);
   if (!r.ok()) return r.status().WithContext("measuring the device bandwidth (bench io)");
-  device_ = *r;
-  device_bw_ = device_.bw_bytes_per_s;
-  measured_bw_ = true;
+  *out = *r;
   return Status::Ok();
 }
 
@@ -403,7 +395,9 @@ Result<RunOutput> StepBench::RunSteps(uint32_t steps, bool emulate, TimelineReco
     started[rank] = 0;
   };
   Progress progress("ztier bench step:", steps, !a_.json || isatty(STDERR_FILENO));
-  hooks.step_done = [&](uint64_t step, double seconds) {
+  // Rank 0 reports after its before_reset: step_s holds the step's time.
+  hooks.step_done = [&](uint64_t step, double) {
+    const double seconds = step < step_s[0].size() ? step_s[0][step] : 0.0;
     progress.Update(step + 1, fmt::format("step {}{}: {:.3f} s", step,
                                           step == 0 ? " (records the trace)" : "", seconds));
   };
@@ -521,9 +515,13 @@ void StepBench::Report(const RunOutput& out) {
     if (mode_ == ComputeMode::kFlops) j["tflops"] = a_.tflops;
     if (mode_ == ComputeMode::kBalanced) j["balanced_io_seconds"] = balanced_io_s_;
     if (measured_bw_) {
-      j["device_bench"] = {{"backend", device_.backend}, {"bs", device_.bs},
-                           {"qd", device_.qd},           {"bytes", device_.bytes},
-                           {"seconds", device_.seconds}, {"file", device_.file}};
+      j["device_bench"] = {{"backend", device_.backend},
+                           {"bs", device_.bs},
+                           {"qd", device_.qd},
+                           {"bytes", device_.bytes},
+                           {"bw_before_bytes_per_s", device_.bw_bytes_per_s},
+                           {"bw_after_bytes_per_s", device_after_.bw_bytes_per_s},
+                           {"file", device_.file}};
     }
     if (!a_.timeline.empty()) j["timeline"] = a_.timeline;
     std::cout << j.dump(2) << std::endl;
@@ -538,11 +536,16 @@ void StepBench::Report(const RunOutput& out) {
                                             : "");
   fmt::print("  {}\n", r0.description);
   for (const auto& n : notes_) fmt::print("  note: {}\n", n);
+  if (read == 0 && config_.tiers.params == tiering::ParamTier::kNvme) {
+    fmt::print("  note: no parameter was read after the recording step: all stay gathered "
+               "(persistence threshold, max_reuse_distance); try a larger model\n");
+  }
   if (measured_bw_) {
-    fmt::print("  device bandwidth: {:.3f} GB/s (bench io: sequential read, {} backend, bs {}, "
-               "qd {}, {} of {})\n",
-               device_bw_ / 1e9, device_.backend, FormatSize(device_.bs), device_.qd,
-               FormatSize(device_.bytes), device_.file);
+    fmt::print("  device bandwidth: {:.3f} GB/s, mean of {:.3f} before and {:.3f} after the "
+               "steps (bench io: sequential read, {} backend, bs {}, qd {}, {} of {})\n",
+               device_bw_ / 1e9, device_.bw_bytes_per_s / 1e9,
+               device_after_.bw_bytes_per_s / 1e9, device_.backend, FormatSize(device_.bs),
+               device_.qd, FormatSize(device_.bytes), device_.file);
   } else if (device_bw_ > 0) {
     fmt::print("  device bandwidth: {:.3f} GB/s (given)\n", device_bw_ / 1e9);
   }
@@ -560,7 +563,6 @@ void StepBench::Report(const RunOutput& out) {
   if (device_bw_ > 0) row("effective / device bw", fmt::format("{:.3f}", eff_bw / device_bw_));
   row("stall nvme (rank 0)", fmt::format("{:.4f} s", stall_nvme));
   row("stall h2d+collective", fmt::format("{:.4f} s", stall_dev));
-  row("stall collective", "in h2d+coll.");
   row("prefetch hit rate", fmt::format("{:.4f}", hit));
   row("peak pinned in use", tiering::HumanBytes(peak_pinned));
   row("pinned pool", tiering::HumanBytes(pool_bytes));
@@ -576,9 +578,20 @@ int StepBench::Run() {
     PrintError(s.ToString());
     return kUsageError;
   }
-  if (Status s = MeasureDevice(); !s.ok()) {
-    PrintError(s.ToString());
-    return 1;
+  if (!a_.device_bw.empty()) {
+    auto bw = tiering::ParseByteSize(a_.device_bw, {1, tiering::kMaxElements, false});
+    if (!bw.ok()) {
+      PrintError(bw.status().WithContext("--device-bw (bytes per second)").ToString());
+      return kUsageError;
+    }
+    device_bw_ = static_cast<double>(*bw);
+  } else if (config_.tiers.params == tiering::ParamTier::kNvme) {
+    if (Status s = MeasureDevice(&device_); !s.ok()) {
+      PrintError(s.ToString());
+      return 1;
+    }
+    device_bw_ = device_.bw_bytes_per_s;
+    measured_bw_ = true;
   }
   if (mode_ == ComputeMode::kBalanced) {
     if (device_bw_ <= 0) {
@@ -607,6 +620,16 @@ int StepBench::Run() {
     PrintError(out.status().ToString());
     return 1;
   }
+  if (measured_bw_) {
+    // Again after the steps: a shared drive drifts (seconds-scale swings of
+    // tens of percent), so the bound uses the mean of the two runs, which
+    // bracket the steps.
+    if (Status s = MeasureDevice(&device_after_); !s.ok()) {
+      PrintError(s.ToString());
+      return 1;
+    }
+    device_bw_ = (device_.bw_bytes_per_s + device_after_.bw_bytes_per_s) / 2;
+  }
   if (timeline) {
     TimelineRecorder::Names names;
     names.param = [this](uint64_t id) {
@@ -634,9 +657,10 @@ every tensor's element count by N (and the config's element thresholds with
 it), keeping layers, modules and order: a 70B shape on a small disk. Scaled
 shapes get swap buffers sized from the largest partition, enough of them to
 cover the drive queue (--buffer-elements / --buffer-count override).
-Before the steps, `bench io` measures sequential read on the first NVMe path
-(config block size and queue depth, a file as large as a step's reads, 256 MiB
-to 4 GiB; --device-bw skips it). Step 0 records the trace; --steps more are
+Before and after the steps, `bench io` measures sequential read on the first
+NVMe path (config block size and queue depth, a file as large as a step's
+reads, 256 MiB to 4 GiB); the bound uses the mean of the two (--device-bw
+gives it instead). --compute balanced plans with the first. Step 0 records the trace; --steps more are
 measured; figures are medians over them, bytes summed over ranks.
   bound = max(compute, (bytes read + written) / device bandwidth)
 --compute: none (I/O bound), a time per module fetch (2ms, 500us), or

@@ -19,6 +19,7 @@ struct ReplayArgs {
   uint32_t world_size = 0;
   uint32_t repeat = 1;
   std::string buffer_elements;
+  std::string device = "host";
 };
 
 // Applies the trace's "config" overrides ("coordinator.prefetch_bucket_size":
@@ -84,7 +85,13 @@ int RunReplay(const ReplayArgs& a) {
   ro.runtime.config = config;
   ro.runtime.null_io = a.null_io;
   ro.runtime.events = sink.get();
-  ro.runtime.device = coordinator::DeviceKind::kHost;
+  if (a.device == "host") {
+    ro.runtime.device = coordinator::DeviceKind::kHost;
+  } else if (a.device == "cuda") {
+    ro.runtime.device = coordinator::DeviceKind::kCuda;
+  } else {
+    ro.runtime.device = coordinator::DeviceKind::kAuto;
+  }
   if (!a.buffer_elements.empty()) {
     auto n = tiering::ParseElementCount(a.buffer_elements, {1, tiering::kMaxElements, false});
     if (!n.ok()) {
@@ -150,6 +157,9 @@ void RegisterReplay(CLI::App& app, int* exit_code) {
   cmd->add_option("--world-size", args->world_size, "Ranks (threads); default: the trace's");
   cmd->add_option("--repeat", args->repeat, "Play the trace's steps this many times")
       ->check(CLI::Range(1u, 100000u));
+  cmd->add_option("--device", args->device,
+                  "Device backend: host (emulation, default), cuda, or auto")
+      ->check(CLI::IsMember({"host", "cuda", "auto"}));
   cmd->add_option("--buffer-elements", args->buffer_elements,
                   "Elements per swap buffer (overrides tiers.nvme.buffer_size)");
   cmd->callback([args, exit_code] { *exit_code = RunReplay(*args); });

@@ -115,7 +115,7 @@ Result<std::unique_ptr<Backend>> CreateBackend(BackendKind kind,
   if (kind != BackendKind::kAuto) {
     Result<std::unique_ptr<Backend>> backend = CreateExplicit(kind, options);
     if (backend.ok()) {
-      Log(LogLevel::kInfo, "io backend: {} (queue_depth {})",
+      Log(LogLevel::kDebug, "io backend: {} (queue_depth {})",
           BackendKindName(kind), options.queue_depth);
     }
     return backend;

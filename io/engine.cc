@@ -30,6 +30,9 @@ namespace {
 
 bool IsTransient(int64_t res) { return res == -EAGAIN || res == -EINTR; }
 
+constexpr uint64_t kSmallPieceBytes = 64 * 1024;  // below this, submit in small batches
+constexpr size_t kSmallBatch = 4;                 // requests per submit for small pieces
+
 std::string Where(const StripedFile& file, const Request& r,
                   const Transfer& t) {
   // The physical file of the piece, and the logical transfer it belongs to.
@@ -211,8 +214,12 @@ void Engine::Refill() {
 
 Status Engine::SubmitReady() {
   while (!ready_.empty()) {
+    // Small pieces go to the kernel a few at a time: a large batch holds
+    // its first request back until the last one is prepared (block-layer
+    // plugging), which costs IOPS at 4 KiB. Large pieces go all at once.
+    const size_t max_batch = options_.block_size < kSmallPieceBytes ? kSmallBatch : ready_.size();
     batch_.clear();
-    for (Piece* p : ready_) batch_.push_back(p->req);
+    for (size_t i = 0; i < ready_.size() && i < max_batch; ++i) batch_.push_back(ready_[i]->req);
     int n = backend_->Submit(batch_);
     if (n == -EAGAIN || n == -EBUSY || n == -EINTR || n == 0) {
       // The kernel wants completions reaped first; Poll will do that.

@@ -73,7 +73,9 @@ class PsyncBackend final : public Backend {
       std::lock_guard<std::mutex> lock(mu_);
       pending_.insert(pending_.end(), requests.begin(), requests.begin() + n);
     }
-    if (n == 1) {
+    if (threads_.empty()) {
+      // No workers: Reap runs the requests.
+    } else if (n == 1) {
       work_cv_.notify_one();
     } else {
       work_cv_.notify_all();
@@ -86,7 +88,21 @@ class PsyncBackend final : public Backend {
     // Waiting for more than can ever arrive would block forever.
     if (min_complete > out.size() || min_complete > in_flight_) return -EINVAL;
     std::unique_lock<std::mutex> lock(mu_);
-    done_cv_.wait(lock, [&] { return done_.size() >= min_complete; });
+    while (done_.size() < min_complete) {
+      if (pending_.empty()) {
+        done_cv_.wait(lock);
+        continue;
+      }
+      // Rather than sleep while a request waits for a worker, run it on this
+      // thread: at queue depth 1 (no workers at all) this is a plain
+      // synchronous pread/pwrite with no thread hand-off.
+      const Request r = pending_.front();
+      pending_.pop_front();
+      lock.unlock();
+      const int64_t result = RunOne(r);
+      lock.lock();
+      done_.push_back(Completion{r.user_data, result});
+    }
     const size_t n = std::min(out.size(), done_.size());
     std::copy_n(done_.begin(), n, out.begin());
     done_.erase(done_.begin(), done_.begin() + static_cast<ptrdiff_t>(n));
@@ -155,10 +171,12 @@ Result<std::unique_ptr<Backend>> CreatePsyncBackend(const BackendOptions& o) {
   if (o.queue_depth == 0) {
     return Status::InvalidArgument("psync backend: queue_depth must be >= 1");
   }
-  // More workers than requests in flight would only sleep.
+  // More workers than requests in flight would only sleep. At queue depth 1
+  // the driving thread runs each request itself in Reap: no workers.
   uint32_t threads = o.psync_threads == 0
                          ? std::min(o.queue_depth, kMaxPsyncThreads)
                          : std::min(o.psync_threads, o.queue_depth);
+  if (o.queue_depth == 1) threads = 0;
   auto backend = std::make_unique<PsyncBackend>(o.queue_depth);
   ZTIER_RETURN_IF_ERROR(backend->Start(threads));
   Log(LogLevel::kDebug, "psync backend: {} worker threads, queue_depth {}",

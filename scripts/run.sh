@@ -1,17 +1,40 @@
 #!/usr/bin/env bash
-# The main job: set up, build, and run the offload benchmark on the default
-# NVMe path ($ZTIER_NVME_PATH, else ./ztier_nvme under the working directory).
-# Today that is `ztier bench io`: sequential read and write through the
-# engine at 1 MiB blocks, queue depth 32, O_DIRECT.
+# The main job: set up, build, and run the step benchmark with
+# configs/default.yaml on the default NVMe path ($ZTIER_NVME_PATH, else
+# ./ztier_nvme under the working directory):
+#   1. `ztier bench step` on the tiny model (seconds: checks the whole path),
+#   2. `ztier bench step` on LLaMA-2 7B scaled by 1/64 (same layers and
+#      modules, ~200 MB of parameters), with a Perfetto timeline.
+# Each prints its summary table (step time against the bound, effective
+# against measured NVMe bandwidth, stalls, prefetch hit rate).
+# Environment: ZTIER_BUILD_DIR (default build/), ZTIER_NVME_PATH,
+# ZTIER_STEP_SCALE (default 64), ZTIER_STEP_COMPUTE (default balanced).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/setup.sh"
 "$root/scripts/build.sh"
 ztier=${ZTIER_BUILD_DIR:-$root/build}/ztier
-nvme=${ZTIER_NVME_PATH:-$PWD/ztier_nvme}
-mkdir -p -m 0700 "$nvme"
-size=${ZTIER_BENCH_SIZE:-1GiB}
-echo "== ztier bench io on $nvme (size $size; set ZTIER_NVME_PATH to use another drive)"
-"$ztier" bench io --rw write --bs 1MiB --qd 32 --size "$size" --file "$nvme/bench_io.dat"
-"$ztier" bench io --rw read --bs 1MiB --qd 32 --size "$size" --file "$nvme/bench_io.dat"
-"$ztier" bench io --rw randread --bs 4KiB --qd 32 --size "$size" --time 5 --file "$nvme/bench_io.dat"
+export ZTIER_NVME_PATH=${ZTIER_NVME_PATH:-$PWD/ztier_nvme}
+mkdir -p -m 0700 "$ZTIER_NVME_PATH"
+config=$root/configs/default.yaml
+scale=${ZTIER_STEP_SCALE:-64}
+compute=${ZTIER_STEP_COMPUTE:-balanced}
+timeline=$PWD/ztier_step_timeline.json
+
+extra=()
+# Swap buffers are page-locked; without the privilege or a memlock limit
+# large enough, run with pageable buffers instead of failing.
+if [[ $(id -u) -ne 0 && $(ulimit -l) != unlimited ]]; then
+  echo "== memlock limit is $(ulimit -l) KiB: running with --allow-unpinned"
+  extra+=(--allow-unpinned)
+fi
+
+echo "== ztier bench step: tiny model, config $config, NVMe path $ZTIER_NVME_PATH"
+"$ztier" bench step --model "$root/configs/models/tiny.yaml" --config "$config" \
+  --steps 3 "${extra[@]}"
+echo
+echo "== ztier bench step: llama2-7b scaled 1/$scale, compute $compute"
+"$ztier" bench step --model "$root/configs/models/llama2-7b.yaml" --config "$config" \
+  --scale "$scale" --steps 3 --compute "$compute" --timeline "$timeline" "${extra[@]}"
+echo
+echo "timeline: $timeline (open in https://ui.perfetto.dev)"

@@ -112,7 +112,8 @@ typedef enum ztier_comm_kind {
   ZTIER_COMM_NONE = 0,            /* world size 1 */
   ZTIER_COMM_LOCAL_GROUP = 1,     /* ranks are threads of this process */
   ZTIER_COMM_NCCL_UNIQUE_ID = 2,  /* NCCL from rank 0's ncclUniqueId bytes */
-  ZTIER_COMM_NCCL_COMM = 3        /* an existing ncclComm_t (not owned) */
+  ZTIER_COMM_NCCL_COMM = 3        /* an existing ncclComm_t (not owned); not
+                                     supported yet: ZTIER_STATUS_UNAVAILABLE */
 } ztier_comm_kind_t;
 
 typedef enum ztier_device_kind {
@@ -180,7 +181,9 @@ ZTIER_API ztier_status_t ztier_engine_destroy(ztier_engine_t* engine);
  * this rank's partition, p = ceil(numel / world) elements starting at
  * rank * p (zero padded), and puts it on the configured tier. Register
  * every parameter before the first fetch, step_end or partition call (the
- * first of those lays out the NVMe store). Serialised per engine. */
+ * first of those lays out the NVMe store; until then the partition waits in
+ * host memory). The caller may free `full_data` when the call returns.
+ * Serialised per engine. */
 ZTIER_API ztier_status_t ztier_param_register(ztier_engine_t* engine, uint64_t id,
                                               uint64_t numel, ztier_dtype_t dtype,
                                               const void* full_data);

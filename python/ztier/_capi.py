@@ -2,7 +2,7 @@
 
 No build step: the shared library is found, in this order, at $ZTIER_LIBRARY,
 next to this package (ztier/libztier.so*), or in a build folder of the source
-tree (build*/lib/libztier.so, the newest). Every failing call raises
+tree (build*/lib/libztier.so, the newest that loads). Every failing call raises
 ZtierError carrying the status and the library's message.
 
 Buffers: calls that take memory accept an int address, a torch tensor
@@ -202,7 +202,11 @@ def load_library(path: Optional[str] = None) -> ctypes.CDLL:
         tried.append(candidate)
         if not os.path.exists(candidate):
             continue
-        lib = ctypes.CDLL(candidate)
+        try:
+            lib = ctypes.CDLL(candidate)
+        except OSError as e:  # e.g. a sanitizer build: try the next one
+            tried[-1] += f" ({e})"
+            continue
         for name, (restype, argtypes) in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.restype = restype
@@ -251,11 +255,14 @@ def _address(buf) -> int:
 def _nbytes(buf) -> Optional[int]:
     if hasattr(buf, "element_size") and hasattr(buf, "numel"):
         return buf.element_size() * buf.numel()
-    if isinstance(buf, (bytes, bytearray, memoryview)):
-        return memoryview(buf).nbytes
     if isinstance(buf, (ctypes.Array, ctypes.Structure, ctypes._SimpleCData)):
         return ctypes.sizeof(buf)
-    return None
+    if isinstance(buf, int):
+        return None
+    try:
+        return memoryview(buf).nbytes
+    except TypeError:
+        return None
 
 
 class LocalGroup:

@@ -255,6 +255,10 @@ class Offload:
             if self._fetched[k][0] == mid:
                 del self._fetched[k]
                 break
+        if self._cuda:
+            # ztier frees the memory in its own stream order: the kernels that
+            # read it on torch's stream must be done first.
+            torch.cuda.current_stream(self._cuda_device).synchronize()
         self.engine.release(mid, backward)
         for slot in self._module_slots[mid]:
             slot.users -= 1

@@ -5,9 +5,10 @@
  * libztier.so only.
  *
  * Swap files go under $ZTIER_TEST_TMPDIR (a real disk: O_DIRECT). */
-#define _POSIX_C_SOURCE 200809L
+#define _XOPEN_SOURCE 700
 #include <dirent.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -176,6 +177,23 @@ static void TestSingleRank(void) {
   CHECK(info.numel == 3000 && info.partition_numel == 3000 && info.partition_offset == 0);
   CHECK(info.dtype == ZTIER_DTYPE_FLOAT32 && info.state == ZTIER_PARAM_NOT_AVAILABLE);
   CHECK(info.has_grad == 1);
+  /* Gradient partitions: write (e.g. clipped) and read back, then clear. */
+  {
+    float g[17], back[17];
+    for (int i = 0; i < 17; ++i) g[i] = (float)i * 0.125f;
+    OK(ztier_grad_partition_write(e, 2, g, sizeof(g)));
+    OK(ztier_grad_partition_read(e, 2, back, sizeof(back)));
+    CHECK(memcmp(g, back, sizeof(g)) == 0);
+    OK(ztier_grad_clear(e));
+    EXPECT_STATUS(ZTIER_STATUS_FAILED_PRECONDITION,
+                  ztier_grad_partition_read(e, 2, back, sizeof(back)),
+                  "gradient read after grad_clear");
+  }
+  OK(ztier_release_all(e, 1));
+  ztier_device_kind_t kind = ZTIER_DEVICE_AUTO;
+  int32_t ordinal = 0;
+  OK(ztier_engine_device(e, &kind, &ordinal));
+  CHECK(kind == ZTIER_DEVICE_HOST && ordinal == -1);
   char line[256];
   OK(ztier_engine_describe(e, line, sizeof(line)));
   printf("engine: %s\n", line);
@@ -301,6 +319,24 @@ static void TestMisuse(void) {
   EXPECT_STATUS(ZTIER_STATUS_INVALID_HANDLE, ztier_engine_destroy(e), "double destroy");
   EXPECT_STATUS(ZTIER_STATUS_INVALID_HANDLE, ztier_module_fetch(e, 101, 1),
                 "fetch on a destroyed engine");
+
+  /* A parameter larger than the whole swap-buffer pool (4 x 4096 elements):
+   * the store cannot be laid out, and the engine says it is unusable. */
+  e = CreateEngine("toolarge", 0, 1, NULL);
+  if (!e) return;
+  {
+    float* big = calloc(20000, sizeof(float));
+    OK(ztier_param_register(e, 0, 20000, ZTIER_DTYPE_FLOAT32, big));
+    OK(ztier_module_register(e, 0, "big", (const uint64_t[]){0}, 1, -1));
+    ztier_status_t got = ztier_module_fetch(e, 0, 1);
+    printf("misuse %-34s -> %-32s %s\n", "parameter larger than the pool",
+           ztier_status_string(got), ztier_last_error());
+    CHECK(got != ZTIER_STATUS_OK && got != ZTIER_STATUS_ENGINE_FAILED);
+    EXPECT_STATUS(ZTIER_STATUS_ENGINE_FAILED, ztier_step_end(e), "a call after the lay-out failed");
+    CHECK(strstr(ztier_last_error(), "destroy") != NULL);
+    free(big);
+  }
+  OK(ztier_engine_destroy(e));
   for (int p = 0; p < kParams; ++p) free(init[p]);
 }
 
@@ -424,6 +460,13 @@ static void TestTwoRanks(void) {
   OK(ztier_local_group_destroy(group));
 }
 
+static int RemoveEntry(const char* path, const struct stat* sb, int flag, struct FTW* ftw) {
+  (void)sb;
+  (void)flag;
+  (void)ftw;
+  return remove(path);
+}
+
 int main(void) {
   const char* tmp = getenv("ZTIER_TEST_TMPDIR");
   uint32_t major = 0, minor = 0, patch = 0;
@@ -441,6 +484,7 @@ int main(void) {
   TestSingleRank();
   TestTwoRanks();
   TestBackgroundReadFailure();
+  nftw(g_dir, RemoveEntry, 16, FTW_DEPTH | FTW_PHYS);
   if (g_failures) {
     fprintf(stderr, "%d check(s) failed\n", g_failures);
     return 1;

@@ -263,6 +263,39 @@ TEST_F(CoordinatorTest, MisuseGivesErrors) {
   EXPECT_EQ(r->coordinator->ParamData(1).status().code(), StatusCode::kFailedPrecondition);
 }
 
+// On a GPU: the same pipeline with the CUDA device backend (real H2D copies
+// into device memory, cudaHostRegister-pinned swap buffers), world size 1.
+TEST_F(CoordinatorTest, CudaDeviceEndToEnd) {
+  std::string why;
+  if (!tiering::CudaDeviceAvailable(&why)) GTEST_SKIP() << "no CUDA device: " << why;
+  TraceFile t = Chain(8, 3, 300000);
+  t.params[2].tier = ParamTier::kHost;
+  t.params[5].tier = ParamTier::kDevice;
+  RankConfig cfg;
+  cfg.cuda = true;
+  cfg.buffer_bytes = 1 << 20;
+  cfg.options.param_persistence_threshold = 0;
+  cfg.options.prefetch_bucket_size = 1'000'000;
+  auto r = MakeRank(dir_.path(), 0, 1, nullptr, cfg);
+  EXPECT_EQ(r->device->name(), "cuda");
+  RegisterTrace(*r->coordinator, t);
+  for (int step = 0; step < 3; ++step) {
+    for (const TraceEvent& e : FwdBwd(8)) {
+      if (e.op == TraceOp::kFetch) {
+        ASSERT_TRUE(r->coordinator->Fetch(e.module, e.forward).ok());
+        ASSERT_TRUE(ModuleDataIntact(*r->coordinator, t, e.module, r->device.get()));
+      } else {
+        ASSERT_TRUE(r->coordinator->Release(e.module, e.backward).ok());
+      }
+    }
+    ASSERT_TRUE(r->coordinator->ResetStep().ok());
+  }
+  auto s = r->coordinator->stats();
+  EXPECT_GT(s.prefetch_gathers, 0u);
+  EXPECT_EQ(r->pool->stats().buffers_in_use, 0u);
+  EXPECT_EQ(r->pool->stats().pin_method, "cuda");
+}
+
 // ---------------------------------------------------------------- properties
 
 struct PropertyCase {

@@ -3,6 +3,7 @@
 // above 1 run one Rank per thread over a LocalGroup.
 #pragma once
 
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -16,6 +17,7 @@
 namespace ztier::coordinator::testing {
 
 struct RankConfig {
+  bool cuda = false;  // the CUDA device backend instead of the host emulation
   uint32_t buffer_count = 4;
   uint64_t buffer_bytes = 256 * 1024;
   uint64_t pack_threshold_bytes = 16 * 1024;
@@ -48,7 +50,13 @@ struct Rank {
 inline std::unique_ptr<Rank> MakeRank(const std::string& dir, uint32_t rank, uint32_t world,
                                       LocalGroup* group, const RankConfig& cfg) {
   auto r = std::make_unique<Rank>();
-  r->device = tiering::CreateHostDeviceBackend().value();
+  if (cfg.cuda) {
+    auto d = tiering::CreateCudaDeviceBackend(0);
+    EXPECT_TRUE(d.ok()) << d.status().ToString();
+    r->device = std::move(d).value();
+  } else {
+    r->device = tiering::CreateHostDeviceBackend().value();
+  }
   if (world == 1) {
     r->collective = CreateSelfCollective(r->device.get());
   } else {
@@ -60,7 +68,7 @@ inline std::unique_ptr<Rank> MakeRank(const std::string& dir, uint32_t rank, uin
   po.buffer_count = cfg.buffer_count;
   po.buffer_bytes = cfg.buffer_bytes;
   po.pin = tiering::PinMode::kNone;
-  r->pool = tiering::PinnedPool::Create(po).value();
+  r->pool = tiering::PinnedPool::Create(po, r->device.get()).value();
   auto backend = io::CreateBackend(io::BackendKind::kAuto, io::BackendOptions{}).value();
   auto fb = std::make_unique<io::FaultInjectingBackend>(std::move(backend));
   r->fault = fb.get();
@@ -111,9 +119,27 @@ inline void RegisterTrace(Coordinator& c, const TraceFile& t) {
   }
 }
 
+// The `bytes` bytes at device pointer `p`, read back to the host (a plain
+// copy for the host emulation, a device-to-host copy on CUDA).
+inline std::vector<uint8_t> DeviceBytes(tiering::DeviceBackend* d, const void* p,
+                                        uint64_t bytes) {
+  std::vector<uint8_t> out(bytes);
+  if (d == nullptr || d->name() != "cuda") {
+    memcpy(out.data(), p, bytes);
+    return out;
+  }
+  auto s = d->CreateStream();
+  EXPECT_TRUE(s.ok());
+  EXPECT_TRUE(d->MemcpyD2HAsync(out.data(), p, bytes, *s).ok());
+  EXPECT_TRUE(d->StreamSynchronize(*s).ok());
+  EXPECT_TRUE(d->DestroyStream(*s).ok());
+  return out;
+}
+
 // True if every param of `module` is AVAILABLE with exactly its data.
 inline ::testing::AssertionResult ModuleDataIntact(Coordinator& c, const TraceFile& t,
-                                                   uint64_t module) {
+                                                   uint64_t module,
+                                                   tiering::DeviceBackend* device = nullptr) {
   for (const auto& m : t.modules) {
     if (m.id != module) continue;
     for (uint64_t pid : m.params) {
@@ -121,8 +147,8 @@ inline ::testing::AssertionResult ModuleDataIntact(Coordinator& c, const TraceFi
       if (!data.ok()) return ::testing::AssertionFailure() << data.status().ToString();
       uint64_t numel = 0;
       for (const auto& p : t.params) if (p.id == pid) numel = p.numel;
-      int64_t bad = ztier::testing::FirstMismatch(static_cast<const uint8_t*>(*data),
-                                                  numel * 2, 1000 + pid);
+      const std::vector<uint8_t> host = DeviceBytes(device, *data, numel * 2);
+      int64_t bad = ztier::testing::FirstMismatch(host.data(), numel * 2, 1000 + pid);
       if (bad >= 0) {
         return ::testing::AssertionFailure()
                << "param " << pid << " differs at byte " << bad << " of " << numel * 2;

@@ -8,6 +8,7 @@ single-process full-batch loop. Skips, saying why, without torch.
 
 import copy
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -40,10 +41,12 @@ def config_text(path: str) -> str:
         "io: {register_buffers: false}\n")
 
 
-def tmpdir() -> str:
+def tmpdir(test: unittest.TestCase) -> str:
     base = os.environ.get("ZTIER_TEST_TMPDIR") or os.getcwd()
     os.makedirs(base, exist_ok=True)
-    return tempfile.mkdtemp(prefix="ztier_torch_", dir=base)
+    path = tempfile.mkdtemp(prefix="ztier_torch_", dir=base)
+    test.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 @unittest.skipIf(torch is None, TORCH_MISSING)
@@ -76,7 +79,7 @@ class TrainTest(unittest.TestCase):
     def test_world1_bit_identical(self):
         import ztier.torch
         model = self.fresh()
-        off = ztier.torch.offload(model, config_text(tmpdir()))
+        off = ztier.torch.offload(model, config_text(tmpdir(self)))
         opt = off.optimizer(torch.optim.AdamW, **LR)
         losses = []
         for x, y in self.data:
@@ -108,7 +111,7 @@ class TrainTest(unittest.TestCase):
         import ztier
         import ztier.torch
         group = ztier.LocalGroup(2)
-        path = tmpdir()
+        path = tmpdir(self)
         losses = [[None] * STEPS for _ in range(2)]
         errors = []
 
