@@ -21,6 +21,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <deque>
 #include <filesystem>
 #include <iostream>
 #include <map>
@@ -71,6 +72,7 @@ struct StepArgs {
   std::string device_bw;  // bytes/s, skips the measurement
   std::string bench_size;
   bool serial_compute = false;
+  uint32_t launch_lead = 2;
 };
 
 enum class ComputeMode { kNone, kFixed, kBalanced, kFlops };
@@ -79,13 +81,19 @@ void PrintError(std::string_view msg) {
   fmt::print(stderr, "ztier bench step: error: {}\n", msg);
 }
 
-// Busy-waits or sleeps until `deadline`: sleep for all but the last
-// millisecond (sleep overshoots by up to ~0.1 ms), spin the rest.
-void WaitUntil(Clock::time_point deadline) {
-  const auto spin = std::chrono::duration_cast<Clock::duration>(
+// Waits until `deadline`. With `spin`: sleep for all but the last
+// millisecond (a sleep overshoots by ~0.1 ms, more on a loaded machine) and
+// spin the rest, for accuracy below 1 ms. Without: sleep only, leaving the
+// core to the pipeline's threads.
+void WaitUntil(Clock::time_point deadline, bool spin = true) {
+  const auto margin = std::chrono::duration_cast<Clock::duration>(
       std::chrono::duration<double>(kSpinBelowS));
+  if (!spin) {
+    std::this_thread::sleep_until(deadline);
+    return;
+  }
   const auto now = Clock::now();
-  if (deadline - now > spin) std::this_thread::sleep_until(deadline - spin);
+  if (deadline - now > margin) std::this_thread::sleep_until(deadline - margin);
   while (Clock::now() < deadline) {
   }
 }
@@ -341,6 +349,8 @@ Result<RunOutput> StepBench::RunSteps(uint32_t steps, bool emulate, TimelineReco
   // The emulated device's compute stream, per rank: when its last queued
   // module compute ends.
   std::vector<Clock::time_point> device_free(world);
+  // End times of the module computes queued on it, oldest first.
+  std::vector<std::deque<Clock::time_point>> queued(world);
   // step_s[rank][step]: first fetch to the end of the step's last compute.
   std::vector<std::vector<double>> step_s(world, std::vector<double>(steps + 1, 0.0));
   // compute_s[rank][step]: emulated seconds.
@@ -375,18 +385,28 @@ Result<RunOutput> StepBench::RunSteps(uint32_t steps, bool emulate, TimelineReco
     }
     // As a trainer whose kernels queue on the device: the module's compute
     // starts once its parameters are there and the previous module's
-    // compute is done; the host waits only for that previous one (one
-    // module of launch lead) and goes on to the next hooks meanwhile.
+    // compute is done; the host goes on to the next hooks meanwhile and
+    // waits only when --launch-lead module computes are queued. The
+    // compute times are the emulated device's, exact by construction, so
+    // the host sleeps (a late wake-up only delays the next fetch) and
+    // leaves its core to the I/O and copy threads, as a GPU would.
     const auto begin = std::max(t0, device_free[rank]);
-    WaitUntil(device_free[rank]);
     device_free[rank] = begin + dur;
+    auto& q = queued[rank];
+    q.push_back(begin + dur);
+    while (q.size() > std::max<uint32_t>(1, a_.launch_lead)) {
+      WaitUntil(q.front(), /*spin=*/false);
+      q.pop_front();
+    }
     if (timeline) {
       timeline->Span(rank, coordinator::TimelineStage::kCompute, e.module, begin, begin + dur);
     }
   };
   hooks.before_reset = [&](uint32_t rank, uint64_t step) {
     // The step ends when the device has finished its compute.
-    WaitUntil(device_free[rank]);
+    WaitUntil(device_free[rank], /*spin=*/false);
+    queued[rank].clear();
+    device_free[rank] = std::min(device_free[rank], Clock::now());
     const auto end = Clock::now();
     if (step < step_s[rank].size()) {
       step_s[rank][step] = std::chrono::duration<double>(end - step_begin[rank]).count();
@@ -598,15 +618,22 @@ int StepBench::Run() {
       PrintError("--compute balanced needs the device bandwidth (params on NVMe or --device-bw)");
       return kUsageError;
     }
-    // Calibration: the bytes one traced step reads, without compute.
+    // Calibration: the I/O time of a step, measured as the time of the
+    // I/O-bound steps (no compute) after the recording one, averaged.
     if (!a_.json) fmt::print(stderr, "ztier bench step: calibration run (no compute)\n");
-    auto cal = RunSteps(2, /*emulate=*/false, nullptr);
+    constexpr uint32_t kCalibrationSteps = 2;
+    auto cal = RunSteps(kCalibrationSteps + 1, /*emulate=*/false, nullptr);
     if (!cal.ok()) {
       PrintError(cal.status().ToString());
       return 1;
     }
-    const StepFigures& f = cal->steps.back();
-    balanced_io_s_ = static_cast<double>(f.bytes_read + f.bytes_written) / device_bw_;
+    for (size_t i = 1; i < cal->steps.size(); ++i) {
+      balanced_io_s_ += cal->steps[i].seconds / static_cast<double>(cal->steps.size() - 1);
+    }
+    notes_.push_back(fmt::format(
+        "balanced: compute per step {:.4f} s = the I/O-bound step time of a calibration run "
+        "(mean of {} steps), spread over the module fetches by the bytes each swaps in",
+        balanced_io_s_, kCalibrationSteps));
     uint64_t fetch_bytes = 0;  // per rank, over the step's fetches
     for (const auto& e : trace_.steps.front()) {
       if (e.op == coordinator::TraceOp::kFetch) fetch_bytes += module_bytes_[e.module];
@@ -660,17 +687,19 @@ cover the drive queue (--buffer-elements / --buffer-count override).
 Before and after the steps, `bench io` measures sequential read on the first
 NVMe path (config block size and queue depth, a file as large as a step's
 reads, 256 MiB to 4 GiB); the bound uses the mean of the two (--device-bw
-gives it instead). --compute balanced plans with the first. Step 0 records the trace; --steps more are
-measured; figures are medians over them, bytes summed over ranks.
+gives it instead). Step 0 records the trace; --steps more are measured;
+figures are medians over them, bytes summed over ranks.
   bound = max(compute, (bytes read + written) / device bandwidth)
 --compute: none (I/O bound), a time per module fetch (2ms, 500us), or
-balanced (a calibration run measures the bytes a step reads; compute per
-fetch = its share of those bytes x bytes / device bandwidth). --tflops T:
+balanced (a calibration run without compute measures the I/O time of a step;
+compute per fetch = its share of the step's swapped-in bytes x that time, so
+compute equals I/O and the step should take the bound, not twice). --tflops T:
 each module's FLOPs (backward x2) at T TFLOP/s per rank. Compute runs on an
 emulated device stream: a module computes once its fetch returned and the
-previous module is done; the host waits only for the previous module (one
-module of launch lead, as kernels queued on a GPU) and the step ends when the
-last compute does. --serial-compute makes the host wait out every module.
+previous module is done; the host runs on (as with kernels queued on a GPU)
+and waits only when --launch-lead module computes are queued; the step ends
+when the last compute does. --serial-compute makes the host wait out every
+module.
 --timeline FILE writes a Chrome trace-event JSON (Perfetto): per rank, tracks
 for step, fetch stall, compute, nvme read, h2d, collective.
 Progress goes to stderr (a bar on a terminal, a line per step otherwise).)";
@@ -697,6 +726,10 @@ void RegisterBenchStep(CLI::App& bench, int* exit_code) {
   cmd->add_option("--tflops", a->tflops, "Compute = module FLOPs at this many TFLOP/s");
   cmd->add_flag("--serial-compute", a->serial_compute,
                 "Host waits out each module's compute before its next hook (no launch lead)");
+  cmd->add_option("--launch-lead", a->launch_lead,
+                  "Module computes queued on the emulated device before the host waits")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 1024u));
   cmd->add_flag("--checkpointing", a->checkpointing,
                 "Activation checkpointing (forward modules rerun in backward)");
   cmd->add_flag("--json", a->json, "Print one JSON object on stdout");

@@ -574,8 +574,11 @@ Status Coordinator::ReduceScatterGradient(uint64_t id, const void* full_grad,
   if (s.ok()) s = d.RecordEvent(*ev, coll_stream_);
   lock.unlock();
   // Waits outside the lock: copy-stream callbacks ahead of it take mu_.
-  if (s.ok()) s = d.EventSynchronize(*ev);
-  else (void)d.StreamSynchronize(coll_stream_);
+  if (s.ok()) {
+    s = d.EventSynchronize(*ev);
+  } else {
+    (void)d.StreamSynchronize(coll_stream_);  // what was enqueued ends first
+  }
   (void)d.DestroyEvent(*ev);
   if (!s.ok()) return s.WithContext(fmt::format("gradient of parameter {}", id));
   return Status::Ok();
@@ -591,13 +594,14 @@ Status Coordinator::ReadPartition(uint64_t id, void* out_host) {
   if (!p->has_data) {
     return Status::FailedPrecondition(fmt::format("parameter {} has no data yet", id));
   }
-  if (!p->active.empty() || p->status == ParamStatus::kInflight) {
+  if (!p->active.empty()) {
     return Status::FailedPrecondition(fmt::format(
-        "parameter {} is in use (fetched by module {} or in flight); read its partition "
-        "after the release",
-        id, p->active.empty() ? std::string("-") : std::to_string(p->active.front())));
+        "parameter {} is in use by module {}; read its partition after the release", id,
+        p->active.front()));
   }
   if (options_.null_io) return Status::Unavailable("partitions need a device (null io)");
+  // A prefetch in flight (for a use that may not come) finishes first.
+  if (p->status == ParamStatus::kInflight) ZTIER_RETURN_IF_ERROR(Drain(lock));
   switch (p->tier) {
     case ParamTier::kHost:
       memcpy(out_host, p->host_part.data(), p->part_bytes);
@@ -641,17 +645,18 @@ Status Coordinator::WritePartition(uint64_t id, const void* in_host) {
   if (in_host == nullptr) {
     return Status::InvalidArgument(fmt::format("partition of parameter {}: null buffer", id));
   }
-  if (!p->active.empty() || p->status == ParamStatus::kInflight) {
+  if (!p->active.empty()) {
     return Status::FailedPrecondition(fmt::format(
-        "parameter {} is in use (fetched by module {} or in flight); write its partition "
-        "after the release",
-        id, p->active.empty() ? std::string("-") : std::to_string(p->active.front())));
+        "parameter {} is in use by module {}; write its partition after the release", id,
+        p->active.front()));
   }
   if (options_.null_io) {
     p->has_data = true;
     return Status::Ok();
   }
-  if (OnNvme(*p)) ZTIER_RETURN_IF_ERROR(Drain(lock));
+  // A prefetch in flight finishes first (then it is freed below); on NVMe
+  // read-ahead also gives its buffers back, so the partition is ON_NVME.
+  if (OnNvme(*p) || p->status == ParamStatus::kInflight) ZTIER_RETURN_IF_ERROR(Drain(lock));
   if (p->status == ParamStatus::kAvailable) {
     // The full parameter holds the old values: free it, the next fetch gathers.
     ReleaseParam(*p);

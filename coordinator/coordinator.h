@@ -149,9 +149,9 @@ class Coordinator {
   Status ReduceScatterGradient(uint64_t id, const void* full_grad, void* part_grad_host);
   // Copies this rank's partition (partition_numel elements) from its tier to
   // host memory, or from host memory to its tier. The parameter must not be
-  // used by an active module nor be in flight. WritePartition frees a full
-  // parameter kept AVAILABLE (persistent, reused soon): the next fetch
-  // gathers the new data.
+  // used by an active module; a prefetch in flight is waited for.
+  // WritePartition frees a full parameter kept AVAILABLE (persistent, reused
+  // soon, prefetched): the next fetch gathers the new data.
   Status ReadPartition(uint64_t id, void* out_host);
   Status WritePartition(uint64_t id, const void* in_host);
   // The background-thread error (a failed read or gather) that the next

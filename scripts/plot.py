@@ -73,12 +73,14 @@ def plot_step(paths, out):
     ax.fill_between([0, top], [0, top], [0, 1.05 * top], color="green", alpha=0.15,
                     label="within 1.05 x bound")
     markers = {"none": "o", "balanced": "s", "fixed": "^", "flops": "D"}
-    seen = set()
+    colors = {}  # one color per model and compute mode
     for r in runs:
         label = f"{r['model']} (1/{r['scale']:g}), compute {r['compute']}"
+        first = label not in colors
+        if first:
+            colors[label] = f"C{len(colors) % 10}"
         ax.scatter(r["bound_seconds"], r["step_seconds"], marker=markers.get(r["compute"], "x"),
-                   s=50, label=None if label in seen else label)
-        seen.add(label)
+                   s=50, color=colors[label], label=label if first else None)
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
     ax.set_xlabel("bound: max(compute, bytes / device bandwidth) (s)")

@@ -29,8 +29,9 @@
  * Thread-safety: each call says. In short: calls on one engine are
  * serialised by the engine (one caller at a time, in practice the training
  * thread); different engines (ranks in one process) are independent;
- * ztier_engine_stats and ztier_engine_async_error may be called from any
- * thread at any time; ztier_status_string, ztier_version* are always safe.
+ * ztier_engine_stats, ztier_engine_async_error and ztier_engine_device may
+ * be called from any thread at any time (but not while the engine is being
+ * destroyed); ztier_status_string, ztier_version* are always safe.
  */
 #ifndef ZTIER_ZTIER_H_
 #define ZTIER_ZTIER_H_

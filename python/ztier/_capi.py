@@ -2,7 +2,8 @@
 
 No build step: the shared library is found, in this order, at $ZTIER_LIBRARY,
 next to this package (ztier/libztier.so*), or in a build folder of the source
-tree (build*/lib/libztier.so, the newest that loads). Every failing call raises
+tree (build/lib/libztier.so, else the newest build*/lib/libztier.so that is
+not a sanitizer build). Every failing call raises
 ZtierError carrying the status and the library's message.
 
 Buffers: calls that take memory accept an int address, a torch tensor
@@ -188,8 +189,25 @@ def _candidates() -> Iterable[str]:
     here = os.path.dirname(os.path.abspath(__file__))
     yield from sorted(glob.glob(os.path.join(here, "libztier.so*")))
     root = os.path.dirname(os.path.dirname(here))  # python/ztier -> source root
-    built = glob.glob(os.path.join(root, "build*", "lib", "libztier.so"))
-    yield from sorted(built, key=os.path.getmtime, reverse=True)
+    built = [p for p in glob.glob(os.path.join(root, "build*", "lib", "libztier.so"))
+             if not _sanitized(os.path.dirname(os.path.dirname(p)))]
+    # build/ (scripts/build.sh) first, then the newest.
+    built.sort(key=lambda p: (os.path.basename(os.path.dirname(os.path.dirname(p))) != "build",
+                              -os.path.getmtime(p)))
+    yield from built
+
+
+def _sanitized(build_dir: str) -> bool:
+    """True for a sanitizer build: its library aborts an uninstrumented
+    interpreter at load time instead of failing to load."""
+    try:
+        with open(os.path.join(build_dir, "CMakeCache.txt"), encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("ZTIER_SANITIZE:"):
+                    return line.strip().split("=", 1)[1] != ""
+    except OSError:
+        pass
+    return False
 
 
 def load_library(path: Optional[str] = None) -> ctypes.CDLL:
@@ -206,6 +224,10 @@ def load_library(path: Optional[str] = None) -> ctypes.CDLL:
             lib = ctypes.CDLL(candidate)
         except OSError as e:  # e.g. a sanitizer build: try the next one
             tried[-1] += f" ({e})"
+            continue
+        missing = [name for name in _SIGNATURES if not hasattr(lib, name)]
+        if missing:  # a library older than this binding
+            tried[-1] += f" (lacks {missing[0]})"
             continue
         for name, (restype, argtypes) in _SIGNATURES.items():
             fn = getattr(lib, name)

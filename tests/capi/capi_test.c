@@ -312,7 +312,9 @@ static void TestMisuse(void) {
   OK(ztier_module_release(e, 101, 0));
   OK(ztier_step_end(e));
   ztier_status_t async = ZTIER_STATUS_INTERNAL;
-  OK(ztier_engine_async_error(e, &async, NULL, 0));
+  char async_msg[512];
+  OK(ztier_engine_async_error(e, &async, async_msg, sizeof(async_msg)));
+  if (async != ZTIER_STATUS_OK) printf("unexpected async error: %s\n", async_msg);
   CHECK(async == ZTIER_STATUS_OK);
 
   OK(ztier_engine_destroy(e));
@@ -386,8 +388,10 @@ static void TestBackgroundReadFailure(void) {
   CHECK(async == got);
   CHECK(msg[0] != '\0');
   OK(ztier_engine_clear_async_error(e));
+  /* Cleared; read-ahead of the other (also corrupted) partitions may have
+   * failed since, in the background, which is then the new first error. */
   OK(ztier_engine_async_error(e, &async, NULL, 0));
-  CHECK(async == ZTIER_STATUS_OK);
+  CHECK(async == ZTIER_STATUS_OK || async == ZTIER_STATUS_CORRUPTION);
   /* The engine is usable: release what the failed fetch took. */
   (void)ztier_module_release(e, 101, 0);
   (void)ztier_module_release(e, 100, 0);

@@ -67,7 +67,9 @@ inline std::unique_ptr<Rank> MakeRank(const std::string& dir, uint32_t rank, uin
   tiering::PoolOptions po;
   po.buffer_count = cfg.buffer_count;
   po.buffer_bytes = cfg.buffer_bytes;
-  po.pin = tiering::PinMode::kNone;
+  // Pinned through cudaHostRegister on a GPU; plain memory for the emulation
+  // (no memlock needed on small test machines).
+  po.pin = cfg.cuda ? tiering::PinMode::kAuto : tiering::PinMode::kNone;
   r->pool = tiering::PinnedPool::Create(po, r->device.get()).value();
   auto backend = io::CreateBackend(io::BackendKind::kAuto, io::BackendOptions{}).value();
   auto fb = std::make_unique<io::FaultInjectingBackend>(std::move(backend));

@@ -69,6 +69,8 @@ class TrainTest(unittest.TestCase):
             opt.zero_grad(set_to_none=True)
             cls.ref_losses.append(loss.item())
         cls.ref_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            cls.ref_eval = model(cls.data[0][0])
 
     @classmethod
     def fresh(cls):
@@ -90,6 +92,12 @@ class TrainTest(unittest.TestCase):
             losses.append(loss.item())
             # Between steps no parameter has data outside ztier.
             self.assertTrue(all(p.numel() == 0 for p in model.parameters()))
+        # Evaluation (no backward) through the same hooks, then the weights
+        # (partition reads while the eval's prefetches may still be in flight).
+        with torch.no_grad():
+            logits = model(self.data[0][0])
+        self.assertTrue(torch.equal(logits, self.ref_eval))
+        off.engine.release_all()  # what the eval prefetched for a backward
         stats = off.engine.stats()
         weights = off.full_parameters()
         off.close()
