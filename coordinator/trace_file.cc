@@ -1203,8 +1203,8 @@ Result<ModelShape> LoadModelShape(const std::string& path) {
       return fail();
     }
     for (auto it = root.begin(); it != root.end(); ++it) {
-      const YAML::Node& k = it->first;
-      const YAML::Node& v = it->second;
+      const YAML::Node k = it->first;  // a copy: it-> returns a temporary
+      const YAML::Node v = it->second;  // a copy: it-> returns a temporary
       if (!k.IsScalar()) {
         add(k.Mark(), "", "a key must be a plain word");
         continue;
