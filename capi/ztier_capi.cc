@@ -393,9 +393,13 @@ ztier_status_t ztier_engine_create(const ztier_engine_options_t* o, ztier_engine
         ro.config.comm.backend = ti::CommBackend::kNccl;
         break;
       case ZTIER_COMM_NCCL_COMM:
-        return Fail(ZTIER_STATUS_UNAVAILABLE, fn,
-                    "wrapping an existing ncclComm_t is not supported yet; pass rank 0's "
-                    "ncclUniqueId (ZTIER_COMM_NCCL_UNIQUE_ID)");
+        if (o->nccl_comm == nullptr) {
+          return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn,
+                      "ZTIER_COMM_NCCL_COMM needs nccl_comm (an ncclComm_t)");
+        }
+        ro.nccl_comm = o->nccl_comm;
+        ro.config.comm.backend = ti::CommBackend::kNccl;
+        break;
       default:
         return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn,
                     fmt::format("comm {} is not a ztier_comm_kind_t", comm));

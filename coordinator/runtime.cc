@@ -45,6 +45,16 @@ Result<std::unique_ptr<tiering::DeviceBackend>> MakeDevice(const RuntimeOptions&
 
 Result<std::unique_ptr<Collective>> MakeCollective(const RuntimeOptions& o,
                                                    tiering::DeviceBackend* device) {
+  if (o.nccl_comm != nullptr) {
+    // The trainer's communicator decides rank and world size: check them.
+    ZTIER_ASSIGN_OR_RETURN(auto c, WrapNcclCommunicator(o.nccl_comm, device));
+    if (c->rank() != o.rank || c->world_size() != o.world_size) {
+      return Status::InvalidArgument(fmt::format(
+          "the ncclComm_t is rank {} of {}, but rank {} of {} was asked for", c->rank(),
+          c->world_size(), o.rank, o.world_size));
+    }
+    return c;
+  }
   if (o.world_size == 1) return CreateSelfCollective(device);
   const bool cuda = device->name() == "cuda";
   const auto backend = o.config.comm.backend;

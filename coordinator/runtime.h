@@ -30,8 +30,10 @@ struct RuntimeOptions {
   uint32_t world_size = 1;
   // world_size > 1 with the local collective: the group the ranks share.
   LocalGroup* local_group = nullptr;
-  // world_size > 1 with NCCL: rank 0's ncclUniqueId (128 bytes).
+  // world_size > 1 with NCCL: rank 0's ncclUniqueId (128 bytes), or an
+  // existing ncclComm_t (not owned; it must outlive the runtime).
   std::vector<uint8_t> nccl_unique_id;
+  void* nccl_comm = nullptr;
   // auto: CUDA when a device is present and the comm backend is not local.
   DeviceKind device = DeviceKind::kAuto;
   int cuda_device = 0;

@@ -113,8 +113,8 @@ typedef enum ztier_comm_kind {
   ZTIER_COMM_NONE = 0,            /* world size 1 */
   ZTIER_COMM_LOCAL_GROUP = 1,     /* ranks are threads of this process */
   ZTIER_COMM_NCCL_UNIQUE_ID = 2,  /* NCCL from rank 0's ncclUniqueId bytes */
-  ZTIER_COMM_NCCL_COMM = 3        /* an existing ncclComm_t (not owned); not
-                                     supported yet: ZTIER_STATUS_UNAVAILABLE */
+  ZTIER_COMM_NCCL_COMM = 3        /* an existing ncclComm_t (not owned; it
+                                     must outlive the engine) */
 } ztier_comm_kind_t;
 
 typedef enum ztier_device_kind {

@@ -246,6 +246,9 @@ static void TestMisuse(void) {
   o.rank = 0;
   EXPECT_STATUS(ZTIER_STATUS_INVALID_HANDLE, ztier_engine_create(&o, &e),
                 "local comm without a group");
+  o.comm = ZTIER_COMM_NCCL_COMM;
+  EXPECT_STATUS(ZTIER_STATUS_INVALID_ARGUMENT, ztier_engine_create(&o, &e),
+                "nccl comm kind without an ncclComm_t");
   CHECK(ztier_status_string((ztier_status_t)999)[0] != '\0');
   CHECK(strcmp(ztier_status_string(ZTIER_STATUS_NOT_FOUND), "ZTIER_STATUS_NOT_FOUND") == 0);
 
