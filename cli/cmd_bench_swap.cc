@@ -86,23 +86,20 @@ struct Bench {
     return io::AsyncEngine::Create(std::move(e));
   }
 
-  // The engine's sequential read or write of the store's bytes (what bench io
-  // does on that file), through a separate engine into a plain buffer.
+  // `ztier bench io`'s sequential read or write (the same code: queue_depth
+  // requests of bs bytes into a ring of buffers) over the store's own files,
+  // as many bytes as the partitions take.
   Result<double> PlainIo(io::Op op) {
-    const uint64_t total = swapper->store().used();
-    void* buf = nullptr;
-    if (posix_memalign(&buf, 4096, total) != 0) return Status::ResourceExhausted("buffer");
-    std::unique_ptr<void, decltype(&free)> guard(buf, &free);
-    memset(buf, 0x5a, total);  // touch every page before timing
-    ZTIER_ASSIGN_OR_RETURN(auto e, NewEngine());
-    Status result;
-    const auto t0 = Clock::now();
-    ZTIER_RETURN_IF_ERROR(e->Submit({op, &swapper->store().file(), 0, total, buf,
-                                     [&](const Status& s) { result = s; }}));
-    e->Drain();
-    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
-    ZTIER_RETURN_IF_ERROR(result);
-    return total / s;
+    IoBenchOptions o;
+    o.backend = a.backend;
+    o.rw = op == io::Op::kRead ? "read" : "write";
+    o.bs = a.bs;
+    o.qd = a.qd;
+    o.size = std::to_string(swapper->store().used());
+    o.files = swapper->store().file_paths();
+    o.progress = false;
+    ZTIER_ASSIGN_OR_RETURN(IoBenchResult r, RunIoBenchmark(o));
+    return r.bw_bytes_per_s;
   }
 
   // Swaps every partition in, keeping the pool busy: as soon as one is waited
@@ -163,12 +160,31 @@ int RunBenchSwap(const SwapArgs& args) {
   std::vector<RunResult> runs;
   for (uint32_t r = 0; r < b.a.runs; ++r) {
     RunResult rr;
-    auto io_read = b.PlainIo(io::Op::kRead);
-    auto in = b.SwapIn();
-    auto out = b.SwapOut();
-    // The plain write overwrites the store: run it last, then rewrite the
-    // partitions through the swapper so the next run reads valid data.
-    auto io_write = b.PlainIo(io::Op::kWrite);
+    // Alternate which side goes first (ABBA), so a drive that slows down
+    // during a run (burst credits, thermal) does not favour one side.
+    const bool swapper_first = r % 2 == 1;
+    Result<double> io_read = 0.0, in = 0.0;
+    if (swapper_first) {
+      in = b.SwapIn();
+      io_read = b.PlainIo(io::Op::kRead);
+    } else {
+      io_read = b.PlainIo(io::Op::kRead);
+      in = b.SwapIn();
+    }
+    // The plain write overwrites the store: after it the partitions are
+    // rewritten through the swapper so the next run reads valid data.
+    Result<double> out = 0.0, io_write = 0.0;
+    if (swapper_first) {
+      out = b.SwapOut();
+      io_write = b.PlainIo(io::Op::kWrite);
+    } else {
+      io_write = b.PlainIo(io::Op::kWrite);
+      std::vector<uint8_t> fill(b.part_bytes, 1);
+      for (uint32_t i = 0; i < b.a.partitions && io_write.ok(); ++i) {
+        if (Status s = b.swapper->Write(i, fill.data()); !s.ok()) io_write = s;
+      }
+      out = b.SwapOut();
+    }
     for (const auto* st : {&io_read.status(), &in.status(), &out.status(), &io_write.status()}) {
       if (!st->ok()) {
         fprintf(stderr, "ztier bench swap: %s\n", st->ToString().c_str());
