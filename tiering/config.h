@@ -82,7 +82,8 @@ struct NvmeTier {
   std::vector<std::string> paths;
   // Pinned swap buffers that stage partitions between NVMe and the device.
   uint32_t buffer_count = 5;
-  // Elements per swap buffer; the largest partition must fit in one.
+  // Elements per swap buffer. A larger partition takes several adjacent
+  // buffers; one larger than buffer_count buffers is rejected at start.
   uint64_t buffer_size = 100'000'000;
   // Bytes per element in a swap buffer (2: fp16/bf16, 4: fp32); a buffer is
   // buffer_size * buffer_element_bytes bytes (rounded up to the direct I/O
