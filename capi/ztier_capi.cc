@@ -140,7 +140,8 @@ ztier_status_t Guard(const char* fn, F&& body) noexcept {
   } catch (const std::bad_alloc&) {
     return Fail(ZTIER_STATUS_RESOURCE_EXHAUSTED, fn, "out of host memory");
   } catch (const std::exception& e) {
-    return Fail(ZTIER_STATUS_INTERNAL, fn, fmt::format("unexpected exception: {}", e.what()));
+    // No formatting here: this handler is outside any try block.
+    return Fail(ZTIER_STATUS_INTERNAL, fn, e.what());
   } catch (...) {
     return Fail(ZTIER_STATUS_INTERNAL, fn, "unexpected exception");
   }
@@ -556,6 +557,9 @@ ztier_status_t ztier_param_grad_reduce(ztier_engine_t* engine, uint64_t id,
           fmt::format("parameter {} is uint8: it has no gradient", id));
     }
     ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+    // The old gradient is gone from here on: a failed reduce must not leave
+    // a half-overwritten buffer that reads back as valid.
+    p->has_grad = false;
     p->grad.resize(p->part_numel * co::DTypeBytes(p->dtype));
     ZTIER_RETURN_IF_ERROR(
         e.rt->coordinator().ReduceScatterGradient(id, full_grad, p->grad.data()));
@@ -748,7 +752,7 @@ ztier_status_t ztier_engine_device(ztier_engine_t* engine, ztier_device_kind_t* 
 
 ztier_status_t ztier_engine_describe(ztier_engine_t* engine, char* out, size_t out_bytes) {
   return WithEngine(engine, "ztier_engine_describe", [&](ztier_engine& e) -> Status {
-    if (out == nullptr || out_bytes == 0) return Status::InvalidArgument("out is NULL or empty");
+    // Copied as ztier_engine_async_error copies: NULL or 0 bytes copies nothing.
     CopyText(e.rt->Describe(), out, out_bytes);
     return Status::Ok();
   });

@@ -1,5 +1,7 @@
 #include "cli/timeline.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
@@ -129,12 +131,19 @@ Status TimelineRecorder::Write(const std::string& path, const Names& names) cons
                       {"args", {{"sort_index", rank}}}});
   }
   nlohmann::json doc = {{"traceEvents", std::move(events)}, {"displayTimeUnit", "ms"}};
-  FILE* f = fopen(path.c_str(), "w");
-  if (f == nullptr) return Status::FromErrno(errno, fmt::format("opening {}", path));
+  // Written beside the target and renamed into place, so a failed write
+  // never leaves a truncated timeline under the final name.
+  const std::string tmp = path + ".tmp";
+  FILE* f = fopen(tmp.c_str(), "w");
+  if (f == nullptr) return Status::FromErrno(errno, fmt::format("opening {}", tmp));
   const std::string text = doc.dump();
   const bool ok = fwrite(text.data(), 1, text.size(), f) == text.size();
   const bool closed = fclose(f) == 0;
-  if (!ok || !closed) return Status::IoError(fmt::format("writing {}", path));
+  if (!ok || !closed || rename(tmp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    unlink(tmp.c_str());
+    return Status::FromErrno(err ? err : EIO, fmt::format("writing {}", path));
+  }
   return Status::Ok();
 }
 

@@ -87,13 +87,19 @@ Result<Plan> MakePlan(const PlanInput& in) {
   check("device", p.device.total(), in.device_capacity, "--device-memory");
   check("host", p.host.total(), in.host_capacity, "--host-memory");
   check("nvme", p.nvme.total(), in.nvme_capacity, "--nvme-capacity");
-  if (params_on_nvme && p.largest_partition > c.tiers.nvme.buffer_size) {
+  // A partition larger than one buffer takes several adjacent ones (the
+  // swapper's rule); it cannot run only when it needs more than the pool.
+  const uint64_t config_buffer_bytes = RoundUp(c.tiers.nvme.buffer_size * elem, 4096);
+  const uint64_t buffers_needed =
+      (RoundUp(p.largest_partition * elem, 4096) + config_buffer_bytes - 1) /
+      config_buffer_bytes;
+  if (params_on_nvme && buffers_needed > c.tiers.nvme.buffer_count) {
     p.fits = false;
     p.problems.push_back(fmt::format(
-        "tiers.nvme.buffer_size {} elements is smaller than the largest partition ({} "
-        "elements): raise it to at least {}",
-        FormatElementCount(c.tiers.nvme.buffer_size), p.largest_partition,
-        FormatElementCount(p.largest_partition)));
+        "the largest partition ({} elements) needs {} swap buffers of {} elements but "
+        "tiers.nvme.buffer_count is {}: raise buffer_count to {} or buffer_size to at least {}",
+        p.largest_partition, buffers_needed, FormatElementCount(c.tiers.nvme.buffer_size),
+        c.tiers.nvme.buffer_count, buffers_needed, FormatElementCount(p.largest_partition)));
   }
 
   // Recommendations.

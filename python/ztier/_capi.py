@@ -398,7 +398,16 @@ class Engine:
         return ParamInfo(info.numel, info.partition_numel, info.partition_offset,
                          DType(info.dtype), ParamState(info.state), bool(info.has_grad))
 
-    def _io(self, fn, pid: int, buf, nbytes: Optional[int]) -> None:
+    def _io(self, fn, pid: int, buf, nbytes: Optional[int], writes_buf: bool = False) -> None:
+        # Partitions are host memory copied with memcpy: a tensor must be a
+        # contiguous CPU tensor, and a read needs a writable buffer.
+        if hasattr(buf, "is_contiguous"):
+            if not buf.is_contiguous():
+                raise ValueError("partition I/O needs a contiguous tensor")
+            if getattr(buf, "device", None) is not None and buf.device.type != "cpu":
+                raise ValueError("partition I/O needs a CPU tensor (partitions are host memory)")
+        if writes_buf and isinstance(buf, bytes):
+            raise ValueError("cannot read into immutable bytes; pass a bytearray or a tensor")
         if nbytes is None:
             nbytes = _nbytes(buf)
             if nbytes is None:
@@ -406,13 +415,13 @@ class Engine:
         _check(fn(self._handle, pid, _address(buf), nbytes))
 
     def partition_read(self, pid: int, out, nbytes: Optional[int] = None) -> None:
-        self._io(self._lib.ztier_partition_read, pid, out, nbytes)
+        self._io(self._lib.ztier_partition_read, pid, out, nbytes, writes_buf=True)
 
     def partition_write(self, pid: int, data, nbytes: Optional[int] = None) -> None:
         self._io(self._lib.ztier_partition_write, pid, data, nbytes)
 
     def grad_partition_read(self, pid: int, out, nbytes: Optional[int] = None) -> None:
-        self._io(self._lib.ztier_grad_partition_read, pid, out, nbytes)
+        self._io(self._lib.ztier_grad_partition_read, pid, out, nbytes, writes_buf=True)
 
     def grad_partition_write(self, pid: int, data, nbytes: Optional[int] = None) -> None:
         self._io(self._lib.ztier_grad_partition_write, pid, data, nbytes)

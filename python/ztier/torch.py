@@ -244,10 +244,13 @@ class Offload:
 
     def _fetch(self, mid: int, forward: bool) -> None:
         self.engine.fetch(mid, forward)
+        # Materialise every view first, so a failure leaves no slot counted.
+        views = [self._view(slot) if slot.users == 0 else None
+                 for slot in self._module_slots[mid]]
         self._fetched.append((mid, forward))
-        for slot in self._module_slots[mid]:
-            if slot.users == 0:
-                slot.param.data = self._view(slot)
+        for slot, view in zip(self._module_slots[mid], views):
+            if view is not None:
+                slot.param.data = view
             slot.users += 1
 
     def _release(self, mid: int, backward: bool) -> None:
@@ -260,6 +263,9 @@ class Offload:
             # read it on torch's stream must be done first.
             torch.cuda.current_stream(self._cuda_device).synchronize()
         self.engine.release(mid, backward)
+        # Every slot is released before any error is raised, so none is left
+        # counted or pointing at freed memory.
+        still_viewed = []
         for slot in self._module_slots[mid]:
             slot.users -= 1
             if slot.users > 0:
@@ -267,13 +273,14 @@ class Offload:
             slot.param.data = self._placeholder()
             slot.owner = None
             if slot.live_ref is not None and slot.live_ref() is not None:
-                name = self._param_name(slot)
-                raise RuntimeError(
-                    f"ztier.torch: after the release of module {self._modules[mid]._get_name()}"
-                    f" a tensor still views parameter {name}'s memory (an op saved a view of"
-                    " it for backward, e.g. weight.t()); use ztier.torch.linear or nn.Linear,"
-                    " or tie the weight to a module that encloses the use")
+                still_viewed.append(self._param_name(slot))
             slot.live_ref = None
+        if still_viewed:
+            raise RuntimeError(
+                f"ztier.torch: after the release of module {self._modules[mid]._get_name()}"
+                f" a tensor still views the memory of {', '.join(still_viewed)} (an op saved"
+                " a view of it for backward, e.g. weight.t()); use ztier.torch.linear or"
+                " nn.Linear, or tie the weight to a module that encloses the use")
 
     def _param_name(self, slot: _ParamSlot) -> str:
         for name, p in self.model.named_parameters():
