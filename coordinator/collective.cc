@@ -397,6 +397,10 @@ class LocalGroupImpl final : public LocalGroup,
     }
   }
 
+  void Abort(uint32_t rank) override {
+    if (rank < world_) Depart(rank);
+  }
+
   Status MarkJoined(uint32_t rank) {
     std::lock_guard<std::mutex> lock(mu_);
     if (joined_[rank]) {

@@ -65,6 +65,9 @@ class LocalGroup {
   // `device` must be a host-emulation backend (device memory is host memory).
   virtual Result<std::unique_ptr<Collective>> Join(uint32_t rank,
                                                    tiering::DeviceBackend* device) = 0;
+  // Rank `rank` will issue no more collectives (it failed, possibly before
+  // joining): ranks waiting for one it never issues fail instead of hanging.
+  virtual void Abort(uint32_t rank) = 0;
 };
 
 // NCCL (compiled with ZTIER_WITH_NCCL; Unavailable with the reason else).

@@ -97,6 +97,8 @@ Result<std::vector<RankResult>> RunTrace(const TraceFile& trace, const RunOption
   for (uint32_t r = 0; r < world; ++r) {
     threads.emplace_back([&, r] {
       status[r] = RunRank(trace, options, hooks, r, group.get(), &results[r]);
+      // A failed rank issues no more collectives: release the others.
+      if (!status[r].ok() && group) group->Abort(r);
     });
   }
   for (auto& th : threads) th.join();

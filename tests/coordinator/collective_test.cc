@@ -895,5 +895,38 @@ TEST(NcclCollective, OneRankRoundTrip) {
   EXPECT_OK(dev->DestroyStream(stream));
 }
 
+// A rank that fails before joining (its runtime could not be built) is
+// aborted by the runner: the others' collectives fail instead of waiting.
+TEST(LocalGroupAbort, ARankThatNeverJoinedReleasesTheOthers) {
+  auto group = LocalGroup::Create(2);
+  ASSERT_NE(group, nullptr);
+  auto dev = tiering::CreateHostDeviceBackend();
+  ASSERT_TRUE(dev.ok());
+  auto rank0 = group->Join(0, dev->get());
+  ASSERT_TRUE(rank0.ok());
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  Status result;
+  std::thread waiter([&] {
+    auto r = (*rank0)->AllGatherHost(7);
+    std::lock_guard<std::mutex> lock(mu);
+    result = r.ok() ? Status::Ok() : r.status();
+    done = true;
+    cv.notify_all();
+  });
+  group->Abort(1);
+  std::unique_lock<std::mutex> lock(mu);
+  const bool finished = cv.wait_for(lock, std::chrono::seconds(30), [&] { return done; });
+  lock.unlock();
+  if (!finished) {
+    fprintf(stderr, "AllGatherHost still waiting 30 s after Abort: a hang\n");
+    std::abort();
+  }
+  waiter.join();
+  EXPECT_FALSE(result.ok());
+  EXPECT_NE(result.message().find("rank 1"), std::string_view::npos) << result.ToString();
+}
+
 }  // namespace
 }  // namespace ztier::coordinator
