@@ -25,6 +25,7 @@
 // without it. Each rank's Collective has a second mutex that keeps the
 // numbering of its collectives in the order they reach its streams.
 #include "coordinator/collective.h"
+#include "coordinator/collective_checks.h"
 
 #include <algorithm>
 #include <array>
@@ -187,37 +188,7 @@ void Mean(DType dtype, const std::vector<const uint8_t*>& srcs, uint8_t* dst,
   }
 }
 
-// ---- argument checks shared by the backends ----
-
-bool Overlap(const void* a, uint64_t a_bytes, const void* b, uint64_t b_bytes) {
-  const auto x = reinterpret_cast<uintptr_t>(a);
-  const auto y = reinterpret_cast<uintptr_t>(b);
-  return x < y + b_bytes && y < x + a_bytes;
-}
-
-// `part` (part_bytes) and `full` (world x part_bytes) must be apart, or `part`
-// must be exactly rank r's slot of `full` (in place); anything in between
-// would overwrite input while it is still being read.
-Status CheckBuffers(const char* op, const void* part, const void* full,
-                    uint64_t part_bytes, uint32_t rank, uint32_t world) {
-  uint64_t full_bytes = 0;
-  if (__builtin_mul_overflow(part_bytes, static_cast<uint64_t>(world), &full_bytes)) {
-    return Status::InvalidArgument(
-        fmt::format("{}: {} bytes x {} ranks overflows", op, part_bytes, world));
-  }
-  if (part_bytes == 0) return Status::Ok();
-  if (part == nullptr || full == nullptr) {
-    return Status::InvalidArgument(fmt::format("{}: null buffer", op));
-  }
-  const auto* in_place = static_cast<const uint8_t*>(full) + rank * part_bytes;
-  if (part != in_place && Overlap(part, part_bytes, full, full_bytes)) {
-    return Status::InvalidArgument(fmt::format(
-        "{}: the partition buffer overlaps the full buffer but is not rank {}'s "
-        "slot of it (offset {} bytes); use separate buffers or exactly that slot",
-        op, rank, rank * part_bytes));
-  }
-  return Status::Ok();
-}
+// ---- argument checks ----
 
 Status CheckMeanDType(DType dtype) {
   if (dtype == DType::kFloat32 || dtype == DType::kFloat16 ||
@@ -242,7 +213,7 @@ class SelfCollective final : public Collective {
 
   Status AllGather(const void* part, void* full, uint64_t part_bytes,
                    StreamHandle stream) override {
-    ZTIER_RETURN_IF_ERROR(CheckBuffers("AllGather", part, full, part_bytes, 0, 1));
+    ZTIER_RETURN_IF_ERROR(CheckCollectiveBuffers("AllGather", part, full, part_bytes, 0, 1));
     if (part_bytes == 0 || part == full) return Status::Ok();
     return device_->MemcpyD2DAsync(full, part, part_bytes, stream);
   }
@@ -254,7 +225,7 @@ class SelfCollective final : public Collective {
     if (__builtin_mul_overflow(part_elems, uint64_t{DTypeBytes(dtype)}, &bytes)) {
       return Status::InvalidArgument("ReduceScatterMean: element count overflows");
     }
-    ZTIER_RETURN_IF_ERROR(CheckBuffers("ReduceScatterMean", part, full, bytes, 0, 1));
+    ZTIER_RETURN_IF_ERROR(CheckCollectiveBuffers("ReduceScatterMean", part, full, bytes, 0, 1));
     // The mean over one rank is the rank's own values.
     if (bytes == 0 || part == full) return Status::Ok();
     return device_->MemcpyD2DAsync(part, full, bytes, stream);
@@ -552,7 +523,7 @@ class LocalCollective final : public Collective {
   Status AllGather(const void* part, void* full, uint64_t part_bytes,
                    StreamHandle stream) override {
     ZTIER_RETURN_IF_ERROR(
-        CheckBuffers("AllGather", part, full, part_bytes, rank_, world_size()));
+        CheckCollectiveBuffers("AllGather", part, full, part_bytes, rank_, world_size()));
     Contribution c;
     c.op = Op::kAllGather;
     c.src = static_cast<const uint8_t*>(part);
@@ -569,7 +540,7 @@ class LocalCollective final : public Collective {
       return Status::InvalidArgument("ReduceScatterMean: element count overflows");
     }
     ZTIER_RETURN_IF_ERROR(
-        CheckBuffers("ReduceScatterMean", part, full, bytes, rank_, world_size()));
+        CheckCollectiveBuffers("ReduceScatterMean", part, full, bytes, rank_, world_size()));
     Contribution c;
     c.op = Op::kReduceScatterMean;
     c.src = static_cast<const uint8_t*>(full);
@@ -665,5 +636,29 @@ bool NcclAvailable(std::string* why) {
   return false;
 }
 #endif
+
+Status CheckCollectiveBuffers(const char* op, const void* part, const void* full,
+                              uint64_t part_bytes, uint32_t rank, uint32_t world) {
+  uint64_t full_bytes = 0;
+  if (__builtin_mul_overflow(part_bytes, static_cast<uint64_t>(world), &full_bytes)) {
+    return Status::InvalidArgument(
+        fmt::format("{}: {} bytes x {} ranks overflows", op, part_bytes, world));
+  }
+  if (part_bytes == 0) return Status::Ok();
+  if (part == nullptr || full == nullptr) {
+    return Status::InvalidArgument(fmt::format("{}: null buffer", op));
+  }
+  const auto p = reinterpret_cast<uintptr_t>(part);
+  const auto f = reinterpret_cast<uintptr_t>(full);
+  const bool in_place = p == f + uint64_t{rank} * part_bytes;
+  const bool overlap = p < f + full_bytes && f < p + part_bytes;
+  if (overlap && !in_place) {
+    return Status::InvalidArgument(fmt::format(
+        "{}: the partition buffer overlaps the full buffer but is not rank {}'s "
+        "slot of it (offset {} bytes); use separate buffers or exactly that slot",
+        op, rank, uint64_t{rank} * part_bytes));
+  }
+  return Status::Ok();
+}
 
 }  // namespace ztier::coordinator

@@ -27,6 +27,7 @@
 
 #include "base/log.h"
 #include "coordinator/collective.h"
+#include "coordinator/collective_checks.h"
 
 namespace ztier::coordinator {
 namespace {
@@ -106,32 +107,6 @@ Status CheckDevice(const DeviceBackend* device) {
   return Status::Ok();
 }
 
-// NCCL's rule: `part` and `full` apart, or `part` exactly rank r's slot of
-// `full` (in place). Sizes in bytes.
-Status CheckBuffers(const char* op, const void* part, const void* full,
-                    uint64_t part_bytes, uint32_t rank, uint32_t world) {
-  uint64_t full_bytes = 0;
-  if (__builtin_mul_overflow(part_bytes, static_cast<uint64_t>(world), &full_bytes)) {
-    return Status::InvalidArgument(
-        fmt::format("{}: {} bytes x {} ranks overflows", op, part_bytes, world));
-  }
-  if (part_bytes == 0) return Status::Ok();
-  if (part == nullptr || full == nullptr) {
-    return Status::InvalidArgument(fmt::format("{}: null buffer", op));
-  }
-  const auto p = reinterpret_cast<uintptr_t>(part);
-  const auto f = reinterpret_cast<uintptr_t>(full);
-  const bool in_place = p == f + rank * part_bytes;
-  const bool overlap = p < f + full_bytes && f < p + part_bytes;
-  if (overlap && !in_place) {
-    return Status::InvalidArgument(fmt::format(
-        "{}: the partition buffer overlaps the full buffer but is not rank {}'s "
-        "slot of it (offset {} bytes); use separate buffers or exactly that slot",
-        op, rank, rank * part_bytes));
-  }
-  return Status::Ok();
-}
-
 Result<ncclDataType_t> MeanType(DType dtype) {
   switch (dtype) {
     case DType::kFloat32: return ncclFloat32;
@@ -193,7 +168,7 @@ class NcclCollective final : public Collective {
 
   Status AllGather(const void* part, void* full, uint64_t part_bytes,
                    StreamHandle stream) override {
-    ZTIER_RETURN_IF_ERROR(CheckBuffers("AllGather", part, full, part_bytes, rank_, world_));
+    ZTIER_RETURN_IF_ERROR(CheckCollectiveBuffers("AllGather", part, full, part_bytes, rank_, world_));
     if (!stream) return Status::InvalidArgument("AllGather: null stream handle");
     // Zero bytes is a no-op in NCCL too, for every rank alike.
     if (part_bytes == 0) return Status::Ok();
@@ -214,7 +189,7 @@ class NcclCollective final : public Collective {
       return Status::InvalidArgument("ReduceScatterMean: element count overflows");
     }
     ZTIER_RETURN_IF_ERROR(
-        CheckBuffers("ReduceScatterMean", part, full, bytes, rank_, world_));
+        CheckCollectiveBuffers("ReduceScatterMean", part, full, bytes, rank_, world_));
     if (!stream) return Status::InvalidArgument("ReduceScatterMean: null stream handle");
     if (part_elems == 0) return Status::Ok();
     ZTIER_RETURN_IF_ERROR(Prepare());
