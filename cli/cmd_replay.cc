@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include "cli/commands.h"
+#include "cli/step_util.h"
 #include "coordinator/event_log.h"
 #include "coordinator/trace_runner.h"
 #include "tiering/config.h"
@@ -52,22 +53,12 @@ int RunReplay(const ReplayArgs& a) {
     fprintf(stderr, "ztier replay: %s\n", trace.status().ToString().c_str());
     return 2;
   }
-  tiering::Config config;
-  if (!a.config.empty()) {
-    auto c = tiering::LoadConfigFile(a.config);
-    if (!c.ok()) {
-      fprintf(stderr, "ztier replay: %s\n", c.status().ToString().c_str());
-      return 2;
-    }
-    config = *c;
-  } else {
-    auto c = tiering::LoadConfigText("{}", "defaults");
-    if (!c.ok()) {
-      fprintf(stderr, "ztier replay: %s\n", c.status().ToString().c_str());
-      return 2;
-    }
-    config = *c;
+  auto loaded = LoadConfigOrDefaults(a.config);
+  if (!loaded.ok()) {
+    fprintf(stderr, "ztier replay: %s\n", loaded.status().ToString().c_str());
+    return 2;
   }
+  tiering::Config config = *loaded;
   if (Status s = ApplyOverrides(*trace, &config); !s.ok()) {
     fprintf(stderr, "ztier replay: %s\n", s.ToString().c_str());
     return 2;
