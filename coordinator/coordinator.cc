@@ -639,54 +639,76 @@ Status Coordinator::ReadPartition(uint64_t id, void* out_host) {
 }
 
 Status Coordinator::WritePartition(uint64_t id, const void* in_host) {
+  const uint64_t ids[1] = {id};
+  const void* const srcs[1] = {in_host};
+  return WritePartitions(ids, srcs);
+}
+
+Status Coordinator::WritePartitions(std::span<const uint64_t> ids,
+                                    std::span<const void* const> srcs) {
   std::unique_lock<std::mutex> lock(mu_);
   if (!finalized_) return Status::FailedPrecondition("call Finalize() before WritePartition()");
-  ZTIER_ASSIGN_OR_RETURN(Param * p, FindParam(id));
-  if (in_host == nullptr) {
-    return Status::InvalidArgument(fmt::format("partition of parameter {}: null buffer", id));
+  if (ids.size() != srcs.size()) {
+    return Status::InvalidArgument(
+        fmt::format("WritePartitions: {} ids but {} buffers", ids.size(), srcs.size()));
   }
-  if (!p->active.empty()) {
-    return Status::FailedPrecondition(fmt::format(
-        "parameter {} is in use by module {}; write its partition after the release", id,
-        p->active.front()));
-  }
-  if (options_.null_io) {
-    p->has_data = true;
-    return Status::Ok();
-  }
-  // A prefetch in flight finishes first (then it is freed below); on NVMe
-  // read-ahead also gives its buffers back, so the partition is ON_NVME.
-  if (OnNvme(*p) || p->status == ParamStatus::kInflight) ZTIER_RETURN_IF_ERROR(Drain(lock));
-  if (p->status == ParamStatus::kAvailable) {
-    // The full parameter holds the old values: free it, the next fetch gathers.
-    ReleaseParam(*p);
-    Emit(EventKind::kRelease, -1, {p->id});
-  }
-  const auto* src = static_cast<const uint8_t*>(in_host);
-  switch (p->tier) {
-    case ParamTier::kHost:
-      p->host_part.assign(src, src + p->part_bytes);
-      p->has_data = true;
-      return Status::Ok();
-    case ParamTier::kDevice: {
-      tiering::DeviceBackend& d = *deps_.device;
-      if (p->part_dev == nullptr) {
-        ZTIER_ASSIGN_OR_RETURN(p->part_dev, d.Alloc(p->part_bytes, {}));
-      }
-      ZTIER_RETURN_IF_ERROR(d.MemcpyH2DAsync(p->part_dev, src, p->part_bytes, copy_stream_));
-      ZTIER_RETURN_IF_ERROR(d.StreamSynchronize(copy_stream_));
-      p->has_data = true;
-      return Status::Ok();
+  // NVMe partitions go to the swapper together, after the checks.
+  std::vector<uint64_t> nvme_ids;
+  std::vector<const void*> nvme_srcs;
+  std::vector<Param*> nvme_params;
+  for (size_t k = 0; k < ids.size(); ++k) {
+    const uint64_t id = ids[k];
+    ZTIER_ASSIGN_OR_RETURN(Param * p, FindParam(id));
+    if (srcs[k] == nullptr) {
+      return Status::InvalidArgument(fmt::format("partition of parameter {}: null buffer", id));
     }
-    case ParamTier::kNvme: break;
+    if (!p->active.empty()) {
+      return Status::FailedPrecondition(fmt::format(
+          "parameter {} is in use by module {}; write its partition after the release", id,
+          p->active.front()));
+    }
+    if (options_.null_io) {
+      p->has_data = true;
+      continue;
+    }
+    // A prefetch in flight finishes first (then it is freed below); on NVMe
+    // read-ahead also gives its buffers back, so the partition is ON_NVME.
+    if (OnNvme(*p) || p->status == ParamStatus::kInflight) ZTIER_RETURN_IF_ERROR(Drain(lock));
+    if (p->status == ParamStatus::kAvailable) {
+      // The full parameter holds the old values: free it, the next fetch gathers.
+      ReleaseParam(*p);
+      Emit(EventKind::kRelease, -1, {p->id});
+    }
+    const auto* src = static_cast<const uint8_t*>(srcs[k]);
+    switch (p->tier) {
+      case ParamTier::kHost:
+        p->host_part.assign(src, src + p->part_bytes);
+        p->has_data = true;
+        continue;
+      case ParamTier::kDevice: {
+        tiering::DeviceBackend& d = *deps_.device;
+        if (p->part_dev == nullptr) {
+          ZTIER_ASSIGN_OR_RETURN(p->part_dev, d.Alloc(p->part_bytes, {}));
+        }
+        ZTIER_RETURN_IF_ERROR(d.MemcpyH2DAsync(p->part_dev, src, p->part_bytes, copy_stream_));
+        ZTIER_RETURN_IF_ERROR(d.StreamSynchronize(copy_stream_));
+        p->has_data = true;
+        continue;
+      }
+      case ParamTier::kNvme: break;
+    }
+    if (p->read != ReadState::kNone) {
+      return Status::Internal(fmt::format("parameter {} holds a swap buffer after a drain", id));
+    }
+    nvme_ids.push_back(id);
+    nvme_srcs.push_back(src);
+    nvme_params.push_back(p);
   }
-  if (p->read != ReadState::kNone) {
-    return Status::Internal(fmt::format("parameter {} holds a swap buffer after a drain", id));
-  }
+  if (nvme_ids.empty()) return Status::Ok();
   lock.unlock();
-  ZTIER_RETURN_IF_ERROR(deps_.swapper->Write(id, src));
+  ZTIER_RETURN_IF_ERROR(deps_.swapper->WriteMany(nvme_ids, nvme_srcs));
   lock.lock();
-  p->has_data = true;
+  for (Param* p : nvme_params) p->has_data = true;
   return Status::Ok();
 }
 
@@ -810,6 +832,14 @@ Status Coordinator::WaitAvailable(std::unique_lock<std::mutex>& lock, Param& p,
   const auto t1 = Clock::now();
   stats_.stall_nvme_s += Seconds(t0, t1);
   if (p.gather_failed || !p.enqueued) {
+    if (p.gather_failed) {
+      // Its queue entry may still wait for the pipeline thread: drop it now,
+      // or a new request for the same parameter (a retry) would find the
+      // stale entry first and gather it twice (one entry then never leaves
+      // the queue). The pipeline only leaves a failed entry alone.
+      auto it = std::find(gather_queue_.begin(), gather_queue_.end(), p.index);
+      if (it != gather_queue_.end()) gather_queue_.erase(it);
+    }
     p.status = ParamStatus::kNotAvailable;
     live_numel_ -= p.numel;
     Status e = async_error_.ok() ? Status::IoError("the pipeline stopped") : async_error_;

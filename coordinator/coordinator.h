@@ -30,6 +30,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -154,6 +155,10 @@ class Coordinator {
   // soon, prefetched): the next fetch gathers the new data.
   Status ReadPartition(uint64_t id, void* out_host);
   Status WritePartition(uint64_t id, const void* in_host);
+  // WritePartition for many parameters (`in_host[i]` for `ids[i]`): NVMe
+  // partitions are written together (ParamSwapper::WriteMany: each packed
+  // extent once, several in flight).
+  Status WritePartitions(std::span<const uint64_t> ids, std::span<const void* const> in_host);
   // The background-thread error (a failed read or gather) that the next
   // Fetch will return, without taking it; OK if none.
   Status PendingAsyncError() const;

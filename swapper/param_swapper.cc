@@ -1,7 +1,9 @@
 #include "swapper/param_swapper.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <deque>
 #include <future>
 
 #include <fmt/format.h>
@@ -228,6 +230,138 @@ Status ParamSwapper::Write(uint64_t id, const void* src) {
   cv_.notify_all();
   if (!s.ok()) return s.WithContext(fmt::format("write {}", Describe(*m)));
   return Status::Ok();
+}
+
+Status ParamSwapper::WriteMany(std::span<const uint64_t> ids,
+                               std::span<const void* const> srcs) {
+  if (ids.size() != srcs.size()) {
+    return Status::InvalidArgument(
+        fmt::format("WriteMany: {} ids but {} sources", ids.size(), srcs.size()));
+  }
+  // One extent's write in flight: its buffers, the new CRCs of the batch's
+  // members in it, and the outcome the I/O thread reports.
+  struct Pending {
+    uint32_t extent = 0;
+    std::vector<std::pair<uint32_t, uint32_t>> crcs;  // (members_ index, crc)
+    std::future<Status> done;
+  };
+  std::deque<Pending> pending;
+  Status first;
+  // Waits for the oldest write and records its outcome (needs no lock held).
+  auto finish_oldest = [&] {
+    Pending pw = std::move(pending.front());
+    pending.pop_front();
+    const Status st = pw.done.get();
+    std::lock_guard<std::mutex> lock(mu_);
+    ExtentState& e = extents_[pw.extent];
+    --in_flight_;
+    if (st.ok()) {
+      for (auto [mi, crc] : pw.crcs) {
+        members_[mi].crc = crc;
+        members_[mi].written = true;
+      }
+      stats_.bytes_written += e.where.bytes;
+      ++stats_.writes;
+    } else {
+      // The extent on disk may be torn: none of its partitions may be read.
+      for (uint32_t mi : e.members) members_[mi].written = false;
+      if (first.ok()) {
+        first = st.WithContext(fmt::format("write {}", Describe(members_[e.members.front()])));
+      }
+    }
+    ReturnSpan(e);
+    e.state = PartitionState::kOnNvme;
+    cv_.notify_all();
+  };
+  size_t k = 0;
+  while (k < ids.size() && first.ok()) {
+    std::unique_lock<std::mutex> lock(mu_);
+    auto found = Find(ids[k]);
+    if (!found.ok()) {
+      first = found.status();
+      break;
+    }
+    const uint32_t ei = (*found)->extent;
+    ExtentState& e = extents_[ei];
+    if (e.state != PartitionState::kOnNvme) {
+      if (!pending.empty()) {  // perhaps one of ours, still writing
+        lock.unlock();
+        finish_oldest();
+        continue;
+      }
+      first = Status::FailedPrecondition(fmt::format(
+          "partition {} is {}: WriteMany() needs it ON_NVME (release or swap it out first)",
+          ids[k], PartitionStateName(e.state)));
+      break;
+    }
+    // The batch's members of this extent: the run of ids that follows.
+    size_t end = k + 1;
+    while (end < ids.size()) {
+      auto it = index_.find(ids[end]);
+      if (it == index_.end() || members_[it->second].extent != ei) break;
+      ++end;
+    }
+    auto got = pool_->TryAcquire(e.buffers);
+    if (!got.ok()) {
+      first = got.status();
+      break;
+    }
+    if (!*got) {
+      lock.unlock();
+      if (!pending.empty()) {
+        finish_oldest();  // our own writes hold the buffers: free one
+      } else {
+        auto waited = pool_->AcquireUntil(e.buffers, std::chrono::steady_clock::now() +
+                                                         std::chrono::milliseconds(100));
+        if (!waited.ok()) {
+          first = waited.status();
+          break;
+        }
+        if (*waited) (void)pool_->Release(**waited);  // free now: take it under the lock
+      }
+      continue;
+    }
+    e.span = **got;
+    e.state = PartitionState::kWriting;
+    ++in_flight_;
+    std::vector<uint32_t> in_batch;
+    for (size_t j = k; j < end; ++j) in_batch.push_back(index_.at(ids[j]));
+    bool others_written = false;
+    for (uint32_t mi : e.members) {
+      if (members_[mi].written &&
+          std::find(in_batch.begin(), in_batch.end(), mi) == in_batch.end()) {
+        others_written = true;
+      }
+    }
+    lock.unlock();
+
+    auto promise = std::make_shared<std::promise<Status>>();
+    Pending pw;
+    pw.extent = ei;
+    pw.done = promise->get_future();
+    Status s;
+    if (others_written) {
+      s = RunSync(engine_, {io::Op::kRead, &store_->file(), e.where.offset, e.where.bytes,
+                            e.span.data, nullptr});
+    } else {
+      memset(e.span.data, 0, e.where.bytes);
+    }
+    if (s.ok()) {
+      for (size_t j = k; j < end; ++j) {
+        const Member& m = members_[in_batch[j - k]];
+        memcpy(e.span.data + m.offset, srcs[j], m.bytes);
+        pw.crcs.emplace_back(in_batch[j - k],
+                             options_.checksum ? Crc32c(e.span.data + m.offset, m.bytes) : 0);
+      }
+      s = engine_->Submit({io::Op::kWrite, &store_->file(), e.where.offset, e.where.bytes,
+                           e.span.data, [promise](const Status& st) { promise->set_value(st); }});
+    }
+    if (!s.ok()) promise->set_value(s);
+    pending.push_back(std::move(pw));
+    k = end;
+  }
+  while (!pending.empty()) finish_oldest();
+  return first;
 }
 
 Result<size_t> ParamSwapper::SwapIn(std::span<const uint64_t> ids) {

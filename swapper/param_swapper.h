@@ -78,6 +78,13 @@ class ParamSwapper {
   // copy, staging through pool buffers; waits for free buffers and for the
   // write. The partition must be ON_NVME.
   Status Write(uint64_t id, const void* src);
+  // Write() for many partitions at once (`srcs[i]` for `ids[i]`): each
+  // extent is written once, with the batch's members in it (read first only
+  // when members outside the batch hold data), and several extents are in
+  // flight at a time. Ids in layout order make the fewest transfers. Returns
+  // when every write has completed; the first error (the partitions of a
+  // failed extent are not on NVMe until written again).
+  Status WriteMany(std::span<const uint64_t> ids, std::span<const void* const> srcs);
 
   // Starts reads for `ids` in order while buffers last; returns how many of
   // them (a prefix) are now READING or IN_HOST. Errors: unknown id, a

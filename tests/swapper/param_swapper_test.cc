@@ -289,6 +289,70 @@ TEST_P(SwapperTest, EnospcOnWriteLeavesNoDataThatLooksValid) {
   EXPECT_TRUE(swapper_->Write(0, data.data()).ok());  // recovers once space is back
 }
 
+// WriteMany: each extent written once with the batch's members (packs are
+// not read-modify-written per member), partial batches keep the members
+// outside them, and a failed extent leaves nothing that looks valid.
+TEST_P(SwapperTest, WriteManyWritesEachExtentOnce) {
+  Build(3, kMiB);  // fewer buffers than extents: writes wait for their own
+  const std::vector<uint64_t> sizes = {4 * kKiB, 100 * kKiB, 3 * kKiB,  300 * kKiB,
+                                       2 * kMiB, 8 * kKiB,   600 * kKiB, 5};
+  for (size_t i = 0; i < sizes.size(); ++i) ASSERT_TRUE(swapper_->Add(i, sizes[i]).ok());
+  ASSERT_TRUE(swapper_->Seal().ok());
+  const uint64_t extents = swapper_->stats().extents;
+  ASSERT_LT(extents, sizes.size());  // some are packed
+  std::vector<std::vector<uint8_t>> data(sizes.size());
+  std::vector<uint64_t> ids;
+  std::vector<const void*> srcs;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    data[i].resize(sizes[i]);
+    FillPattern(data[i].data(), sizes[i], 100 + i);
+    ids.push_back(i);
+    srcs.push_back(data[i].data());
+  }
+  Status s = swapper_->WriteMany(ids, srcs);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(swapper_->stats().writes, extents);
+  EXPECT_EQ(swapper_->stats().reads, 0u);  // nothing to read-modify-write
+  ExpectAllIntact(sizes.size());
+  // A batch of some members of packs: the others keep their data.
+  std::vector<uint8_t> other(sizes[2]);
+  FillPattern(other.data(), other.size(), 500);
+  const std::vector<uint64_t> some = {2, 5};
+  const std::vector<const void*> some_src = {other.data(), data[5].data()};
+  ASSERT_TRUE(swapper_->WriteMany(some, some_src).ok());
+  auto got = swapper_->SwapIn(std::vector<uint64_t>{0, 1, 2});
+  ASSERT_TRUE(got.ok());
+  ASSERT_EQ(*got, 3u);
+  for (uint64_t id : {0, 1, 2}) {
+    ASSERT_TRUE(swapper_->Wait(id).ok());
+    auto d = swapper_->Data(id);
+    ASSERT_TRUE(d.ok());
+    EXPECT_EQ(FirstMismatch(*d, sizes[id], id == 2 ? 500 : 100 + id), -1) << "id " << id;
+  }
+  for (uint64_t id : {0, 1, 2}) ASSERT_TRUE(swapper_->ReleaseBuffer(id).ok());
+  EXPECT_EQ(swapper_->WriteMany(std::vector<uint64_t>{99}, std::vector<const void*>{srcs[0]})
+                .code(),
+            StatusCode::kNotFound);
+}
+
+TEST_P(SwapperTest, WriteManyFailureLeavesNoDataThatLooksValid) {
+  Build(4, kMiB, 1, {io::Fault{io::FaultKind::kEio, 1, 1, io::Op::kWrite}});
+  const std::vector<uint64_t> sizes = {2 * kMiB, 2 * kMiB, 2 * kMiB};
+  for (size_t i = 0; i < sizes.size(); ++i) ASSERT_TRUE(swapper_->Add(i, sizes[i]).ok());
+  ASSERT_TRUE(swapper_->Seal().ok());
+  std::vector<uint8_t> data(2 * kMiB, 7);
+  const std::vector<uint64_t> ids = {0, 1, 2};
+  const std::vector<const void*> srcs = {data.data(), data.data(), data.data()};
+  Status s = swapper_->WriteMany(ids, srcs);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kIoError) << s.ToString();
+  // Transfers are cut at 256 KiB: the second write request belongs to
+  // partition 0, which must not be readable.
+  auto in = swapper_->SwapIn(std::vector<uint64_t>{0});
+  EXPECT_EQ(in.status().code(), StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(swapper_->WriteMany(ids, srcs).ok());  // recovers
+}
+
 TEST_P(SwapperTest, CorruptedSwapFileIsDetectedNotReturned) {
   Build(4, kMiB);
   AddAndWrite({kMiB, 512 * kKiB});
