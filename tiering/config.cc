@@ -23,8 +23,8 @@ namespace fs = std::filesystem;
 // ---------------------------------------------------------------------------
 // Schema: the keys of each section, in the order ConfigToYaml writes them.
 
-constexpr std::string_view kTopKeys[] = {"tiers", "io", "coordinator", "comm",
-                                         "integrity"};
+constexpr std::string_view kTopKeys[] = {"tiers", "io",        "coordinator",
+                                         "comm",  "integrity", "optimizer"};
 constexpr std::string_view kTiersKeys[] = {"params", "device", "host", "nvme"};
 constexpr std::string_view kDeviceKeys[] = {"max_live_parameters"};
 constexpr std::string_view kHostKeys[] = {"pin_memory", "max_in_cpu",
@@ -40,6 +40,8 @@ constexpr std::string_view kCoordinatorKeys[] = {
     "max_ongoing_fetch_events",    "nvme_lookahead"};
 constexpr std::string_view kCommKeys[] = {"backend"};
 constexpr std::string_view kIntegrityKeys[] = {"checksum"};
+constexpr std::string_view kOptimizerKeys[] = {
+    "tier", "paths", "buffer_count", "sub_group_size", "threads", "isa"};
 
 struct SectionDef {
   std::string_view path;
@@ -55,6 +57,7 @@ constexpr SectionDef kSections[] = {
     {"coordinator", kCoordinatorKeys},
     {"comm", kCommKeys},
     {"integrity", kIntegrityKeys},
+    {"optimizer", kOptimizerKeys},
 };
 
 // Ranges. The same constants drive the loader and ValidateConfig.
@@ -75,6 +78,17 @@ constexpr Limits kParamPersistLimits{0, kMaxElements, false};
 constexpr Limits kModelPersistLimits{0, kMaxElements, true};
 constexpr Limits kFetchEventsLimits{1, 1024, false};
 constexpr Limits kLookaheadLimits{0, kMaxElements, false};
+// Optimizer: a sub-group of 1e10 elements is 120 GB of state per buffer (ten
+// times DeepSpeed's default sub-group), and 64 such buffers are 7.7 TB, so
+// buffer_count * sub_group_size * 12 stays far within 64 bits.
+constexpr Limits kOptimizerBufferCountLimits{1, 64, false};
+constexpr Limits kSubGroupSizeLimits{1, 10'000'000'000ULL, false};
+constexpr Limits kOptimizerThreadsLimits{0, 1024, false};
+// Bytes of optimizer state per element: fp32 master weight and Adam's two
+// fp32 moments.
+constexpr uint64_t kOptimizerStateBytes = 12;
+// Bytes of the header in front of each optimizer buffer's state.
+constexpr uint64_t kOptimizerBufferHeader = 4096;
 
 template <typename E>
 struct EnumName {
@@ -93,6 +107,13 @@ constexpr EnumName<CommBackend> kCommNames[] = {{"auto", CommBackend::kAuto},
                                                 {"local", CommBackend::kLocal}};
 constexpr EnumName<Checksum> kChecksumNames[] = {{"crc32c", Checksum::kCrc32c},
                                                  {"none", Checksum::kNone}};
+constexpr EnumName<OptimizerTier> kOptimizerTierNames[] = {
+    {"nvme", OptimizerTier::kNvme}, {"host", OptimizerTier::kHost}};
+constexpr EnumName<OptimizerIsa> kOptimizerIsaNames[] = {
+    {"auto", OptimizerIsa::kAuto},
+    {"avx512", OptimizerIsa::kAvx512},
+    {"avx2", OptimizerIsa::kAvx2},
+    {"scalar", OptimizerIsa::kScalar}};
 
 template <typename E, size_t N>
 std::string_view NameOf(const EnumName<E> (&names)[N], E v) {
@@ -315,7 +336,9 @@ class Loader {
   template <typename E, size_t N>
   void Enum(const Entries& es, std::string_view section, std::string_view key,
             const EnumName<E> (&names)[N], E* out);
-  void Paths(const Entries& es, std::vector<std::string>* out);
+  // The `paths` key of `section` (tiers.nvme, optimizer).
+  void Paths(const Entries& es, std::string_view section,
+             std::vector<std::string>* out);
   void Lookahead(const Entries& es, std::optional<uint64_t>* out);
   // Remembers where a key's value was, for errors found after parsing.
   void Seen(std::string path, Pos pos) { seen_[std::move(path)] = pos; }
@@ -481,10 +504,11 @@ void Loader::Enum(const Entries& es, std::string_view section,
   Err(e->value_pos, path, msg);
 }
 
-void Loader::Paths(const Entries& es, std::vector<std::string>* out) {
+void Loader::Paths(const Entries& es, std::string_view section,
+                   std::vector<std::string>* out) {
   const Entry* e = Find(es, "paths");
   if (!e) return;
-  const std::string path = "tiers.nvme.paths";
+  const std::string path = Join(section, "paths");
   if (!e->value.IsSequence()) {
     if (e->value.IsScalar()) {
       Err(e->value_pos, path,
@@ -567,7 +591,7 @@ Result<Config> Loader::Run(std::string_view yaml) {
   if (errors_.empty() && !root.IsNull() && !root.IsMap()) {
     Err(PosOf(root.Mark()), "",
         "a config is a mapping of sections (tiers, io, coordinator, comm, "
-        "integrity), got " +
+        "integrity, optimizer), got " +
             std::string(KindName(root)));
   }
   if (errors_.empty()) {
@@ -590,7 +614,7 @@ Result<Config> Loader::Run(std::string_view yaml) {
           &c.tiers.host.max_in_cpu);
     Bool(host, "tiers.host", "allow_unpinned", &c.tiers.host.allow_unpinned);
     Entries nvme = sub(tiers, "tiers", "nvme");
-    Paths(nvme, &c.tiers.nvme.paths);
+    Paths(nvme, "tiers.nvme", &c.tiers.nvme.paths);
     Count(nvme, "tiers.nvme", "buffer_count", kBufferCountLimits,
           &c.tiers.nvme.buffer_count);
     Count(nvme, "tiers.nvme", "buffer_size", kBufferSizeLimits,
@@ -659,6 +683,20 @@ Result<Config> Loader::Run(std::string_view yaml) {
     Enum(integrity, "integrity", "checksum", kChecksumNames,
          &c.integrity.checksum);
 
+    // No cross-key rule: with tier nvme, empty optimizer.paths and
+    // tiers.params host there may be no directory at all, which is reported
+    // only if an optimizer is created (see OptimizerPaths).
+    Entries opt = sub(top, "", "optimizer");
+    OptimizerConfig& oc = c.optimizer;
+    Enum(opt, "optimizer", "tier", kOptimizerTierNames, &oc.tier);
+    Paths(opt, "optimizer", &oc.paths);
+    Count(opt, "optimizer", "buffer_count", kOptimizerBufferCountLimits,
+          &oc.buffer_count);
+    Count(opt, "optimizer", "sub_group_size", kSubGroupSizeLimits,
+          &oc.sub_group_size);
+    Count(opt, "optimizer", "threads", kOptimizerThreadsLimits, &oc.threads);
+    Enum(opt, "optimizer", "isa", kOptimizerIsaNames, &oc.isa);
+
     // Cross-key rules only where the keys parsed: a path that failed its
     // own check would otherwise also count as "no paths".
     for (const CrossError& x : CrossCheck(c)) {
@@ -714,6 +752,17 @@ std::string_view CommBackendName(CommBackend b) {
 std::string_view ChecksumName(Checksum c) { return NameOf(kChecksumNames, c); }
 std::string_view IoBackendConfigName(io::BackendKind k) {
   return NameOf(kIoBackendNames, k);
+}
+std::string_view OptimizerTierName(OptimizerTier t) {
+  return NameOf(kOptimizerTierNames, t);
+}
+std::string_view OptimizerIsaName(OptimizerIsa i) {
+  return NameOf(kOptimizerIsaNames, i);
+}
+
+std::vector<std::string> OptimizerPaths(const Config& config) {
+  if (!config.optimizer.paths.empty()) return config.optimizer.paths;
+  return config.tiers.nvme.paths;
 }
 
 size_t EditDistance(std::string_view a, std::string_view b) {
@@ -831,22 +880,26 @@ Status ValidateConfig(const Config& c, const LoadOptions& options) {
   count("tiers.device.max_live_parameters", c.tiers.device.max_live_parameters,
         kMaxLiveLimits);
   count("tiers.host.max_in_cpu", c.tiers.host.max_in_cpu, kMaxInCpuLimits);
-  std::map<std::string, size_t> seen;
-  for (size_t i = 0; i < c.tiers.nvme.paths.size(); ++i) {
-    const std::string& p = c.tiers.nvme.paths[i];
-    std::string key = "tiers.nvme.paths[" + std::to_string(i) + "]: ";
-    if (auto it = seen.find(NormalKey(p)); it != seen.end()) {
-      errors.push_back(key + "duplicate NVMe path '" + p + "' (also paths[" +
-                       std::to_string(it->second) + "])");
-      continue;
+  auto paths = [&](std::string_view path,
+                   const std::vector<std::string>& list) {
+    std::map<std::string, size_t> seen;
+    for (size_t i = 0; i < list.size(); ++i) {
+      const std::string& p = list[i];
+      std::string key = std::string(path) + "[" + std::to_string(i) + "]: ";
+      if (auto it = seen.find(NormalKey(p)); it != seen.end()) {
+        errors.push_back(key + "duplicate NVMe path '" + p + "' (also paths[" +
+                         std::to_string(it->second) + "])");
+        continue;
+      }
+      seen[NormalKey(p)] = i;
+      if (options.check_paths) {
+        if (auto bad = CheckNvmePath(p)) errors.push_back(key + *bad);
+      } else if (p.empty()) {
+        errors.push_back(key + "empty NVMe path");
+      }
     }
-    seen[NormalKey(p)] = i;
-    if (options.check_paths) {
-      if (auto bad = CheckNvmePath(p)) errors.push_back(key + *bad);
-    } else if (p.empty()) {
-      errors.push_back(key + "empty NVMe path");
-    }
-  }
+  };
+  paths("tiers.nvme.paths", c.tiers.nvme.paths);
   count("tiers.nvme.buffer_count", c.tiers.nvme.buffer_count,
         kBufferCountLimits);
   count("tiers.nvme.buffer_size", c.tiers.nvme.buffer_size, kBufferSizeLimits);
@@ -888,6 +941,15 @@ Status ValidateConfig(const Config& c, const LoadOptions& options) {
   if (c.integrity.checksum > Checksum::kNone) {
     errors.push_back("integrity.checksum: not a valid checksum");
   }
+  const OptimizerConfig& oc = c.optimizer;
+  if (oc.tier > OptimizerTier::kHost)
+    errors.push_back("optimizer.tier: not a valid tier");
+  paths("optimizer.paths", oc.paths);
+  count("optimizer.buffer_count", oc.buffer_count, kOptimizerBufferCountLimits);
+  count("optimizer.sub_group_size", oc.sub_group_size, kSubGroupSizeLimits);
+  count("optimizer.threads", oc.threads, kOptimizerThreadsLimits);
+  if (oc.isa > OptimizerIsa::kScalar)
+    errors.push_back("optimizer.isa: not a valid instruction set");
   for (const CrossError& x : CrossCheck(c))
     errors.push_back(x.path + ": " + x.message);
   if (errors.empty()) return Status::Ok();
@@ -983,6 +1045,28 @@ std::string ConfigToYaml(const Config& c) {
     << std::string(ChecksumName(c.integrity.checksum))
     << Comment("crc32c | none");
   y << EndMap;
+
+  const OptimizerConfig& oc = c.optimizer;
+  y << Key << "optimizer" << Value << BeginMap;
+  y << Key << "tier" << Value << std::string(OptimizerTierName(oc.tier))
+    << Comment("nvme | host");
+  // Left out when empty: the loader then uses tiers.nvme.paths, as it does
+  // for an empty list.
+  if (!oc.paths.empty()) {
+    y << Key << "paths" << Value << YAML::BeginSeq;
+    for (const std::string& p : oc.paths)
+      y << YAML::DoubleQuoted << EscapeDollar(p);
+    y << YAML::EndSeq;
+  }
+  y << Key << "buffer_count" << Value << std::to_string(oc.buffer_count)
+    << Comment("pageable host buffers");
+  y << Key << "sub_group_size" << Value << FormatElementCount(oc.sub_group_size)
+    << Comment("elements per sub-group");
+  y << Key << "threads" << Value << std::to_string(oc.threads)
+    << Comment("0: all cores");
+  y << Key << "isa" << Value << std::string(OptimizerIsaName(oc.isa))
+    << Comment("auto | avx512 | avx2 | scalar");
+  y << EndMap;
   y << EndMap;
   std::string s = y.c_str();
   s += '\n';
@@ -1036,6 +1120,31 @@ std::string SummarizeConfig(const Config& c) {
     << "\n";
   o << "comm         backend " << CommBackendName(c.comm.backend) << "\n";
   o << "integrity    checksum " << ChecksumName(c.integrity.checksum) << "\n";
+  const OptimizerConfig& oc = c.optimizer;
+  std::string threads =
+      oc.threads == 0 ? std::string("all cores") : std::to_string(oc.threads);
+  if (oc.tier == OptimizerTier::kNvme) {
+    o << "optimizer    state on NVMe, ";
+    if (!oc.paths.empty()) {
+      o << oc.paths.size() << " path" << (oc.paths.size() == 1 ? "" : "s")
+        << "\n";
+      for (const std::string& p : oc.paths) o << "               " << p << "\n";
+    } else if (!n.paths.empty()) {
+      o << "on the tiers.nvme paths\n";
+    } else {
+      o << "no path (set optimizer.paths, or optimizer.tier: host)\n";
+    }
+  } else {
+    o << "optimizer    state in host memory (no NVMe)\n";
+  }
+  uint64_t buffer_bytes =
+      oc.sub_group_size * kOptimizerStateBytes + kOptimizerBufferHeader;
+  o << "             buffers " << oc.buffer_count << " x "
+    << FormatElementCount(oc.sub_group_size) << " elements x "
+    << kOptimizerStateBytes
+    << " B = " << HumanBytes(buffer_bytes * oc.buffer_count) << " pageable\n";
+  o << "             threads " << threads << ", isa "
+    << OptimizerIsaName(oc.isa) << "\n";
   return o.str();
 }
 

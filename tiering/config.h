@@ -43,9 +43,27 @@ enum class CommBackend : uint8_t { kAuto = 0, kNccl, kLocal };
 
 enum class Checksum : uint8_t { kCrc32c = 0, kNone };
 
-std::string_view ParamTierName(ParamTier t);      // "nvme", "host"
-std::string_view CommBackendName(CommBackend b);  // "auto", "nccl", "local"
-std::string_view ChecksumName(Checksum c);        // "crc32c", "none"
+// Where the optimizer state (fp32 master weights and Adam's two moments: 12
+// bytes per parameter element) lives between optimizer steps.
+enum class OptimizerTier : uint8_t {
+  kNvme = 0,  // in state files on the optimizer paths, staged by sub-group
+  kHost,      // in host memory for the whole run; no NVMe is used
+};
+
+// The CPU instruction set of the optimizer update.
+enum class OptimizerIsa : uint8_t {
+  kAuto = 0,  // the best this CPU has
+  kAvx512,
+  kAvx2,
+  kScalar,  // portable C++, any CPU
+};
+
+std::string_view ParamTierName(ParamTier t);          // "nvme", "host"
+std::string_view CommBackendName(CommBackend b);      // "auto", "nccl", "local"
+std::string_view ChecksumName(Checksum c);            // "crc32c", "none"
+std::string_view OptimizerTierName(OptimizerTier t);  // "nvme", "host"
+// "auto", "avx512", "avx2", "scalar".
+std::string_view OptimizerIsaName(OptimizerIsa i);
 // The config spelling of an io backend: "auto", "io_uring", "libaio", "psync".
 std::string_view IoBackendConfigName(io::BackendKind k);
 
@@ -156,12 +174,39 @@ struct IntegrityConfig {
   bool operator==(const IntegrityConfig&) const = default;
 };
 
+struct OptimizerConfig {
+  OptimizerTier tier = OptimizerTier::kNvme;
+  // Directories for the optimizer-state files (one per path per rank);
+  // empty: tiers.nvme.paths, the same drives as the parameters. The same
+  // rules as tiers.nvme.paths: a path's parent must exist (checked when
+  // LoadOptions::check_paths), the path itself is created. Used only with
+  // tier nvme.
+  std::vector<std::string> paths;
+  // Host buffers, each holding one sub-group's state during the step: reads
+  // of the next sub-groups and writes of the previous ones overlap the update
+  // while buffers last. Pageable (the state never goes to the device). 1 (no
+  // overlap) to 64.
+  uint32_t buffer_count = 4;
+  // Elements per sub-group: the unit of the pipelined step (read, update,
+  // write). Each buffer is sub_group_size * 12 bytes (+4 KiB header). 1 to
+  // 1e10.
+  uint64_t sub_group_size = 100'000'000;
+  // Update threads (and checksum threads) per rank; 0: all cores. 0 to 1024.
+  uint32_t threads = 0;
+  // An explicit ISA the CPU lacks is an error when the optimizer is created,
+  // not at config load (a config may be checked on another machine).
+  OptimizerIsa isa = OptimizerIsa::kAuto;
+
+  bool operator==(const OptimizerConfig&) const = default;
+};
+
 struct Config {
   TiersConfig tiers;
   IoConfig io;
   CoordinatorConfig coordinator;
   CommConfig comm;
   IntegrityConfig integrity;
+  OptimizerConfig optimizer;
 
   bool operator==(const Config&) const = default;
 };
@@ -194,6 +239,13 @@ std::string ConfigToYaml(const Config& config);
 
 // A one-screen, human-readable summary of the effective config.
 std::string SummarizeConfig(const Config& config);
+
+// The directories the optimizer state goes to: optimizer.paths, else
+// tiers.nvme.paths. Empty when neither is set (possible with tiers.params
+// host): an error for optimizer.tier nvme, reported by the caller when the
+// optimizer is created (the config itself loads, since an optimizer is
+// optional).
+std::vector<std::string> OptimizerPaths(const Config& config);
 
 // Expands ${VAR} / ${VAR:-default} / $$ in `text`. Error messages name the
 // variable; the caller adds where it was.

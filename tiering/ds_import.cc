@@ -51,6 +51,8 @@ class Importer {
              const Limits& limits, uint64_t* out);
   void Bool(const Json& v, const std::string& key, std::string_view target,
             bool* out);
+  // A path or a list of paths into *out; false (nothing taken) otherwise.
+  static bool PathList(const Json& v, std::vector<std::string>* out);
   void OffloadParam(const Json& op);
   void OffloadOptimizer(const Json& oo);
   void ZeroOptimization(const Json& zo);
@@ -141,6 +143,23 @@ void Importer::Bool(const Json& v, const std::string& key,
        (*out ? "true" : "false"));
 }
 
+bool Importer::PathList(const Json& v, std::vector<std::string>* out) {
+  std::vector<std::string> paths;
+  if (v.is_string()) {
+    paths.push_back(v.get<std::string>());
+  } else if (v.is_array()) {
+    for (const Json& p : v) {
+      if (!p.is_string()) return false;
+      paths.push_back(p.get<std::string>());
+    }
+  }
+  if (paths.empty()) return false;
+  // A literal $ in a path must not read as an expansion in ztier YAML;
+  // ConfigToYaml escapes it.
+  *out = std::move(paths);
+  return true;
+}
+
 void Importer::OffloadParam(const Json& op) {
   const std::string base = "zero_optimization.offload_param";
   TiersConfig& t = r_.config.tiers;
@@ -184,32 +203,13 @@ void Importer::OffloadParam(const Json& op) {
              device + ")");
         continue;
       }
-      std::vector<std::string> paths;
-      bool ok = true;
-      if (v.is_string()) {
-        paths.push_back(v.get<std::string>());
-      } else if (v.is_array()) {
-        for (const Json& p : v) {
-          if (p.is_string()) {
-            paths.push_back(p.get<std::string>());
-          } else {
-            ok = false;
-          }
-        }
-      } else {
-        ok = false;
-      }
-      if (!ok || paths.empty()) {
+      if (!PathList(v, &t.nvme.paths)) {
         Unmapped(key);
         Note(key +
              " is not a path or a list of paths: tiers.nvme.paths keeps the "
              "default " +
              std::string(kDefaultNvmePath));
-        continue;
       }
-      // A literal $ in a path must not read as an expansion in ztier YAML;
-      // ConfigToYaml escapes it.
-      t.nvme.paths = std::move(paths);
     } else if (k == "buffer_count") {
       Count32(v, key, "tiers.nvme.buffer_count", {1, 65536, false},
               &t.nvme.buffer_count);
@@ -240,26 +240,81 @@ void Importer::OffloadParam(const Json& op) {
 
 void Importer::OffloadOptimizer(const Json& oo) {
   const std::string base = "zero_optimization.offload_optimizer";
-  std::string what;
-  for (const char* k : {"device", "nvme_path"}) {
-    if (auto it = oo.find(k); it != oo.end()) {
-      what += (what.empty() ? " (" : ", ") + std::string(k) + " " + it->dump();
+  OptimizerConfig& o = r_.config.optimizer;
+  std::string device = "nvme";
+  if (auto it = oo.find("device"); it != oo.end()) {
+    device = it->is_string() ? Lower(it->get<std::string>()) : std::string("?");
+    if (device == "nvme") {
+      o.tier = OptimizerTier::kNvme;
+    } else if (device == "cpu") {
+      o.tier = OptimizerTier::kHost;
+    } else if (device == "none") {
+      o.tier = OptimizerTier::kHost;
+      Unmapped(base + ".device");
+      Note(base +
+           ".device is none (optimizer state stays on the GPU), which ztier "
+           "does not have: ztier keeps optimizer state on the host or NVMe; "
+           "optimizer.tier is host, the nearest setting");
+    } else {
+      Unmapped(base + ".device");
+      Note(base + ".device " + it->dump() +
+           " is not nvme, cpu or none: optimizer.tier keeps " +
+           std::string(OptimizerTierName(o.tier)));
+    }
+  } else {
+    Note(base +
+         ".device not given: DeepSpeed's default is none; optimizer.tier keeps "
+         "nvme");
+  }
+  for (auto it = oo.begin(); it != oo.end(); ++it) {
+    const std::string& k = it.key();
+    const Json& v = it.value();
+    std::string key = base + "." + k;
+    if (k == "device") continue;
+    if (k == "nvme_path") {
+      if (o.tier == OptimizerTier::kHost) {
+        Unmapped(key);
+        Note(key + " is ignored: optimizer state is kept on the host (device " +
+             device + ")");
+      } else if (!PathList(v, &o.paths)) {
+        Unmapped(key);
+        Note(key +
+             " is not a path or a list of paths: optimizer.paths is left out, "
+             "so the optimizer state goes to tiers.nvme.paths");
+      }
+    } else if (k == "buffer_count") {
+      Count32(v, key, "optimizer.buffer_count", {1, 64, false},
+              &o.buffer_count);
+    } else if (k == "pin_memory") {
+      Note(key + " is " + v.dump() +
+           ": accepted; ztier's optimizer buffers are never pinned (the state "
+           "never goes to the GPU, so pinning would only use up the memlock "
+           "limit)");
+    } else if (k == "pipeline_read" || k == "pipeline_write") {
+      Note(key + " is " + v.dump() +
+           ": accepted; ztier always pipelines optimizer-state reads and "
+           "writes with the update (optimizer.buffer_count bounds how far)");
+    } else if (k == "fast_init") {
+      Note(key + " is " + v.dump() +
+           ": accepted; ztier has no setting for how the optimizer state is "
+           "initialized");
+    } else if (k == "ratio") {
+      Unmapped(key);
+      Note(key + " is " + v.dump() +
+           ": not supported (partial offload); ztier offloads all of the "
+           "optimizer state");
+    } else {
+      Unmapped(key);
     }
   }
-  if (!what.empty()) what += ")";
-  Note(
-      base + what +
-      " is not mapped: this ztier config schema covers parameter offload only; "
-      "optimizer state stays with the trainer");
-  for (auto it = oo.begin(); it != oo.end(); ++it)
-    Unmapped(base + "." + it.key());
-  if (oo.empty()) Unmapped(base);
 }
 
 void Importer::ZeroOptimization(const Json& zo) {
   const std::string base = "zero_optimization";
   CoordinatorConfig& cc = r_.config.coordinator;
   bool has_offload_param = false;
+  bool has_offload_optimizer = false;
+  bool has_sub_group_size = false;
   // Which knobs were given, to notice a stage3_ name and its alias both set.
   std::vector<std::string> knob_seen;
   for (auto it = zo.begin(); it != zo.end(); ++it) {
@@ -285,11 +340,19 @@ void Importer::ZeroOptimization(const Json& zo) {
       continue;
     }
     if (k == "offload_optimizer") {
-      if (v.is_object()) {
-        OffloadOptimizer(v);
-      } else {
+      if (!v.is_object()) {
         Unmapped(key);
+        Note(key + " is not an object: ignored");
+        continue;
       }
+      has_offload_optimizer = true;
+      OffloadOptimizer(v);
+      continue;
+    }
+    if (k == "sub_group_size") {
+      has_sub_group_size = true;
+      Count(v, key, "optimizer.sub_group_size", {1, 10'000'000'000ULL, false},
+            &r_.config.optimizer.sub_group_size);
       continue;
     }
     std::string_view name = k;
@@ -344,6 +407,31 @@ void Importer::ZeroOptimization(const Json& zo) {
         "no zero_optimization.offload_param: DeepSpeed would keep parameters "
         "on the GPU; "
         "the ztier config keeps its default tiers.params: nvme");
+  }
+  if (!has_offload_optimizer) {
+    Note(
+        "no zero_optimization.offload_optimizer: DeepSpeed would keep "
+        "optimizer state on the GPU; the ztier config keeps its default "
+        "optimizer.tier: nvme");
+  }
+  const OptimizerConfig& o = r_.config.optimizer;
+  if (has_offload_optimizer && o.tier == OptimizerTier::kNvme &&
+      o.paths.empty()) {
+    if (r_.config.tiers.params == ParamTier::kNvme) {
+      Note(
+          "no NVMe path given for the optimizer: optimizer.paths is left out, "
+          "so the optimizer state goes to tiers.nvme.paths");
+    } else {
+      Note(
+          "no NVMe path given for the optimizer, and parameters are on the "
+          "host: set optimizer.paths before creating an optimizer");
+    }
+  }
+  if (has_offload_optimizer && !has_sub_group_size) {
+    Note(
+        "zero_optimization.sub_group_size not given: DeepSpeed's default is "
+        "1e9 (12 GB per optimizer buffer), ztier's is 1e8 "
+        "(optimizer.sub_group_size: 1e8)");
   }
 }
 

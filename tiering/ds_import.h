@@ -2,7 +2,10 @@
 // config into a ztier Config.
 //
 // Read: zero_optimization.offload_param (device, nvme_path, buffer_count,
-// buffer_size, max_in_cpu, pin_memory), the stage3_* coordinator knobs
+// buffer_size, max_in_cpu, pin_memory), zero_optimization.offload_optimizer
+// (device, nvme_path, buffer_count; pin_memory, pipeline_read,
+// pipeline_write and fast_init are accepted with a note) and
+// zero_optimization.sub_group_size, the stage3_* coordinator knobs
 // (prefetch_bucket_size, max_live_parameters, max_reuse_distance,
 // param_persistence_threshold, model_persistence_threshold, with or without
 // the stage3_ prefix) and aio (block_size, queue_depth, and the parallelism
@@ -29,7 +32,8 @@ namespace ztier::tiering {
 struct ImportResult {
   // The imported config. tiers.nvme.paths is empty when the JSON named no
   // NVMe path: ConfigToYaml then leaves the key out and the loader's default
-  // path (kDefaultNvmePath) applies.
+  // path (kDefaultNvmePath) applies. optimizer.paths is empty when
+  // offload_optimizer named no path: the state goes to tiers.nvme.paths.
   Config config;
   std::vector<std::string> unmapped_keys;  // full key paths, in JSON order
   std::vector<std::string> notes;          // one sentence each

@@ -95,6 +95,12 @@ TEST(ConfigDefaults, FollowDeepSpeedWhereTheConceptIsTheSame) {
   EXPECT_FALSE(c.coordinator.nvme_lookahead.has_value());
   EXPECT_EQ(c.comm.backend, CommBackend::kAuto);
   EXPECT_EQ(c.integrity.checksum, Checksum::kCrc32c);
+  EXPECT_EQ(c.optimizer.tier, OptimizerTier::kNvme);
+  EXPECT_TRUE(c.optimizer.paths.empty());
+  EXPECT_EQ(c.optimizer.buffer_count, 4u);
+  EXPECT_EQ(c.optimizer.sub_group_size, 100'000'000u);  // DeepSpeed: 1e9
+  EXPECT_EQ(c.optimizer.threads, 0u);
+  EXPECT_EQ(c.optimizer.isa, OptimizerIsa::kAuto);
 }
 
 TEST(ConfigDefaults, EmptyDocumentIsAllDefaultsWithTheDefaultPath) {
@@ -316,10 +322,9 @@ TEST(ConfigErrors, UnknownKeyFarFromAnyListsTheValidKeys) {
   EXPECT_EQ(
       Errors("comm: {world: 8}"),
       "t.yaml:1:8: comm.world: unknown key (valid keys in comm: backend)");
-  EXPECT_EQ(Errors("optimizer: {}"),
-            "t.yaml:1:1: optimizer: unknown key (valid keys: tiers, io, "
-            "coordinator, comm, "
-            "integrity)");
+  EXPECT_EQ(Errors("scheduler: {}"),
+            "t.yaml:1:1: scheduler: unknown key (valid keys: tiers, io, "
+            "coordinator, comm, integrity, optimizer)");
 }
 
 TEST(ConfigErrors, WrongType) {
@@ -348,7 +353,7 @@ TEST(ConfigErrors, WrongType) {
   EXPECT_EQ(Errors("- a\n- b\n"),
             "t.yaml:1:1: a config is a mapping of sections (tiers, io, "
             "coordinator, comm, "
-            "integrity), got a list");
+            "integrity, optimizer), got a list");
 }
 
 TEST(ConfigErrors, BadEnumValueSuggests) {
@@ -547,6 +552,174 @@ TEST(ConfigErrors, FileNameIsTheSource) {
 }
 
 // ---------------------------------------------------------------------------
+// The optimizer section
+
+TEST(ConfigOptimizer, EveryKey) {
+  ScopedEnv env("ZTIER_TEST_OPT", "/mnt/opt");
+  Config c = MustLoad(
+      "optimizer:\n"
+      "  tier: host\n"
+      "  paths: [\"${ZTIER_TEST_OPT}/a\", /mnt/b]\n"
+      "  buffer_count: 64\n"
+      "  sub_group_size: 1e10\n"
+      "  threads: 1024\n"
+      "  isa: avx512\n");
+  EXPECT_EQ(c.optimizer.tier, OptimizerTier::kHost);
+  EXPECT_EQ(c.optimizer.paths,
+            (std::vector<std::string>{"/mnt/opt/a", "/mnt/b"}));
+  EXPECT_EQ(c.optimizer.buffer_count, 64u);
+  EXPECT_EQ(c.optimizer.sub_group_size, 10'000'000'000u);
+  EXPECT_EQ(c.optimizer.threads, 1024u);
+  EXPECT_EQ(c.optimizer.isa, OptimizerIsa::kAvx512);
+  // The smallest values, and the other names.
+  c = MustLoad(
+      "optimizer: {tier: nvme, buffer_count: 1, sub_group_size: 1, threads: 0, "
+      "isa: scalar}");
+  EXPECT_EQ(c.optimizer.tier, OptimizerTier::kNvme);
+  EXPECT_EQ(c.optimizer.buffer_count, 1u);
+  EXPECT_EQ(c.optimizer.sub_group_size, 1u);
+  EXPECT_EQ(c.optimizer.threads, 0u);
+  EXPECT_EQ(c.optimizer.isa, OptimizerIsa::kScalar);
+  EXPECT_EQ(MustLoad("optimizer: {isa: avx2}").optimizer.isa,
+            OptimizerIsa::kAvx2);
+  EXPECT_EQ(MustLoad("optimizer: {isa: auto}").optimizer.isa,
+            OptimizerIsa::kAuto);
+  EXPECT_EQ(MustLoad("optimizer: {sub_group_size: 100_000_000}")
+                .optimizer.sub_group_size,
+            100'000'000u);
+  // An empty section or an empty path list: the defaults.
+  EXPECT_EQ(MustLoad("optimizer:\n").optimizer, OptimizerConfig{});
+  EXPECT_EQ(MustLoad("optimizer: {paths: []}").optimizer, OptimizerConfig{});
+}
+
+TEST(ConfigOptimizer, Errors) {
+  EXPECT_EQ(Errors("optimizer:\n  sub_grup_size: 1e8\n"),
+            "t.yaml:2:3: optimizer.sub_grup_size: unknown key (did you mean "
+            "'sub_group_size'?)");
+  EXPECT_EQ(Errors("tiers: {nvme: {sub_group_size: 1e8}}"),
+            "t.yaml:1:16: tiers.nvme.sub_group_size: unknown key (did you mean "
+            "'optimizer.sub_group_size'?)");
+  EXPECT_EQ(Errors("io: {isa: avx2}"),
+            "t.yaml:1:6: io.isa: unknown key (did you mean 'optimizer.isa'?)");
+  EXPECT_EQ(Errors("optimizer: {lr: 1e-3}"),
+            "t.yaml:1:13: optimizer.lr: unknown key (valid keys in "
+            "optimizer: tier, paths, buffer_count, sub_group_size, threads, "
+            "isa)");
+  EXPECT_EQ(Errors("optimizer: {tier: cpu}"),
+            "t.yaml:1:19: optimizer.tier: expected one of nvme, host, got "
+            "'cpu'");
+  EXPECT_EQ(Errors("optimizer: {isa: avx}"),
+            "t.yaml:1:18: optimizer.isa: expected one of auto, avx512, avx2, "
+            "scalar, got 'avx' (did you mean 'avx2'?)");
+  EXPECT_EQ(Errors("optimizer: {buffer_count: 0}"),
+            "t.yaml:1:27: optimizer.buffer_count: '0' is out of range "
+            "(allowed: 1 to 64)");
+  EXPECT_EQ(Errors("optimizer: {buffer_count: 65}"),
+            "t.yaml:1:27: optimizer.buffer_count: '65' is out of range "
+            "(allowed: 1 to 64)");
+  EXPECT_EQ(Errors("optimizer: {sub_group_size: 0}"),
+            "t.yaml:1:29: optimizer.sub_group_size: '0' is out of range "
+            "(allowed: 1 to 1e10)");
+  EXPECT_EQ(Errors("optimizer: {sub_group_size: 2e10}"),
+            "t.yaml:1:29: optimizer.sub_group_size: '2e10' is out of range "
+            "(allowed: 1 to 1e10)");
+  EXPECT_EQ(Errors("optimizer: {sub_group_size: 1GiB}"),
+            "t.yaml:1:29: optimizer.sub_group_size: expected a whole number "
+            "such as 32, 50000000 or 5e7, got '1GiB' (element counts and "
+            "counts take no unit)");
+  EXPECT_EQ(Errors("optimizer: {threads: 1025}"),
+            "t.yaml:1:22: optimizer.threads: '1025' is out of range (allowed: "
+            "0 to 1024)");
+  EXPECT_EQ(Errors("optimizer: {threads: -1}"),
+            "t.yaml:1:22: optimizer.threads: '-1' is out of range (allowed: "
+            "0 to 1024)");
+  EXPECT_EQ(Errors("optimizer: 4"),
+            "t.yaml:1:12: optimizer: expected a mapping of keys, got a single "
+            "value");
+  EXPECT_EQ(Errors("optimizer: {paths: /mnt/nvme0}"),
+            "t.yaml:1:20: optimizer.paths: expected a list of directories, got "
+            "a single value (write [/mnt/nvme0])");
+  EXPECT_EQ(Errors("optimizer: {paths: [./a, a/]}"),
+            "t.yaml:1:26: optimizer.paths[1]: duplicate NVMe path 'a/' (also "
+            "paths[0])");
+  ScopedEnv u("ZTIER_TEST_UNSET", std::nullopt);
+  EXPECT_EQ(Errors("optimizer: {paths: [\"${ZTIER_TEST_UNSET}/o\"]}"),
+            "t.yaml:1:21: optimizer.paths[0]: environment variable "
+            "ZTIER_TEST_UNSET is not set (write ${ZTIER_TEST_UNSET:-default} "
+            "to give a default)");
+  // Errors in the optimizer section are collected with the others.
+  EXPECT_EQ(Errors("optimizer:\n  threads: 2000\nio: {queue_depth: 0}\n"),
+            "t.yaml:2:12: optimizer.threads: '2000' is out of range (allowed: "
+            "0 to 1024)\n"
+            "t.yaml:3:19: io.queue_depth: '0' is out of range (allowed: 1 to "
+            "4096)");
+}
+
+TEST(ConfigOptimizer, PathsAreCheckedLikeTheNvmePaths) {
+  testing::ScratchDir dir;
+  std::string missing = dir.File("no_such_drive/opt");
+  EXPECT_EQ(Errors("optimizer:\n  paths: [" + missing + "]\n", LoadOptions{}),
+            "t.yaml:2:11: optimizer.paths[0]: parent directory '" +
+                dir.File("no_such_drive") + "' of NVMe path '" + missing +
+                "' does not exist (mount the drive or create the directory)");
+  EXPECT_EQ(Errors("optimizer:\n  paths: [" + missing + "]\n", NoPaths()), "");
+  // Checked even with tier host, as tiers.nvme.paths are with params host.
+  EXPECT_NE(Errors("optimizer: {tier: host, paths: [" + missing + "]}",
+                   LoadOptions{}),
+            "");
+  std::ofstream(dir.File("f")) << "x";
+  EXPECT_EQ(
+      Errors("optimizer: {paths: [" + dir.File("f") + "]}", LoadOptions{}),
+      "t.yaml:1:21: optimizer.paths[0]: NVMe path '" + dir.File("f") +
+          "' exists and is not a directory");
+  // A path that does not exist yet is fine; the same directory as the
+  // parameters' is too (the file names differ).
+  Config c = MustLoad("tiers: {nvme: {paths: [" + dir.File("p") +
+                          "]}}\noptimizer: {paths: [" + dir.File("o") + ", " +
+                          dir.File("p") + "]}",
+                      LoadOptions{});
+  EXPECT_EQ(c.optimizer.paths,
+            (std::vector<std::string>{dir.File("o"), dir.File("p")}));
+  EXPECT_TRUE(ValidateConfig(c).ok());
+}
+
+TEST(ConfigOptimizer, NoPathAtAllIsNotAnErrorAtLoad) {
+  // Host params need no NVMe path; an NVMe optimizer without paths is
+  // reported only when an optimizer is created.
+  Config c = MustLoad("tiers: {params: host}\noptimizer: {tier: nvme}\n",
+                      LoadOptions{});
+  EXPECT_TRUE(c.tiers.nvme.paths.empty());
+  EXPECT_TRUE(c.optimizer.paths.empty());
+  EXPECT_TRUE(OptimizerPaths(c).empty());
+  EXPECT_TRUE(ValidateConfig(c).ok());
+  EXPECT_NE(SummarizeConfig(c).find("optimizer    state on NVMe, no path"),
+            std::string::npos)
+      << SummarizeConfig(c);
+}
+
+TEST(ConfigOptimizer, OptimizerPathsFallBackToTheNvmePaths) {
+  Config c;
+  EXPECT_TRUE(OptimizerPaths(c).empty());
+  c.tiers.nvme.paths = {"/nvme0", "/nvme1"};
+  EXPECT_EQ(OptimizerPaths(c), (std::vector<std::string>{"/nvme0", "/nvme1"}));
+  c.optimizer.paths = {"/nvme2"};
+  EXPECT_EQ(OptimizerPaths(c), std::vector<std::string>{"/nvme2"});
+  // The loader does the same with the default NVMe path.
+  ScopedEnv env("ZTIER_NVME_PATH", std::nullopt);
+  EXPECT_EQ(OptimizerPaths(MustLoad("")),
+            std::vector<std::string>{"ztier_nvme"});
+}
+
+TEST(ConfigOptimizer, Names) {
+  EXPECT_EQ(OptimizerTierName(OptimizerTier::kNvme), "nvme");
+  EXPECT_EQ(OptimizerTierName(OptimizerTier::kHost), "host");
+  EXPECT_EQ(OptimizerIsaName(OptimizerIsa::kAuto), "auto");
+  EXPECT_EQ(OptimizerIsaName(OptimizerIsa::kAvx512), "avx512");
+  EXPECT_EQ(OptimizerIsaName(OptimizerIsa::kAvx2), "avx2");
+  EXPECT_EQ(OptimizerIsaName(OptimizerIsa::kScalar), "scalar");
+}
+
+// ---------------------------------------------------------------------------
 // Environment expansion
 
 TEST(ConfigEnv, Expansion) {
@@ -594,6 +767,9 @@ TEST(ConfigEnv, InValues) {
 // ---------------------------------------------------------------------------
 // Round trip, validation, summary
 
+// The largest sub-group the loader takes.
+constexpr uint64_t kSubGroupMax = 10'000'000'000ULL;
+
 Config NonDefault() {
   Config c;
   c.tiers.params = ParamTier::kNvme;
@@ -621,6 +797,12 @@ Config NonDefault() {
   c.coordinator.nvme_lookahead = 0;
   c.comm.backend = CommBackend::kLocal;
   c.integrity.checksum = Checksum::kNone;
+  c.optimizer.tier = OptimizerTier::kNvme;
+  c.optimizer.paths = {"/mnt/nvme1/opt", "/opt/$x"};
+  c.optimizer.buffer_count = 2;
+  c.optimizer.sub_group_size = 12'345'678;
+  c.optimizer.threads = 17;
+  c.optimizer.isa = OptimizerIsa::kAvx2;
   return c;
 }
 
@@ -635,9 +817,52 @@ TEST(ConfigRoundTrip, ToYamlAndBack) {
   }
   Config host;
   host.tiers.params = ParamTier::kHost;
+  host.optimizer.tier = OptimizerTier::kHost;
+  host.optimizer.isa = OptimizerIsa::kScalar;
+  host.optimizer.sub_group_size = kSubGroupMax;
   Result<Config> back = LoadConfigText(ConfigToYaml(host), "h.yaml", NoPaths());
-  ASSERT_TRUE(back.ok());
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
   EXPECT_EQ(*back, host);
+  // Every key of the section is written.
+  std::string yaml = ConfigToYaml(NonDefault());
+  for (const char* key :
+       {"optimizer:", "  tier: nvme", "  paths:", "  buffer_count: 2",
+        "  sub_group_size: 12345678", "  threads: 17", "  isa: avx2"}) {
+    EXPECT_NE(yaml.find(key), std::string::npos) << key << "\n" << yaml;
+  }
+  // Empty optimizer paths are left out (they mean tiers.nvme.paths).
+  EXPECT_EQ(ConfigToYaml(Config{}).find("optimizer:\n  tier: nvme"),
+            ConfigToYaml(Config{}).find("optimizer:"));
+  EXPECT_EQ(ConfigToYaml(Config{}).find("  paths:"), std::string::npos);
+}
+
+TEST(ConfigValidate, OptimizerSection) {
+  Config c;
+  c.tiers.nvme.paths = {"/d"};
+  c.optimizer.buffer_count = 0;
+  c.optimizer.sub_group_size = kSubGroupMax + 1;
+  c.optimizer.threads = 1025;
+  c.optimizer.paths = {"/o", "/o/"};
+  c.optimizer.isa = static_cast<OptimizerIsa>(9);
+  c.optimizer.tier = static_cast<OptimizerTier>(7);
+  Status s = ValidateConfig(c, NoPaths());
+  EXPECT_EQ(s.message(),
+            "optimizer.tier: not a valid tier\n"
+            "optimizer.paths[1]: duplicate NVMe path '/o/' (also paths[0])\n"
+            "optimizer.buffer_count: '0' is out of range (allowed: 1 to 64)\n"
+            "optimizer.sub_group_size: '10000000001' is out of range "
+            "(allowed: 1 to 1e10)\n"
+            "optimizer.threads: '1025' is out of range (allowed: 0 to 1024)\n"
+            "optimizer.isa: not a valid instruction set");
+  // With paths checked, a missing parent is named like the loader does.
+  Config p;
+  p.tiers.params = ParamTier::kHost;
+  p.optimizer.paths = {"/no/such/parent/opt"};
+  EXPECT_EQ(ValidateConfig(p).message(),
+            "optimizer.paths[0]: parent directory '/no/such/parent' of NVMe "
+            "path '/no/such/parent/opt' does not exist (mount the drive or "
+            "create the directory)");
+  EXPECT_TRUE(ValidateConfig(p, NoPaths()).ok());
 }
 
 TEST(ConfigValidate, CodeBuiltConfigs) {
@@ -669,10 +894,39 @@ TEST(ConfigSummary, FitsOneScreenAndNamesTheEssentials) {
       << s;
   EXPECT_NE(s.find("backend io_uring"), std::string::npos) << s;
   EXPECT_NE(s.find("queue depth 100"), std::string::npos) << s;
+  EXPECT_NE(s.find("optimizer    state on NVMe, 2 paths\n"
+                   "               /mnt/nvme1/opt\n"),
+            std::string::npos)
+      << s;
+  // 2 x (12345678 x 12 B + 4 KiB) = 282.6 MiB.
+  EXPECT_NE(s.find("buffers 2 x 12345678 elements x 12 B = 282.6 MiB "
+                   "pageable"),
+            std::string::npos)
+      << s;
+  EXPECT_NE(s.find("threads 17, isa avx2"), std::string::npos) << s;
   Config host;
   host.tiers.params = ParamTier::kHost;
-  EXPECT_NE(SummarizeConfig(host).find("on the host (no NVMe)"),
-            std::string::npos);
+  host.optimizer.tier = OptimizerTier::kHost;
+  std::string h = SummarizeConfig(host);
+  EXPECT_NE(h.find("on the host (no NVMe)"), std::string::npos);
+  EXPECT_NE(h.find("optimizer    state in host memory (no NVMe)"),
+            std::string::npos)
+      << h;
+  // The host tier runs the same buffered pipeline (on a memory file system).
+  EXPECT_NE(h.find("buffers 4 x 1e8 elements x 12 B = 4.5 GiB pageable"),
+            std::string::npos)
+      << h;
+  EXPECT_NE(h.find("threads all cores, isa auto"), std::string::npos) << h;
+  // Default: the parameters' drives, 4 x (1e8 x 12 B + 4 KiB) = 4.5 GiB.
+  Config d;
+  d.tiers.nvme.paths = {"/d"};
+  std::string ds = SummarizeConfig(d);
+  EXPECT_NE(ds.find("optimizer    state on NVMe, on the tiers.nvme paths"),
+            std::string::npos)
+      << ds;
+  EXPECT_NE(ds.find("buffers 4 x 1e8 elements x 12 B = 4.5 GiB pageable"),
+            std::string::npos)
+      << ds;
 }
 
 TEST(ConfigSuggest, EditDistance) {

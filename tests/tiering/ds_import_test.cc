@@ -46,6 +46,7 @@ constexpr const char* kSample = R"({
     "stage3_param_persistence_threshold": 1e4,
     "stage3_model_persistence_threshold": 9223372036854775807,
     "stage3_gather_16bit_weights_on_model_save": false,
+    "sub_group_size": 1e9,
     "offload_param": {
       "device": "nvme",
       "nvme_path": "/local_nvme",
@@ -89,16 +90,16 @@ TEST(DsImport, SampleMapsEveryOffloadKey) {
   EXPECT_EQ(c.io.block_size, 1u << 20);
   EXPECT_EQ(c.io.queue_depth, 16u);
   EXPECT_EQ(c.io.threads, 4u);
+  EXPECT_EQ(c.optimizer.tier, OptimizerTier::kNvme);
+  EXPECT_EQ(c.optimizer.paths, std::vector<std::string>{"/local_nvme"});
+  EXPECT_EQ(c.optimizer.buffer_count, 4u);
+  EXPECT_EQ(c.optimizer.sub_group_size, 1'000'000'000u);
 
   EXPECT_EQ(r.unmapped_keys,
             (std::vector<std::string>{
                 "zero_optimization.contiguous_gradients",
                 "zero_optimization.overlap_comm",
                 "zero_optimization.stage3_gather_16bit_weights_on_model_save",
-                "zero_optimization.offload_optimizer.device",
-                "zero_optimization.offload_optimizer.nvme_path",
-                "zero_optimization.offload_optimizer.pipeline_read",
-                "zero_optimization.offload_optimizer.buffer_count",
                 "aio.single_submit",
                 "aio.overlap_events",
                 "aio.use_gds",
@@ -107,9 +108,12 @@ TEST(DsImport, SampleMapsEveryOffloadKey) {
       << AllNotes(r);
   EXPECT_TRUE(
       HasNote(r,
-              "zero_optimization.offload_optimizer (device \"nvme\", nvme_path "
-              "\"/local_nvme\") is not mapped"))
+              "zero_optimization.offload_optimizer.pipeline_read is false: "
+              "accepted; ztier always pipelines optimizer-state reads and "
+              "writes"))
       << AllNotes(r);
+  EXPECT_FALSE(HasNote(r, "is not mapped")) << AllNotes(r);
+  EXPECT_FALSE(HasNote(r, "sub_group_size not given")) << AllNotes(r);
   EXPECT_TRUE(HasNote(
       r, "top-level keys not about offload, ignored: train_batch_size, fp16"))
       << AllNotes(r);
@@ -244,13 +248,168 @@ TEST(DsImport, Errors) {
 TEST(DsImport, UnknownKeysUnderAioAndZeroAreListed) {
   ImportResult r =
       MustImport(R"({"zero_optimization": {"stage": 2, "sub_group_size": 1e9,
-      "offload_param": {"device": "nvme", "nvme_path": "/n", "ratio": 0.5}},
+      "offload_param": {"device": "nvme", "nvme_path": "/n", "ratio": 0.5},
+      "offload_optimizer": {"device": "nvme", "future_knob": 1}},
       "aio": {"future_knob": 1}})");
   EXPECT_EQ(r.unmapped_keys,
-            (std::vector<std::string>{"zero_optimization.sub_group_size",
-                                      "zero_optimization.offload_param.ratio",
-                                      "aio.future_knob"}));
+            (std::vector<std::string>{
+                "zero_optimization.offload_param.ratio",
+                "zero_optimization.offload_optimizer.future_knob",
+                "aio.future_knob"}));
+  EXPECT_EQ(r.config.optimizer.sub_group_size, 1'000'000'000u);
   EXPECT_TRUE(HasNote(r, "zero_optimization.stage is 2")) << AllNotes(r);
+}
+
+// ---------------------------------------------------------------------------
+// zero_optimization.offload_optimizer and sub_group_size
+
+TEST(DsImport, OffloadOptimizerDevices) {
+  ImportResult nvme = MustImport(R"({"zero_optimization": {
+      "offload_param": {"device": "nvme", "nvme_path": "/p"},
+      "offload_optimizer": {"device": "NVMe", "nvme_path": "/o"}}})");
+  EXPECT_EQ(nvme.config.optimizer.tier, OptimizerTier::kNvme);
+  EXPECT_EQ(nvme.config.optimizer.paths, std::vector<std::string>{"/o"});
+  EXPECT_TRUE(nvme.unmapped_keys.empty());
+
+  ImportResult cpu = MustImport(R"({"zero_optimization": {
+      "offload_optimizer": {"device": "cpu", "nvme_path": "/o"}}})");
+  EXPECT_EQ(cpu.config.optimizer.tier, OptimizerTier::kHost);
+  EXPECT_TRUE(cpu.config.optimizer.paths.empty());
+  EXPECT_EQ(cpu.unmapped_keys,
+            std::vector<std::string>{
+                "zero_optimization.offload_optimizer.nvme_path"});
+  EXPECT_TRUE(HasNote(cpu,
+                      "zero_optimization.offload_optimizer.nvme_path is "
+                      "ignored: optimizer state is kept on the host (device "
+                      "cpu)"))
+      << AllNotes(cpu);
+
+  ImportResult none = MustImport(
+      R"({"zero_optimization": {"offload_optimizer": {"device": "none"}}})");
+  EXPECT_EQ(none.config.optimizer.tier, OptimizerTier::kHost);
+  EXPECT_EQ(
+      none.unmapped_keys,
+      std::vector<std::string>{"zero_optimization.offload_optimizer.device"});
+  EXPECT_TRUE(HasNote(none,
+                      "ztier keeps optimizer state on the host or NVMe; "
+                      "optimizer.tier is host"))
+      << AllNotes(none);
+
+  ImportResult odd = MustImport(
+      R"({"zero_optimization": {"offload_optimizer": {"device": "gpu"}}})");
+  EXPECT_EQ(odd.config.optimizer.tier, OptimizerTier::kNvme);
+  EXPECT_TRUE(HasNote(odd,
+                      "zero_optimization.offload_optimizer.device \"gpu\" is "
+                      "not nvme, cpu or none: optimizer.tier keeps nvme"))
+      << AllNotes(odd);
+
+  ImportResult absent =
+      MustImport(R"({"zero_optimization": {"offload_optimizer": {}}})");
+  EXPECT_EQ(absent.config.optimizer, OptimizerConfig{});
+  EXPECT_TRUE(absent.unmapped_keys.empty());
+  EXPECT_TRUE(HasNote(absent,
+                      "zero_optimization.offload_optimizer.device not given: "
+                      "DeepSpeed's default is none; optimizer.tier keeps nvme"))
+      << AllNotes(absent);
+}
+
+TEST(DsImport, OffloadOptimizerAcceptedAndUnsupportedKeys) {
+  ImportResult r = MustImport(R"({"zero_optimization": {
+      "offload_optimizer": {"device": "nvme", "nvme_path": "/o",
+        "pin_memory": true, "pipeline_read": true, "pipeline_write": false,
+        "fast_init": false, "ratio": 0.3, "buffer_count": 8}}})");
+  EXPECT_EQ(r.config.optimizer.buffer_count, 8u);
+  EXPECT_EQ(r.unmapped_keys, std::vector<std::string>{
+                                 "zero_optimization.offload_optimizer.ratio"});
+  const std::string base = "zero_optimization.offload_optimizer.";
+  EXPECT_TRUE(HasNote(r, base +
+                             "pin_memory is true: accepted; ztier's optimizer "
+                             "buffers are never pinned"))
+      << AllNotes(r);
+  EXPECT_TRUE(HasNote(r, base + "pipeline_read is true: accepted; ztier always "
+                                "pipelines"))
+      << AllNotes(r);
+  EXPECT_TRUE(HasNote(r, base +
+                             "pipeline_write is false: accepted; ztier always "
+                             "pipelines"))
+      << AllNotes(r);
+  EXPECT_TRUE(HasNote(r, base + "fast_init is false: accepted")) << AllNotes(r);
+  EXPECT_TRUE(
+      HasNote(r, base + "ratio is 0.3: not supported (partial offload)"))
+      << AllNotes(r);
+  EXPECT_TRUE(HasNote(r,
+                      "zero_optimization.sub_group_size not given: "
+                      "DeepSpeed's default is 1e9 (12 GB per optimizer "
+                      "buffer), ztier's is 1e8"))
+      << AllNotes(r);
+  // The tiers.host pin_memory of the parameters is not touched.
+  EXPECT_TRUE(r.config.tiers.host.pin_memory);
+}
+
+TEST(DsImport, OffloadOptimizerBadValuesKeepDefaultsWithANote) {
+  ImportResult r = MustImport(R"({"zero_optimization": {
+      "sub_group_size": 2e10,
+      "offload_optimizer": {"device": "nvme", "nvme_path": 7,
+                            "buffer_count": 65}}})");
+  OptimizerConfig d;
+  EXPECT_EQ(r.config.optimizer, d);
+  EXPECT_EQ(r.unmapped_keys,
+            std::vector<std::string>{
+                "zero_optimization.offload_optimizer.nvme_path"});
+  EXPECT_TRUE(HasNote(r,
+                      "zero_optimization.sub_group_size: '20000000000' is out "
+                      "of range (allowed: 1 to 1e10); optimizer.sub_group_size "
+                      "keeps ztier's default 1e8"))
+      << AllNotes(r);
+  EXPECT_TRUE(HasNote(r,
+                      "zero_optimization.offload_optimizer.buffer_count: '65' "
+                      "is out of range (allowed: 1 to 64); "
+                      "optimizer.buffer_count keeps ztier's default 4"))
+      << AllNotes(r);
+  EXPECT_TRUE(HasNote(r,
+                      "zero_optimization.offload_optimizer.nvme_path is not a "
+                      "path or a list of paths"))
+      << AllNotes(r);
+  ImportResult a = MustImport(
+      R"({"zero_optimization": {"sub_group_size": "auto",
+          "offload_optimizer": "nvme"}})");
+  EXPECT_EQ(a.config.optimizer, d);
+  EXPECT_EQ(a.unmapped_keys,
+            std::vector<std::string>{"zero_optimization.offload_optimizer"});
+  EXPECT_TRUE(HasNote(a, "zero_optimization.sub_group_size is \"auto\""))
+      << AllNotes(a);
+}
+
+TEST(DsImport, OptimizerPathNotes) {
+  // No optimizer path: the parameters' drives.
+  ImportResult shared = MustImport(R"({"zero_optimization": {
+      "offload_param": {"device": "nvme", "nvme_path": "/p"},
+      "offload_optimizer": {"device": "nvme"}}})");
+  EXPECT_TRUE(shared.config.optimizer.paths.empty());
+  EXPECT_EQ(OptimizerPaths(shared.config), std::vector<std::string>{"/p"});
+  EXPECT_TRUE(HasNote(shared,
+                      "optimizer.paths is left out, so the optimizer state "
+                      "goes to tiers.nvme.paths"))
+      << AllNotes(shared);
+  // No path at all, parameters on the host: named, and still loads.
+  ImportResult none = MustImport(R"({"zero_optimization": {
+      "offload_param": {"device": "cpu"},
+      "offload_optimizer": {"device": "nvme"}}})");
+  EXPECT_TRUE(OptimizerPaths(none.config).empty());
+  EXPECT_TRUE(HasNote(none, "set optimizer.paths before creating an optimizer"))
+      << AllNotes(none);
+  Result<Config> back = LoadConfigText(ConfigToYaml(none.config), "n.yaml",
+                                       LoadOptions{.check_paths = false});
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(*back, none.config);
+  // Without offload_optimizer, a note says what DeepSpeed would have done.
+  ImportResult gpu = MustImport(
+      R"({"zero_optimization": {"offload_param": {"device": "nvme"}}})");
+  EXPECT_TRUE(HasNote(gpu,
+                      "no zero_optimization.offload_optimizer: DeepSpeed "
+                      "would keep optimizer state on the GPU"))
+      << AllNotes(gpu);
+  EXPECT_FALSE(HasNote(gpu, "sub_group_size not given")) << AllNotes(gpu);
 }
 
 }  // namespace
