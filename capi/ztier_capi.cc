@@ -30,6 +30,7 @@
 #include "coordinator/collective.h"
 #include "coordinator/coordinator.h"
 #include "coordinator/runtime.h"
+#include "optim/adam.h"
 #include "tiering/config.h"
 
 namespace co = ztier::coordinator;
@@ -63,6 +64,7 @@ struct ztier_engine {
   std::vector<uint64_t> param_order;  // registration order
   std::unordered_set<uint64_t> modules;
   std::atomic<uint64_t> grad_reduces{0};
+  ztier::optim::AdamHyper hyper;  // the optimizer's, once created
 
   std::mutex async_mu;  // guards the latched background error
   ztier_status_t async_status = ZTIER_STATUS_OK;
@@ -673,6 +675,174 @@ ztier_status_t ztier_grad_clear(ztier_engine_t* engine) {
 }
 
 // ---------------------------------------------------------------- observing
+
+// ---------------------------------------------------------------- optimizer step
+
+namespace {
+
+// A struct whose `size` this library does not know: checked before the
+// engine call (ZTIER_STATUS_BAD_STRUCT_SIZE has no Status code).
+ztier_status_t BadSize(ztier_engine* engine, const char* fn, const char* what, size_t size,
+                       size_t known) {
+  return Guard(fn, [&]() -> ztier_status_t {
+    if (ztier_status_t h = CheckHandle(engine, fn); h != ZTIER_STATUS_OK) return h;
+    return Fail(ZTIER_STATUS_BAD_STRUCT_SIZE, fn,
+                fmt::format("{}->size is {}, this library knows {}", what, size, known));
+  });
+}
+
+Result<ztier::optim::AdamHyper> ToHyper(const ztier_optimizer_options_t& o) {
+  ztier::optim::AdamHyper h;
+  const int kind = RawEnum(o.kind);
+  if (kind != ZTIER_OPTIMIZER_ADAMW && kind != ZTIER_OPTIMIZER_ADAM) {
+    return Status::InvalidArgument(
+        fmt::format("options->kind {} is not a ztier_optimizer_kind_t (0 AdamW, 1 Adam)", kind));
+  }
+  h.adamw = kind == ZTIER_OPTIMIZER_ADAMW;
+  h.lr = o.lr;
+  h.beta1 = o.beta1;
+  h.beta2 = o.beta2;
+  h.eps = o.eps;
+  h.weight_decay = o.weight_decay;
+  h.bias_correction = o.bias_correction != 0;
+  ZTIER_RETURN_IF_ERROR(ztier::optim::ValidateHyper(h));
+  return h;
+}
+
+ztier::optim::DType ToOptimDType(co::DType d) {
+  switch (d) {
+    case co::DType::kFloat16: return ztier::optim::DType::kF16;
+    case co::DType::kBFloat16: return ztier::optim::DType::kBF16;
+    default: return ztier::optim::DType::kF32;
+  }
+}
+
+Result<ztier::swapper::OptimizerSwapper*> GetOptimizer(ztier_engine& e) {
+  ztier::swapper::OptimizerSwapper* opt = e.rt->optimizer();
+  if (opt == nullptr) {
+    return Status::FailedPrecondition("the engine has no optimizer: call ztier_optimizer_create");
+  }
+  return opt;
+}
+
+}  // namespace
+
+ztier_status_t ztier_optimizer_options_init(ztier_optimizer_options_t* options) {
+  if (options == nullptr) {
+    return Fail(ZTIER_STATUS_INVALID_ARGUMENT, "ztier_optimizer_options_init", "options is NULL");
+  }
+  memset(options, 0, sizeof(*options));
+  options->size = sizeof(*options);
+  options->kind = ZTIER_OPTIMIZER_ADAMW;
+  options->lr = 1e-3;
+  options->beta1 = 0.9;
+  options->beta2 = 0.999;
+  options->eps = 1e-8;
+  options->weight_decay = 0.01;
+  options->bias_correction = 1;
+  return ZTIER_STATUS_OK;
+}
+
+ztier_status_t ztier_optimizer_create(ztier_engine_t* engine,
+                                      const ztier_optimizer_options_t* options) {
+  if (options != nullptr && options->size != sizeof(*options)) {
+    return BadSize(engine, "ztier_optimizer_create", "options", options->size, sizeof(*options));
+  }
+  return WithEngine(engine, "ztier_optimizer_create", [&](ztier_engine& e) -> Status {
+    if (options == nullptr) return Status::InvalidArgument("options is NULL");
+    ZTIER_ASSIGN_OR_RETURN(ztier::optim::AdamHyper h, ToHyper(*options));
+    if (e.rt->optimizer() != nullptr) {
+      return Status::FailedPrecondition("the engine already has an optimizer");
+    }
+    std::vector<ztier::swapper::OptimizerSegment> segments;
+    for (uint64_t id : e.param_order) {
+      const ztier_engine::Param& p = e.params.at(id);
+      if (p.dtype == co::DType::kUInt8) continue;
+      segments.push_back({id, p.part_numel, ToOptimDType(p.dtype)});
+    }
+    if (segments.empty()) {
+      return Status::FailedPrecondition(
+          "no float parameter is registered: register the parameters before the optimizer");
+    }
+    ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+    ZTIER_RETURN_IF_ERROR(e.rt->CreateOptimizer(std::move(segments)));
+    e.hyper = h;
+    return Status::Ok();
+  });
+}
+
+ztier_status_t ztier_optimizer_step(ztier_engine_t* engine,
+                                    const ztier_optimizer_options_t* options) {
+  if (options != nullptr && options->size != sizeof(*options)) {
+    return BadSize(engine, "ztier_optimizer_step", "options", options->size, sizeof(*options));
+  }
+  return WithEngine(engine, "ztier_optimizer_step", [&](ztier_engine& e) -> Status {
+    ZTIER_RETURN_IF_ERROR(GetOptimizer(e).status());
+    if (options != nullptr) {
+      ZTIER_ASSIGN_OR_RETURN(ztier::optim::AdamHyper h, ToHyper(*options));
+      if (h.adamw != e.hyper.adamw) {
+        return Status::InvalidArgument(
+            "options->kind differs from the optimizer's (AdamW and Adam cannot be switched)");
+      }
+      e.hyper = h;
+    }
+    Status s = e.rt->OptimizerStep(e.hyper, [&e](uint64_t id) -> const void* {
+      const ztier_engine::Param& p = e.params.at(id);
+      return p.has_grad ? p.grad.data() : nullptr;
+    });
+    return s;
+  });
+}
+
+ztier_status_t ztier_optimizer_state_read(ztier_engine_t* engine, uint64_t id,
+                                          ztier_state_array_t array, float* out, size_t bytes) {
+  return WithEngine(engine, "ztier_optimizer_state_read", [&](ztier_engine& e) -> Status {
+    ZTIER_ASSIGN_OR_RETURN(auto* opt, GetOptimizer(e));
+    ZTIER_ASSIGN_OR_RETURN(ztier_engine::Param * p, FindParam(e, id));
+    const int a = RawEnum(array);
+    if (a < ZTIER_STATE_MASTER || a > ZTIER_STATE_EXP_AVG_SQ) {
+      return Status::InvalidArgument(fmt::format(
+          "array {} is not a ztier_state_array_t (0 master, 1 exp_avg, 2 exp_avg_sq)", a));
+    }
+    if (out == nullptr) return Status::InvalidArgument("out is NULL");
+    if (bytes != p->part_numel * sizeof(float)) {
+      return Status::InvalidArgument(fmt::format(
+          "optimizer state of parameter {}: {} bytes given, it is {} bytes ({} float32)", id,
+          bytes, p->part_numel * sizeof(float), p->part_numel));
+    }
+    return opt->ReadState(id, static_cast<ztier::swapper::StateArray>(a), out);
+  });
+}
+
+ztier_status_t ztier_optimizer_stats(ztier_engine_t* engine, ztier_optimizer_stats_t* stats) {
+  if (stats != nullptr && stats->size != sizeof(*stats)) {
+    return BadSize(engine, "ztier_optimizer_stats", "stats", stats->size, sizeof(*stats));
+  }
+  return WithEngine(engine, "ztier_optimizer_stats", [&](ztier_engine& e) -> Status {
+    if (stats == nullptr) return Status::InvalidArgument("stats is NULL");
+    ZTIER_ASSIGN_OR_RETURN(auto* opt, GetOptimizer(e));
+    const ztier::swapper::OptimizerStepStats last = opt->last_step_stats();
+    ztier_optimizer_stats_t s;
+    memset(&s, 0, sizeof(s));
+    s.size = sizeof(s);
+    s.step = opt->step();
+    s.elements = opt->total_elements();
+    s.sub_groups = opt->sub_group_count();
+    s.threads = opt->threads();
+    s.isa = static_cast<uint32_t>(opt->isa());
+    s.peak_buffers = last.peak_buffers;
+    s.slot_bytes = opt->slot_bytes();
+    s.bytes_read = last.bytes_read;
+    s.bytes_written = last.bytes_written;
+    s.param_bytes = last.param_bytes;
+    s.step_s = last.seconds;
+    s.read_wait_s = last.read_wait_s;
+    s.update_s = last.update_s;
+    s.drain_s = last.drain_s;
+    *stats = s;
+    return Status::Ok();
+  });
+}
 
 ztier_status_t ztier_engine_stats(ztier_engine_t* engine, ztier_stats_t* stats) {
   constexpr const char* fn = "ztier_engine_stats";

@@ -15,6 +15,8 @@ void RegisterConfigCommands(CLI::App& app, int* exit_code);
 void RegisterTraceCommands(CLI::App& app, int* exit_code);
 void RegisterReplay(CLI::App& app, int* exit_code);
 void RegisterBenchSwap(CLI::App& bench, int* exit_code);
+void RegisterBenchAdam(CLI::App& bench, int* exit_code);
+void RegisterBenchOptimizer(CLI::App& bench, int* exit_code);
 
 // Writes library log messages to stderr ("ztier: info: ...").
 void InstallStderrLogSink(bool verbose);

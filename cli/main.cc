@@ -28,12 +28,14 @@ int main(int argc, char** argv) {
   app.add_flag("-v,--verbose", verbose, "Print debug log messages");
   int exit_code = 0;
 
-  CLI::App* bench = app.add_subcommand("bench", "Benchmarks: io, step, sweep");
+  CLI::App* bench = app.add_subcommand("bench", "Benchmarks: io, swap, step, sweep, adam, optimizer");
   bench->require_subcommand(1);
   ztier::cli::RegisterBenchIo(*bench, &exit_code);
   ztier::cli::RegisterBenchStep(*bench, &exit_code);
   ztier::cli::RegisterBenchSweep(*bench, &exit_code);
   ztier::cli::RegisterBenchSwap(*bench, &exit_code);
+  ztier::cli::RegisterBenchAdam(*bench, &exit_code);
+  ztier::cli::RegisterBenchOptimizer(*bench, &exit_code);
   ztier::cli::RegisterConfigCommands(app, &exit_code);
   ztier::cli::RegisterTraceCommands(app, &exit_code);
   ztier::cli::RegisterReplay(app, &exit_code);

@@ -1,6 +1,9 @@
 #include "coordinator/runtime.h"
 
+#include <unistd.h>
+
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "base/log.h"
 
@@ -19,6 +22,8 @@ CoordinatorOptions RankRuntime::CoordinatorOptionsFrom(const tiering::Config& c)
 }
 
 RankRuntime::~RankRuntime() {
+  optimizer_.reset();
+  optimizer_engine_.reset();
   coordinator_.reset();
   swapper_.reset();
   engine_.reset();
@@ -144,6 +149,96 @@ std::string RankRuntime::Describe() const {
   if (!backend_name_.empty()) s += fmt::format(", io {}", backend_name_);
   if (options_.null_io) s += ", null io";
   return s;
+}
+
+
+Result<swapper::OptimizerSwapperOptions> RankRuntime::OptimizerOptionsFrom(
+    const tiering::Config& c, uint32_t rank, uint32_t world_size) {
+  const tiering::OptimizerConfig& oc = c.optimizer;
+  swapper::OptimizerSwapperOptions o;
+  o.store.tag = "optimizer";
+  o.store.rank = rank;
+  o.store.world_size = world_size;
+  o.store.stripe_bytes = c.io.block_size;
+  if (oc.tier == tiering::OptimizerTier::kHost) {
+    // Host memory through the memory filesystem: the same slots and
+    // commit rule as on NVMe (two slots per sub-group), no drive.
+    // Files named per process (two trainers on one host never meet) and
+    // deleted with the store (they hold host memory).
+    o.store.paths = {std::string(kHostOptimizerPath)};
+    o.store.tag = fmt::format("optimizer-{}", getpid());
+    o.store.direct = false;
+    o.store.remove_on_close = true;
+  } else {
+    o.store.paths = tiering::OptimizerPaths(c);
+    o.store.direct = c.io.direct;
+    if (o.store.paths.empty()) {
+      return Status::InvalidArgument(
+          "optimizer.tier is nvme but no directory is configured: set optimizer.paths (or "
+          "tiers.nvme.paths), or optimizer.tier: host");
+    }
+  }
+  o.buffer_count = oc.buffer_count;
+  o.sub_group_size = oc.sub_group_size;
+  o.threads = oc.threads;
+  switch (oc.isa) {
+    case tiering::OptimizerIsa::kAuto: o.isa = optim::BestIsa(); break;
+    case tiering::OptimizerIsa::kAvx512: o.isa = optim::Isa::kAvx512; break;
+    case tiering::OptimizerIsa::kAvx2: o.isa = optim::Isa::kAvx2; break;
+    case tiering::OptimizerIsa::kScalar: o.isa = optim::Isa::kScalar; break;
+  }
+  return o;
+}
+
+Status RankRuntime::CreateOptimizer(std::vector<swapper::OptimizerSegment> segments) {
+  if (optimizer_ != nullptr) {
+    return Status::FailedPrecondition("this engine already has an optimizer");
+  }
+  if (options_.null_io) {
+    return Status::FailedPrecondition("the optimizer needs real I/O (not --null-io)");
+  }
+  const tiering::Config& c = options_.config;
+  ZTIER_ASSIGN_OR_RETURN(auto so, OptimizerOptionsFrom(c, options_.rank, options_.world_size));
+  // Its own I/O thread and queue: the parameter writes of the step go
+  // through the parameter engine and never wait behind state transfers.
+  io::BackendOptions bo;
+  bo.queue_depth = c.io.queue_depth;
+  bo.sqpoll = c.io.sqpoll;
+  ZTIER_ASSIGN_OR_RETURN(auto backend, io::CreateBackend(c.io.backend, bo));
+  io::EngineOptions eo;
+  eo.block_size = c.io.block_size;
+  eo.queue_depth = c.io.queue_depth;
+  ZTIER_ASSIGN_OR_RETURN(auto engine, io::Engine::Create(std::move(backend), eo));
+  ZTIER_ASSIGN_OR_RETURN(auto async, io::AsyncEngine::Create(std::move(engine)));
+  ZTIER_ASSIGN_OR_RETURN(auto opt,
+                         swapper::OptimizerSwapper::Create(so, std::move(segments), async.get()));
+  Status s = opt->Initialize(
+      [this](uint64_t id, void* out) { return coordinator_->ReadPartition(id, out); });
+  if (!s.ok()) {
+    opt.reset();  // before its engine
+    return s;
+  }
+  optimizer_engine_ = std::move(async);
+  optimizer_ = std::move(opt);
+  Log(LogLevel::kInfo,
+      "rank {}: optimizer state {} elements in {} sub-groups of <= {} elements, {} buffers of "
+      "{:.1f} MiB, {} threads, {} update, at {}",
+      options_.rank, optimizer_->total_elements(), optimizer_->sub_group_count(),
+      so.sub_group_size, std::min<uint64_t>(so.buffer_count, optimizer_->sub_group_count()),
+      optimizer_->slot_bytes() / 1048576.0, optimizer_->threads(),
+      optim::IsaName(so.isa), fmt::join(so.store.paths, ", "));
+  return Status::Ok();
+}
+
+Status RankRuntime::OptimizerStep(const optim::AdamHyper& hyper,
+                                  const swapper::OptimizerSwapper::GradSource& grads) {
+  if (optimizer_ == nullptr) {
+    return Status::FailedPrecondition("no optimizer: create one first");
+  }
+  return optimizer_->Step(
+      hyper, grads, [this](std::span<const uint64_t> ids, std::span<const void* const> data) {
+        return coordinator_->WritePartitions(ids, data);
+      });
 }
 
 }  // namespace ztier::coordinator

@@ -15,6 +15,7 @@
 #include "coordinator/collective.h"
 #include "coordinator/coordinator.h"
 #include "io/async_engine.h"
+#include "swapper/optimizer_swapper.h"
 #include "swapper/param_swapper.h"
 #include "tiering/config.h"
 #include "tiering/device.h"
@@ -23,6 +24,9 @@
 namespace ztier::coordinator {
 
 enum class DeviceKind : uint8_t { kAuto = 0, kHost, kCuda };
+
+// Where optimizer.tier: host keeps the optimizer state (a memory filesystem).
+inline constexpr std::string_view kHostOptimizerPath = "/dev/shm";
 
 struct RuntimeOptions {
   tiering::Config config;
@@ -62,6 +66,23 @@ class RankRuntime {
   // One line: backend, device, pool shape, paths.
   std::string Describe() const;
 
+  // ---- optimizer state (config.optimizer) ----
+  // Builds this rank's optimizer-state swapper over `segments` (parameter
+  // partitions, in the order their state is laid out) with its own I/O
+  // engine, and writes the step-0 state from the current partitions
+  // (Coordinator::ReadPartition). Once per runtime, after the parameters
+  // have their data.
+  Status CreateOptimizer(std::vector<swapper::OptimizerSegment> segments);
+  swapper::OptimizerSwapper* optimizer() { return optimizer_.get(); }
+  // One pipelined optimizer step: gradient partitions from `grads`, updated
+  // parameter partitions written back with Coordinator::WritePartition.
+  Status OptimizerStep(const optim::AdamHyper& hyper,
+                       const swapper::OptimizerSwapper::GradSource& grads);
+  // The swapper options config.optimizer gives for this rank (the ISA
+  // resolved: auto is the best this CPU has).
+  static Result<swapper::OptimizerSwapperOptions> OptimizerOptionsFrom(
+      const tiering::Config& c, uint32_t rank, uint32_t world_size);
+
   // Coordinator options from the config's coordinator and device sections.
   static CoordinatorOptions CoordinatorOptionsFrom(const tiering::Config& c);
 
@@ -74,6 +95,8 @@ class RankRuntime {
   std::unique_ptr<io::AsyncEngine> engine_;
   std::unique_ptr<swapper::ParamSwapper> swapper_;
   std::unique_ptr<Coordinator> coordinator_;
+  std::unique_ptr<io::AsyncEngine> optimizer_engine_;
+  std::unique_ptr<swapper::OptimizerSwapper> optimizer_;
   std::string backend_name_;
 };
 

@@ -4,7 +4,9 @@
     PYTHONPATH=python /usr/bin/python3 examples/train_tiny_gpt.py [nvme_dir]
 
 Between uses each weight exists only in the swap file: ztier fetches it around
-each module's forward and backward; the optimizer updates the partitions.
+each module's forward and backward. The optimizer is ztier's AdamW: its state
+(fp32 master weights and both moments) lives on NVMe too, and each step
+streams it through in sub-groups.
 """
 import math
 import sys
@@ -57,22 +59,26 @@ tiers:
   host: {{pin_memory: false}}
   nvme: {{paths: ["{path}"], buffer_count: 8, buffer_size: 8192, buffer_element_bytes: 4}}
 coordinator: {{param_persistence_threshold: 0, max_reuse_distance: 0}}
+optimizer: {{sub_group_size: 8192, buffer_count: 2}}
 """
 
 torch.manual_seed(0)
 model = TinyGPT()
 off = ztier.torch.offload(model, CONFIG.format(path=(sys.argv[1:] or ["ztier_nvme"])[0]))
-opt = off.optimizer(torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+opt = off.adamw(lr=1e-2, weight_decay=0.1)
 print(off.engine.describe())
 for step in range(20):
     x = torch.randint(0, V, (8, T))
     logits = model(x)
     loss = F.cross_entropy(logits.reshape(-1, V), ((x * 3 + 1) % V).reshape(-1))
     loss.backward()
-    opt.step()  # gradients to ztier, partitions updated on NVMe, step end
+    opt.step()  # gradients to ztier, the pipelined optimizer step, step end
     opt.zero_grad()
     print(f"step {step:2d} loss {loss.item():.4f}")
 s = off.engine.stats()
 print(f"nvme reads {s['nvme_reads']} ({s['nvme_bytes_read']} B), "
       f"written {s['nvme_bytes_written']} B, prefetched {s['prefetch_gathers']}")
+o = opt.stats()
+print(f"optimizer: step {o['step']}, {o['sub_groups']} sub-groups, last step read "
+      f"{o['bytes_read']} B and wrote {o['bytes_written']} B of state in {o['step_s'] * 1e3:.2f} ms")
 off.close()

@@ -4,9 +4,12 @@
 # ./ztier_nvme under the working directory):
 #   1. `ztier bench step` on the tiny model (seconds: checks the whole path),
 #   2. `ztier bench step` on LLaMA-2 7B scaled by 1/64 (same layers and
-#      modules, ~200 MB of parameters), with a Perfetto timeline.
-# Each prints its summary table (step time against the bound, effective
-# against measured NVMe bandwidth, stalls, prefetch hit rate).
+#      modules, ~200 MB of parameters), with a Perfetto timeline,
+#   3. `ztier bench optimizer` on the same shape: the AdamW step with its
+#      state (~1.3 GB, twice on disk) on NVMe.
+# Each prints its summary table (step time against the bound: for the step,
+# effective against measured NVMe bandwidth, stalls, prefetch hit rate; for
+# the optimizer, the drive's time for its bytes and the update's in memory).
 # Environment: ZTIER_BUILD_DIR (default build/), ZTIER_NVME_PATH,
 # ZTIER_STEP_SCALE (default 64), ZTIER_STEP_COMPUTE (default balanced).
 set -euo pipefail
@@ -36,5 +39,9 @@ echo
 echo "== ztier bench step: llama2-7b scaled 1/$scale, compute $compute"
 "$ztier" bench step --model "$root/configs/models/llama2-7b.yaml" --config "$config" \
   --scale "$scale" --steps 3 --compute "$compute" --timeline "$timeline" "${extra[@]}"
+echo
+echo "== ztier bench optimizer: llama2-7b scaled 1/$scale, AdamW state on NVMe"
+"$ztier" bench optimizer --model "$root/configs/models/llama2-7b.yaml" --config "$config" \
+  --scale "$scale" --runs 3
 echo
 echo "timeline: $timeline (open in https://ui.perfetto.dev)"

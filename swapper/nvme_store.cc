@@ -51,7 +51,11 @@ std::string NvmeStore::FileName(const StoreOptions& o, size_t i) {
   return fmt::format("{}/ztier-{}-rank{}-of{}.swp", o.paths[i], o.tag, o.rank, o.world_size);
 }
 
-NvmeStore::~NvmeStore() = default;  // closing the fds drops the locks
+NvmeStore::~NvmeStore() {
+  // Closing the fds (with file_) drops the locks.
+  if (!remove_on_close_) return;
+  for (const auto& path : file_paths_) unlink(path.c_str());
+}
 
 Result<std::unique_ptr<NvmeStore>> NvmeStore::Create(const StoreOptions& o,
                                                      uint64_t capacity_bytes) {
@@ -87,6 +91,7 @@ Result<std::unique_ptr<NvmeStore>> NvmeStore::Create(const StoreOptions& o,
     }
     ZTIER_RETURN_IF_ERROR(f->Truncate(0));
     store->file_paths_.push_back(name);
+    store->remove_on_close_ = o.remove_on_close;
     files.push_back(std::move(f));
   }
   ZTIER_ASSIGN_OR_RETURN(store->file_,

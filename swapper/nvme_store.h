@@ -31,6 +31,9 @@ struct StoreOptions {
   uint32_t world_size = 1;
   uint64_t stripe_bytes = 1u << 20;  // bytes per stripe unit (io.block_size)
   bool direct = true;                // O_DIRECT
+  // Delete the files when the store is destroyed (a store in a memory
+  // filesystem, whose files would otherwise hold host memory after exit).
+  bool remove_on_close = false;
 };
 
 struct Extent {
@@ -72,6 +75,7 @@ class NvmeStore {
   uint64_t capacity_ = 0;
   uint64_t used_ = 0;
   uint64_t run_id_ = 0;
+  bool remove_on_close_ = false;
 };
 
 }  // namespace ztier::swapper

@@ -6,7 +6,8 @@
  * the device around the modules that use them. A trainer drives it from its
  * hooks: module_fetch before a module runs, module_release after it, the full
  * gradient of each parameter after its backward, an optimizer update through
- * the partition read/write calls, and step_end once per step. docs/c_api.md
+ * the partition read/write calls (or ztier's own pipelined optimizer step,
+ * ztier_optimizer_step), and step_end once per step. docs/c_api.md
  * walks through one training step.
  *
  * Conventions
@@ -279,6 +280,94 @@ ZTIER_API ztier_status_t ztier_grad_partition_read(ztier_engine_t* engine, uint6
 ZTIER_API ztier_status_t ztier_grad_partition_write(ztier_engine_t* engine, uint64_t id,
                                                     const void* in, size_t bytes);
 ZTIER_API ztier_status_t ztier_grad_clear(ztier_engine_t* engine);
+
+/* ------------------------------------------------------------- optimizer step */
+
+/* The optimizer ztier runs itself, with its state (fp32 master weights and
+ * Adam's two moments, 12 bytes per element) on the tier config.optimizer
+ * names (NVMe by default), streamed through in sub-groups: each step reads a
+ * sub-group's state, updates it on the CPU (AVX-512 / AVX2 when present),
+ * writes it back and writes the updated parameter partition, with the next
+ * reads and the previous writes in flight. docs/c_api.md shows a step. */
+
+typedef enum ztier_optimizer_kind {
+  ZTIER_OPTIMIZER_ADAMW = 0, /* decoupled weight decay, as torch.optim.AdamW */
+  ZTIER_OPTIMIZER_ADAM = 1   /* L2 weight decay added to the gradient, as torch.optim.Adam */
+} ztier_optimizer_kind_t;
+
+typedef struct ztier_optimizer_options {
+  size_t size; /* sizeof(ztier_optimizer_options_t) */
+  ztier_optimizer_kind_t kind;
+  double lr;           /* >= 0 */
+  double beta1, beta2; /* in [0, 1) */
+  double eps;          /* > 0 */
+  double weight_decay; /* >= 0 */
+  int bias_correction; /* non-zero: Adam's bias correction (torch's behaviour) */
+} ztier_optimizer_options_t;
+
+/* Sets `size` and torch.optim.AdamW's defaults: AdamW, lr 1e-3, betas
+ * (0.9, 0.999), eps 1e-8, weight_decay 0.01, bias correction on. NULL is
+ * ZTIER_STATUS_INVALID_ARGUMENT. Thread-safe. */
+ZTIER_API ztier_status_t ztier_optimizer_options_init(ztier_optimizer_options_t* options);
+
+/* Creates the engine's optimizer over every registered float parameter
+ * (uint8 ones have no gradient and are left out), in registration order:
+ * lays out its state store and writes step 0 (master = the current
+ * partition, moments zero). Once per engine, after every parameter is
+ * registered (it lays out the parameter store too). Serialised per engine. */
+ZTIER_API ztier_status_t ztier_optimizer_create(ztier_engine_t* engine,
+                                                const ztier_optimizer_options_t* options);
+
+/* One optimizer step over every parameter that has a gradient partition
+ * (ztier_param_grad_reduce / ztier_grad_partition_write); the others are
+ * left as they are. The updated partitions are written to their tier (a
+ * full parameter still held is freed; the next fetch gathers the new
+ * values). `options` may be NULL (keep the last ones) or replace them (a new
+ * lr each step; the kind cannot change). Gradients are not cleared and the
+ * training step is not ended (ztier_grad_clear, ztier_step_end).
+ * On failure (a read or write error, a checksum mismatch) the optimizer
+ * state and its step count are those before the call; the gradients are
+ * kept, so the same call can be repeated once the cause is fixed, and gives
+ * the same result. Parameters written before the failure already hold the
+ * new values (the repeat writes the same ones). Serialised per engine. */
+ZTIER_API ztier_status_t ztier_optimizer_step(ztier_engine_t* engine,
+                                              const ztier_optimizer_options_t* options);
+
+typedef enum ztier_state_array {
+  ZTIER_STATE_MASTER = 0,    /* fp32 master weights */
+  ZTIER_STATE_EXP_AVG = 1,   /* first moment */
+  ZTIER_STATE_EXP_AVG_SQ = 2 /* second moment */
+} ztier_state_array_t;
+
+/* Copies parameter `id`'s optimizer state `array` (partition_numel float32,
+ * `bytes` = 4 x partition_numel) as of the last completed step, checked
+ * against its checksum (for checkpoints and checks). Serialised per engine. */
+ZTIER_API ztier_status_t ztier_optimizer_state_read(ztier_engine_t* engine, uint64_t id,
+                                                    ztier_state_array_t array, float* out,
+                                                    size_t bytes);
+
+typedef struct ztier_optimizer_stats {
+  size_t size;               /* sizeof(ztier_optimizer_stats_t) */
+  uint64_t step;             /* completed optimizer steps */
+  uint64_t elements;         /* state elements (sum of the partitions) */
+  uint32_t sub_groups;
+  uint32_t threads;          /* update threads */
+  uint32_t isa;              /* 0 scalar, 1 AVX2, 2 AVX-512 */
+  uint32_t peak_buffers;     /* last step: most state buffers in use at once */
+  uint64_t slot_bytes;       /* bytes of one state buffer */
+  /* The last step: */
+  uint64_t bytes_read;       /* state bytes read */
+  uint64_t bytes_written;    /* state bytes written */
+  uint64_t param_bytes;      /* parameter bytes written */
+  double step_s;             /* the whole call */
+  double read_wait_s;        /* waiting for state reads */
+  double update_s;           /* the update itself */
+  double drain_s;            /* waiting for the last writes */
+} ztier_optimizer_stats_t;
+
+/* Fills `stats` (set stats->size first). Serialised per engine. */
+ZTIER_API ztier_status_t ztier_optimizer_stats(ztier_engine_t* engine,
+                                               ztier_optimizer_stats_t* stats);
 
 /* ------------------------------------------------------------- observing */
 

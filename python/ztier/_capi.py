@@ -21,7 +21,7 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 
 __all__ = [
     "Status", "DType", "DeviceKind", "ParamState", "ZtierError", "Engine", "LocalGroup",
-    "ParamInfo", "load_library", "version", "version_string",
+    "ParamInfo", "OptimizerKind", "StateArray", "load_library", "version", "version_string",
 ]
 
 
@@ -133,6 +133,50 @@ class _Stats(ctypes.Structure):
     ]
 
 
+class OptimizerKind(enum.IntEnum):
+    ADAMW = 0
+    ADAM = 1
+
+
+class StateArray(enum.IntEnum):
+    MASTER = 0
+    EXP_AVG = 1
+    EXP_AVG_SQ = 2
+
+
+class _OptimizerOptions(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("kind", ctypes.c_int),
+        ("lr", ctypes.c_double),
+        ("beta1", ctypes.c_double),
+        ("beta2", ctypes.c_double),
+        ("eps", ctypes.c_double),
+        ("weight_decay", ctypes.c_double),
+        ("bias_correction", ctypes.c_int),
+    ]
+
+
+class _OptimizerStats(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("step", ctypes.c_uint64),
+        ("elements", ctypes.c_uint64),
+        ("sub_groups", ctypes.c_uint32),
+        ("threads", ctypes.c_uint32),
+        ("isa", ctypes.c_uint32),
+        ("peak_buffers", ctypes.c_uint32),
+        ("slot_bytes", ctypes.c_uint64),
+        ("bytes_read", ctypes.c_uint64),
+        ("bytes_written", ctypes.c_uint64),
+        ("param_bytes", ctypes.c_uint64),
+        ("step_s", ctypes.c_double),
+        ("read_wait_s", ctypes.c_double),
+        ("update_s", ctypes.c_double),
+        ("drain_s", ctypes.c_double),
+    ]
+
+
 class ParamInfo(NamedTuple):
     numel: int
     partition_numel: int
@@ -176,6 +220,11 @@ _SIGNATURES = {
     "ztier_engine_clear_async_error": (_c.c_int, [_VP]),
     "ztier_engine_device": (_c.c_int, [_VP, _c.POINTER(_c.c_int), _c.POINTER(_c.c_int32)]),
     "ztier_engine_describe": (_c.c_int, [_VP, _c.c_char_p, _c.c_size_t]),
+    "ztier_optimizer_options_init": (_c.c_int, [_c.POINTER(_OptimizerOptions)]),
+    "ztier_optimizer_create": (_c.c_int, [_VP, _c.POINTER(_OptimizerOptions)]),
+    "ztier_optimizer_step": (_c.c_int, [_VP, _c.POINTER(_OptimizerOptions)]),
+    "ztier_optimizer_state_read": (_c.c_int, [_VP, _U64, _c.c_int, _VP, _c.c_size_t]),
+    "ztier_optimizer_stats": (_c.c_int, [_VP, _c.POINTER(_OptimizerStats)]),
 }
 
 _lib = None
@@ -428,6 +477,49 @@ class Engine:
 
     def grad_clear(self) -> None:
         _check(self._lib.ztier_grad_clear(self._handle))
+
+    # ---- ztier's own optimizer (state on config.optimizer's tier) ----
+    def _optimizer_options(self, kind: OptimizerKind, lr: float, betas, eps: float,
+                           weight_decay: float, bias_correction: bool) -> _OptimizerOptions:
+        o = _OptimizerOptions()
+        _check(self._lib.ztier_optimizer_options_init(ctypes.byref(o)))
+        o.kind = int(kind)
+        o.lr, (o.beta1, o.beta2), o.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
+        o.weight_decay = float(weight_decay)
+        o.bias_correction = 1 if bias_correction else 0
+        return o
+
+    def optimizer_create(self, kind: OptimizerKind = OptimizerKind.ADAMW, lr: float = 1e-3,
+                         betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                         bias_correction: bool = True) -> None:
+        """Creates the engine's optimizer (after every parameter is registered)."""
+        o = self._optimizer_options(kind, lr, betas, eps, weight_decay, bias_correction)
+        _check(self._lib.ztier_optimizer_create(self._handle, ctypes.byref(o)))
+
+    def optimizer_step(self, kind: Optional[OptimizerKind] = None, **hyper) -> None:
+        """One pipelined optimizer step; keyword arguments (lr, betas, eps,
+        weight_decay, bias_correction), when given, replace all of them: pass
+        every one (as optimizer_create) or none."""
+        if not hyper and kind is None:
+            _check(self._lib.ztier_optimizer_step(self._handle, None))
+            return
+        o = self._optimizer_options(kind if kind is not None else OptimizerKind.ADAMW, **hyper)
+        _check(self._lib.ztier_optimizer_step(self._handle, ctypes.byref(o)))
+
+    def optimizer_state_read(self, pid: int, array: StateArray, out,
+                             nbytes: Optional[int] = None) -> None:
+        if nbytes is None:
+            nbytes = _nbytes(out)
+            if nbytes is None:
+                raise ValueError("pass nbytes with a raw address")
+        _check(self._lib.ztier_optimizer_state_read(self._handle, pid, int(array), _address(out),
+                                                    nbytes))
+
+    def optimizer_stats(self) -> dict:
+        s = _OptimizerStats()
+        s.size = ctypes.sizeof(s)
+        _check(self._lib.ztier_optimizer_stats(self._handle, ctypes.byref(s)))
+        return {name: getattr(s, name) for name, _ in _OptimizerStats._fields_ if name != "size"}
 
     # ---- observing ----
     def stats(self) -> dict:

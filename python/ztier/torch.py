@@ -2,7 +2,7 @@
 
     model = GPT(...)
     off = ztier.torch.offload(model, "configs/default.yaml")
-    opt = off.optimizer(torch.optim.AdamW, lr=1e-3)
+    opt = off.adamw(lr=1e-3)    # ztier's AdamW, its state on NVMe
     for x, y in batches:
         loss = loss_fn(model(x), y)
         loss.backward()
@@ -24,10 +24,12 @@ What offload() does:
     backward (not a transposed view of it), so that the backward uses the
     weight fetched for the backward; a tensor that still views a released
     parameter's memory is reported as an error, never read;
-  - the optimizer wrapper hands each parameter's full gradient to ztier
-    (reduce-scattered, averaged over ranks), then updates this rank's
-    partitions one parameter at a time with a stock torch optimizer (its
-    state stays in host memory) and writes them back.
+  - the optimizer hands each parameter's full gradient to ztier
+    (reduce-scattered, averaged over ranks), then runs ztier's pipelined
+    optimizer step (off.adamw / off.adam: state on the config's optimizer
+    tier, NVMe by default), or updates this rank's partitions one parameter
+    at a time with a stock torch optimizer whose state stays in host memory
+    (off.optimizer(torch.optim.X, ...)).
 
 Limits: float32 parameters; module inputs/outputs that pass through the
 hooks must not be modified in place (clone them first); a parameter used
@@ -46,9 +48,9 @@ import torch
 from torch import nn
 
 import ztier
-from ztier._capi import DType, DeviceKind, Engine
+from ztier._capi import DType, DeviceKind, Engine, OptimizerKind, StateArray
 
-__all__ = ["offload", "Offload", "Optimizer", "linear"]
+__all__ = ["offload", "Offload", "Optimizer", "AdamW", "Adam", "linear"]
 
 _DTYPES = {torch.float32: DType.FLOAT32}
 
@@ -307,7 +309,16 @@ class Offload:
             slot.param.grad = None
 
     def optimizer(self, optimizer_class, **kwargs) -> "Optimizer":
+        """A stock torch optimizer over the partitions (its state in host memory)."""
         return Optimizer(self, optimizer_class, **kwargs)
+
+    def adamw(self, **kwargs) -> "AdamW":
+        """ztier's own AdamW, its state on the config's optimizer tier (NVMe)."""
+        return AdamW(self, **kwargs)
+
+    def adam(self, **kwargs) -> "Adam":
+        """ztier's own Adam (L2 weight decay), its state on the optimizer tier."""
+        return Adam(self, **kwargs)
 
     def full_parameters(self) -> Dict[str, torch.Tensor]:
         """Every parameter's current full value (gathered through a partition
@@ -361,6 +372,63 @@ class Optimizer:
             part.grad = None
         off.engine.grad_clear()
         off.engine.step_end()
+
+
+class AdamW:
+    """AdamW run by ztier, its state (fp32 master weights and both moments)
+    on the config's `optimizer` tier (NVMe by default), streamed through in
+    sub-groups by one pipelined step: the same arithmetic as
+    torch.optim.AdamW (bit for bit on the CPU). step(): gradients to ztier,
+    the optimizer step, gradients cleared, step end. Change the learning rate
+    through param_groups[0]["lr"], as with a torch optimizer."""
+
+    _kind = OptimizerKind.ADAMW
+
+    def __init__(self, off: Offload, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, bias_correction: bool = True):
+        self.off = off
+        self.param_groups = [dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                  bias_correction=bias_correction)]
+        off.engine.optimizer_create(self._kind, **self.param_groups[0])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for slot in self.off._slots:
+            slot.param.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        off = self.off
+        off.finish_backward()
+        off.engine.optimizer_step(self._kind, **self.param_groups[0])
+        off.engine.grad_clear()
+        off.engine.step_end()
+
+    def state(self, param: nn.Parameter) -> Dict[str, torch.Tensor]:
+        """This rank's partition of `param`'s optimizer state (flat, padded):
+        master, exp_avg, exp_avg_sq, as of the last step."""
+        slot = next(s for s in self.off._slots if s.param is param)
+        n = self.off.engine.param_info(slot.pid).partition_numel
+        out = {}
+        for name, array in (("master", StateArray.MASTER), ("exp_avg", StateArray.EXP_AVG),
+                            ("exp_avg_sq", StateArray.EXP_AVG_SQ)):
+            buf = torch.empty(n, dtype=torch.float32)
+            self.off.engine.optimizer_state_read(slot.pid, array, buf)
+            out[name] = buf
+        return out
+
+    def stats(self) -> dict:
+        return self.off.engine.optimizer_stats()
+
+
+class Adam(AdamW):
+    """As AdamW, with torch.optim.Adam's L2 weight decay (default 0)."""
+
+    _kind = OptimizerKind.ADAM
+
+    def __init__(self, off: Offload, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, bias_correction: bool = True):
+        super().__init__(off, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         bias_correction=bias_correction)
 
 
 def offload(model: nn.Module, config: str, **kwargs) -> Offload:

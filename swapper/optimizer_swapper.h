@@ -1,0 +1,204 @@
+// OptimizerSwapper: this rank's optimizer state (fp32 master weights and
+// Adam's two moments, 12 bytes per element) in an NvmeStore, and the
+// pipelined optimizer step that streams it: for each sub-group in order, read
+// its state into a host buffer, run the Adam/AdamW update, write it back, and
+// hand the updated low-precision parameter partitions to a sink; the reads of
+// the next sub-groups and the writes of the previous ones are in flight while
+// a sub-group is updated.
+//
+// Layout. The parameter partitions ("segments", in the order given) are laid
+// end to end in one flat range of elements, cut into sub-groups of
+// `sub_group_size` elements (a segment may straddle two sub-groups). Each
+// sub-group has two slots on NVMe (docs/swap_format.md):
+//
+//   slot := header (4096 bytes: magic, run id, sub-group, step, elements,
+//           chunk CRC32Cs, header CRC) | master[n] | exp_avg[n] | exp_avg_sq[n]
+//
+// A step writes each sub-group into the slot that does not hold the last
+// committed step and commits (flips every sub-group's slot, step += 1) only
+// after every write of the step has completed. So a step that fails (a read
+// error, ENOSPC, a torn write, a failing parameter sink) leaves the previous
+// step's state intact and readable; the same step can be run again with the
+// same gradients and gives the same result. Every read checks the slot's
+// header (sub-group, step, size) and each chunk's CRC32C: a torn or stale
+// slot is reported as corruption naming the sub-group, file and offset, and
+// its data is never used.
+//
+// Buffers. The swapper owns `buffer_count` host buffers of one slot each
+// (pageable: optimizer state never goes to the GPU, so no memlock is needed).
+// A sub-group's buffer is taken before its read and given back when its write
+// completes (on the I/O thread), never later; reads ahead take only buffers
+// that are free, so the step never waits on a buffer that only it could free.
+//
+// Ownership: the swapper owns its store and buffers; the AsyncEngine is
+// borrowed and must outlive it. Thread-safety: Initialize, Step and ReadState
+// must not run concurrently with each other (one caller, the training
+// thread); stats() and step() may be called from any thread.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+#include "io/async_engine.h"
+#include "optim/adam.h"
+#include "optim/worker_pool.h"
+#include "swapper/nvme_store.h"
+#include "tiering/pinned_pool.h"
+
+namespace ztier::swapper {
+
+// One parameter partition the optimizer updates: `numel` elements whose
+// parameter (and gradient) has type `dtype`.
+struct OptimizerSegment {
+  uint64_t id = 0;
+  uint64_t numel = 0;
+  optim::DType dtype = optim::DType::kF32;
+};
+
+struct OptimizerSwapperOptions {
+  StoreOptions store;  // tag "optimizer"
+  uint32_t buffer_count = 4;
+  uint64_t sub_group_size = 100'000'000;  // elements per sub-group
+  uint32_t threads = 0;                   // update/checksum threads; 0: all cores
+  optim::Isa isa = optim::Isa::kScalar;   // must be available on this CPU
+};
+
+// The three arrays of the state.
+enum class StateArray : uint8_t { kMaster = 0, kExpAvg = 1, kExpAvgSq = 2 };
+
+// Figures of the last Step() (seconds of wall time on the calling thread).
+struct OptimizerStepStats {
+  uint64_t step = 0;            // the step number this Step() produced
+  uint32_t sub_groups = 0;
+  uint64_t elements = 0;        // elements updated (segments with a gradient)
+  uint64_t bytes_read = 0;      // state bytes read (slots, headers included)
+  uint64_t bytes_written = 0;   // state bytes written
+  uint64_t param_bytes = 0;     // parameter bytes handed to the sink
+  double seconds = 0;           // the whole step
+  double read_wait_s = 0;       // waiting for a sub-group's read
+  double buffer_wait_s = 0;     // waiting for a free buffer
+  double verify_s = 0;          // checking headers and CRCs of reads
+  double update_s = 0;          // the Adam update
+  double checksum_s = 0;        // CRCs of what is written
+  double param_wait_s = 0;      // waiting for the parameter thread (queue full)
+  double drain_s = 0;           // waiting for the last writes and params
+  uint32_t peak_buffers = 0;    // most buffers in use at once
+};
+
+class OptimizerSwapper {
+ public:
+  // The gradient partition of segment `id` (numel elements of its dtype, in
+  // host memory, valid for the whole Step), or nullptr: the segment has no
+  // gradient this step and is left as it is (state and parameter).
+  using GradSource = std::function<const void*(uint64_t id)>;
+  // Receives updated parameter partitions, `data[i]` for segment `ids[i]`
+  // (numel elements of its dtype), each once per step, in layout order,
+  // batched (whatever has finished since the last call), from the swapper's
+  // parameter thread (one call at a time). An error fails the step.
+  using ParamSink =
+      std::function<Status(std::span<const uint64_t> ids, std::span<const void* const> data)>;
+  // Fills `out` with segment `id`'s current parameter partition (numel
+  // elements of its dtype): the initial master weights.
+  using ParamSource = std::function<Status(uint64_t id, void* out)>;
+
+  // Lays out the sub-groups and creates the store (two slots per sub-group,
+  // reserved in full) and the buffers. `engine` must outlive the swapper.
+  static Result<std::unique_ptr<OptimizerSwapper>> Create(
+      const OptimizerSwapperOptions& options, std::vector<OptimizerSegment> segments,
+      io::AsyncEngine* engine);
+  // Waits for transfers in flight and frees the buffers.
+  ~OptimizerSwapper();
+
+  // Writes step 0: master = the parameters from `params` (converted to
+  // fp32), both moments zero. Needed once, before the first Step().
+  Status Initialize(const ParamSource& params);
+
+  // One optimizer step (number step() + 1) over every sub-group, pipelined.
+  // On success the new state is committed and every segment with a gradient
+  // has been handed to `sink`. On failure nothing is committed: step() and
+  // the state are those of the previous step (see the file comment).
+  Status Step(const optim::AdamHyper& hyper, const GradSource& grads, const ParamSink& sink);
+
+  // Copies segment `id`'s `array` as of the last committed step into `out`
+  // (numel floats), reading and verifying the sub-groups it spans.
+  Status ReadState(uint64_t id, StateArray array, float* out);
+
+  uint64_t step() const { return step_.load(std::memory_order_acquire); }
+  uint32_t sub_group_count() const { return static_cast<uint32_t>(groups_.size()); }
+  uint64_t total_elements() const { return total_elements_; }
+  uint64_t slot_bytes() const { return slot_bytes_; }
+  const NvmeStore& store() const { return *store_; }
+  optim::Isa isa() const { return options_.isa; }
+  uint32_t threads() const { return workers_->threads(); }
+  OptimizerStepStats last_step_stats() const;
+  // Buffers taken now (0 between calls: none is kept past its write).
+  uint32_t buffers_in_use() const { return pool_->stats().buffers_in_use; }
+  const OptimizerSwapperOptions& options() const { return options_; }
+
+ private:
+  // A run of one segment's elements inside a sub-group.
+  struct Piece {
+    uint32_t segment = 0;     // index into segments_
+    uint64_t seg_offset = 0;  // first element within the segment
+    uint64_t group_offset = 0;  // first element within the sub-group
+    uint64_t count = 0;       // elements
+  };
+  struct Group {
+    uint64_t first = 0;  // flat index of its first element
+    uint64_t numel = 0;
+    std::vector<Piece> pieces;
+    uint64_t slot_offset[2] = {0, 0};  // logical store offsets of its slots
+    uint8_t committed = 0;             // slot holding the last committed step
+  };
+  struct StepRun;  // one Step()'s in-flight bookkeeping (.cc)
+
+  OptimizerSwapper(const OptimizerSwapperOptions& options,
+                   std::vector<OptimizerSegment> segments, io::AsyncEngine* engine);
+  Status Layout();
+  uint64_t SlotBytes(uint64_t numel) const;
+  uint64_t ChunkBytes(uint64_t numel) const;
+
+  // Synchronous slot transfers (set-up, ReadState) through the engine.
+  Status ReadSlotSync(uint32_t g, uint8_t slot, uint8_t* buf);
+  Status WriteSlotSync(uint32_t g, uint8_t slot, uint8_t* buf);
+  // Header + chunk CRCs of a slot in `buf` for sub-group `g` at `step`.
+  void Stamp(uint32_t g, uint64_t step, uint8_t* buf);
+  // Checks a slot read into `buf` against sub-group `g` and `step`.
+  Status Check(uint32_t g, uint8_t slot, uint64_t step, const uint8_t* buf);
+  std::string Where(uint32_t g, uint8_t slot) const;
+
+  // The pieces of the step (Step() helpers, .cc).
+  Status RunStep(StepRun& run);
+  Status StartRead(StepRun& run, uint32_t g, const tiering::BufferSpan& span);
+  Status IssueReads(StepRun& run, uint32_t g, bool must);
+  Status WaitRead(StepRun& run, uint32_t g);
+  void Update(StepRun& run, uint32_t g, uint8_t* buf);
+  Status StartWrite(StepRun& run, uint32_t g);
+  void Drain(StepRun& run);
+
+  OptimizerSwapperOptions options_;
+  std::vector<OptimizerSegment> segments_;
+  std::vector<uint64_t> segment_first_;  // flat index of each segment's first element
+  std::vector<Group> groups_;
+  uint64_t total_elements_ = 0;
+  uint64_t slot_bytes_ = 0;  // bytes of the largest slot = one buffer
+  io::AsyncEngine* engine_;
+  std::unique_ptr<NvmeStore> store_;
+  std::unique_ptr<tiering::PinnedPool> pool_;
+  std::unique_ptr<optim::WorkerPool> workers_;
+  bool initialized_ = false;
+  std::atomic<uint64_t> step_{0};
+
+  mutable std::mutex stats_mu_;
+  OptimizerStepStats last_stats_;
+};
+
+}  // namespace ztier::swapper

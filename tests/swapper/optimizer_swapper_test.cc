@@ -1,0 +1,449 @@
+// The optimizer-state swapper against real files on every backend: the
+// pipelined step equals the update applied to whole partitions in memory,
+// bit for bit, for any sub-group size and buffer count; a failed step (EIO,
+// ENOSPC, a short write that ends in ENOSPC, a failing parameter sink)
+// commits nothing and can be repeated; a torn or stale slot is reported as
+// corruption; no buffer is kept past a step.
+#include "swapper/optimizer_swapper.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <map>
+#include <set>
+#include <random>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "io/fault_backend.h"
+#include "tests/testutil/testutil.h"
+
+namespace ztier::swapper {
+namespace {
+
+using optim::DType;
+using ztier::testing::ScratchDir;
+
+constexpr uint64_t kKiB = 1024;
+
+// A segment's whole state in memory: the reference the swapper must match.
+struct RefState {
+  std::vector<float> master, m, v;
+  std::vector<uint8_t> param;  // numel x dtype bytes
+};
+
+uint16_t Encode16(float f, DType t) {
+  return t == DType::kF16 ? optim::FloatToHalf(f) : optim::FloatToBf16(f);
+}
+
+class OptimizerSwapperTest : public ::testing::TestWithParam<io::BackendKind> {
+ protected:
+  void SetUp() override {
+    auto probe = io::CreateBackend(GetParam(), io::BackendOptions{});
+    if (!probe.ok()) GTEST_SKIP() << probe.status().ToString();
+  }
+
+  // Segments: odd sizes, every dtype; with a sub-group of 1000 elements some
+  // straddle sub-groups and some share one.
+  void Build(uint32_t buffer_count, uint64_t sub_group, std::vector<io::Fault> faults = {},
+             std::vector<OptimizerSegment> segs = {}) {
+    if (segs.empty()) {
+      segs = {{10, 1, DType::kF32},    {11, 999, DType::kF32}, {12, 2500, DType::kBF16},
+              {13, 3, DType::kF16},    {14, 64, DType::kF32},  {15, 1001, DType::kF32},
+              {16, 4097, DType::kBF16}};
+    }
+    segments_ = segs;
+    auto backend = io::CreateBackend(GetParam(), io::BackendOptions{});
+    ASSERT_TRUE(backend.ok());
+    auto wrapper = std::make_unique<io::FaultInjectingBackend>(std::move(backend).value());
+    fault_ = wrapper.get();
+    for (const auto& f : faults) fault_->AddFault(f);
+    auto engine = io::Engine::Create(std::move(wrapper),
+                                     io::EngineOptions{.block_size = 64 * kKiB, .queue_depth = 8});
+    ASSERT_TRUE(engine.ok());
+    auto async = io::AsyncEngine::Create(std::move(engine).value());
+    ASSERT_TRUE(async.ok());
+    engine_ = std::move(async).value();
+    OptimizerSwapperOptions o;
+    o.store.paths = {dir_.File("nvme")};
+    o.store.tag = "optimizer";
+    o.store.stripe_bytes = 64 * kKiB;
+    o.buffer_count = buffer_count;
+    o.sub_group_size = sub_group;
+    o.threads = 2;
+    o.isa = optim::BestIsa();
+    auto sw = OptimizerSwapper::Create(o, segments_, engine_.get());
+    ASSERT_TRUE(sw.ok()) << sw.status().ToString();
+    sw_ = std::move(sw).value();
+    InitReference();
+    Status s = sw_->Initialize([this](uint64_t id, void* out) {
+      memcpy(out, ref_[id].param.data(), ref_[id].param.size());
+      return Status::Ok();
+    });
+    ASSERT_TRUE(s.ok()) << s.ToString();
+  }
+
+  void TearDown() override {
+    if (sw_) {
+      EXPECT_EQ(sw_->buffers_in_use(), 0u);
+    }
+    sw_.reset();
+    engine_.reset();
+  }
+
+  void InitReference() {
+    std::mt19937 rng(7);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    for (const auto& s : segments_) {
+      RefState r;
+      r.master.resize(s.numel);
+      r.m.assign(s.numel, 0.f);
+      r.v.assign(s.numel, 0.f);
+      r.param.resize(s.numel * optim::DTypeBytes(s.dtype));
+      for (uint64_t i = 0; i < s.numel; ++i) {
+        float f = nd(rng);
+        if (s.dtype == DType::kF32) {
+          memcpy(r.param.data() + 4 * i, &f, 4);
+        } else {
+          uint16_t h = Encode16(f, s.dtype);
+          memcpy(r.param.data() + 2 * i, &h, 2);
+          f = s.dtype == DType::kF16 ? optim::HalfToFloat(h) : optim::Bf16ToFloat(h);
+        }
+        r.master[i] = f;
+      }
+      ref_[s.id] = std::move(r);
+    }
+  }
+
+  // Gradients for step `step` (deterministic), in each segment's dtype.
+  void MakeGrads(uint64_t step) {
+    std::mt19937 rng(1000 + step);
+    std::normal_distribution<float> nd(0.f, 0.5f);
+    for (const auto& s : segments_) {
+      auto& g = grads_[s.id];
+      g.resize(s.numel * optim::DTypeBytes(s.dtype));
+      for (uint64_t i = 0; i < s.numel; ++i) {
+        const float f = nd(rng) * (i % 7 == 0 ? 100.f : 1.f);
+        if (s.dtype == DType::kF32) {
+          memcpy(g.data() + 4 * i, &f, 4);
+        } else {
+          const uint16_t h = Encode16(f, s.dtype);
+          memcpy(g.data() + 2 * i, &h, 2);
+        }
+      }
+    }
+  }
+
+  // The reference step: the scalar update on each whole segment.
+  void ReferenceStep(const optim::AdamHyper& h, uint64_t step, const std::set<uint64_t>& skip) {
+    const auto c = optim::MakeConstants(h, step);
+    for (const auto& s : segments_) {
+      if (skip.count(s.id)) continue;
+      RefState& r = ref_[s.id];
+      optim::AdamSpan span;
+      span.master = r.master.data();
+      span.exp_avg = r.m.data();
+      span.exp_avg_sq = r.v.data();
+      span.grad = grads_[s.id].data();
+      span.grad_type = s.dtype;
+      span.param_out = r.param.data();
+      span.out_type = s.dtype;
+      span.n = s.numel;
+      optim::AdamUpdate(c, span, optim::Isa::kScalar);
+    }
+  }
+
+  // Runs the swapper's step; collects what the sink got.
+  Status SwapperStep(const optim::AdamHyper& h, const std::set<uint64_t>& skip = {},
+                     OptimizerSwapper::ParamSink sink = nullptr) {
+    sunk_.clear();
+    if (!sink) {
+      sink = [this](std::span<const uint64_t> ids, std::span<const void* const> data) {
+        for (size_t k = 0; k < ids.size(); ++k) {
+          const auto& seg = Seg(ids[k]);
+          const auto* p = static_cast<const uint8_t*>(data[k]);
+          EXPECT_EQ(sunk_.count(ids[k]), 0u) << "parameter " << ids[k] << " sunk twice";
+          sunk_[ids[k]].assign(p, p + seg.numel * optim::DTypeBytes(seg.dtype));
+        }
+        return Status::Ok();
+      };
+    }
+    return sw_->Step(
+        h,
+        [&](uint64_t id) -> const void* {
+          return skip.count(id) ? nullptr : grads_[id].data();
+        },
+        sink);
+  }
+
+  const OptimizerSegment& Seg(uint64_t id) const {
+    for (const auto& s : segments_) {
+      if (s.id == id) return s;
+    }
+    ADD_FAILURE() << "no segment " << id;
+    return segments_[0];
+  }
+
+  // The swapper's committed state equals the reference, bit for bit.
+  void ExpectStateMatches() {
+    for (const auto& s : segments_) {
+      const RefState& r = ref_[s.id];
+      std::vector<float> got(s.numel);
+      for (auto [arr, want] : {std::pair{StateArray::kMaster, &r.master},
+                               std::pair{StateArray::kExpAvg, &r.m},
+                               std::pair{StateArray::kExpAvgSq, &r.v}}) {
+        Status st = sw_->ReadState(s.id, arr, got.data());
+        ASSERT_TRUE(st.ok()) << st.ToString();
+        ASSERT_EQ(memcmp(got.data(), want->data(), s.numel * 4), 0)
+            << "segment " << s.id << " array " << static_cast<int>(arr);
+      }
+    }
+  }
+
+  ScratchDir dir_;
+  std::vector<OptimizerSegment> segments_;
+  std::unique_ptr<io::AsyncEngine> engine_;
+  io::FaultInjectingBackend* fault_ = nullptr;
+  std::unique_ptr<OptimizerSwapper> sw_;
+  std::map<uint64_t, RefState> ref_;
+  std::map<uint64_t, std::vector<uint8_t>> grads_;
+  std::map<uint64_t, std::vector<uint8_t>> sunk_;
+};
+
+optim::AdamHyper Hyper(bool adamw = true) {
+  optim::AdamHyper h;
+  h.lr = 1e-2;
+  h.weight_decay = 0.1;
+  h.adamw = adamw;
+  return h;
+}
+
+TEST_P(OptimizerSwapperTest, PipelinedStepEqualsWholePartitionUpdate) {
+  for (uint32_t buffers : {1u, 2u, 4u}) {
+    for (uint64_t sub_group : {1000ull, 4096ull, 1000000ull}) {
+      SCOPED_TRACE(::testing::Message() << "buffers " << buffers << " sub_group " << sub_group);
+      TearDown();
+      ref_.clear();
+      Build(buffers, sub_group);
+      for (uint64_t step = 1; step <= 3; ++step) {
+        MakeGrads(step);
+        ReferenceStep(Hyper(step != 2), step, {});
+        Status s = SwapperStep(Hyper(step != 2));
+        ASSERT_TRUE(s.ok()) << s.ToString();
+        EXPECT_EQ(sw_->step(), step);
+        ASSERT_EQ(sunk_.size(), segments_.size());
+        for (const auto& seg : segments_) {
+          const auto& got = sunk_[seg.id];
+          const auto& want = ref_[seg.id].param;
+          ASSERT_EQ(got.size(), want.size());
+          size_t first = 0;
+          while (first < got.size() && got[first] == want[first]) ++first;
+          ASSERT_EQ(first, got.size()) << "parameter " << seg.id << " differs at byte " << first;
+        }
+        const auto st = sw_->last_step_stats();
+        EXPECT_LE(st.peak_buffers, buffers);
+        EXPECT_EQ(st.sub_groups, sw_->sub_group_count());
+        EXPECT_GT(st.bytes_read, 0u);
+        EXPECT_EQ(st.bytes_read, st.bytes_written);
+      }
+      ExpectStateMatches();
+    }
+  }
+}
+
+TEST_P(OptimizerSwapperTest, SegmentWithoutGradientIsLeftAlone) {
+  Build(2, 1000);
+  MakeGrads(1);
+  ReferenceStep(Hyper(), 1, {12, 14});
+  ASSERT_TRUE(SwapperStep(Hyper(), {12, 14}).ok());
+  EXPECT_EQ(sunk_.count(12), 0u);
+  EXPECT_EQ(sunk_.count(14), 0u);
+  EXPECT_EQ(sunk_.size(), segments_.size() - 2);
+  ExpectStateMatches();
+}
+
+// Reads are counted from 0: Initialize reads nothing and each step reads
+// every sub-group once (one request per slot: slots are < block_size).
+TEST_P(OptimizerSwapperTest, ReadErrorFailsTheStepAndKeepsThePreviousState) {
+  Build(3, 1000);
+  const uint32_t groups = sw_->sub_group_count();
+  ASSERT_GE(groups, 4u);
+  fault_->AddFault({io::FaultKind::kEio, groups + 2, 1, io::Op::kRead});
+  MakeGrads(1);
+  ReferenceStep(Hyper(), 1, {});
+  ASSERT_TRUE(SwapperStep(Hyper()).ok());
+  MakeGrads(2);
+  Status s = SwapperStep(Hyper());
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kIoError) << s.ToString();
+  EXPECT_NE(s.message().find("optimizer step 2 failed and was not applied"), std::string::npos)
+      << s.ToString();
+  EXPECT_NE(s.message().find("the state of step 1 is intact"), std::string::npos);
+  EXPECT_NE(s.message().find("sub-group 2"), std::string::npos) << s.ToString();
+  EXPECT_EQ(sw_->step(), 1u);
+  ExpectStateMatches();  // step 1, bit for bit
+  // The same step again, now that the drive is fine, gives step 2.
+  ReferenceStep(Hyper(), 2, {});
+  Status again = SwapperStep(Hyper());
+  ASSERT_TRUE(again.ok()) << again.ToString();
+  EXPECT_EQ(sw_->step(), 2u);
+  for (const auto& seg : segments_) EXPECT_EQ(sunk_[seg.id], ref_[seg.id].param);
+  ExpectStateMatches();
+}
+
+TEST_P(OptimizerSwapperTest, WriteErrorsFailTheStepAndKeepThePreviousState) {
+  struct Case {
+    const char* name;
+    std::vector<io::FaultKind> kinds;  // consecutive writes hit
+    StatusCode code;
+  };
+  for (const Case& c : {Case{"ENOSPC", {io::FaultKind::kEnospc}, StatusCode::kResourceExhausted},
+                        Case{"EIO", {io::FaultKind::kEio}, StatusCode::kIoError},
+                        Case{"short then ENOSPC",
+                             {io::FaultKind::kShort, io::FaultKind::kEnospc},
+                             StatusCode::kResourceExhausted}}) {
+    SCOPED_TRACE(c.name);
+    TearDown();
+    ref_.clear();
+    Build(3, 1000);
+    const uint32_t groups = sw_->sub_group_count();
+    // Writes: Initialize writes `groups`, step 1 `groups`; hit step 2's 3rd.
+    for (size_t k = 0; k < c.kinds.size(); ++k) {
+      fault_->AddFault({c.kinds[k], 2 * groups + 2 + k, 1, io::Op::kWrite});
+    }
+    MakeGrads(1);
+    ReferenceStep(Hyper(), 1, {});
+    ASSERT_TRUE(SwapperStep(Hyper()).ok());
+    MakeGrads(2);
+    Status s = SwapperStep(Hyper());
+    ASSERT_FALSE(s.ok());
+    EXPECT_EQ(s.code(), c.code) << s.ToString();
+    EXPECT_NE(s.message().find("write optimizer state of sub-group 2"), std::string::npos)
+        << s.ToString();
+    EXPECT_EQ(sw_->step(), 1u);
+    ExpectStateMatches();
+    ReferenceStep(Hyper(), 2, {});
+    ASSERT_TRUE(SwapperStep(Hyper()).ok());
+    ExpectStateMatches();
+  }
+}
+
+TEST_P(OptimizerSwapperTest, ShortWritesAloneAreContinued) {
+  Build(2, 1000);
+  const uint32_t groups = sw_->sub_group_count();
+  fault_->AddFault({io::FaultKind::kShort, 2 * groups, 3, io::Op::kWrite});
+  for (uint64_t step = 1; step <= 3; ++step) {
+    MakeGrads(step);
+    ReferenceStep(Hyper(), step, {});
+    Status s = SwapperStep(Hyper());
+    ASSERT_TRUE(s.ok()) << s.ToString();
+  }
+  EXPECT_GE(fault_->faults_injected(), 3u);
+  ExpectStateMatches();
+}
+
+TEST_P(OptimizerSwapperTest, FailingParameterSinkFailsTheStep) {
+  Build(2, 1000);
+  MakeGrads(1);
+  ReferenceStep(Hyper(), 1, {});
+  ASSERT_TRUE(SwapperStep(Hyper()).ok());
+  MakeGrads(2);
+  Status s = SwapperStep(Hyper(), {}, [](std::span<const uint64_t> ids,
+                                         std::span<const void* const>) {
+    for (uint64_t id : ids) {
+      if (id == 15) return Status::IoError("parameter store is gone");
+    }
+    return Status::Ok();
+  });
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("write updated parameter"), std::string::npos) << s.ToString();
+  EXPECT_NE(s.message().find("15"), std::string::npos) << s.ToString();
+  EXPECT_EQ(sw_->step(), 1u);
+  ExpectStateMatches();
+}
+
+// Flips one byte of the committed slot of sub-group 1 in the file itself.
+void CorruptFile(const std::string& path, uint64_t file_offset) {
+  int fd = open(path.c_str(), O_RDWR);
+  ASSERT_GE(fd, 0);
+  uint8_t b = 0;
+  ASSERT_EQ(pread(fd, &b, 1, file_offset), 1);
+  b ^= 0x5a;
+  ASSERT_EQ(pwrite(fd, &b, 1, file_offset), 1);
+  close(fd);
+}
+
+TEST_P(OptimizerSwapperTest, TornSlotIsReportedAsCorruption) {
+  Build(2, 1000);
+  MakeGrads(1);
+  ASSERT_TRUE(SwapperStep(Hyper()).ok());
+  // Step 1 lives in slot 1 of each sub-group; with one path, logical offset
+  // o is file offset 4096 + o. Slots are laid out g0s0 g0s1 g1s0 g1s1 ...
+  const uint64_t slot = sw_->slot_bytes();  // all full sub-groups: same size
+  const uint64_t sub_group1_slot1 = 3 * slot;
+  CorruptFile(sw_->store().file_paths()[0], kStoreHeaderBytes + sub_group1_slot1 + 4096 + 100);
+  MakeGrads(2);
+  Status s = SwapperStep(Hyper());
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kCorruption) << s.ToString();
+  EXPECT_NE(s.message().find("sub-group 1"), std::string::npos) << s.ToString();
+  EXPECT_NE(s.message().find("fails its CRC32C"), std::string::npos) << s.ToString();
+  EXPECT_EQ(sw_->step(), 1u);
+}
+
+TEST_P(OptimizerSwapperTest, StaleSlotIsReportedAsCorruption) {
+  Build(2, 1000);
+  MakeGrads(1);
+  ASSERT_TRUE(SwapperStep(Hyper()).ok());
+  MakeGrads(2);
+  ASSERT_TRUE(SwapperStep(Hyper()).ok());
+  // Step 2 is in slot 0 of sub-group 0; put step 1's slot (slot 1) there,
+  // as a lost write would leave it.
+  const std::string path = sw_->store().file_paths()[0];
+  const uint64_t slot = sw_->slot_bytes();
+  std::vector<uint8_t> old(slot);
+  int fd = open(path.c_str(), O_RDWR);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(pread(fd, old.data(), slot, kStoreHeaderBytes + slot), static_cast<ssize_t>(slot));
+  ASSERT_EQ(pwrite(fd, old.data(), slot, kStoreHeaderBytes), static_cast<ssize_t>(slot));
+  close(fd);
+  std::vector<float> out(segments_[0].numel);
+  Status s = sw_->ReadState(segments_[0].id, StateArray::kMaster, out.data());
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kCorruption) << s.ToString();
+  EXPECT_NE(s.message().find("the header holds step 1"), std::string::npos) << s.ToString();
+}
+
+TEST_P(OptimizerSwapperTest, BadOptionsAreRefusedWithTheirName) {
+  auto backend = io::CreateBackend(GetParam(), io::BackendOptions{});
+  ASSERT_TRUE(backend.ok());
+  auto engine = io::Engine::Create(std::move(backend).value(), io::EngineOptions{});
+  ASSERT_TRUE(engine.ok());
+  auto async = io::AsyncEngine::Create(std::move(engine).value());
+  ASSERT_TRUE(async.ok());
+  OptimizerSwapperOptions o;
+  o.store.paths = {dir_.File("bad")};
+  o.buffer_count = 0;
+  auto r = OptimizerSwapper::Create(o, {{1, 10, DType::kF32}}, async->get());
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("optimizer.buffer_count"), std::string::npos);
+  o.buffer_count = 2;
+  r = OptimizerSwapper::Create(o, {{1, 10, DType::kF32}, {1, 5, DType::kF32}}, async->get());
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("parameter 1 given twice"), std::string::npos);
+  r = OptimizerSwapper::Create(o, {{1, 10, DType::kF32}}, async->get());
+  ASSERT_TRUE(r.ok());
+  optim::AdamHyper h;
+  Status s = (*r)->Step(h, [](uint64_t) -> const void* { return nullptr; }, nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, OptimizerSwapperTest,
+                         ::testing::Values(io::BackendKind::kIoUring, io::BackendKind::kLibaio,
+                                           io::BackendKind::kPsync),
+                         [](const auto& info) { return std::string(io::BackendKindName(info.param)); });
+
+}  // namespace
+}  // namespace ztier::swapper
