@@ -5,6 +5,7 @@
 #include <cstring>
 #include <deque>
 #include <future>
+#include <new>
 #include <thread>
 #include <unordered_set>
 
@@ -362,7 +363,12 @@ Status OptimizerSwapper::Initialize(const ParamSource& params) {
       const OptimizerSegment& seg = segments_[p.segment];
       const uint32_t eb = optim::DTypeBytes(seg.dtype);
       if (loaded != p.segment) {
-        part.reset(new uint8_t[seg.numel * eb]);
+        part.reset(new (std::nothrow) uint8_t[seg.numel * eb]);
+        if (part == nullptr) {
+          status = Status::ResourceExhausted(fmt::format(
+              "out of host memory reading parameter {} for the initial optimizer state", seg.id));
+          break;
+        }
         status = params(seg.id, part.get());
         if (!status.ok()) {
           status = status.WithContext(
@@ -512,7 +518,13 @@ Status OptimizerSwapper::Step(const optim::AdamHyper& hyper, const GradSource& g
     }
   });
 
-  Status status = RunStep(run);
+  Status status;
+  try {
+    status = RunStep(run);
+  } catch (const std::bad_alloc&) {
+    // A parameter partition's output buffer: fail the step, drain, commit nothing.
+    status = Status::ResourceExhausted("out of host memory for the updated parameters");
+  }
   const auto td = Clock::now();
   if (!status.ok()) {
     std::lock_guard<std::mutex> lock(run.mu);
