@@ -162,74 +162,9 @@ void ParamSwapper::ReturnSpan(ExtentState& e) {
 }
 
 Status ParamSwapper::Write(uint64_t id, const void* src) {
-  std::unique_lock<std::mutex> lock(mu_);
-  ZTIER_ASSIGN_OR_RETURN(Member * m, Find(id));
-  ExtentState& e = extents_[m->extent];
-  if (e.state != PartitionState::kOnNvme) {
-    return Status::FailedPrecondition(fmt::format(
-        "partition {} is {}: Write() needs it ON_NVME (release or swap it out first)",
-        id, PartitionStateName(e.state)));
-  }
-  // Buffers may all be in use by swap-ins: wait for them, never beyond the
-  // pool (the extent fits, checked by Seal).
-  std::optional<tiering::BufferSpan> span;
-  while (!span) {
-    lock.unlock();
-    auto got = pool_->AcquireUntil(e.buffers, std::chrono::steady_clock::now() +
-                                                  std::chrono::milliseconds(100));
-    lock.lock();
-    if (!got.ok()) return got.status();
-    span = *got;
-    if (span && e.state != PartitionState::kOnNvme) {
-      // Someone swapped it in meanwhile: give the buffers back and refuse.
-      Status ignored = pool_->Release(*span);
-      (void)ignored;
-      return Status::FailedPrecondition(
-          fmt::format("partition {} was swapped in during Write()", id));
-    }
-  }
-  e.span = *span;
-  e.state = PartitionState::kWriting;
-  ++in_flight_;
-  bool others_written = false;
-  for (uint32_t mi : e.members) {
-    if (&members_[mi] != m && members_[mi].written) others_written = true;
-  }
-  lock.unlock();
-
-  // A pack whose other members hold data is read first (read-modify-write).
-  Status s;
-  if (others_written) {
-    s = RunSync(engine_, {io::Op::kRead, &store_->file(), e.where.offset, e.where.bytes,
-                          e.span.data, nullptr});
-  } else {
-    memset(e.span.data, 0, e.where.bytes);
-  }
-  uint32_t crc = 0;
-  if (s.ok()) {
-    memcpy(e.span.data + m->offset, src, m->bytes);
-    if (options_.checksum) crc = Crc32c(e.span.data + m->offset, m->bytes);
-    s = RunSync(engine_, {io::Op::kWrite, &store_->file(), e.where.offset, e.where.bytes,
-                          e.span.data, nullptr});
-  }
-
-  lock.lock();
-  --in_flight_;
-  if (s.ok()) {
-    m->crc = crc;
-    m->written = true;
-    stats_.bytes_written += e.where.bytes;
-    ++stats_.writes;
-  } else {
-    // The extent on disk may be torn: none of its partitions may be read
-    // back until written again (the caller still has `src`).
-    for (uint32_t mi : e.members) members_[mi].written = false;
-  }
-  ReturnSpan(e);
-  e.state = PartitionState::kOnNvme;
-  cv_.notify_all();
-  if (!s.ok()) return s.WithContext(fmt::format("write {}", Describe(*m)));
-  return Status::Ok();
+  const uint64_t ids[1] = {id};
+  const void* const srcs[1] = {src};
+  return WriteMany(ids, srcs);
 }
 
 Status ParamSwapper::WriteMany(std::span<const uint64_t> ids,
@@ -242,6 +177,7 @@ Status ParamSwapper::WriteMany(std::span<const uint64_t> ids,
   // members in it, and the outcome the I/O thread reports.
   struct Pending {
     uint32_t extent = 0;
+    uint32_t first = 0;  // members_ index of the batch's first member in it, for messages
     std::vector<std::pair<uint32_t, uint32_t>> crcs;  // (members_ index, crc)
     std::future<Status> done;
   };
@@ -266,7 +202,7 @@ Status ParamSwapper::WriteMany(std::span<const uint64_t> ids,
       // The extent on disk may be torn: none of its partitions may be read.
       for (uint32_t mi : e.members) members_[mi].written = false;
       if (first.ok()) {
-        first = st.WithContext(fmt::format("write {}", Describe(members_[e.members.front()])));
+        first = st.WithContext(fmt::format("write {}", Describe(members_[pw.first])));
       }
     }
     ReturnSpan(e);
@@ -290,7 +226,7 @@ Status ParamSwapper::WriteMany(std::span<const uint64_t> ids,
         continue;
       }
       first = Status::FailedPrecondition(fmt::format(
-          "partition {} is {}: WriteMany() needs it ON_NVME (release or swap it out first)",
+          "partition {} is {}: a write needs it ON_NVME (release or swap it out first)",
           ids[k], PartitionStateName(e.state)));
       break;
     }
@@ -338,6 +274,7 @@ Status ParamSwapper::WriteMany(std::span<const uint64_t> ids,
     auto promise = std::make_shared<std::promise<Status>>();
     Pending pw;
     pw.extent = ei;
+    pw.first = in_batch.front();
     pw.done = promise->get_future();
     Status s;
     if (others_written) {

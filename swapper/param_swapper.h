@@ -78,7 +78,7 @@ class ParamSwapper {
   // copy, staging through pool buffers; waits for free buffers and for the
   // write. The partition must be ON_NVME.
   Status Write(uint64_t id, const void* src);
-  // Write() for many partitions at once (`srcs[i]` for `ids[i]`): each
+  // Write() for many partitions at once (Write is the one-partition case) (`srcs[i]` for `ids[i]`): each
   // extent is written once, with the batch's members in it (read first only
   // when members outside the batch hold data), and several extents are in
   // flight at a time. Ids in layout order make the fewest transfers. Returns

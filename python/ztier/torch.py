@@ -340,7 +340,28 @@ class Offload:
         self.engine.close()
 
 
-class Optimizer:
+class _StepBase:
+    """What both optimizers share: zero_grad, and step() = gradients to
+    ztier, the update (_update), gradients cleared, step end."""
+
+    off: Offload
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for slot in self.off._slots:
+            slot.param.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.off.finish_backward()
+        self._update()
+        self.off.engine.grad_clear()
+        self.off.engine.step_end()
+
+    def _update(self) -> None:
+        raise NotImplementedError
+
+
+class Optimizer(_StepBase):
     """A stock torch optimizer over this rank's partitions (flat, with
     padding). step(): gradients to ztier, then for each parameter read its
     partition and gradient partition, update, write back; then step end."""
@@ -350,14 +371,8 @@ class Optimizer:
         self._parts = [nn.Parameter(torch.empty(0)) for _ in off._slots]
         self.inner = optimizer_class(self._parts, **kwargs)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for slot in self.off._slots:
-            slot.param.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
+    def _update(self) -> None:
         off = self.off
-        off.finish_backward()
         for slot, part in zip(off._slots, self._parts):
             n = off.engine.param_info(slot.pid).partition_numel
             data = torch.empty(n, dtype=torch.float32)
@@ -370,11 +385,9 @@ class Optimizer:
             off.engine.partition_write(slot.pid, part.data)
             part.data = torch.empty(0)
             part.grad = None
-        off.engine.grad_clear()
-        off.engine.step_end()
 
 
-class AdamW:
+class AdamW(_StepBase):
     """AdamW run by ztier, its state (fp32 master weights and both moments)
     on the config's `optimizer` tier (NVMe by default), streamed through in
     sub-groups by one pipelined step: the same arithmetic as
@@ -391,17 +404,8 @@ class AdamW:
                                   bias_correction=bias_correction)]
         off.engine.optimizer_create(self._kind, **self.param_groups[0])
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for slot in self.off._slots:
-            slot.param.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        off = self.off
-        off.finish_backward()
-        off.engine.optimizer_step(self._kind, **self.param_groups[0])
-        off.engine.grad_clear()
-        off.engine.step_end()
+    def _update(self) -> None:
+        self.off.engine.optimizer_step(self._kind, **self.param_groups[0])
 
     def state(self, param: nn.Parameter) -> Dict[str, torch.Tensor]:
         """This rank's partition of `param`'s optimizer state (flat, padded):

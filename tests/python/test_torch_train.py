@@ -157,50 +157,9 @@ class TrainTest(unittest.TestCase):
         self.assertGreater(ostats["bytes_read"], 0)
         self.assertLessEqual(ostats["peak_buffers"], 2)
 
-    def test_world2_ztier_adamw_equals_torch_adamw_on_partitions(self):
-        import ztier
-        import ztier.torch
-
-        def run(native: bool):
-            group = ztier.LocalGroup(2)
-            path = tmpdir(self)
-            losses = [[None] * STEPS for _ in range(2)]
-            errors = []
-
-            def rank_main(rank):
-                try:
-                    model = self.fresh()
-                    off = ztier.torch.offload(model, config_text(path), rank=rank, world_size=2,
-                                              local_group=group)
-                    opt = off.adamw(**LR) if native else off.optimizer(torch.optim.AdamW, **LR)
-                    for step, (x, y) in enumerate(self.data):
-                        half = x.shape[0] // 2
-                        sl = slice(rank * half, (rank + 1) * half)
-                        loss = self.tiny_gpt.loss_of(model, x[sl], y[sl])
-                        loss.backward()
-                        opt.step()
-                        opt.zero_grad()
-                        losses[rank][step] = loss.item()
-                    off.close()
-                except BaseException as e:  # reported by the main thread
-                    errors.append((rank, e))
-
-            threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            group.close()
-            if errors:
-                raise errors[0][1]
-            return losses
-
-        native, stock = run(True), run(False)
-        print(f"\nworld 2, ztier AdamW vs torch AdamW on partitions: rank 0 last loss "
-              f"{native[0][-1]:.9f} / {stock[0][-1]:.9f}")
-        self.assertEqual(native, stock)
-
-    def test_world2_local_ranks(self):
+    def run_world2(self, make_optimizer):
+        """Two ranks as threads (local collective), half a batch each, for
+        STEPS steps; returns each rank's losses."""
         import ztier
         import ztier.torch
         group = ztier.LocalGroup(2)
@@ -213,7 +172,7 @@ class TrainTest(unittest.TestCase):
                 model = self.fresh()
                 off = ztier.torch.offload(model, config_text(path), rank=rank, world_size=2,
                                           local_group=group)
-                opt = off.optimizer(torch.optim.AdamW, **LR)
+                opt = make_optimizer(off)
                 for step, (x, y) in enumerate(self.data):
                     half = x.shape[0] // 2
                     sl = slice(rank * half, (rank + 1) * half)
@@ -234,6 +193,17 @@ class TrainTest(unittest.TestCase):
         group.close()
         if errors:
             raise errors[0][1]
+        return losses
+
+    def test_world2_ztier_adamw_equals_torch_adamw_on_partitions(self):
+        native = self.run_world2(lambda off: off.adamw(**LR))
+        stock = self.run_world2(lambda off: off.optimizer(torch.optim.AdamW, **LR))
+        print(f"\nworld 2, ztier AdamW vs torch AdamW on partitions: rank 0 last loss "
+              f"{native[0][-1]:.9f} / {stock[0][-1]:.9f}")
+        self.assertEqual(native, stock)
+
+    def test_world2_local_ranks(self):
+        losses = self.run_world2(lambda off: off.optimizer(torch.optim.AdamW, **LR))
         mean = [(a + b) / 2 for a, b in zip(*losses)]
         print("\nworld 2 losses (reference full batch, mean of the 2 ranks, relative diff):")
         for step, (a, b) in enumerate(zip(self.ref_losses, mean)):
