@@ -537,6 +537,12 @@ Status OptimizerSwapper::Step(const optim::AdamHyper& hyper, const GradSource& g
   if (status.ok()) {
     for (auto& g : groups_) g.committed ^= 1;
     step_.store(run.step, std::memory_order_release);
+  } else if (status.code() == StatusCode::kCorruption) {
+    // The committed state itself failed its check: nothing here can repair it.
+    status = status.WithContext(fmt::format(
+        "optimizer step {} failed and was not applied: the stored state of step {} is "
+        "damaged (restore it from a checkpoint)",
+        run.step, run.step - 1));
   } else {
     status = status.WithContext(fmt::format(
         "optimizer step {} failed and was not applied (the state of step {} is intact; fix "

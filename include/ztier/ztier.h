@@ -325,11 +325,14 @@ ZTIER_API ztier_status_t ztier_optimizer_create(ztier_engine_t* engine,
  * values). `options` may be NULL (keep the last ones) or replace them (a new
  * lr each step; the kind cannot change). Gradients are not cleared and the
  * training step is not ended (ztier_grad_clear, ztier_step_end).
- * On failure (a read or write error, a checksum mismatch) the optimizer
- * state and its step count are those before the call; the gradients are
- * kept, so the same call can be repeated once the cause is fixed, and gives
- * the same result. Parameters written before the failure already hold the
- * new values (the repeat writes the same ones). Serialised per engine. */
+ * On failure (a read or write error, a full drive) the optimizer state and
+ * its step count are those before the call; the gradients are kept, so the
+ * same call can be repeated once the cause is fixed, and gives the same
+ * result. Parameters written before the failure already hold the new
+ * values (the repeat writes the same ones). ZTIER_STATUS_CORRUPTION means
+ * the stored state itself failed its checksum (a torn or altered slot): it
+ * is never used, and only a checkpoint can restore it. Serialised per
+ * engine. */
 ZTIER_API ztier_status_t ztier_optimizer_step(ztier_engine_t* engine,
                                               const ztier_optimizer_options_t* options);
 

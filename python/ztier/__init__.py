@@ -6,11 +6,12 @@ parameters through it. Errors are raised as ztier.ZtierError with the
 status and the library's message.
 """
 
-from ztier._capi import (DType, DeviceKind, Engine, LocalGroup, ParamInfo, ParamState,
-                         Status, ZtierError, load_library, status_string, version,
-                         version_string)
+from ztier._capi import (DType, DeviceKind, Engine, LocalGroup, OptimizerKind, ParamInfo,
+                         ParamState, StateArray, Status, ZtierError, load_library,
+                         status_string, version, version_string)
 
 __all__ = [
-    "DType", "DeviceKind", "Engine", "LocalGroup", "ParamInfo", "ParamState", "Status",
-    "ZtierError", "load_library", "status_string", "version", "version_string",
+    "DType", "DeviceKind", "Engine", "LocalGroup", "OptimizerKind", "ParamInfo", "ParamState",
+    "StateArray", "Status", "ZtierError", "load_library", "status_string", "version",
+    "version_string",
 ]

@@ -591,6 +591,28 @@ static void TestOptimizer(const char* tier) {
   }
   oo.kind = ZTIER_OPTIMIZER_ADAM;
   EXPECT_STATUS(ZTIER_STATUS_INVALID_ARGUMENT, ztier_optimizer_step(e, &oo), "switch to Adam");
+  if (strcmp(tier, "nvme") == 0) {
+    /* Both slots of sub-group 0 altered behind ztier's back: the next step
+     * reports corruption and changes nothing (the step count stays 3). */
+    char file[800];
+    int fd;
+    const uint64_t slot0 = 4096 + 4096 + 64, slot1 = 4096 + os.slot_bytes + 4096 + 64;
+    snprintf(file, sizeof(file), "%s/ztier-optimizer-rank0-of1.swp", opt_dir);
+    fd = open(file, O_RDWR);
+    CHECK(fd >= 0);
+    if (fd >= 0) {
+      CHECK(pwrite(fd, "garbage!", 8, (off_t)slot0) == 8);
+      CHECK(pwrite(fd, "garbage!", 8, (off_t)slot1) == 8);
+      close(fd);
+    }
+    EXPECT_STATUS(ZTIER_STATUS_CORRUPTION, ztier_optimizer_step(e, NULL),
+                  "optimizer state altered on disk");
+    CHECK(strstr(ztier_last_error(), "sub-group 0") != NULL);
+    CHECK(strstr(ztier_last_error(), "stored state of step 3 is damaged") != NULL);
+    os.size = sizeof(os);
+    OK(ztier_optimizer_stats(e, &os));
+    CHECK(os.step == 3);
+  }
   OK(ztier_engine_destroy(e));
   for (int p = 0; p < kParams; ++p) free(want[p]);
 }

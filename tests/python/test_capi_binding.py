@@ -83,5 +83,41 @@ class BindingTest(unittest.TestCase):
         self.assertIn("not a live engine", e._lib.ztier_last_error().decode())
         self.assertEqual(e._lib.ztier_engine_destroy(None), Status.OK)
 
+    def test_optimizer(self):
+        from ztier import OptimizerKind, StateArray
+        e = ztier.Engine(config_text=config_text(self.dir) + "optimizer: {sub_group_size: 64}\n",
+                         device="host")
+        with e:
+            w = array.array("f", [0.5] * 100)
+            e.register_param(0, 100, DType.FLOAT32, w)
+            with self.assertRaises(ZtierError) as cm:
+                e.optimizer_step()
+            self.assertEqual(cm.exception.status, Status.FAILED_PRECONDITION)
+            with self.assertRaises(ZtierError) as cm:
+                e.optimizer_create(OptimizerKind.ADAMW, lr=-1.0)
+            self.assertEqual(cm.exception.status, Status.INVALID_ARGUMENT)
+            self.assertIn("lr", cm.exception.message)
+            e.optimizer_create(OptimizerKind.ADAMW, lr=0.1, weight_decay=0.0)
+            e.grad_partition_write(0, array.array("f", [2.0] * 100))
+            e.optimizer_step()
+            # Step 1 from zero moments moves each weight by lr against the gradient.
+            out = array.array("f", [0.0] * 100)
+            e.partition_read(0, out)
+            for v in out:
+                self.assertAlmostEqual(v, 0.4, places=5)
+            master = array.array("f", [0.0] * 100)
+            e.optimizer_state_read(0, StateArray.MASTER, master)
+            self.assertEqual(master.tobytes(), out.tobytes())
+            m = array.array("f", [0.0] * 100)
+            e.optimizer_state_read(0, StateArray.EXP_AVG, m)
+            self.assertEqual(list(m), [array.array("f", [0.1 * 2.0])[0]] * 100)
+            stats = e.optimizer_stats()
+            self.assertEqual((stats["step"], stats["sub_groups"], stats["elements"]), (1, 2, 100))
+            with self.assertRaises(ZtierError) as cm:
+                e.optimizer_step(OptimizerKind.ADAM, lr=0.1, betas=(0.9, 0.999), eps=1e-8,
+                                 weight_decay=0.0, bias_correction=True)
+            self.assertEqual(cm.exception.status, Status.INVALID_ARGUMENT)
+
+
 if __name__ == "__main__":
     unittest.main()
