@@ -151,7 +151,6 @@ std::string RankRuntime::Describe() const {
   return s;
 }
 
-
 Result<swapper::OptimizerSwapperOptions> RankRuntime::OptimizerOptionsFrom(
     const tiering::Config& c, uint32_t rank, uint32_t world_size) {
   const tiering::OptimizerConfig& oc = c.optimizer;
