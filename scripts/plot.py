@@ -12,6 +12,11 @@
       chart (fetch stall, compute, h2d, collective) above the number of NVMe
       reads in flight.
 
+  plot.py optimizer OPT.json [OPT.json ...] -o optimizer.png
+      `ztier bench optimizer --json` results (e.g. one per buffer count):
+      the optimizer step against the drive's time for its bytes and the
+      update's time with the state in memory, per run.
+
 Run with the system interpreter: /usr/bin/python3 scripts/plot.py ...
 """
 import argparse
@@ -144,10 +149,43 @@ def plot_timeline(path, out, step, rank):
     fig.savefig(out, dpi=110)
 
 
+def plot_optimizer(paths, out):
+    docs = []
+    for path in paths:
+        with open(path) as f:
+            docs.append(json.load(f))
+    docs.sort(key=lambda d: (d["buffers"], d["sub_group_size"]))
+    labels = [f"{d['buffers']} buffer{'s' if d['buffers'] != 1 else ''}\n"
+              f"{d['sub_groups']} sub-groups" for d in docs]
+    series = [("step", "step_s", "tab:blue"),
+              ("drive time for its bytes", "drive_s", "tab:gray"),
+              ("update, state in memory", "update_in_memory_s", "tab:green")]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(docs), 4))
+    width = 0.8 / len(series)
+    for k, (name, key, color) in enumerate(series):
+        xs = [i + (k - 1) * width for i in range(len(docs))]
+        ax.bar(xs, [d[key] for d in docs], width, label=name, color=color)
+    for i, d in enumerate(docs):
+        ax.annotate(f"{d['step_over_bound']:.2f}x", (i - width, d["step_s"]),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(docs)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("seconds (median of runs)")
+    d0 = docs[0]
+    ax.set_title(f"ztier bench optimizer: {d0['model'].rsplit('/', 1)[-1]} scaled 1/{d0['scale']:g}, "
+                 f"{d0['elements'] / 1e6:.0f} M elements, {d0['isa']} update, {d0['threads']} "
+                 f"thread{'s' if d0['threads'] != 1 else ''}",
+                 fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["sweep", "step", "timeline"])
+    ap.add_argument("kind", choices=["sweep", "step", "timeline", "optimizer"])
     ap.add_argument("inputs", nargs="+", help="JSON files written by ztier")
     ap.add_argument("-o", "--output", required=True, help="PNG to write")
     ap.add_argument("--step", type=int, default=2, help="timeline: the step to draw")
@@ -160,6 +198,8 @@ def main():
             plot_sweep(a.inputs[0], a.output)
         elif a.kind == "timeline":
             plot_timeline(a.inputs[0], a.output, a.step, a.rank)
+        elif a.kind == "optimizer":
+            plot_optimizer(a.inputs, a.output)
         else:
             plot_step(a.inputs, a.output)
     except (OSError, KeyError, ValueError) as e:
