@@ -3,7 +3,7 @@
 World 1: losses and final weights bit-identical to the same loop without
 ztier, with a stock torch.optim.AdamW over the partitions and with ztier's
 own AdamW (its state on NVMe, several sub-groups; the state itself equals
-torch's too). World 2 (two ranks as threads, local collective, half a batch
+torch's too), and ztier's Adam (L2 weight decay) against torch.optim.Adam. World 2 (two ranks as threads, local collective, half a batch
 each, gradients reduce-scattered by ztier): losses within 1e-5 (relative) of
 the single-process full-batch loop, and ztier's AdamW bit-identical to torch's
 AdamW over the same partitions. Skips, saying why, without torch.
@@ -156,6 +156,35 @@ class TrainTest(unittest.TestCase):
         self.assertGreater(ostats["sub_groups"], 1)
         self.assertGreater(ostats["bytes_read"], 0)
         self.assertLessEqual(ostats["peak_buffers"], 2)
+
+    def test_world1_ztier_adam_l2_bit_identical(self):
+        import ztier.torch
+        hyper = dict(lr=1e-2, weight_decay=0.1)
+        model = self.fresh()
+        opt = torch.optim.Adam(model.parameters(), **hyper)
+        ref = []
+        for x, y in self.data:
+            loss = self.tiny_gpt.loss_of(model, x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ref.append(loss.item())
+        ref_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        model = self.fresh()
+        off = ztier.torch.offload(model, config_text(tmpdir(self)))
+        zopt = off.adam(**hyper)
+        losses = []
+        for x, y in self.data:
+            loss = self.tiny_gpt.loss_of(model, x, y)
+            loss.backward()
+            zopt.step()
+            zopt.zero_grad()
+            losses.append(loss.item())
+        weights = off.full_parameters()
+        off.close()
+        self.assertEqual(losses, ref)
+        for name, w in weights.items():
+            self.assertTrue(torch.equal(w, ref_weights[name]), name)
 
     def run_world2(self, make_optimizer):
         """Two ranks as threads (local collective), half a batch each, for
