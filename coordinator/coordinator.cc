@@ -619,23 +619,22 @@ Status Coordinator::ReadPartition(uint64_t id, void* out_host) {
   if (p->read != ReadState::kNone) {
     return Status::Internal(fmt::format("parameter {} holds a swap buffer after a drain", id));
   }
+  // Nothing is in flight now, and no read-ahead may start until the read
+  // below is done (it would share this partition's extent and buffer).
+  ++partition_io_;
   lock.unlock();
-  // Nothing is in flight now; the read callback ignores a param not kReading.
-  swapper::ParamSwapper& sw = *deps_.swapper;
-  ZTIER_ASSIGN_OR_RETURN(size_t started, sw.SwapIn(std::span<const uint64_t>(&id, 1)));
-  if (started == 0) {
-    return Status::ResourceExhausted(
-        fmt::format("no free swap buffer to read the partition of parameter {}", id));
-  }
-  Status s = sw.Wait(id);
-  if (s.ok()) {
-    auto data = sw.Data(id);
-    s = data.status();
-    if (s.ok()) memcpy(out_host, *data, p->part_bytes);
-  }
-  Status released = sw.ReleaseBuffer(id, /*discard=*/true);
-  if (!s.ok()) return s.WithContext(fmt::format("partition of parameter {}", id));
-  return released;
+  Status s = ReadPartitionUnlocked(*p, out_host);
+  lock.lock();
+  if (--partition_io_ == 0) IssueReads();
+  return s;
+}
+
+Status Coordinator::ReadPartitionUnlocked(const Param& p, void* out_host) {
+  // A private read: no hold on the partition's (possibly shared) extent, so
+  // the swap-in path's holds and states are left exactly as they are.
+  Status s = deps_.swapper->Read(p.id, out_host);
+  if (!s.ok()) return s.WithContext(fmt::format("partition of parameter {}", p.id));
+  return Status::Ok();
 }
 
 Status Coordinator::WritePartition(uint64_t id, const void* in_host) {
@@ -705,9 +704,16 @@ Status Coordinator::WritePartitions(std::span<const uint64_t> ids,
     nvme_params.push_back(p);
   }
   if (nvme_ids.empty()) return Status::Ok();
+  // Everything in flight has drained; no read-ahead may start while the
+  // swapper writes (a read of a packed extent would take it from under the
+  // write).
+  ZTIER_RETURN_IF_ERROR(Drain(lock));
+  ++partition_io_;
   lock.unlock();
-  ZTIER_RETURN_IF_ERROR(deps_.swapper->WriteMany(nvme_ids, nvme_srcs));
+  Status s = deps_.swapper->WriteMany(nvme_ids, nvme_srcs);
   lock.lock();
+  if (--partition_io_ == 0) IssueReads();
+  ZTIER_RETURN_IF_ERROR(s);
   for (Param* p : nvme_params) p->has_data = true;
   return Status::Ok();
 }
@@ -872,6 +878,7 @@ void Coordinator::ReleaseParam(Param& p) {
 
 void Coordinator::IssueReads() {
   if (options_.null_io || deps_.swapper == nullptr) return;
+  if (partition_io_ > 0) return;  // a partition read/write owns the swapper now
   // 1. Requested gathers, in order. The first one without a read may take
   //    buffers from read-ahead and from requests queued behind it (they read
   //    again later), so the queue head can always make progress.

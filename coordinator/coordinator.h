@@ -174,6 +174,8 @@ class Coordinator {
 
   Coordinator(const CoordinatorOptions& options, const CoordinatorDeps& deps);
   Result<Param*> FindParam(uint64_t id);
+  // ReadPartition's swapper part (NVMe), without mu_.
+  Status ReadPartitionUnlocked(const Param& p, void* out_host);
   Result<Module*> FindModule(uint64_t id);
 
   // --- trace ---
@@ -235,6 +237,9 @@ class Coordinator {
   std::deque<uint32_t> ongoing_;       // enqueued gathers, oldest first
   uint64_t live_numel_ = 0;            // full params INFLIGHT or AVAILABLE
   uint32_t reads_in_flight_ = 0;
+  // Partition reads/writes running without mu_ (Read/WritePartition[s]):
+  // while > 0, no read-ahead starts.
+  uint32_t partition_io_ = 0;
   Status async_error_;                 // a failed read, reported by Fetch
   bool stop_ = false;
   std::thread pipeline_;

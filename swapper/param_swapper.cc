@@ -301,6 +301,50 @@ Status ParamSwapper::WriteMany(std::span<const uint64_t> ids,
   return first;
 }
 
+Status ParamSwapper::Read(uint64_t id, void* dst) {
+  std::unique_lock<std::mutex> lock(mu_);
+  ZTIER_ASSIGN_OR_RETURN(Member * m, Find(id));
+  if (!m->written) {
+    return Status::FailedPrecondition(fmt::format(
+        "partition {} has no data on NVMe in this run (never written, or its last write "
+        "failed)",
+        id));
+  }
+  ExtentState& e = extents_[m->extent];
+  if (e.state != PartitionState::kOnNvme) {
+    return Status::FailedPrecondition(fmt::format(
+        "partition {} is {}: Read() needs it ON_NVME (release it first)", id,
+        PartitionStateName(e.state)));
+  }
+  // A private copy: the extent stays ON_NVME (no hold, no state change), so
+  // nothing the swap-in path tracks is touched.
+  std::optional<tiering::BufferSpan> span;
+  while (!span) {
+    lock.unlock();
+    auto got = pool_->AcquireUntil(e.buffers, std::chrono::steady_clock::now() +
+                                                  std::chrono::milliseconds(100));
+    lock.lock();
+    if (!got.ok()) return got.status();
+    span = *got;
+  }
+  const Extent where = e.where;
+  const Member copy = *m;
+  lock.unlock();
+  Status s = RunSync(engine_, {io::Op::kRead, &store_->file(), where.offset, where.bytes,
+                               span->data, nullptr});
+  if (!s.ok()) s = s.WithContext(fmt::format("read {}", Describe(copy)));
+  if (s.ok()) s = VerifyMember(copy, span->data);  // names the partition itself
+  if (s.ok()) memcpy(dst, span->data + copy.offset, copy.bytes);
+  Status released = pool_->Release(*span);
+  lock.lock();
+  if (s.ok()) {
+    stats_.bytes_read += where.bytes;
+    ++stats_.reads;
+  }
+  ZTIER_RETURN_IF_ERROR(s);
+  return released;
+}
+
 Result<size_t> ParamSwapper::SwapIn(std::span<const uint64_t> ids) {
   std::lock_guard<std::mutex> lock(mu_);
   size_t covered = 0;

@@ -86,6 +86,11 @@ class ParamSwapper {
   // failed extent are not on NVMe until written again).
   Status WriteMany(std::span<const uint64_t> ids, std::span<const void* const> srcs);
 
+  // Copies partition `id` (ON_NVME) into `dst` (`bytes(id)` bytes, any
+  // memory) through a pool buffer of its own, checked against its CRC32C;
+  // the partition stays ON_NVME and is never held (for partition access
+  // beside the swap-in path). Waits for free buffers and the read.
+  Status Read(uint64_t id, void* dst);
   // Starts reads for `ids` in order while buffers last; returns how many of
   // them (a prefix) are now READING or IN_HOST. Errors: unknown id, a
   // partition never written in this run, a pending write error.
