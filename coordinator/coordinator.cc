@@ -621,11 +621,14 @@ Status Coordinator::ReadPartition(uint64_t id, void* out_host) {
   }
   // Nothing is in flight now, and no read-ahead may start until the read
   // below is done (it would share this partition's extent and buffer).
+  // Afterwards read-ahead resumes at the next fetch, not here: an optimizer
+  // reading partition after partition would otherwise read the window ahead
+  // again after each one, only for the next drain to discard it.
   ++partition_io_;
   lock.unlock();
   Status s = ReadPartitionUnlocked(*p, out_host);
   lock.lock();
-  if (--partition_io_ == 0) IssueReads();
+  if (--partition_io_ == 0 && !gather_queue_.empty()) IssueReads();
   return s;
 }
 
@@ -712,7 +715,7 @@ Status Coordinator::WritePartitions(std::span<const uint64_t> ids,
   lock.unlock();
   Status s = deps_.swapper->WriteMany(nvme_ids, nvme_srcs);
   lock.lock();
-  if (--partition_io_ == 0) IssueReads();
+  if (--partition_io_ == 0 && !gather_queue_.empty()) IssueReads();
   ZTIER_RETURN_IF_ERROR(s);
   for (Param* p : nvme_params) p->has_data = true;
   return Status::Ok();
