@@ -1,5 +1,8 @@
 #include "io/async_engine.h"
 
+#include <future>
+#include <memory>
+
 namespace ztier::io {
 
 AsyncEngine::AsyncEngine(std::unique_ptr<Engine> engine)
@@ -36,6 +39,14 @@ Status AsyncEngine::RegisterFiles(const std::vector<const StripedFile*>& files) 
     return Status::FailedPrecondition("register files before the first transfer");
   }
   return engine_->RegisterFiles(files);
+}
+
+Status AsyncEngine::Run(Transfer transfer) {
+  auto done = std::make_shared<std::promise<Status>>();
+  std::future<Status> result = done->get_future();
+  transfer.on_done = [done](const Status& s) { done->set_value(s); };
+  ZTIER_RETURN_IF_ERROR(Submit(std::move(transfer)));
+  return result.get();
 }
 
 Status AsyncEngine::Submit(Transfer transfer) {

@@ -27,6 +27,9 @@ class AsyncEngine {
   AsyncEngine& operator=(const AsyncEngine&) = delete;
 
   Status Submit(Transfer transfer);
+  // Submits `transfer` (its on_done is replaced) and waits for it: the
+  // transfer's outcome, or Submit's error. Not from the I/O thread.
+  Status Run(Transfer transfer);
   // Blocks until every transfer submitted so far has completed.
   void Drain();
   // An error from the backend itself (not from one transfer); sticky.

@@ -84,13 +84,6 @@ float ToFloat(const uint8_t* p, optim::DType t) {
   return 0;
 }
 
-Status RunSync(io::AsyncEngine* engine, io::Transfer t) {
-  auto done = std::make_shared<std::promise<Status>>();
-  auto result = done->get_future();
-  t.on_done = [done](const Status& s) { done->set_value(s); };
-  ZTIER_RETURN_IF_ERROR(engine->Submit(std::move(t)));
-  return result.get();
-}
 
 }  // namespace
 
@@ -316,7 +309,7 @@ Status OptimizerSwapper::Check(uint32_t g, uint8_t slot, uint64_t step, const ui
 }
 
 Status OptimizerSwapper::ReadSlotSync(uint32_t g, uint8_t slot, uint8_t* buf) {
-  Status s = RunSync(engine_, {io::Op::kRead, &store_->file(), groups_[g].slot_offset[slot],
+  Status s = engine_->Run({io::Op::kRead, &store_->file(), groups_[g].slot_offset[slot],
                                SlotBytes(groups_[g].numel), buf, nullptr});
   if (!s.ok()) {
     return s.WithContext(fmt::format("read optimizer state of sub-group {} at {}", g, Where(g, slot)));
@@ -325,7 +318,7 @@ Status OptimizerSwapper::ReadSlotSync(uint32_t g, uint8_t slot, uint8_t* buf) {
 }
 
 Status OptimizerSwapper::WriteSlotSync(uint32_t g, uint8_t slot, uint8_t* buf) {
-  Status s = RunSync(engine_, {io::Op::kWrite, &store_->file(), groups_[g].slot_offset[slot],
+  Status s = engine_->Run({io::Op::kWrite, &store_->file(), groups_[g].slot_offset[slot],
                                SlotBytes(groups_[g].numel), buf, nullptr});
   if (!s.ok()) {
     return s.WithContext(fmt::format("write optimizer state of sub-group {} at {}", g, Where(g, slot)));

@@ -19,14 +19,6 @@ constexpr uint64_t kPackMemberAlignment = 256;
 
 uint64_t AlignUp(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
-// Runs one transfer on the async engine and waits for it.
-Status RunSync(io::AsyncEngine* engine, io::Transfer t) {
-  auto done = std::make_shared<std::promise<Status>>();
-  std::future<Status> f = done->get_future();
-  t.on_done = [done](const Status& s) { done->set_value(s); };
-  ZTIER_RETURN_IF_ERROR(engine->Submit(std::move(t)));
-  return f.get();
-}
 
 }  // namespace
 
@@ -278,7 +270,7 @@ Status ParamSwapper::WriteMany(std::span<const uint64_t> ids,
     pw.done = promise->get_future();
     Status s;
     if (others_written) {
-      s = RunSync(engine_, {io::Op::kRead, &store_->file(), e.where.offset, e.where.bytes,
+      s = engine_->Run({io::Op::kRead, &store_->file(), e.where.offset, e.where.bytes,
                             e.span.data, nullptr});
     } else {
       memset(e.span.data, 0, e.where.bytes);
@@ -330,7 +322,7 @@ Status ParamSwapper::Read(uint64_t id, void* dst) {
   const Extent where = e.where;
   const Member copy = *m;
   lock.unlock();
-  Status s = RunSync(engine_, {io::Op::kRead, &store_->file(), where.offset, where.bytes,
+  Status s = engine_->Run({io::Op::kRead, &store_->file(), where.offset, where.bytes,
                                span->data, nullptr});
   if (!s.ok()) s = s.WithContext(fmt::format("read {}", Describe(copy)));
   if (s.ok()) s = VerifyMember(copy, span->data);  // names the partition itself
