@@ -301,6 +301,10 @@ TEST_F(CoordinatorTest, CudaDeviceEndToEnd) {
 struct PropertyCase {
   uint32_t world;
   uint64_t seed;
+  // Swap buffer size: 64 KiB gives partitions of 1-2 buffers; 16 KiB gives
+  // partitions of up to 5 buffers in pools barely larger, where a read needs
+  // a run of adjacent free buffers.
+  uint64_t buffer_bytes = 64 * 1024;
 };
 
 class CoordinatorPropertyTest : public ::testing::TestWithParam<PropertyCase> {};
@@ -338,7 +342,7 @@ TEST_P(CoordinatorPropertyTest, RandomTracesAndLimits) {
   cfg.options.param_persistence_threshold = rng() % 3 == 0 ? 2000 : 0;
   cfg.options.max_ongoing_fetch_events = 1 + rng() % 3;
   // Enough buffers for the largest partition (2 bytes per element).
-  cfg.buffer_bytes = 64 * 1024;
+  cfg.buffer_bytes = pc.buffer_bytes;
   const uint64_t part_bytes = (largest + pc.world - 1) / pc.world * 2;
   cfg.buffer_count = static_cast<uint32_t>((part_bytes + cfg.buffer_bytes - 1) / cfg.buffer_bytes)
                      + rng() % 4;
@@ -435,11 +439,22 @@ std::vector<PropertyCase> PropertyCases() {
   return v;
 }
 
+std::vector<PropertyCase> TightPropertyCases() {
+  std::vector<PropertyCase> v;
+  for (uint32_t world : {1u, 2u}) {
+    for (uint64_t seed = 1; seed <= 8; ++seed) v.push_back({world, 1000 + seed, 16 * 1024});
+  }
+  return v;
+}
+
+std::string PropertyName(const ::testing::TestParamInfo<PropertyCase>& info) {
+  return "world" + std::to_string(info.param.world) + "_seed" + std::to_string(info.param.seed);
+}
+
 INSTANTIATE_TEST_SUITE_P(Worlds, CoordinatorPropertyTest, ::testing::ValuesIn(PropertyCases()),
-                         [](const auto& info) {
-                           return "world" + std::to_string(info.param.world) + "_seed" +
-                                  std::to_string(info.param.seed);
-                         });
+                         PropertyName);
+INSTANTIATE_TEST_SUITE_P(TightBuffers, CoordinatorPropertyTest,
+                         ::testing::ValuesIn(TightPropertyCases()), PropertyName);
 
 }  // namespace
 }  // namespace ztier::coordinator
