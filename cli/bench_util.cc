@@ -42,6 +42,13 @@ int SuffixPower(std::string_view suffix) {
 
 }  // namespace
 
+double Median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
 Result<uint64_t> ParseSize(std::string_view text) {
   const std::string_view original = text;
   while (!text.empty() &&

@@ -21,6 +21,11 @@ namespace ztier::cli {
 // bytes). Errors name the text and say what is accepted.
 Result<uint64_t> ParseSize(std::string_view text);
 
+// The median of `v`: its middle value, or the mean of the two middle values
+// when the count is even; 0 when empty. Every `ztier bench` figure called a
+// median is this one.
+double Median(std::vector<double> v);
+
 // "1 MiB", "4 KiB", "1.50 GiB", "1000 B": exact binary units where the value
 // is a whole multiple, else two decimals.
 std::string FormatSize(uint64_t bytes);

@@ -109,11 +109,6 @@ std::string_view DTypeName(optim::DType t) {
   return "?";
 }
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-
 uint64_t AlignUp(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 
 struct FreeDeleter {

@@ -98,13 +98,6 @@ void WaitUntil(Clock::time_point deadline, bool spin = true) {
   }
 }
 
-double Median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
-
 // Scales the element-count thresholds of the config by 1/scale, so that a
 // scaled model keeps the same decisions (persistence, reuse, prefetch
 // depth) as the full one.

@@ -35,11 +35,6 @@ struct RunResult {
   double io_read_bw = 0, swap_in_bw = 0, io_write_bw = 0, swap_out_bw = 0;  // bytes/s
 };
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-
 struct Bench {
   SwapArgs a;
   uint64_t part_bytes = 0, bs = 0, buffer_bytes = 0;
