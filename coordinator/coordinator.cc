@@ -911,7 +911,9 @@ bool Coordinator::TryStartRead(Param& p) {
   swapper::ParamSwapper& sw = *deps_.swapper;
   if (sw.BuffersNeeded(p.id) > sw.available_swap_in_buffers()) return false;
   const uint64_t id = p.id;
-  auto got = sw.SwapIn(std::span<const uint64_t>(&id, 1));
+  swapper::PartitionState observed = swapper::PartitionState::kOnNvme;
+  auto got = sw.SwapIn(std::span<const uint64_t>(&id, 1),
+                       std::span<swapper::PartitionState>(&observed, 1));
   if (!got.ok()) {
     if (async_error_.ok()) async_error_ = got.status();
     if (p.status == ParamStatus::kInflight) p.gather_failed = true;
@@ -922,7 +924,10 @@ bool Coordinator::TryStartRead(Param& p) {
   ++stats_.nvme_reads;
   Emit(EventKind::kNvmeRead, -1, {p.id});
   if (deps_.timeline) p.read_started = Clock::now();
-  if (sw.state(p.id) == swapper::PartitionState::kInHost) {
+  // The state SwapIn saw, not sw.state(p.id) now: a read that completed
+  // since would still have its callback to come, and that late callback
+  // would be taken for the end of the next read of this parameter.
+  if (observed == swapper::PartitionState::kInHost) {
     p.read = ReadState::kInHost;  // its pack was already in a buffer
     cv_.notify_all();
   } else {

@@ -337,7 +337,12 @@ Status ParamSwapper::Read(uint64_t id, void* dst) {
   return released;
 }
 
-Result<size_t> ParamSwapper::SwapIn(std::span<const uint64_t> ids) {
+Result<size_t> ParamSwapper::SwapIn(std::span<const uint64_t> ids,
+                                    std::span<PartitionState> observed) {
+  if (!observed.empty() && observed.size() != ids.size()) {
+    return Status::InvalidArgument(fmt::format(
+        "SwapIn: {} ids but {} entries for their states", ids.size(), observed.size()));
+  }
   std::lock_guard<std::mutex> lock(mu_);
   size_t covered = 0;
   for (uint64_t id : ids) {
@@ -361,6 +366,8 @@ Result<size_t> ParamSwapper::SwapIn(std::span<const uint64_t> ids) {
       m->held = true;
       ++e.holders;
     }
+    // Under mu_: OnReadDone picks the held members to notify under it too.
+    if (!observed.empty()) observed[covered] = e.state;
     ++covered;
   }
   return covered;

@@ -94,7 +94,16 @@ class ParamSwapper {
   // Starts reads for `ids` in order while buffers last; returns how many of
   // them (a prefix) are now READING or IN_HOST. Errors: unknown id, a
   // partition never written in this run, a pending write error.
-  Result<size_t> SwapIn(std::span<const uint64_t> ids);
+  // `observed`, when given (as many entries as `ids`), receives for each
+  // covered id the state it had when SwapIn took hold of it: READING means
+  // the read callback will report it, exactly once; IN_HOST means its pack
+  // was already in a buffer and no callback will come for it. Callers that
+  // track reads through the callback must use this, not a later state(): a
+  // read may complete between SwapIn and state(), and its callback, which
+  // runs later on the I/O thread, would then arrive for a read they never
+  // saw in flight.
+  Result<size_t> SwapIn(std::span<const uint64_t> ids,
+                        std::span<PartitionState> observed = {});
   // Waits until `id` is IN_HOST (OK) or its read failed (the error, once).
   Status Wait(uint64_t id);
   // Waits until no read or write is in flight; returns the first error seen

@@ -9,7 +9,9 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -189,6 +191,54 @@ TEST_P(SwapperTest, SwapInStopsAtFreeBuffersAndResumesAfterRelease) {
   EXPECT_LE(st.high_water_buffers, 2u);
   EXPECT_LE(st.bytes_allocated, 2 * pool_->buffer_bytes());
   EXPECT_LE(st.bytes_pinned, 2 * pool_->buffer_bytes());
+}
+
+// A caller that follows reads through the callback (the coordinator) must
+// know, per id, whether a callback will come. Here the callback is held back,
+// so the read has completed (state() already says IN_HOST) while its
+// callback has not run: SwapIn's `observed` said READING, and exactly one
+// callback follows. A pack member taken after its pack is in a buffer is
+// IN_HOST, and no callback comes for it.
+TEST_P(SwapperTest, SwapInSaysWhichIdsTheReadCallbackWillReport) {
+  Build(2, kMiB);
+  AddAndWrite({10 * kKiB, 10 * kKiB, kMiB});  // 0 and 1 share a pack; 2 alone
+  ASSERT_EQ(swapper_->stats().extents, 2u);
+  std::mutex mu;
+  std::condition_variable cv;
+  bool open = false;
+  std::vector<uint64_t> reported;
+  swapper_->SetReadCallback([&](uint64_t id, const Status& st) {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return open; });
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    reported.push_back(id);
+    cv.notify_all();
+  });
+  const uint64_t first[] = {0}, mate[] = {1}, alone[] = {2};
+  PartitionState seen[1] = {PartitionState::kOnNvme};
+  auto got = swapper_->SwapIn(first, seen);
+  ASSERT_TRUE(got.ok() && *got == 1u);
+  EXPECT_EQ(seen[0], PartitionState::kReading);
+  ASSERT_TRUE(swapper_->Wait(0).ok());  // the read is done; its callback waits
+  EXPECT_EQ(swapper_->state(0), PartitionState::kInHost);
+  got = swapper_->SwapIn(mate, seen);
+  ASSERT_TRUE(got.ok() && *got == 1u);
+  EXPECT_EQ(seen[0], PartitionState::kInHost);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    open = true;
+  }
+  cv.notify_all();
+  ASSERT_TRUE(swapper_->WaitAll().ok());  // every callback has run
+  EXPECT_EQ(reported, std::vector<uint64_t>({0}));
+  got = swapper_->SwapIn(alone, seen);
+  ASSERT_TRUE(got.ok() && *got == 1u);
+  EXPECT_EQ(seen[0], PartitionState::kReading);
+  ASSERT_TRUE(swapper_->WaitAll().ok());
+  EXPECT_EQ(reported, std::vector<uint64_t>({0, 2}));
+  PartitionState two[2];
+  EXPECT_EQ(swapper_->SwapIn(first, two).status().code(), StatusCode::kInvalidArgument);
+  for (uint64_t id : {0, 1, 2}) ASSERT_TRUE(swapper_->ReleaseBuffer(id).ok());
 }
 
 TEST_P(SwapperTest, APartitionThatCanNeverFitIsRejectedAtSeal) {
