@@ -34,6 +34,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "base/float16.h"
 #include "base/status.h"
 #include "cli/bench_util.h"
 #include "cli/commands.h"
@@ -174,10 +175,10 @@ struct Arena {
             static_cast<float*>(const_cast<void*>(s.grad))[i] = g;
             break;
           case optim::DType::kF16:
-            static_cast<uint16_t*>(const_cast<void*>(s.grad))[i] = optim::FloatToHalf(g);
+            static_cast<uint16_t*>(const_cast<void*>(s.grad))[i] = FloatToHalf(g);
             break;
           case optim::DType::kBF16:
-            static_cast<uint16_t*>(const_cast<void*>(s.grad))[i] = optim::FloatToBf16(g);
+            static_cast<uint16_t*>(const_cast<void*>(s.grad))[i] = FloatToBf16(g);
             break;
         }
       }

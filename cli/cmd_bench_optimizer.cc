@@ -23,6 +23,7 @@
 #include <nlohmann/json.hpp>
 
 #include "base/crc32c.h"
+#include "base/float16.h"
 #include "cli/bench_util.h"
 #include "cli/commands.h"
 #include "cli/step_util.h"
@@ -180,7 +181,7 @@ Status OptimizerBench::Setup() {
       memcpy(out, &f, 4);
     } else {
       const uint16_t h =
-          dtype_ == optim::DType::kF16 ? optim::FloatToHalf(f) : optim::FloatToBf16(f);
+          dtype_ == optim::DType::kF16 ? FloatToHalf(f) : FloatToBf16(f);
       memcpy(out, &h, 2);
     }
   };

@@ -29,7 +29,6 @@
 
 #include <algorithm>
 #include <array>
-#include <bit>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -41,6 +40,7 @@
 
 #include <fmt/format.h>
 
+#include "base/float16.h"
 #include "base/log.h"
 
 namespace ztier::coordinator {
@@ -48,85 +48,6 @@ namespace {
 
 using tiering::DeviceBackend;
 using tiering::StreamHandle;
-
-// ---- float16 / bfloat16 <-> float32 ----
-// Widening is exact; narrowing rounds to nearest, ties to even, overflows to
-// infinity and keeps NaN a (quiet) NaN.
-
-float HalfToFloat(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1Fu;
-  uint32_t man = h & 0x3FFu;
-  uint32_t bits;
-  if (exp == 0x1F) {
-    bits = sign | 0x7F800000u | (man << 13);  // inf, or NaN with its payload
-  } else if (exp != 0) {
-    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;  // +-0
-  } else {
-    // Subnormal (man x 2^-24): shift the leading 1 up to the implicit bit,
-    // lowering the exponent by one per shift.
-    int32_t e = 1;
-    while ((man & 0x400u) == 0) {
-      man <<= 1;
-      --e;
-    }
-    bits = sign | (static_cast<uint32_t>(e + 127 - 15) << 23) | ((man & 0x3FFu) << 13);
-  }
-  return std::bit_cast<float>(bits);
-}
-
-uint16_t FloatToHalf(float f) {
-  const uint32_t x = std::bit_cast<uint32_t>(f);
-  const auto sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
-  const uint32_t abs = x & 0x7FFFFFFFu;
-  if (abs > 0x7F800000u) {
-    // NaN: keep the top of the payload, force the quiet bit so that it can
-    // never turn into infinity.
-    return static_cast<uint16_t>(sign | 0x7E00u | ((abs >> 13) & 0x3FFu));
-  }
-  // 65520 (0x477FF000) lies halfway between 65504, the largest half, and
-  // 65536; the tie goes to the even neighbour 65536, which is out of range.
-  if (abs >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);
-  const int32_t e = static_cast<int32_t>(abs >> 23) - 127;  // unbiased exponent
-  if (e >= -14) {
-    // Normal half: drop 13 mantissa bits and round; a carry out of the
-    // mantissa correctly bumps the exponent.
-    uint32_t h = (static_cast<uint32_t>(e + 15) << 10) | ((abs >> 13) & 0x3FFu);
-    const uint32_t rest = abs & 0x1FFFu;
-    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
-    return static_cast<uint16_t>(sign | h);
-  }
-  // Below 2^-25 (half the smallest subnormal, 2^-24) everything rounds to 0;
-  // exactly 2^-25 is a tie that goes to the even 0 below.
-  if (e < -25) return sign;
-  // Subnormal half, in units of 2^-24: the 24-bit significand shifted right
-  // by 14..24 bits. A carry into bit 10 gives the smallest normal, as it must.
-  const uint32_t man = (abs & 0x7FFFFFu) | 0x800000u;
-  const int shift = -e - 1;
-  uint32_t h = man >> shift;
-  const uint32_t rest = man & ((1u << shift) - 1);
-  const uint32_t half = 1u << (shift - 1);
-  if (rest > half || (rest == half && (h & 1u))) ++h;
-  return static_cast<uint16_t>(sign | h);
-}
-
-float BFloat16ToFloat(uint16_t b) {
-  return std::bit_cast<float>(static_cast<uint32_t>(b) << 16);
-}
-
-uint16_t FloatToBFloat16(float f) {
-  const uint32_t x = std::bit_cast<uint32_t>(f);
-  if ((x & 0x7FFFFFFFu) > 0x7F800000u) {
-    return static_cast<uint16_t>((x >> 16) | 0x0040u);  // quiet NaN
-  }
-  // Adding 0x7FFF rounds halves down, adding 0x8000 rounds them up: the low
-  // bit of the kept part picks the even result. Overflow carries into the
-  // exponent and yields infinity, as it should.
-  const uint32_t rounded = x + 0x7FFFu + ((x >> 16) & 1u);
-  return static_cast<uint16_t>(rounded >> 16);
-}
 
 template <DType kT>
 float LoadElement(const uint8_t* p) {
@@ -138,7 +59,7 @@ float LoadElement(const uint8_t* p) {
     uint16_t v;
     std::memcpy(&v, p, sizeof(v));
     if constexpr (kT == DType::kFloat16) return HalfToFloat(v);
-    return BFloat16ToFloat(v);
+    return Bf16ToFloat(v);
   }
 }
 
@@ -147,7 +68,7 @@ void StoreElement(uint8_t* p, float v) {
   if constexpr (kT == DType::kFloat32) {
     std::memcpy(p, &v, sizeof(v));
   } else {
-    const uint16_t b = kT == DType::kFloat16 ? FloatToHalf(v) : FloatToBFloat16(v);
+    const uint16_t b = kT == DType::kFloat16 ? FloatToHalf(v) : FloatToBf16(v);
     std::memcpy(p, &b, sizeof(b));
   }
 }

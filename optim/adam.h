@@ -114,16 +114,4 @@ void AdamUpdate(const AdamConstants& c, const AdamSpan& s, Isa isa);
 // Elements [begin, begin + count) of `s` (begin + count <= s.n).
 AdamSpan SubSpan(const AdamSpan& s, uint64_t begin, uint64_t count);
 
-// Scalar conversions, the ones the scalar kernel uses; they give the same
-// bits as the vector instructions. Rounding is to nearest even; a NaN stays a
-// NaN and becomes quiet (its payload's top bits kept); overflow gives inf;
-// half subnormals are produced and read exactly, as F16C does.
-uint16_t FloatToHalf(float f);
-float HalfToFloat(uint16_t h);
-// bf16: rounding to nearest even on the bit pattern; a NaN becomes the quiet
-// NaN sign | 0x7fc0. Bf16ToFloat is the exact 16-bit shift (a signalling NaN
-// stays signalling).
-uint16_t FloatToBf16(float f);
-float Bf16ToFloat(uint16_t h);
-
 }  // namespace ztier::optim

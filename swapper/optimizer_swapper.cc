@@ -13,6 +13,7 @@
 #include <fmt/ranges.h>
 
 #include "base/crc32c.h"
+#include "base/float16.h"
 
 namespace ztier::swapper {
 namespace {
@@ -73,12 +74,12 @@ float ToFloat(const uint8_t* p, optim::DType t) {
     case optim::DType::kF16: {
       uint16_t h;
       memcpy(&h, p, 2);
-      return optim::HalfToFloat(h);
+      return HalfToFloat(h);
     }
     case optim::DType::kBF16: {
       uint16_t h;
       memcpy(&h, p, 2);
-      return optim::Bf16ToFloat(h);
+      return Bf16ToFloat(h);
     }
   }
   return 0;

@@ -21,6 +21,7 @@
 #define ZTIER_TEST_X86 1
 #endif
 
+#include "base/float16.h"
 #include "optim/adam.h"
 #include "optim/worker_pool.h"
 

@@ -17,6 +17,7 @@
 
 #include <gtest/gtest.h>
 
+#include "base/float16.h"
 #include "io/fault_backend.h"
 #include "tests/testutil/testutil.h"
 
@@ -35,7 +36,7 @@ struct RefState {
 };
 
 uint16_t Encode16(float f, DType t) {
-  return t == DType::kF16 ? optim::FloatToHalf(f) : optim::FloatToBf16(f);
+  return t == DType::kF16 ? FloatToHalf(f) : FloatToBf16(f);
 }
 
 class OptimizerSwapperTest : public ::testing::TestWithParam<io::BackendKind> {
@@ -109,7 +110,7 @@ class OptimizerSwapperTest : public ::testing::TestWithParam<io::BackendKind> {
         } else {
           uint16_t h = Encode16(f, s.dtype);
           memcpy(r.param.data() + 2 * i, &h, 2);
-          f = s.dtype == DType::kF16 ? optim::HalfToFloat(h) : optim::Bf16ToFloat(h);
+          f = s.dtype == DType::kF16 ? HalfToFloat(h) : Bf16ToFloat(h);
         }
         r.master[i] = f;
       }
