@@ -12,6 +12,7 @@
 
 #include "coordinator/coordinator.h"
 #include "io/fault_backend.h"
+#include "tests/testutil/faulty_engine.h"
 #include "tests/testutil/testutil.h"
 
 namespace ztier::coordinator::testing {
@@ -71,13 +72,9 @@ inline std::unique_ptr<Rank> MakeRank(const std::string& dir, uint32_t rank, uin
   // (no memlock needed on small test machines).
   po.pin = cfg.cuda ? tiering::PinMode::kAuto : tiering::PinMode::kNone;
   r->pool = tiering::PinnedPool::Create(po, r->device.get()).value();
-  auto backend = io::CreateBackend(io::BackendKind::kAuto, io::BackendOptions{}).value();
-  auto fb = std::make_unique<io::FaultInjectingBackend>(std::move(backend));
-  r->fault = fb.get();
-  for (const auto& f : cfg.faults) fb->AddFault(f);
-  auto engine = io::Engine::Create(std::move(fb), io::EngineOptions{.block_size = 128 * 1024,
-                                                                     .queue_depth = 16});
-  r->engine = io::AsyncEngine::Create(std::move(engine).value()).value();
+  r->engine = ztier::testing::MakeFaultyAsyncEngine(
+      io::BackendKind::kAuto, cfg.faults,
+      io::EngineOptions{.block_size = 128 * 1024, .queue_depth = 16}, &r->fault);
   swapper::SwapperOptions so;
   so.store.paths = {dir};
   so.store.rank = rank;

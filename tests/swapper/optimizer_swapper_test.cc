@@ -19,6 +19,7 @@
 
 #include "base/float16.h"
 #include "io/fault_backend.h"
+#include "tests/testutil/faulty_engine.h"
 #include "tests/testutil/testutil.h"
 
 namespace ztier::swapper {
@@ -56,17 +57,9 @@ class OptimizerSwapperTest : public ::testing::TestWithParam<io::BackendKind> {
               {16, 4097, DType::kBF16}};
     }
     segments_ = segs;
-    auto backend = io::CreateBackend(GetParam(), io::BackendOptions{});
-    ASSERT_TRUE(backend.ok());
-    auto wrapper = std::make_unique<io::FaultInjectingBackend>(std::move(backend).value());
-    fault_ = wrapper.get();
-    for (const auto& f : faults) fault_->AddFault(f);
-    auto engine = io::Engine::Create(std::move(wrapper),
-                                     io::EngineOptions{.block_size = 64 * kKiB, .queue_depth = 8});
-    ASSERT_TRUE(engine.ok());
-    auto async = io::AsyncEngine::Create(std::move(engine).value());
-    ASSERT_TRUE(async.ok());
-    engine_ = std::move(async).value();
+    engine_ = ztier::testing::MakeFaultyAsyncEngine(
+        GetParam(), faults, io::EngineOptions{.block_size = 64 * kKiB, .queue_depth = 8}, &fault_);
+    ASSERT_TRUE(engine_);
     OptimizerSwapperOptions o;
     o.store.paths = {dir_.File("nvme")};
     o.store.tag = "optimizer";

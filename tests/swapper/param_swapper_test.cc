@@ -18,6 +18,7 @@
 #include <gtest/gtest.h>
 
 #include "io/fault_backend.h"
+#include "tests/testutil/faulty_engine.h"
 #include "tests/testutil/testutil.h"
 
 namespace ztier::swapper {
@@ -47,17 +48,10 @@ class SwapperTest : public ::testing::TestWithParam<io::BackendKind> {
     auto pool = tiering::PinnedPool::Create(po);
     ASSERT_TRUE(pool.ok()) << pool.status().ToString();
     pool_ = std::move(pool).value();
-    auto backend = io::CreateBackend(GetParam(), io::BackendOptions{});
-    ASSERT_TRUE(backend.ok());
-    auto wrapper = std::make_unique<io::FaultInjectingBackend>(std::move(backend).value());
-    fault_ = wrapper.get();
-    for (const auto& f : faults) fault_->AddFault(f);
-    auto engine = io::Engine::Create(std::move(wrapper),
-                                     io::EngineOptions{.block_size = 256 * kKiB, .queue_depth = 16});
-    ASSERT_TRUE(engine.ok());
-    auto async = io::AsyncEngine::Create(std::move(engine).value());
-    ASSERT_TRUE(async.ok());
-    engine_ = std::move(async).value();
+    engine_ = ztier::testing::MakeFaultyAsyncEngine(
+        GetParam(), faults, io::EngineOptions{.block_size = 256 * kKiB, .queue_depth = 16},
+        &fault_);
+    ASSERT_TRUE(engine_);
     so.store.paths.clear();
     for (int i = 0; i < paths; ++i) so.store.paths.push_back(dir_.File("nvme" + std::to_string(i)));
     so.store.stripe_bytes = 256 * kKiB;
