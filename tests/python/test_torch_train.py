@@ -71,18 +71,27 @@ class TrainTest(unittest.TestCase):
         # The reference: the same loop without ztier.
         model = cls.fresh()
         opt = torch.optim.AdamW(model.parameters(), **LR)
-        cls.ref_losses = []
-        for x, y in cls.data:
-            loss = tiny_gpt.loss_of(model, x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            cls.ref_losses.append(loss.item())
+        cls.ref_losses = cls.train(model, opt, set_to_none=True)
         cls.ref_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
         cls.ref_state = {n: {k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")}
                          for n, p in model.named_parameters()}
         with torch.no_grad():
             cls.ref_eval = model(cls.data[0][0])
+
+    @classmethod
+    def train(cls, model, opt, after_step=None, **zero_grad):
+        """STEPS steps of the tiny GPT over cls.data; returns the losses.
+        `after_step` runs after each step; `zero_grad` goes to opt.zero_grad."""
+        losses = []
+        for x, y in cls.data:
+            loss = cls.tiny_gpt.loss_of(model, x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(**zero_grad)
+            losses.append(loss.item())
+            if after_step:
+                after_step()
+        return losses
 
     @classmethod
     def fresh(cls):
@@ -95,15 +104,9 @@ class TrainTest(unittest.TestCase):
         model = self.fresh()
         off = ztier.torch.offload(model, config_text(tmpdir(self)))
         opt = off.optimizer(torch.optim.AdamW, **LR)
-        losses = []
-        for x, y in self.data:
-            loss = self.tiny_gpt.loss_of(model, x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-            # Between steps no parameter has data outside ztier.
-            self.assertTrue(all(p.numel() == 0 for p in model.parameters()))
+        # Between steps no parameter has data outside ztier.
+        losses = self.train(model, opt, after_step=lambda: self.assertTrue(
+            all(p.numel() == 0 for p in model.parameters())))
         # Evaluation (no backward) through the same hooks, then the weights
         # (partition reads while the eval's prefetches may still be in flight).
         with torch.no_grad():
@@ -132,13 +135,7 @@ class TrainTest(unittest.TestCase):
         model = self.fresh()
         off = ztier.torch.offload(model, config_text(tmpdir(self)))
         opt = off.adamw(**LR)
-        losses = []
-        for x, y in self.data:
-            loss = self.tiny_gpt.loss_of(model, x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
+        losses = self.train(model, opt)
         weights = off.full_parameters()
         ostats = opt.stats()
         states = {n: opt.state(p) for n, p in model.named_parameters()}
@@ -162,24 +159,12 @@ class TrainTest(unittest.TestCase):
         hyper = dict(lr=1e-2, weight_decay=0.1)
         model = self.fresh()
         opt = torch.optim.Adam(model.parameters(), **hyper)
-        ref = []
-        for x, y in self.data:
-            loss = self.tiny_gpt.loss_of(model, x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ref.append(loss.item())
+        ref = self.train(model, opt, set_to_none=True)
         ref_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
         model = self.fresh()
         off = ztier.torch.offload(model, config_text(tmpdir(self)))
         zopt = off.adam(**hyper)
-        losses = []
-        for x, y in self.data:
-            loss = self.tiny_gpt.loss_of(model, x, y)
-            loss.backward()
-            zopt.step()
-            zopt.zero_grad()
-            losses.append(loss.item())
+        losses = self.train(model, zopt)
         weights = off.full_parameters()
         off.close()
         self.assertEqual(losses, ref)
