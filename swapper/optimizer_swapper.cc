@@ -309,22 +309,15 @@ Status OptimizerSwapper::Check(uint32_t g, uint8_t slot, uint64_t step, const ui
   return Status::Ok();
 }
 
-Status OptimizerSwapper::ReadSlotSync(uint32_t g, uint8_t slot, uint8_t* buf) {
-  Status s = engine_->Run({io::Op::kRead, &store_->file(), groups_[g].slot_offset[slot],
-                               SlotBytes(groups_[g].numel), buf, nullptr});
-  if (!s.ok()) {
-    return s.WithContext(fmt::format("read optimizer state of sub-group {} at {}", g, Where(g, slot)));
-  }
-  return s;
+std::string OptimizerSwapper::TransferWhat(io::Op op, uint32_t g, uint8_t slot) const {
+  return fmt::format("{} optimizer state of sub-group {} at {}",
+                     op == io::Op::kRead ? "read" : "write", g, Where(g, slot));
 }
 
-Status OptimizerSwapper::WriteSlotSync(uint32_t g, uint8_t slot, uint8_t* buf) {
-  Status s = engine_->Run({io::Op::kWrite, &store_->file(), groups_[g].slot_offset[slot],
-                               SlotBytes(groups_[g].numel), buf, nullptr});
-  if (!s.ok()) {
-    return s.WithContext(fmt::format("write optimizer state of sub-group {} at {}", g, Where(g, slot)));
-  }
-  return s;
+Status OptimizerSwapper::SlotSync(io::Op op, uint32_t g, uint8_t slot, uint8_t* buf) {
+  Status s = engine_->Run(
+      {op, &store_->file(), groups_[g].slot_offset[slot], SlotBytes(groups_[g].numel), buf, nullptr});
+  return s.ok() ? s : s.WithContext(TransferWhat(op, g, slot));
 }
 
 namespace {
@@ -378,7 +371,7 @@ Status OptimizerSwapper::Initialize(const ParamSource& params) {
     }
     if (!status.ok()) break;
     Stamp(g, 0, span.data);
-    status = WriteSlotSync(g, 0, span.data);
+    status = SlotSync(io::Op::kWrite, g, 0, span.data);
     groups_[g].committed = 0;
   }
   Status released = pool_->Release(span);
@@ -407,7 +400,7 @@ Status OptimizerSwapper::ReadState(uint64_t id, StateArray array, float* out) {
     const Group& grp = groups_[g];
     for (const Piece& p : grp.pieces) {
       if (p.segment != seg) continue;
-      status = ReadSlotSync(g, grp.committed, span.data);
+      status = SlotSync(io::Op::kRead, g, grp.committed, span.data);
       if (status.ok()) status = Check(g, grp.committed, step, span.data);
       if (!status.ok()) break;
       const float* base = reinterpret_cast<const float*>(span.data + kHeaderBytes) +
@@ -593,9 +586,8 @@ Status OptimizerSwapper::StartRead(StepRun& run, uint32_t g, const tiering::Buff
                                 if (st.ok()) {
                                   run.stats.bytes_read += bytes;
                                 } else {
-                                  run.read_status[g] = st.WithContext(fmt::format(
-                                      "read optimizer state of sub-group {} at {}", g,
-                                      Where(g, slot)));
+                                  run.read_status[g] =
+                                      st.WithContext(TransferWhat(io::Op::kRead, g, slot));
                                 }
                                 --run.in_flight;
                                 run.cv.notify_all();
@@ -719,8 +711,7 @@ Status OptimizerSwapper::StartWrite(StepRun& run, uint32_t g) {
     if (st.ok()) {
       run.stats.bytes_written += bytes;
     } else if (run.write_error.ok()) {
-      run.write_error = st.WithContext(
-          fmt::format("write optimizer state of sub-group {} at {}", g, Where(g, slot)));
+      run.write_error = st.WithContext(TransferWhat(io::Op::kWrite, g, slot));
     }
     if (!released.ok() && run.write_error.ok()) run.write_error = released;
     --run.in_flight;

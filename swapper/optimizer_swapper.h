@@ -166,9 +166,10 @@ class OptimizerSwapper {
   uint64_t SlotBytes(uint64_t numel) const;
   uint64_t ChunkBytes(uint64_t numel) const;
 
-  // Synchronous slot transfers (set-up, ReadState) through the engine.
-  Status ReadSlotSync(uint32_t g, uint8_t slot, uint8_t* buf);
-  Status WriteSlotSync(uint32_t g, uint8_t slot, uint8_t* buf);
+  // A synchronous slot transfer (set-up, ReadState) through the engine.
+  Status SlotSync(io::Op op, uint32_t g, uint8_t slot, uint8_t* buf);
+  // "read|write optimizer state of sub-group g at <file, offset>".
+  std::string TransferWhat(io::Op op, uint32_t g, uint8_t slot) const;
   // Header + chunk CRCs of a slot in `buf` for sub-group `g` at `step`.
   void Stamp(uint32_t g, uint64_t step, uint8_t* buf);
   // Checks a slot read into `buf` against sub-group `g` and `step`.
