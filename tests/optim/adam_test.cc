@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <mutex>
 #include <random>
 #include <set>
@@ -205,7 +207,6 @@ TEST_P(VectorVsScalar, BitExactOverAllConfigurations) {
   const DType types[] = {DType::kF32, DType::kF16, DType::kBF16};
   constexpr int kSteps = 3;
   std::mt19937_64 rng(42);
-  int configs = 0;
   for (uint64_t n : sizes) {
     for (DType grad_type : types) {
       // One set of inputs per (n, grad type), shared by every configuration.
@@ -242,12 +243,10 @@ TEST_P(VectorVsScalar, BitExactOverAllConfigurations) {
             ExpectGuardsIntact(got, n, out_type, what);
             if (HasFailure()) return;
           }
-          ++configs;
         }
       }
     }
   }
-  EXPECT_EQ(configs, 9 * 3 * 4 * 8);
 }
 
 // Unaligned arrays (odd float offsets) give the same bits as the scalar code.
@@ -535,6 +534,25 @@ TEST(AdamIsa, NamesParseAndAvailability) {
   }
   EXPECT_TRUE(IsaAvailable(Isa::kScalar));
   EXPECT_TRUE(IsaAvailable(BestIsa()));
+#if defined(ZTIER_TEST_X86) && defined(__linux__)
+  // Against the kernel's own list, so that a wrong "not available" cannot
+  // turn the vector-vs-scalar tests into skips.
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line;
+  std::set<std::string> flags;
+  while (std::getline(cpuinfo, line)) {
+    if (line.rfind("flags", 0) != 0) continue;
+    std::istringstream words(line.substr(line.find(':') + 1));
+    for (std::string w; words >> w;) flags.insert(w);
+    break;
+  }
+  if (!flags.empty()) {
+    const bool avx2 = flags.count("avx2") && flags.count("fma") && flags.count("f16c");
+    EXPECT_EQ(IsaAvailable(Isa::kAvx2), avx2);
+    EXPECT_EQ(IsaAvailable(Isa::kAvx512),
+              avx2 && flags.count("avx512f") && flags.count("avx512bw"));
+  }
+#endif
   if (IsaAvailable(Isa::kAvx512)) {
     EXPECT_EQ(BestIsa(), Isa::kAvx512);
     EXPECT_TRUE(IsaAvailable(Isa::kAvx2));

@@ -142,6 +142,7 @@ class TrainTest(unittest.TestCase):
         off.close()
         print(f"\nztier AdamW, world 1: losses {losses[0]:.6f} .. {losses[-1]:.6f}; {ostats}")
         self.assertEqual(losses, self.ref_losses)
+        self.assertEqual(set(weights), set(self.ref_weights))
         for name, w in weights.items():
             self.assertTrue(torch.equal(w, self.ref_weights[name]), name)
             st = states[name]
@@ -168,6 +169,7 @@ class TrainTest(unittest.TestCase):
         weights = off.full_parameters()
         off.close()
         self.assertEqual(losses, ref)
+        self.assertEqual(set(weights), set(ref_weights))
         for name, w in weights.items():
             self.assertTrue(torch.equal(w, ref_weights[name]), name)
 

@@ -164,12 +164,15 @@ class OptimizerSwapperTest : public ::testing::TestWithParam<io::BackendKind> {
         return Status::Ok();
       };
     }
-    return sw_->Step(
+    Status s = sw_->Step(
         h,
         [&](uint64_t id) -> const void* {
           return skip.count(id) ? nullptr : grads_[id].data();
         },
         sink);
+    // Every buffer is back once a step returns, failed steps included.
+    EXPECT_EQ(sw_->buffers_in_use(), 0u) << s.ToString();
+    return s;
   }
 
   const OptimizerSegment& Seg(uint64_t id) const {
