@@ -4,7 +4,6 @@
 #include <chrono>
 #include <cstring>
 #include <deque>
-#include <future>
 #include <new>
 #include <thread>
 #include <unordered_set>

@@ -114,7 +114,7 @@ class OptimizerSwapper {
   static Result<std::unique_ptr<OptimizerSwapper>> Create(
       const OptimizerSwapperOptions& options, std::vector<OptimizerSegment> segments,
       io::AsyncEngine* engine);
-  // Waits for transfers in flight and frees the buffers.
+  // Nothing is in flight between calls (each drains its own transfers).
   ~OptimizerSwapper();
 
   // Writes step 0: master = the parameters from `params` (converted to

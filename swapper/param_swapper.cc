@@ -19,7 +19,6 @@ constexpr uint64_t kPackMemberAlignment = 256;
 
 uint64_t AlignUp(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
-
 }  // namespace
 
 std::string_view PartitionStateName(PartitionState s) {
@@ -239,13 +238,9 @@ Status ParamSwapper::WriteMany(std::span<const uint64_t> ids,
       if (!pending.empty()) {
         finish_oldest();  // our own writes hold the buffers: free one
       } else {
-        auto waited = pool_->AcquireUntil(e.buffers, std::chrono::steady_clock::now() +
-                                                         std::chrono::milliseconds(100));
-        if (!waited.ok()) {
-          first = waited.status();
-          break;
-        }
-        if (*waited) (void)pool_->Release(**waited);  // free now: take it under the lock
+        // Then take it under the lock (TryAcquire above checked the count).
+        (void)pool_->WaitForFree(e.buffers, std::chrono::steady_clock::now() +
+                                                std::chrono::milliseconds(100));
       }
       continue;
     }
