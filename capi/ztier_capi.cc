@@ -64,7 +64,7 @@ struct ztier_engine {
   std::vector<uint64_t> param_order;  // registration order
   std::unordered_set<uint64_t> modules;
   std::atomic<uint64_t> grad_reduces{0};
-  ztier::optim::AdamHyper hyper;  // the optimizer's, once created
+  std::vector<ztier::optim::AdamHyper> hypers;  // the optimizer's groups, once created
 
   std::mutex async_mu;  // guards the latched background error
   ztier_status_t async_status = ZTIER_STATUS_OK;
@@ -680,6 +680,9 @@ ztier_status_t ztier_grad_clear(ztier_engine_t* engine) {
 
 namespace {
 
+// Parameter groups an optimizer takes at most (the swapper's limit too).
+constexpr size_t kMaxOptimizerGroups = 1u << 16;
+
 // A struct whose `size` this library does not know: checked before the
 // engine call (ZTIER_STATUS_BAD_STRUCT_SIZE has no Status code).
 ztier_status_t BadSize(ztier_engine* engine, const char* fn, const char* what, size_t size,
@@ -743,6 +746,61 @@ ztier_status_t ztier_optimizer_options_init(ztier_optimizer_options_t* options) 
   return ZTIER_STATUS_OK;
 }
 
+namespace {
+
+// Every group's options checked (sizes, values, one kind for all).
+Result<std::vector<ztier::optim::AdamHyper>> ToHypers(const ztier_optimizer_options_t* groups,
+                                                      size_t group_count) {
+  if (groups == nullptr) return Status::InvalidArgument("groups is NULL");
+  if (group_count == 0) return Status::InvalidArgument("group_count is 0: give one group at least");
+  if (group_count > kMaxOptimizerGroups) {
+    return Status::InvalidArgument(fmt::format("group_count {} is more than the {} groups allowed",
+                                               group_count, kMaxOptimizerGroups));
+  }
+  std::vector<ztier::optim::AdamHyper> hypers;
+  for (size_t g = 0; g < group_count; ++g) {
+    if (groups[g].size != sizeof(ztier_optimizer_options_t)) {
+      return Status::InvalidArgument(
+          fmt::format("groups[{}].size is {}, this library knows {} (call "
+                      "ztier_optimizer_options_init)",
+                      g, groups[g].size, sizeof(ztier_optimizer_options_t)));
+    }
+    auto h = ToHyper(groups[g]);
+    if (!h.ok()) return h.status().WithContext(fmt::format("groups[{}]", g));
+    if (g > 0 && h->adamw != hypers[0].adamw) {
+      return Status::InvalidArgument(fmt::format(
+          "groups[{}].kind differs from groups[0].kind: one optimizer runs one kind", g));
+    }
+    hypers.push_back(*h);
+  }
+  return hypers;
+}
+
+// The optimizer over `segments` (layout order) with `hypers`, once per engine.
+Status CreateOptimizer(ztier_engine& e, std::vector<ztier::optim::AdamHyper> hypers,
+                       std::vector<ztier::swapper::OptimizerSegment> segments) {
+  if (e.rt->optimizer() != nullptr) {
+    return Status::FailedPrecondition("the engine already has an optimizer");
+  }
+  if (segments.empty()) {
+    return Status::FailedPrecondition(
+        "no float parameter is registered: register the parameters before the optimizer");
+  }
+  ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+  ZTIER_RETURN_IF_ERROR(e.rt->CreateOptimizer(std::move(segments)));
+  e.hypers = std::move(hypers);
+  return Status::Ok();
+}
+
+Status StepOptimizer(ztier_engine& e) {
+  return e.rt->OptimizerStep(e.hypers, [&e](uint64_t id) -> const void* {
+    const ztier_engine::Param& p = e.params.at(id);
+    return p.has_grad ? p.grad.data() : nullptr;
+  });
+}
+
+}  // namespace
+
 ztier_status_t ztier_optimizer_create(ztier_engine_t* engine,
                                       const ztier_optimizer_options_t* options) {
   if (options != nullptr && options->size != sizeof(*options)) {
@@ -751,23 +809,51 @@ ztier_status_t ztier_optimizer_create(ztier_engine_t* engine,
   return WithEngine(engine, "ztier_optimizer_create", [&](ztier_engine& e) -> Status {
     if (options == nullptr) return Status::InvalidArgument("options is NULL");
     ZTIER_ASSIGN_OR_RETURN(ztier::optim::AdamHyper h, ToHyper(*options));
-    if (e.rt->optimizer() != nullptr) {
-      return Status::FailedPrecondition("the engine already has an optimizer");
-    }
     std::vector<ztier::swapper::OptimizerSegment> segments;
     for (uint64_t id : e.param_order) {
       const ztier_engine::Param& p = e.params.at(id);
       if (p.dtype == co::DType::kUInt8) continue;
-      segments.push_back({id, p.part_numel, ToOptimDType(p.dtype)});
+      segments.push_back({id, p.part_numel, ToOptimDType(p.dtype), 0});
     }
-    if (segments.empty()) {
-      return Status::FailedPrecondition(
-          "no float parameter is registered: register the parameters before the optimizer");
+    return CreateOptimizer(e, {h}, std::move(segments));
+  });
+}
+
+ztier_status_t ztier_optimizer_create_groups(ztier_engine_t* engine,
+                                             const ztier_optimizer_options_t* groups,
+                                             size_t group_count, const uint64_t* param_ids,
+                                             const uint32_t* param_groups, size_t param_count) {
+  return WithEngine(engine, "ztier_optimizer_create_groups", [&](ztier_engine& e) -> Status {
+    ZTIER_ASSIGN_OR_RETURN(auto hypers, ToHypers(groups, group_count));
+    if (param_count > 0 && (param_ids == nullptr || param_groups == nullptr)) {
+      return Status::InvalidArgument(fmt::format(
+          "param_ids or param_groups is NULL with param_count {}", param_count));
     }
-    ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
-    ZTIER_RETURN_IF_ERROR(e.rt->CreateOptimizer(std::move(segments)));
-    e.hyper = h;
-    return Status::Ok();
+    std::unordered_map<uint64_t, uint32_t> group_of;
+    for (size_t i = 0; i < param_count; ++i) {
+      const uint64_t id = param_ids[i];
+      ZTIER_ASSIGN_OR_RETURN(ztier_engine::Param * p, FindParam(e, id));
+      if (p->dtype == co::DType::kUInt8) {
+        return Status::InvalidArgument(
+            fmt::format("param_ids[{}]: parameter {} is uint8: it has no gradient", i, id));
+      }
+      if (param_groups[i] >= group_count) {
+        return Status::InvalidArgument(fmt::format(
+            "param_groups[{}] is {}, but there are {} groups", i, param_groups[i], group_count));
+      }
+      if (!group_of.emplace(id, param_groups[i]).second) {
+        return Status::InvalidArgument(
+            fmt::format("param_ids[{}]: parameter {} is listed twice", i, id));
+      }
+    }
+    std::vector<ztier::swapper::OptimizerSegment> segments;
+    for (uint64_t id : e.param_order) {
+      auto it = group_of.find(id);
+      if (it == group_of.end()) continue;
+      const ztier_engine::Param& p = e.params.at(id);
+      segments.push_back({id, p.part_numel, ToOptimDType(p.dtype), it->second});
+    }
+    return CreateOptimizer(e, std::move(hypers), std::move(segments));
   });
 }
 
@@ -779,18 +865,40 @@ ztier_status_t ztier_optimizer_step(ztier_engine_t* engine,
   return WithEngine(engine, "ztier_optimizer_step", [&](ztier_engine& e) -> Status {
     ZTIER_RETURN_IF_ERROR(GetOptimizer(e).status());
     if (options != nullptr) {
+      if (e.hypers.size() != 1) {
+        return Status::InvalidArgument(fmt::format(
+            "the optimizer has {} parameter groups: give each its options with "
+            "ztier_optimizer_step_groups (or options NULL to keep the last ones)",
+            e.hypers.size()));
+      }
       ZTIER_ASSIGN_OR_RETURN(ztier::optim::AdamHyper h, ToHyper(*options));
-      if (h.adamw != e.hyper.adamw) {
+      if (h.adamw != e.hypers[0].adamw) {
         return Status::InvalidArgument(
             "options->kind differs from the optimizer's (AdamW and Adam cannot be switched)");
       }
-      e.hyper = h;
+      e.hypers[0] = h;
     }
-    Status s = e.rt->OptimizerStep(e.hyper, [&e](uint64_t id) -> const void* {
-      const ztier_engine::Param& p = e.params.at(id);
-      return p.has_grad ? p.grad.data() : nullptr;
-    });
-    return s;
+    return StepOptimizer(e);
+  });
+}
+
+ztier_status_t ztier_optimizer_step_groups(ztier_engine_t* engine,
+                                           const ztier_optimizer_options_t* groups,
+                                           size_t group_count) {
+  return WithEngine(engine, "ztier_optimizer_step_groups", [&](ztier_engine& e) -> Status {
+    ZTIER_RETURN_IF_ERROR(GetOptimizer(e).status());
+    ZTIER_ASSIGN_OR_RETURN(auto hypers, ToHypers(groups, group_count));
+    if (hypers.size() != e.hypers.size()) {
+      return Status::InvalidArgument(fmt::format(
+          "group_count is {}, but the optimizer was created with {} groups", hypers.size(),
+          e.hypers.size()));
+    }
+    if (hypers[0].adamw != e.hypers[0].adamw) {
+      return Status::InvalidArgument(
+          "the groups' kind differs from the optimizer's (AdamW and Adam cannot be switched)");
+    }
+    e.hypers = std::move(hypers);
+    return StepOptimizer(e);
   });
 }
 

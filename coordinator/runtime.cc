@@ -229,13 +229,13 @@ Status RankRuntime::CreateOptimizer(std::vector<swapper::OptimizerSegment> segme
   return Status::Ok();
 }
 
-Status RankRuntime::OptimizerStep(const optim::AdamHyper& hyper,
+Status RankRuntime::OptimizerStep(std::span<const optim::AdamHyper> hypers,
                                   const swapper::OptimizerSwapper::GradSource& grads) {
   if (optimizer_ == nullptr) {
     return Status::FailedPrecondition("no optimizer: create one first");
   }
   return optimizer_->Step(
-      hyper, grads, [this](std::span<const uint64_t> ids, std::span<const void* const> data) {
+      hypers, grads, [this](std::span<const uint64_t> ids, std::span<const void* const> data) {
         return coordinator_->WritePartitions(ids, data);
       });
 }

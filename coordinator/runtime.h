@@ -9,6 +9,7 @@
 #pragma once
 
 #include <memory>
+#include <span>
 #include <string>
 
 #include "base/status.h"
@@ -75,9 +76,14 @@ class RankRuntime {
   Status CreateOptimizer(std::vector<swapper::OptimizerSegment> segments);
   swapper::OptimizerSwapper* optimizer() { return optimizer_.get(); }
   // One pipelined optimizer step: gradient partitions from `grads`, updated
-  // parameter partitions written back with Coordinator::WritePartition.
-  Status OptimizerStep(const optim::AdamHyper& hyper,
+  // parameter partitions written back with Coordinator::WritePartition;
+  // `hypers[g]` for the segments of parameter group g.
+  Status OptimizerStep(std::span<const optim::AdamHyper> hypers,
                        const swapper::OptimizerSwapper::GradSource& grads);
+  Status OptimizerStep(const optim::AdamHyper& hyper,
+                       const swapper::OptimizerSwapper::GradSource& grads) {
+    return OptimizerStep(std::span<const optim::AdamHyper>(&hyper, 1), grads);
+  }
   // The swapper options config.optimizer gives for this rank (the ISA
   // resolved: auto is the best this CPU has).
   static Result<swapper::OptimizerSwapperOptions> OptimizerOptionsFrom(

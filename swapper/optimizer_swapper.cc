@@ -29,6 +29,8 @@ constexpr uint64_t kStateBytesPerElement = 12;  // master, exp_avg, exp_avg_sq
 // Bytes of updated parameters handed to the sink at once, at least (the
 // last batch of a step may be smaller).
 constexpr uint64_t kParamBatchBytes = 8u << 20;
+// Parameter groups (hyperparameter sets) one optimizer takes at most.
+constexpr uint32_t kMaxParamGroups = 1u << 16;
 
 // The fixed part of a slot's header (little-endian; docs/swap_format.md).
 // The chunk CRCs follow it; the rest of the 4096 bytes is zero.
@@ -91,7 +93,7 @@ float ToFloat(const uint8_t* p, optim::DType t) {
 // doing (guarded by mu; the I/O thread's callbacks write it), the
 // parameter partitions being assembled, and the parameter thread's queue.
 struct OptimizerSwapper::StepRun {
-  optim::AdamConstants constants;
+  std::vector<optim::AdamConstants> constants;  // per parameter group
   uint64_t step = 0;  // the step being produced
   const ParamSink* sink = nullptr;
   std::vector<const void*> grads;          // per segment; nullptr: skipped
@@ -163,6 +165,11 @@ Result<std::unique_ptr<OptimizerSwapper>> OptimizerSwapper::Create(
   }
   std::unordered_set<uint64_t> ids;
   for (const auto& s : segments) {
+    if (s.group >= kMaxParamGroups) {
+      return Status::InvalidArgument(fmt::format(
+          "optimizer: parameter {} is in group {}; at most {} parameter groups", s.id, s.group,
+          kMaxParamGroups));
+    }
     if (s.numel == 0) {
       return Status::InvalidArgument(fmt::format("optimizer: parameter {} has 0 elements", s.id));
     }
@@ -184,6 +191,7 @@ Status OptimizerSwapper::Layout() {
     flat += s.numel;
   }
   total_elements_ = flat;
+  for (const auto& s : segments_) group_count_ = std::max(group_count_, s.group + 1);
   const uint64_t sg = options_.sub_group_size;
   size_t seg = 0;
   for (uint64_t first = 0; first < total_elements_; first += sg) {
@@ -419,17 +427,30 @@ OptimizerStepStats OptimizerSwapper::last_step_stats() const {
 
 // ---------------------------------------------------------------- the step
 
-Status OptimizerSwapper::Step(const optim::AdamHyper& hyper, const GradSource& grads,
-                              const ParamSink& sink) {
+Status OptimizerSwapper::Step(std::span<const optim::AdamHyper> hypers,
+                              const GradSource& grads, const ParamSink& sink) {
   if (!initialized_) {
     return Status::FailedPrecondition(
         "the optimizer state is not initialised (call Initialize before the first step)");
   }
-  ZTIER_RETURN_IF_ERROR(optim::ValidateHyper(hyper));
+  if (hypers.size() != group_count_) {
+    return Status::InvalidArgument(fmt::format(
+        "optimizer step: {} sets of hyperparameters for {} parameter groups", hypers.size(),
+        group_count_));
+  }
+  for (size_t g = 0; g < hypers.size(); ++g) {
+    Status valid = optim::ValidateHyper(hypers[g]);
+    if (!valid.ok()) {
+      return group_count_ == 1 ? valid
+                               : valid.WithContext(fmt::format("parameter group {}", g));
+    }
+  }
   const auto t0 = Clock::now();
   StepRun run;
   run.step = step() + 1;
-  run.constants = optim::MakeConstants(hyper, run.step);
+  for (const optim::AdamHyper& h : hypers) {
+    run.constants.push_back(optim::MakeConstants(h, run.step));
+  }
   run.sink = &sink;
   run.grads.resize(segments_.size());
   run.remaining.resize(segments_.size());
@@ -667,7 +688,7 @@ void OptimizerSwapper::Update(StepRun& run, uint32_t g, uint8_t* buf) {
       s.param_out = run.outs[it->segment].get() + at * eb;
       s.out_type = seg.dtype;
       s.n = hi - lo;
-      optim::AdamUpdate(run.constants, s, options_.isa);
+      optim::AdamUpdate(run.constants[seg.group], s, options_.isa);
     }
   });
   run.stats.update_s += Since(tu);

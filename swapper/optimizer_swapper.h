@@ -61,6 +61,9 @@ struct OptimizerSegment {
   uint64_t id = 0;
   uint64_t numel = 0;
   optim::DType dtype = optim::DType::kF32;
+  // Its parameter group (torch's param_groups): the index of the
+  // hyperparameters Step() updates it with.
+  uint32_t group = 0;
 };
 
 struct OptimizerSwapperOptions {
@@ -122,10 +125,16 @@ class OptimizerSwapper {
   Status Initialize(const ParamSource& params);
 
   // One optimizer step (number step() + 1) over every sub-group, pipelined.
+  // `hypers[g]` updates the segments of group g: one per group (group_count()).
   // On success the new state is committed and every segment with a gradient
   // has been handed to `sink`. On failure nothing is committed: step() and
   // the state are those of the previous step (see the file comment).
-  Status Step(const optim::AdamHyper& hyper, const GradSource& grads, const ParamSink& sink);
+  Status Step(std::span<const optim::AdamHyper> hypers, const GradSource& grads,
+              const ParamSink& sink);
+  // The one-group case.
+  Status Step(const optim::AdamHyper& hyper, const GradSource& grads, const ParamSink& sink) {
+    return Step(std::span<const optim::AdamHyper>(&hyper, 1), grads, sink);
+  }
 
   // Copies segment `id`'s `array` as of the last committed step into `out`
   // (numel floats), reading and verifying the sub-groups it spans.
@@ -133,6 +142,8 @@ class OptimizerSwapper {
 
   uint64_t step() const { return step_.load(std::memory_order_acquire); }
   uint32_t sub_group_count() const { return static_cast<uint32_t>(groups_.size()); }
+  // Parameter groups: 1 + the largest segment group.
+  uint32_t group_count() const { return group_count_; }
   uint64_t total_elements() const { return total_elements_; }
   uint64_t slot_bytes() const { return slot_bytes_; }
   const NvmeStore& store() const { return *store_; }
@@ -190,6 +201,7 @@ class OptimizerSwapper {
   std::vector<uint64_t> segment_first_;  // flat index of each segment's first element
   std::vector<Group> groups_;
   uint64_t total_elements_ = 0;
+  uint32_t group_count_ = 1;
   uint64_t slot_bytes_ = 0;  // bytes of the largest slot = one buffer
   io::AsyncEngine* engine_;
   std::unique_ptr<NvmeStore> store_;

@@ -318,6 +318,21 @@ ZTIER_API ztier_status_t ztier_optimizer_options_init(ztier_optimizer_options_t*
 ZTIER_API ztier_status_t ztier_optimizer_create(ztier_engine_t* engine,
                                                 const ztier_optimizer_options_t* options);
 
+/* The same optimizer with torch's parameter groups: `groups[0..group_count)`
+ * are the groups' hyperparameters (one kind for all), and parameter
+ * `param_ids[i]` belongs to group `param_groups[i]`. Only the listed
+ * parameters get optimizer state (e.g. frozen ones are left out); each is a
+ * registered float parameter, listed once. The state is laid out in
+ * registration order, whatever the order of the list. ztier_optimizer_create
+ * is this call with one group holding every float parameter. At most 65536
+ * groups. Serialised per engine. */
+ZTIER_API ztier_status_t ztier_optimizer_create_groups(ztier_engine_t* engine,
+                                                       const ztier_optimizer_options_t* groups,
+                                                       size_t group_count,
+                                                       const uint64_t* param_ids,
+                                                       const uint32_t* param_groups,
+                                                       size_t param_count);
+
 /* One optimizer step over every parameter that has a gradient partition
  * (ztier_param_grad_reduce / ztier_grad_partition_write); the others are
  * left as they are. The updated partitions are written to their tier (a
@@ -335,6 +350,14 @@ ZTIER_API ztier_status_t ztier_optimizer_create(ztier_engine_t* engine,
  * engine. */
 ZTIER_API ztier_status_t ztier_optimizer_step(ztier_engine_t* engine,
                                               const ztier_optimizer_options_t* options);
+
+/* ztier_optimizer_step with one set of hyperparameters per parameter group
+ * (`group_count` as created; a new lr per group each step, as an lr
+ * scheduler sets them). ztier_optimizer_step's `options` replace group 0's
+ * and fit an optimizer of one group only. Serialised per engine. */
+ZTIER_API ztier_status_t ztier_optimizer_step_groups(ztier_engine_t* engine,
+                                                     const ztier_optimizer_options_t* groups,
+                                                     size_t group_count);
 
 typedef enum ztier_state_array {
   ZTIER_STATE_MASTER = 0,    /* fp32 master weights */

@@ -223,6 +223,11 @@ _SIGNATURES = {
     "ztier_optimizer_options_init": (_c.c_int, [_c.POINTER(_OptimizerOptions)]),
     "ztier_optimizer_create": (_c.c_int, [_VP, _c.POINTER(_OptimizerOptions)]),
     "ztier_optimizer_step": (_c.c_int, [_VP, _c.POINTER(_OptimizerOptions)]),
+    "ztier_optimizer_create_groups": (_c.c_int, [_VP, _c.POINTER(_OptimizerOptions), _c.c_size_t,
+                                                 _c.POINTER(_U64), _c.POINTER(_c.c_uint32),
+                                                 _c.c_size_t]),
+    "ztier_optimizer_step_groups": (_c.c_int, [_VP, _c.POINTER(_OptimizerOptions),
+                                               _c.c_size_t]),
     "ztier_optimizer_state_read": (_c.c_int, [_VP, _U64, _c.c_int, _VP, _c.c_size_t]),
     "ztier_optimizer_stats": (_c.c_int, [_VP, _c.POINTER(_OptimizerStats)]),
 }
@@ -505,6 +510,29 @@ class Engine:
             return
         o = self._optimizer_options(kind if kind is not None else OptimizerKind.ADAMW, **hyper)
         _check(self._lib.ztier_optimizer_step(self._handle, ctypes.byref(o)))
+
+    def _group_options(self, kind: OptimizerKind, groups: Sequence[dict]):
+        arr = (_OptimizerOptions * len(groups))()
+        for k, g in enumerate(groups):
+            arr[k] = self._optimizer_options(kind, **g)
+        return arr
+
+    def optimizer_create_groups(self, kind: OptimizerKind, groups: Sequence[dict],
+                                param_groups: dict) -> None:
+        """Creates the optimizer with torch-style parameter groups: `groups`
+        is one dict of hyperparameters per group (lr, betas, eps,
+        weight_decay, bias_correction), `param_groups` maps a parameter id to
+        its group index. Unlisted parameters get no optimizer state."""
+        ids = (ctypes.c_uint64 * max(1, len(param_groups)))(*param_groups.keys())
+        gids = (ctypes.c_uint32 * max(1, len(param_groups)))(*param_groups.values())
+        arr = self._group_options(kind, groups)
+        _check(self._lib.ztier_optimizer_create_groups(self._handle, arr, len(groups), ids, gids,
+                                                       len(param_groups)))
+
+    def optimizer_step_groups(self, kind: OptimizerKind, groups: Sequence[dict]) -> None:
+        """One pipelined optimizer step with each group's hyperparameters."""
+        arr = self._group_options(kind, groups)
+        _check(self._lib.ztier_optimizer_step_groups(self._handle, arr, len(groups)))
 
     def optimizer_state_read(self, pid: int, array: StateArray, out,
                              nbytes: Optional[int] = None) -> None:

@@ -1,0 +1,49 @@
+"""ztier.torch: train an unmodified nn.Module whose parameters live on ztier's tiers.
+
+    model = torchvision.models.resnet50()        # any model, unchanged
+    off = ztier.torch.offload(model, "configs/default.yaml")
+    opt = off.adamw(lr=1e-3)    # ztier's AdamW (a torch.optim.Optimizer), state on NVMe
+    for x, y in batches:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()          # gradients to ztier, partitions updated, step end
+        opt.zero_grad()
+
+What offload() does:
+  - registers every parameter (its initial value; ztier keeps this rank's
+    partition on the configured tier) and every module (its own
+    parameters, its parent), then empties each `param.data`: between uses
+    a parameter exists only as ztier's partitions. The parameter objects
+    stay the model's (optimizers and lr schedulers hold them as usual);
+    their shape still reads as the full shape;
+  - hooks every module: a module is fetched before its forward and released
+    after it, fetched again before its backward and released once its
+    parameters' gradients are accumulated. Module outputs and inputs are
+    never replaced, so in-place ops on them, any output structure, and
+    torch.utils.checkpoint (reentrant or not) work as without ztier;
+  - tensors autograd saves that view parameter memory (F.linear's
+    weight.t(), chunks of a fused projection) are saved as references and
+    rebuilt over the parameter fetched for backward: torch's own backward
+    kernels run on the same values, without recomputation;
+  - a parameter used outside its module's forward (nn.MultiheadAttention
+    reads out_proj.weight itself) is fetched where it is used and, from
+    then on, with the module that used it; a use outside any forward of
+    the model is an error that names the parameter;
+  - the optimizer hands each trainable parameter's gradient to ztier
+    (reduce-scattered, averaged over ranks), then runs ztier's pipelined
+    optimizer step (off.adamw / off.adam, parameter groups and lr
+    schedulers as torch's), or updates this rank's partitions with a stock
+    torch optimizer whose state stays in host memory (off.optimizer).
+
+Parameters are float32 (float16 and bfloat16 are registered with their
+dtype). Buffers (BatchNorm statistics) stay in the model, untouched.
+Parameters with requires_grad=False are fetched like the others and get
+neither gradients nor optimizer state.
+"""
+
+from ztier.torch._offload import Offload, offload
+from ztier.torch._optim import Adam, AdamW, PartitionOptimizer
+
+Optimizer = PartitionOptimizer  # the earlier name
+
+__all__ = ["offload", "Offload", "AdamW", "Adam", "PartitionOptimizer", "Optimizer"]

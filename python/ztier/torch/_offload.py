@@ -1,0 +1,625 @@
+"""Offload: an nn.Module's parameters on ztier's tiers, fetched around use.
+
+How a training step runs (see the package docstring for the user's view):
+
+forward   Every module gets a forward pre-hook and hook. A module that owns
+          parameters is fetched before its forward (ztier gathers them;
+          `param.data` views ztier's memory) and released after it. The
+          outermost module call pushes saved-tensor hooks: a tensor autograd
+          saves for backward that views a parameter's memory (the weight
+          itself, `weight.t()` inside F.linear, a chunk of an in-projection)
+          is saved as a reference to that parameter, not as the memory, and
+          is rebuilt over the parameter fetched for backward. Other saved
+          tensors are kept as they are, with the in-place check torch makes.
+touch     A parameter used while released (a parent's forward reading a
+          child's weight, as nn.MultiheadAttention does with out_proj) is
+          noticed by its class's __torch_function__: its module is fetched
+          there and then and released with the module whose forward used it,
+          which remembers the use, so its backward fetches it too.
+backward  A hook on each output of a module that needs fetching fires when
+          the output's gradient is computed, before the module's backward:
+          the module is fetched for backward. It is released once every
+          parameter it holds that needs a gradient has had its gradient
+          accumulated (a hook on the parameter's AccumulateGrad), else at the
+          end of the backward pass (a callback queued on the autograd engine).
+recompute A module run inside backward (activation checkpointing re-runs
+          forwards there) is fetched for backward and kept until its
+          backward is done, because the recomputation saves plain aliases of
+          its parameters.
+
+Nothing here replaces a module's outputs or inputs (an output aliasing a
+parameter about to be released is the one exception: it is cloned), so
+outputs may be modified in place and may be of any structure.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import types
+import weakref
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+import ztier
+from ztier._capi import DType, DeviceKind, Engine
+from ztier.torch import _tree
+from ztier.torch._params import OffloadedParameter, offloaded_class, original_class
+
+_DTYPES = {torch.float32: DType.FLOAT32, torch.float16: DType.FLOAT16,
+           torch.bfloat16: DType.BFLOAT16}
+_PREPEND = "prepend" in inspect.signature(nn.Module.register_forward_pre_hook).parameters
+_POST_ACCUMULATE = hasattr(torch.Tensor, "register_post_accumulate_grad_hook")
+
+
+def _no_torch_function():
+    return torch._C.DisableTorchFunction()
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    """The address of the memory block `t` views (0 when it has none)."""
+    try:
+        if hasattr(t, "untyped_storage"):
+            return t.untyped_storage().data_ptr()
+        return t.storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return 0
+
+
+def _in_autograd_backward() -> bool:
+    """True inside a backward pass run by the autograd engine."""
+    try:
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: None)
+    except RuntimeError:
+        return False
+    return True
+
+
+class _CudaView:
+    """__cuda_array_interface__ over ztier's device memory (one parameter)."""
+
+    _TYPESTR = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "<V2"}
+
+    def __init__(self, ptr: int, numel: int, dtype: torch.dtype):
+        self.__cuda_array_interface__ = {"shape": (numel,), "typestr": self._TYPESTR[dtype],
+                                         "data": (ptr, False), "version": 2, "strides": None}
+
+
+class _Slot:
+    """One parameter: its id with ztier and its materialised state."""
+
+    __slots__ = ("pid", "param", "name", "numel", "shape", "dtype", "owners", "users", "flat",
+                 "memory", "live_ref", "ptr", "acc", "offload", "__weakref__")
+
+    def __init__(self, pid: int, param: nn.Parameter, name: str, offload: "Offload"):
+        self.pid = pid
+        self.param = param
+        self.name = name
+        self.numel = param.numel()
+        self.shape = tuple(param.shape)
+        self.dtype = param.dtype
+        self.owners: List[int] = []  # modules whose own parameters include it
+        self.users = 0               # holds (fetches not yet released) of those modules
+        self.flat = None             # 1-D tensor over ztier's memory, while users > 0
+        self.memory = None           # that memory's Python owner
+        self.live_ref = None         # weak reference to it: views that outlive a release
+        self.ptr = 0
+        self.acc = None              # its AccumulateGrad node (kept: its hook lives on it)
+        self.offload = offload
+
+
+class _Mod:
+    """One module: its own parameters and what its forward touched."""
+
+    __slots__ = ("mid", "module", "name", "slots", "extras", "bw_held", "pending")
+
+    def __init__(self, mid: int, module: nn.Module, name: str, slots: List[_Slot]):
+        self.mid = mid
+        self.module = module
+        self.name = name
+        self.slots = slots
+        self.extras: List[int] = []  # modules fetched because its forward used their params
+        self.bw_held = False         # fetched for the backward pass now
+        self.pending = set()         # pids whose gradient its backward release waits for
+
+    def needs_backward(self) -> bool:
+        return bool(self.slots or self.extras)
+
+
+class _Frame:
+    """One module call in progress (forward)."""
+
+    __slots__ = ("mod", "backward", "fetched", "touched", "pushed")
+
+    def __init__(self, mod: _Mod, backward: bool):
+        self.mod = mod
+        self.backward = backward  # a call inside backward (recomputation)
+        self.fetched = False
+        self.touched: List[int] = []
+        self.pushed = None        # the saved-tensor hooks this call pushed
+
+
+class _ParamRef:
+    """A saved tensor that views parameter memory: rebuilt at unpack."""
+
+    __slots__ = ("slot", "offset", "size", "stride", "dtype")
+
+    def __init__(self, slot: _Slot, t: torch.Tensor):
+        self.slot = slot
+        self.offset = t.storage_offset()
+        self.size = tuple(t.size())
+        self.stride = tuple(t.stride())
+        self.dtype = t.dtype
+
+
+class Offload:
+    """The parameters of `model` on ztier; see the package docstring."""
+
+    def __init__(self, model: nn.Module, config: str, *, rank: int = 0, world_size: int = 1,
+                 local_group: Optional[ztier.LocalGroup] = None, device: str = "auto"):
+        text = config if "\n" in config or config.lstrip().startswith("{") else None
+        self.engine = Engine(config_path=None if text else config, config_text=text, rank=rank,
+                             world_size=world_size, local_group=local_group, device=device)
+        self.model = model
+        self.rank, self.world_size = rank, world_size
+        kind, ordinal = self.engine.device()
+        self._cuda = kind == DeviceKind.CUDA
+        self._device = torch.device(f"cuda:{ordinal}" if self._cuda else "cpu")
+        self._slots: List[_Slot] = []
+        self._mods: List[_Mod] = []
+        self._stack: List[_Frame] = []
+        self._bw_order: List[_Mod] = []   # held for backward, in fetch order
+        self._bw_loose: List[int] = []    # modules fetched in backward by a saved reference
+        self._bw_queued = False           # the end-of-backward callback is queued
+        self._alias: Dict[int, _Slot] = {}  # memory address -> materialised slot
+        self._handles = []
+        self._register(model)
+        self._install_hooks()
+
+    # ------------------------------------------------------------ set-up
+    def _register(self, model: nn.Module) -> None:
+        by_param: Dict[int, _Slot] = {}
+        for name, p in model.named_parameters():
+            if p.dtype not in _DTYPES:
+                raise TypeError(f"ztier.torch: parameter {name} is {p.dtype}; offloaded "
+                                "parameters are float32, float16 or bfloat16")
+            slot = _Slot(len(self._slots), p, name, self)
+            data = p.detach().to("cpu").contiguous()
+            self.engine.register_param(slot.pid, slot.numel, _DTYPES[p.dtype], data)
+            by_param[id(p)] = slot
+            self._slots.append(slot)
+        ids: Dict[int, int] = {}
+        for name, m in model.named_modules():
+            mid = len(self._mods)
+            parent = ids[id(model.get_submodule(name.rpartition(".")[0]))] if name else -1
+            slots: List[_Slot] = []
+            for p in m._parameters.values():
+                if p is not None and by_param[id(p)] not in slots:
+                    slots.append(by_param[id(p)])
+            self.engine.register_module(mid, name or type(m).__name__, [s.pid for s in slots],
+                                        parent)
+            for s in slots:
+                s.owners.append(mid)
+            ids[id(m)] = mid
+            self._mods.append(_Mod(mid, m, name or type(m).__name__, slots))
+        # From now on each parameter lives on ztier's tiers.
+        with _no_torch_function():
+            for slot in self._slots:
+                slot.param.data = self._placeholder(slot.dtype)
+                slot.param.__class__ = offloaded_class(type(slot.param))
+                slot.param._ztier_slot = slot
+
+    def _install_hooks(self) -> None:
+        for mod in self._mods:
+            pre = self._make_pre_forward(mod)
+            if _PREPEND:
+                h = mod.module.register_forward_pre_hook(pre, prepend=True)
+            else:
+                h = mod.module.register_forward_pre_hook(pre)
+                mod.module._forward_pre_hooks.move_to_end(h.id, last=False)
+            self._handles.append(h)
+            self._handles.append(mod.module.register_forward_hook(self._make_post_forward(mod)))
+
+    def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(0, dtype=dtype, device=self._device)
+
+    # ------------------------------------------------------------ memory
+    def _materialize(self, slot: _Slot) -> None:
+        ptr = self.engine.param_data(slot.pid)
+        if self._cuda:
+            memory = _CudaView(ptr, slot.numel, slot.dtype)
+            flat = torch.as_tensor(memory, device=self._device)
+            if slot.dtype == torch.bfloat16:
+                flat = flat.view(torch.bfloat16)
+        else:
+            nbytes = slot.numel * torch.empty(0, dtype=slot.dtype).element_size()
+            memory = (ctypes.c_uint8 * nbytes).from_address(ptr)
+            flat = torch.frombuffer(memory, dtype=slot.dtype, count=slot.numel)
+        slot.flat, slot.memory, slot.ptr = flat, memory, ptr
+        slot.live_ref = weakref.ref(memory)
+        with _no_torch_function():
+            slot.param.data = flat.view(slot.shape)
+        self._alias[ptr] = slot
+        if slot.acc is None and slot.param.requires_grad:
+            self._hook_accumulation(slot)
+
+    def _hook_accumulation(self, slot: _Slot) -> None:
+        """Calls _accumulated(slot) each time slot's gradient is accumulated.
+        The node is taken while the parameter has its full shape (autograd
+        checks gradients against the shape it was made with) and kept."""
+        ref = weakref.ref(slot)
+
+        def on_accumulated(*_):
+            s = ref()
+            if s is not None and s.offload is not None:
+                s.offload._accumulated(s)
+
+        with _no_torch_function(), torch.enable_grad():
+            if _POST_ACCUMULATE:
+                slot.acc = slot.param.register_post_accumulate_grad_hook(on_accumulated)
+            else:
+                acc = slot.param.expand_as(slot.param).grad_fn.next_functions[0][0]
+                acc.register_hook(on_accumulated)
+                slot.acc = acc
+
+    def _dematerialize(self, slot: _Slot) -> bool:
+        """Empties slot's parameter; True if a tensor still views its memory."""
+        with _no_torch_function():
+            slot.param.data = self._placeholder(slot.dtype)
+        self._alias.pop(slot.ptr, None)
+        slot.flat = slot.memory = None
+        slot.ptr = 0
+        viewed = slot.live_ref is not None and slot.live_ref() is not None
+        slot.live_ref = None
+        return viewed
+
+    def _acquire(self, mod: _Mod, forward: bool) -> None:
+        """Fetches `mod` (its own parameters) and materialises them."""
+        if not mod.slots:
+            return
+        self.engine.fetch(mod.mid, forward)
+        for slot in mod.slots:
+            if slot.users == 0:
+                try:
+                    self._materialize(slot)
+                except BaseException:
+                    self._undo_partial(mod, slot, forward)
+                    raise
+            slot.users += 1
+
+    def _undo_partial(self, mod: _Mod, failed: _Slot, forward: bool) -> None:
+        for slot in mod.slots:
+            if slot is failed:
+                break
+            slot.users -= 1
+            if slot.users == 0:
+                self._dematerialize(slot)
+        self.engine.release(mod.mid, not forward)
+
+    def _drop(self, mod: _Mod, backward: bool) -> None:
+        """Releases `mod` and empties the parameters no other hold keeps."""
+        if not mod.slots:
+            return
+        if self._cuda:
+            # ztier frees the memory in its own stream order: the kernels that
+            # read it on torch's stream must be done first.
+            torch.cuda.current_stream(self._device).synchronize()
+        self.engine.release(mod.mid, backward)
+        still_viewed = []
+        for slot in mod.slots:
+            slot.users -= 1
+            if slot.users == 0 and self._dematerialize(slot):
+                still_viewed.append(slot.name)
+        if still_viewed:
+            raise RuntimeError(
+                f"ztier.torch: after the release of module '{mod.name}' a tensor still views "
+                f"the memory of {', '.join(still_viewed)}: something keeps a view of the "
+                "parameter beyond the module's call (an attribute caching weight.t(), or a "
+                "custom autograd Function saving it through ctx instead of "
+                "save_for_backward). Keep the view inside the forward, or save the "
+                "parameter itself")
+
+    # ------------------------------------------------------------ forward
+    def _make_pre_forward(self, mod: _Mod):
+        def hook(module, inputs):
+            self._pre_forward(mod)
+        return hook
+
+    def _make_post_forward(self, mod: _Mod):
+        def hook(module, inputs, output):
+            return self._post_forward(mod, output)
+        return hook
+
+    def _pre_forward(self, mod: _Mod) -> None:
+        if self._stack and mod.mid == 0:
+            self._abandon_forward()  # the last forward raised before its end
+        backward = self._stack[-1].backward if self._stack else self._outermost_in_backward()
+        frame = _Frame(mod, backward)
+        if not self._stack and not backward and torch.is_grad_enabled():
+            frame.pushed = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            frame.pushed.__enter__()
+        try:
+            if backward:
+                self._hold_for_backward(mod)
+            elif mod.slots:
+                self._acquire(mod, forward=True)
+                frame.fetched = True
+        except BaseException:
+            if frame.pushed is not None:
+                frame.pushed.__exit__(None, None, None)
+            raise
+        self._stack.append(frame)
+
+    def _outermost_in_backward(self) -> bool:
+        """For an outermost module call: whether it runs inside backward
+        (a recomputation). A call outside backward starts a new pass: holds
+        a failed backward left behind are released."""
+        if torch.is_grad_enabled() and _in_autograd_backward():
+            return True
+        if self._bw_order or self._bw_loose:
+            self._end_backward()
+        self._bw_queued = False
+        return False
+
+    def _post_forward(self, mod: _Mod, output):
+        if not self._stack or self._stack[-1].mod is not mod:
+            return None  # a call the pre-hook did not see (hooks added mid-call)
+        frame = self._stack.pop()
+        try:
+            if frame.backward:
+                return None  # kept until its backward is done
+            result = None
+            grad = torch.is_grad_enabled()
+            if grad and (frame.fetched or frame.touched):
+                result = self._unalias_outputs(frame, output)
+            if grad and mod.needs_backward():
+                self._hook_outputs(mod, output if result is None else result)
+            for mid in reversed(frame.touched):
+                self._drop(self._mods[mid], backward=False)
+            if frame.fetched:
+                self._drop(mod, backward=False)
+            return result
+        finally:
+            if frame.pushed is not None:
+                frame.pushed.__exit__(None, None, None)
+
+    def _unalias_outputs(self, frame: _Frame, output):
+        """An output that views a parameter this call releases is cloned
+        (autograd-wise a copy of it), so the output outlives the release."""
+        ptrs = {s.ptr for s in frame.mod.slots if s.ptr}
+        for mid in frame.touched:
+            ptrs.update(s.ptr for s in self._mods[mid].slots if s.ptr)
+        if not ptrs:
+            return None
+
+        def clone_alias(t):
+            return t.clone() if _storage_ptr(t) in ptrs else None
+
+        out = _tree.map_tensors(output, clone_alias)
+        return None if out is output else out
+
+    def _abandon_forward(self) -> None:
+        """Cleans up after a forward that raised: releases what it fetched."""
+        frames, self._stack = self._stack, []
+        for frame in reversed(frames):
+            if frame.pushed is not None:
+                frame.pushed.__exit__(None, None, None)
+            if frame.backward:
+                continue
+            for mid in reversed(frame.touched):
+                self._drop(self._mods[mid], backward=False)
+            if frame.fetched:
+                self._drop(frame.mod, backward=False)
+
+    # ------------------------------------------------------------ touch
+    def _touch(self, slots: List[_Slot], func) -> None:
+        """Released parameters used by a torch call: fetch their modules."""
+        for slot in slots:
+            if slot.users > 0:
+                continue  # fetched with an earlier one of the list
+            owner = self._mods[slot.owners[0]]
+            if self._stack:
+                frame = self._stack[-1]
+                if frame.backward:
+                    self._hold_for_backward(owner)
+                    self._note_extra(frame.mod, owner)
+                    continue
+                self._acquire(owner, forward=True)
+                frame.touched.append(owner.mid)
+                self._note_extra(frame.mod, owner)
+            elif _in_autograd_backward():
+                self._fetch_loose(owner)
+            else:
+                fname = getattr(func, "__name__", str(func))
+                raise RuntimeError(
+                    f"ztier.torch: parameter '{slot.name}' {list(slot.shape)} was used by "
+                    f"{fname}() outside the forward of the offloaded model; between uses it "
+                    "exists only on ztier's tiers. Use it inside a module's forward, or "
+                    "initialise / load / move the model before ztier.torch.offload() (to "
+                    "read the weights use off.full_parameters())")
+
+    @staticmethod
+    def _note_extra(mod: _Mod, owner: _Mod) -> None:
+        if owner is not mod and owner.mid not in mod.extras:
+            mod.extras.append(owner.mid)
+
+    # ------------------------------------------------------------ saved tensors
+    def _pack(self, t: torch.Tensor):
+        slot = self._alias.get(_storage_ptr(t)) if self._alias else None
+        if slot is not None and t.device == slot.flat.device:
+            return _ParamRef(slot, t)
+        d = t.detach()  # shares t's version counter, holds no graph
+        return d, d._version
+
+    def _unpack(self, packed):
+        if isinstance(packed, _ParamRef):
+            slot = packed.slot
+            if slot.users == 0:
+                self._fetch_loose(self._mods[slot.owners[0]])
+            base = slot.flat if packed.dtype == slot.dtype else slot.flat.view(packed.dtype)
+            return base.as_strided(packed.size, packed.stride, packed.offset)
+        t, version = packed
+        if t._version != version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by "
+                f"an inplace operation: [{t.type()} {list(t.shape)}] is at version "
+                f"{t._version}; expected version {version} instead")
+        return t
+
+    # ------------------------------------------------------------ backward
+    def _hook_outputs(self, mod: _Mod, output) -> None:
+        def pre_backward(grad):
+            self._note_backward()
+            self._hold_for_backward(mod)
+        for t in _tree.tensors(output):
+            if t.requires_grad:
+                t.register_hook(pre_backward)
+
+    def _note_backward(self) -> None:
+        if not self._bw_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+            self._bw_queued = True
+
+    def _hold_for_backward(self, mod: _Mod) -> None:
+        if mod.bw_held:
+            return
+        self._note_backward()
+        self._acquire(mod, forward=False)
+        held = [mod]
+        try:
+            for mid in mod.extras:
+                self._acquire(self._mods[mid], forward=False)
+                held.append(self._mods[mid])
+        except BaseException:
+            for m in reversed(held):
+                self._drop(m, backward=True)
+            raise
+        mod.bw_held = True
+        mod.pending = {s.pid for m in held for s in m.slots
+                       if s.acc is not None and s.param.requires_grad}
+        self._bw_order.append(mod)
+
+    def _fetch_loose(self, owner: _Mod) -> None:
+        """A saved parameter reference unpacked while released: fetched for
+        the rest of this backward pass."""
+        self._note_backward()
+        self._acquire(owner, forward=False)
+        self._bw_loose.append(owner.mid)
+
+    def _accumulated(self, slot: _Slot) -> None:
+        for mod in list(self._bw_order):
+            if slot.pid in mod.pending:
+                mod.pending.discard(slot.pid)
+                if not mod.pending:
+                    self._release_backward(mod)
+
+    def _release_backward(self, mod: _Mod) -> None:
+        self._bw_order.remove(mod)
+        mod.bw_held = False
+        mod.pending = set()
+        for mid in reversed(mod.extras):
+            self._drop(self._mods[mid], backward=True)
+        self._drop(mod, backward=True)
+
+    def _end_backward(self) -> None:
+        """End of a backward pass: releases every hold still open."""
+        self._bw_queued = False
+        errors = []
+        for mod in reversed(list(self._bw_order)):
+            try:
+                self._release_backward(mod)
+            except Exception as e:  # release the rest first
+                errors.append(e)
+        loose, self._bw_loose = self._bw_loose, []
+        for mid in reversed(loose):
+            try:
+                self._drop(self._mods[mid], backward=True)
+            except Exception as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    # ------------------------------------------------------------ the step
+    def finish_backward(self) -> None:
+        """Releases what a backward left held, then hands each trainable
+        parameter's gradient to ztier (registration order on every rank: a
+        collective each) and drops it. At world size 1 a parameter without a
+        gradient is left without one (the optimizer skips it, as torch's
+        do); at larger world sizes it contributes zeros, so that every rank
+        issues the same collectives."""
+        if self._stack:
+            self._abandon_forward()
+        if self._bw_order or self._bw_loose:
+            self._end_backward()
+        self._bw_queued = False
+        for slot in self._slots:
+            if not slot.param.requires_grad:
+                continue
+            g = slot.param.grad
+            if g is None:
+                if self.world_size == 1:
+                    continue
+                g = torch.zeros(slot.numel, dtype=slot.dtype, device=self._device)
+            g = g.detach().to(slot.dtype).contiguous()
+            if self._cuda:
+                torch.cuda.current_stream(g.device).synchronize()
+            self.engine.grad_reduce(slot.pid, g)
+            slot.param.grad = None
+
+    def optimizer(self, optimizer_class, **kwargs):
+        """A stock torch optimizer over the partitions (its state in host memory)."""
+        from ztier.torch._optim import PartitionOptimizer
+        return PartitionOptimizer(self, optimizer_class, **kwargs)
+
+    def adamw(self, params=None, **kwargs):
+        """ztier's own AdamW, its state on the config's optimizer tier (NVMe);
+        `params` as torch.optim.AdamW's (parameter groups allowed), default
+        every parameter that requires a gradient."""
+        from ztier.torch._optim import AdamW
+        return AdamW(self, params, **kwargs)
+
+    def adam(self, params=None, **kwargs):
+        """ztier's own Adam (L2 weight decay), its state on the optimizer tier."""
+        from ztier.torch._optim import Adam
+        return Adam(self, params, **kwargs)
+
+    # ------------------------------------------------------------ access
+    def slot_of(self, param) -> _Slot:
+        slot = param.__dict__.get("_ztier_slot") if isinstance(param, torch.Tensor) else None
+        if slot is None or slot.offload is not self:
+            raise ValueError("ztier.torch: that tensor is not a parameter of this offloaded model")
+        return slot
+
+    def full_parameters(self) -> Dict[str, torch.Tensor]:
+        """Every parameter's current full value (gathered through a partition
+        read per rank; world size 1 only), for checks and checkpoints."""
+        if self.world_size != 1:
+            raise NotImplementedError("full_parameters() needs world size 1")
+        out = {}
+        for name, p in self.model.named_parameters():
+            slot = self.slot_of(p)
+            buf = torch.empty(slot.numel, dtype=slot.dtype)
+            self.engine.partition_read(slot.pid, buf)
+            out[name] = buf.view(slot.shape)
+        return out
+
+    def close(self) -> None:
+        """Removes the hooks and destroys the engine (the parameters stay
+        empty: read them with full_parameters() first)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        with _no_torch_function():
+            for slot in self._slots:
+                slot.param.__class__ = original_class(type(slot.param))
+                slot.param.__dict__.pop("_ztier_slot", None)
+                slot.offload = None
+        self.engine.close()
+
+
+def offload(model: nn.Module, config: str, **kwargs) -> Offload:
+    """Puts `model`'s parameters on ztier (`config`: a YAML path or YAML
+    text); keyword arguments as Offload."""
+    return Offload(model, config, **kwargs)
