@@ -11,6 +11,7 @@ packages=(
   libcli11-dev nlohmann-json3-dev libfmt-dev
   fio time
   python3 python3-torch python3-numpy python3-matplotlib python3-yaml
+  python3-torchvision python3-torchaudio libopenblas0-pthread
 )
 
 missing=()

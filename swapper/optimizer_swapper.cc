@@ -93,7 +93,10 @@ float ToFloat(const uint8_t* p, optim::DType t) {
 // doing (guarded by mu; the I/O thread's callbacks write it), the
 // parameter partitions being assembled, and the parameter thread's queue.
 struct OptimizerSwapper::StepRun {
-  std::vector<optim::AdamConstants> constants;  // per parameter group
+  // Per segment: its constants this step (bias correction by the number of
+  // updates it has had, as torch counts per parameter). Segments without a
+  // gradient are skipped and their counts stay.
+  std::vector<optim::AdamConstants> constants;
   uint64_t step = 0;  // the step being produced
   const ParamSink* sink = nullptr;
   std::vector<const void*> grads;          // per segment; nullptr: skipped
@@ -191,6 +194,7 @@ Status OptimizerSwapper::Layout() {
     flat += s.numel;
   }
   total_elements_ = flat;
+  updates_.assign(segments_.size(), 0);
   for (const auto& s : segments_) group_count_ = std::max(group_count_, s.group + 1);
   const uint64_t sg = options_.sub_group_size;
   size_t seg = 0;
@@ -448,9 +452,7 @@ Status OptimizerSwapper::Step(std::span<const optim::AdamHyper> hypers,
   const auto t0 = Clock::now();
   StepRun run;
   run.step = step() + 1;
-  for (const optim::AdamHyper& h : hypers) {
-    run.constants.push_back(optim::MakeConstants(h, run.step));
-  }
+  run.constants.resize(segments_.size());
   run.sink = &sink;
   run.grads.resize(segments_.size());
   run.remaining.resize(segments_.size());
@@ -460,6 +462,7 @@ Status OptimizerSwapper::Step(std::span<const optim::AdamHyper> hypers,
     run.grads[k] = grads(segments_[k].id);
     run.remaining[k] = run.grads[k] != nullptr ? segments_[k].numel : 0;
     if (run.grads[k] != nullptr) {
+      run.constants[k] = optim::MakeConstants(hypers[segments_[k].group], updates_[k] + 1);
       run.stats.elements += segments_[k].numel;
       largest = std::max(largest, segments_[k].numel * optim::DTypeBytes(segments_[k].dtype));
     }
@@ -543,6 +546,9 @@ Status OptimizerSwapper::Step(std::span<const optim::AdamHyper> hypers,
   if (status.ok()) status = run.param_error;
   if (status.ok()) {
     for (auto& g : groups_) g.committed ^= 1;
+    for (size_t k = 0; k < segments_.size(); ++k) {
+      if (run.grads[k] != nullptr) ++updates_[k];
+    }
     step_.store(run.step, std::memory_order_release);
   } else if (status.code() == StatusCode::kCorruption) {
     // The committed state itself failed its check: nothing here can repair it.
@@ -688,7 +694,7 @@ void OptimizerSwapper::Update(StepRun& run, uint32_t g, uint8_t* buf) {
       s.param_out = run.outs[it->segment].get() + at * eb;
       s.out_type = seg.dtype;
       s.n = hi - lo;
-      optim::AdamUpdate(run.constants[seg.group], s, options_.isa);
+      optim::AdamUpdate(run.constants[it->segment], s, options_.isa);
     }
   });
   run.stats.update_s += Since(tu);

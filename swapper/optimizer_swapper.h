@@ -126,6 +126,8 @@ class OptimizerSwapper {
 
   // One optimizer step (number step() + 1) over every sub-group, pipelined.
   // `hypers[g]` updates the segments of group g: one per group (group_count()).
+  // A segment's bias correction counts the steps that updated it (it had a
+  // gradient), as torch's per-parameter step does; step() counts all.
   // On success the new state is committed and every segment with a gradient
   // has been handed to `sink`. On failure nothing is committed: step() and
   // the state are those of the previous step (see the file comment).
@@ -199,6 +201,9 @@ class OptimizerSwapper {
   OptimizerSwapperOptions options_;
   std::vector<OptimizerSegment> segments_;
   std::vector<uint64_t> segment_first_;  // flat index of each segment's first element
+  // Per segment: committed steps that updated it (it had a gradient), the
+  // step number of its bias correction, as torch keeps one per parameter.
+  std::vector<uint64_t> updates_;
   std::vector<Group> groups_;
   uint64_t total_elements_ = 0;
   uint32_t group_count_ = 1;

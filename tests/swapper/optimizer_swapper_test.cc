@@ -34,6 +34,7 @@ constexpr uint64_t kKiB = 1024;
 struct RefState {
   std::vector<float> master, m, v;
   std::vector<uint8_t> param;  // numel x dtype bytes
+  uint64_t updates = 0;        // steps that updated it: its bias-correction step
 };
 
 uint16_t Encode16(float f, DType t) {
@@ -130,12 +131,15 @@ class OptimizerSwapperTest : public ::testing::TestWithParam<io::BackendKind> {
     }
   }
 
-  // The reference step: the scalar update on each whole segment.
-  void ReferenceStep(const optim::AdamHyper& h, uint64_t step, const std::set<uint64_t>& skip) {
-    const auto c = optim::MakeConstants(h, step);
+  // The reference step: the scalar update on each whole segment, with its
+  // group's hyperparameters and its own count of updates (as torch counts
+  // steps per parameter).
+  void ReferenceStep(const std::vector<optim::AdamHyper>& hypers,
+                     const std::set<uint64_t>& skip) {
     for (const auto& s : segments_) {
       if (skip.count(s.id)) continue;
       RefState& r = ref_[s.id];
+      const auto c = optim::MakeConstants(hypers.at(s.group), ++r.updates);
       optim::AdamSpan span;
       span.master = r.master.data();
       span.exp_avg = r.m.data();
@@ -149,8 +153,17 @@ class OptimizerSwapperTest : public ::testing::TestWithParam<io::BackendKind> {
     }
   }
 
+  void ReferenceStep(const optim::AdamHyper& h, const std::set<uint64_t>& skip) {
+    ReferenceStep(std::vector<optim::AdamHyper>{h}, skip);
+  }
+
   // Runs the swapper's step; collects what the sink got.
   Status SwapperStep(const optim::AdamHyper& h, const std::set<uint64_t>& skip = {},
+                     OptimizerSwapper::ParamSink sink = nullptr) {
+    return SwapperStep(std::vector<optim::AdamHyper>{h}, skip, std::move(sink));
+  }
+  Status SwapperStep(const std::vector<optim::AdamHyper>& hypers,
+                     const std::set<uint64_t>& skip = {},
                      OptimizerSwapper::ParamSink sink = nullptr) {
     sunk_.clear();
     if (!sink) {
@@ -165,7 +178,7 @@ class OptimizerSwapperTest : public ::testing::TestWithParam<io::BackendKind> {
       };
     }
     Status s = sw_->Step(
-        h,
+        hypers,
         [&](uint64_t id) -> const void* {
           return skip.count(id) ? nullptr : grads_[id].data();
         },
@@ -226,7 +239,7 @@ TEST_P(OptimizerSwapperTest, PipelinedStepEqualsWholePartitionUpdate) {
       Build(buffers, sub_group);
       for (uint64_t step = 1; step <= 3; ++step) {
         MakeGrads(step);
-        ReferenceStep(Hyper(step != 2), step, {});
+        ReferenceStep(Hyper(step != 2), {});
         Status s = SwapperStep(Hyper(step != 2));
         ASSERT_TRUE(s.ok()) << s.ToString();
         EXPECT_EQ(sw_->step(), step);
@@ -253,12 +266,44 @@ TEST_P(OptimizerSwapperTest, PipelinedStepEqualsWholePartitionUpdate) {
 TEST_P(OptimizerSwapperTest, SegmentWithoutGradientIsLeftAlone) {
   Build(2, 1000);
   MakeGrads(1);
-  ReferenceStep(Hyper(), 1, {12, 14});
+  ReferenceStep(Hyper(), {12, 14});
   ASSERT_TRUE(SwapperStep(Hyper(), {12, 14}).ok());
   EXPECT_EQ(sunk_.count(12), 0u);
   EXPECT_EQ(sunk_.count(14), 0u);
   EXPECT_EQ(sunk_.size(), segments_.size() - 2);
   ExpectStateMatches();
+}
+
+// A segment first updated at step 2 gets step 1's bias correction (torch
+// counts steps per parameter), and each parameter group its own
+// hyperparameters.
+TEST_P(OptimizerSwapperTest, BiasCorrectionCountsEachSegmentsUpdatesAndGroupsHaveTheirOwnHyper) {
+  Build(2, 1000, {},
+        {{10, 1, DType::kF32, 0}, {11, 999, DType::kF32, 1}, {12, 2500, DType::kBF16, 0},
+         {13, 3, DType::kF16, 1}, {14, 64, DType::kF32, 2}, {15, 1001, DType::kF32, 0}});
+  ASSERT_EQ(sw_->group_count(), 3u);
+  std::vector<optim::AdamHyper> hypers(3, Hyper());
+  hypers[1].lr = 3e-2;
+  hypers[1].weight_decay = 0;
+  hypers[2].lr = 5e-4;
+  hypers[2].beta1 = 0.8;
+  const std::set<uint64_t> late = {12, 14};
+  for (uint64_t step = 1; step <= 3; ++step) {
+    MakeGrads(step);
+    const std::set<uint64_t> skip = step == 1 ? late : std::set<uint64_t>{};
+    ReferenceStep(hypers, skip);
+    Status s = SwapperStep(hypers, skip);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    ExpectStateMatches();
+  }
+  EXPECT_EQ(ref_[12].updates, 2u);
+  EXPECT_EQ(ref_[10].updates, 3u);
+  // One set per group, each valid.
+  EXPECT_EQ(SwapperStep(Hyper()).code(), StatusCode::kInvalidArgument);
+  hypers[2].eps = 0;
+  Status bad = SwapperStep(hypers);
+  EXPECT_EQ(bad.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.message().find("parameter group 2"), std::string::npos) << bad.ToString();
 }
 
 // Reads are counted from 0: Initialize reads nothing and each step reads
@@ -269,7 +314,7 @@ TEST_P(OptimizerSwapperTest, ReadErrorFailsTheStepAndKeepsThePreviousState) {
   ASSERT_GE(groups, 4u);
   fault_->AddFault({io::FaultKind::kEio, groups + 2, 1, io::Op::kRead});
   MakeGrads(1);
-  ReferenceStep(Hyper(), 1, {});
+  ReferenceStep(Hyper(), {});
   ASSERT_TRUE(SwapperStep(Hyper()).ok());
   MakeGrads(2);
   Status s = SwapperStep(Hyper());
@@ -282,7 +327,7 @@ TEST_P(OptimizerSwapperTest, ReadErrorFailsTheStepAndKeepsThePreviousState) {
   EXPECT_EQ(sw_->step(), 1u);
   ExpectStateMatches();  // step 1, bit for bit
   // The same step again, now that the drive is fine, gives step 2.
-  ReferenceStep(Hyper(), 2, {});
+  ReferenceStep(Hyper(), {});
   Status again = SwapperStep(Hyper());
   ASSERT_TRUE(again.ok()) << again.ToString();
   EXPECT_EQ(sw_->step(), 2u);
@@ -318,7 +363,7 @@ TEST_P(OptimizerSwapperTest, WriteErrorsFailTheStepAndKeepThePreviousState) {
       fault_->AddFault({c.kinds[k], 2 * groups + 2 + k, 1, io::Op::kWrite});
     }
     MakeGrads(1);
-    ReferenceStep(Hyper(), 1, {});
+    ReferenceStep(Hyper(), {});
     ASSERT_TRUE(SwapperStep(Hyper()).ok());
     MakeGrads(2);
     Status s = SwapperStep(Hyper());
@@ -332,7 +377,7 @@ TEST_P(OptimizerSwapperTest, WriteErrorsFailTheStepAndKeepThePreviousState) {
     EXPECT_TRUE(blamed) << s.ToString();
     EXPECT_EQ(sw_->step(), 1u);
     ExpectStateMatches();
-    ReferenceStep(Hyper(), 2, {});
+    ReferenceStep(Hyper(), {});
     ASSERT_TRUE(SwapperStep(Hyper()).ok());
     ExpectStateMatches();
   }
@@ -344,7 +389,7 @@ TEST_P(OptimizerSwapperTest, ShortWritesAloneAreContinued) {
   fault_->AddFault({io::FaultKind::kShort, 2 * groups, 3, io::Op::kWrite});
   for (uint64_t step = 1; step <= 3; ++step) {
     MakeGrads(step);
-    ReferenceStep(Hyper(), step, {});
+    ReferenceStep(Hyper(), {});
     Status s = SwapperStep(Hyper());
     ASSERT_TRUE(s.ok()) << s.ToString();
   }
@@ -355,7 +400,7 @@ TEST_P(OptimizerSwapperTest, ShortWritesAloneAreContinued) {
 TEST_P(OptimizerSwapperTest, FailingParameterSinkFailsTheStep) {
   Build(2, 1000);
   MakeGrads(1);
-  ReferenceStep(Hyper(), 1, {});
+  ReferenceStep(Hyper(), {});
   ASSERT_TRUE(SwapperStep(Hyper()).ok());
   MakeGrads(2);
   Status s = SwapperStep(Hyper(), {}, [](std::span<const uint64_t> ids,

@@ -545,10 +545,11 @@ class Offload:
     def finish_backward(self) -> None:
         """Releases what a backward left held, then hands each trainable
         parameter's gradient to ztier (registration order on every rank: a
-        collective each) and drops it. At world size 1 a parameter without a
-        gradient is left without one (the optimizer skips it, as torch's
-        do); at larger world sizes it contributes zeros, so that every rank
-        issues the same collectives."""
+        collective each). `param.grad` stays, as torch's optimizers leave it,
+        until zero_grad. At world size 1 a parameter whose grad is None is
+        left without one (the optimizer skips it, as torch's do; a zeroed
+        grad is a gradient); at larger world sizes it contributes zeros, so
+        that every rank issues the same collectives."""
         if self._stack:
             self._abandon_forward()
         if self._bw_order or self._bw_loose:
@@ -566,7 +567,6 @@ class Offload:
             if self._cuda:
                 torch.cuda.current_stream(g.device).synchronize()
             self.engine.grad_reduce(slot.pid, g)
-            slot.param.grad = None
 
     def optimizer(self, optimizer_class, **kwargs):
         """A stock torch optimizer over the partitions (its state in host memory)."""

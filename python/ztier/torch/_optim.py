@@ -10,6 +10,7 @@ instead (its state in host memory).
 
 from __future__ import annotations
 
+import inspect
 from typing import Dict, List
 
 import torch
@@ -18,6 +19,9 @@ from torch import nn
 from ztier._capi import OptimizerKind, StateArray
 
 _HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "bias_correction")
+# torch.optim.Optimizer.zero_grad's default (False in torch 1.x, True from 2.0).
+_ZERO_GRAD_DEFAULT = inspect.signature(torch.optim.Optimizer.zero_grad).parameters[
+    "set_to_none"].default
 
 
 class AdamW(torch.optim.Optimizer):
@@ -67,13 +71,6 @@ class AdamW(torch.optim.Optimizer):
         off.engine.step_end()
         return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        # step() hands every gradient to ztier and drops it; this drops the
-        # gradients of a backward that no step followed.
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.grad = None
-
     def state_of(self, param: nn.Parameter) -> Dict[str, torch.Tensor]:
         """This rank's partition of `param`'s optimizer state (flat, padded):
         master, exp_avg, exp_avg_sq, as of the last step."""
@@ -113,9 +110,20 @@ class PartitionOptimizer:
         self._parts = [nn.Parameter(torch.empty(0)) for _ in off._slots]
         self.inner = optimizer_class(self._parts, **kwargs)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self, set_to_none: bool = _ZERO_GRAD_DEFAULT) -> None:
+        """As torch.optim.Optimizer.zero_grad (the same default)."""
         for slot in self.off._slots:
-            slot.param.grad = None
+            g = slot.param.grad
+            if g is None:
+                continue
+            if set_to_none:
+                slot.param.grad = None
+            else:
+                if g.grad_fn is not None:
+                    g.detach_()
+                else:
+                    g.requires_grad_(False)
+                g.zero_()
 
     @torch.no_grad()
     def step(self) -> None:
