@@ -562,6 +562,8 @@ ztier_status_t ztier_param_grad_reduce(ztier_engine_t* engine, uint64_t id,
     // The old gradient is gone from here on: a failed reduce must not leave
     // a half-overwritten buffer that reads back as valid.
     p->has_grad = false;
+    // Kept across steps (ztier_grad_clear keeps the buffer): a fresh one
+    // would be zero-filled and page-faulted in every step.
     p->grad.resize(p->part_numel * co::DTypeBytes(p->dtype));
     ZTIER_RETURN_IF_ERROR(
         e.rt->coordinator().ReduceScatterGradient(id, full_grad, p->grad.data()));
@@ -666,10 +668,8 @@ ztier_status_t ztier_grad_partition_write(ztier_engine_t* engine, uint64_t id, c
 
 ztier_status_t ztier_grad_clear(ztier_engine_t* engine) {
   return WithEngine(engine, "ztier_grad_clear", [&](ztier_engine& e) -> Status {
-    for (auto& [id, p] : e.params) {
-      std::vector<uint8_t>().swap(p.grad);
-      p.has_grad = false;
-    }
+    // The buffers stay for the next step's gradients (see grad_reduce).
+    for (auto& [id, p] : e.params) p.has_grad = false;
     return Status::Ok();
   });
 }

@@ -541,11 +541,17 @@ Status Coordinator::ReduceScatterGradient(uint64_t id, const void* full_grad,
     return Status::InvalidArgument(fmt::format("gradient of parameter {}: null buffer", id));
   }
   if (options_.null_io) return Status::Unavailable("gradients need a device (null io)");
+  tiering::DeviceBackend& d = *deps_.device;
+  const uint64_t grad_bytes = p->numel * DTypeBytes(p->dtype);
+  if (world_ == 1) {
+    // One rank: the mean over ranks is the gradient itself and the
+    // partition is all of it. No collective to order: copy it straight out.
+    lock.unlock();
+    return CopyGradientOut(*p, full_grad, part_grad_host, grad_bytes);
+  }
   // Every gather requested so far is enqueued before this collective: the
   // ranks request the same gathers, so they number this one alike.
   cv_.wait(lock, [&] { return gather_queue_.empty() || stop_; });
-  tiering::DeviceBackend& d = *deps_.device;
-  const uint64_t grad_bytes = p->numel * DTypeBytes(p->dtype);
   ZTIER_ASSIGN_OR_RETURN(void* full, d.Alloc(p->full_bytes, coll_stream_));
   auto part = d.Alloc(p->part_bytes, coll_stream_);
   if (!part.ok()) {
@@ -581,6 +587,23 @@ Status Coordinator::ReduceScatterGradient(uint64_t id, const void* full_grad,
   }
   (void)d.DestroyEvent(*ev);
   if (!s.ok()) return s.WithContext(fmt::format("gradient of parameter {}", id));
+  return Status::Ok();
+}
+
+Status Coordinator::CopyGradientOut(const Param& p, const void* full_grad,
+                                    void* part_grad_host, uint64_t grad_bytes) {
+  tiering::DeviceBackend& d = *deps_.device;
+  auto* out = static_cast<uint8_t*>(part_grad_host);
+  if (d.name() == "host") {
+    // The trainer's "device" gradient is host memory the emulation did not
+    // allocate: a plain copy.
+    memcpy(out, full_grad, grad_bytes);
+  } else {
+    Status s = d.MemcpyD2HAsync(out, full_grad, grad_bytes, coll_stream_);
+    if (s.ok()) s = d.StreamSynchronize(coll_stream_);
+    if (!s.ok()) return s.WithContext(fmt::format("gradient of parameter {}", p.id));
+  }
+  if (p.part_bytes > grad_bytes) memset(out + grad_bytes, 0, p.part_bytes - grad_bytes);
   return Status::Ok();
 }
 

@@ -174,6 +174,10 @@ class Coordinator {
 
   Coordinator(const CoordinatorOptions& options, const CoordinatorDeps& deps);
   Result<Param*> FindParam(uint64_t id);
+  // ReduceScatterGradient at world size 1: the gradient copied into the
+  // partition, padding zeroed. Without mu_.
+  Status CopyGradientOut(const Param& p, const void* full_grad, void* part_grad_host,
+                         uint64_t grad_bytes);
   // ReadPartition's swapper part (NVMe), without mu_.
   Status ReadPartitionUnlocked(const Param& p, void* out_host);
   Result<Module*> FindModule(uint64_t id);

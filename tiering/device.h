@@ -139,6 +139,17 @@ struct HostDeviceOptions {
   // Emulated device memory, bytes; Alloc beyond it is ResourceExhausted, as a
   // full GPU would be. 0: unlimited.
   uint64_t memory_bytes = 0;
+  // Freed blocks kept for reuse by an Alloc of the same rounded size, bytes
+  // at most (oldest dropped first), as CUDA's stream-ordered pool keeps
+  // them: a fresh block of host memory costs a page fault per 4 KiB on first
+  // touch, which made every gather of a large parameter fault its way in.
+  // 0 keeps none. Sanitizer builds keep none by default (a reused block
+  // would hide a use after free).
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  uint64_t cache_bytes = 0;
+#else
+  uint64_t cache_bytes = uint64_t{1} << 30;
+#endif
 };
 
 // The host emulation. Never fails except on thread creation.

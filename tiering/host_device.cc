@@ -142,7 +142,7 @@ class HostStream {
 class HostDeviceBackend final : public DeviceBackend {
  public:
   explicit HostDeviceBackend(const HostDeviceOptions& options)
-      : capacity_(options.memory_bytes) {}
+      : capacity_(options.memory_bytes), cache_limit_(options.cache_bytes) {}
 
   ~HostDeviceBackend() override {
     std::unordered_map<void*, std::shared_ptr<HostStream>> streams;
@@ -154,6 +154,7 @@ class HostDeviceBackend final : public DeviceBackend {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto& [addr, bytes] : allocations_)
       free(reinterpret_cast<void*>(addr));
+    for (auto& [ptr, bytes] : cache_) free(ptr);
     for (auto& [p, event] : events_) delete event;
   }
 
@@ -182,7 +183,8 @@ class HostDeviceBackend final : public DeviceBackend {
       }
       used_ += rounded;
     }
-    void* p = aligned_alloc(kDeviceAlignment, rounded);
+    void* p = TakeCached(rounded);
+    if (p == nullptr) p = aligned_alloc(kDeviceAlignment, rounded);
     std::lock_guard<std::mutex> lock(mu_);
     if (p == nullptr) {
       used_ -= rounded;
@@ -218,9 +220,24 @@ class HostDeviceBackend final : public DeviceBackend {
       allocations_.erase(it);
     }
     auto release = [this, ptr, bytes] {
-      free(ptr);
-      std::lock_guard<std::mutex> lock(mu_);
-      used_ -= bytes;
+      std::vector<void*> evicted;
+      bool ptr_cached = false;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        used_ -= bytes;
+        if (bytes <= cache_limit_) {
+          cache_.emplace_back(ptr, bytes);
+          cached_bytes_ += bytes;
+          ptr_cached = true;
+          while (cached_bytes_ > cache_limit_) {
+            evicted.push_back(cache_.front().first);
+            cached_bytes_ -= cache_.front().second;
+            cache_.pop_front();
+          }
+        }
+      }
+      if (!ptr_cached) free(ptr);
+      for (void* e : evicted) free(e);
     };
     if (s) {
       return s->Enqueue([release] {
@@ -233,6 +250,19 @@ class HostDeviceBackend final : public DeviceBackend {
     for (auto& stream : AllStreams()) stream->WaitIdle();
     release();
     return Status::Ok();
+  }
+
+  // A cached free block of exactly `bytes`, or nullptr.
+  void* TakeCached(uint64_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = cache_.begin(); it != cache_.end(); ++it) {
+      if (it->second != bytes) continue;
+      void* p = it->first;
+      cached_bytes_ -= bytes;
+      cache_.erase(it);
+      return p;
+    }
+    return nullptr;
   }
 
   Status MemInfo(uint64_t* free_bytes, uint64_t* total_bytes) override {
@@ -492,6 +522,11 @@ class HostDeviceBackend final : public DeviceBackend {
   std::map<uintptr_t, uint64_t> allocations_;  // start -> bytes (rounded)
   std::map<uintptr_t, uint64_t> registered_;   // HostRegister'd start -> bytes
   uint64_t used_ = 0;                          // device bytes not yet freed
+  // Freed blocks kept for reuse (HostDeviceOptions::cache_bytes), oldest
+  // first: (block, rounded bytes).
+  const uint64_t cache_limit_;
+  std::deque<std::pair<void*, uint64_t>> cache_;
+  uint64_t cached_bytes_ = 0;
 };
 
 }  // namespace
