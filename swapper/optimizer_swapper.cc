@@ -103,7 +103,11 @@ struct OptimizerSwapper::StepRun {
   std::vector<uint64_t> remaining;         // per segment: elements not updated yet
   std::vector<std::unique_ptr<uint8_t[]>> outs;  // per segment, while assembling
   std::vector<tiering::BufferSpan> spans;  // per sub-group, while it holds one
-  uint32_t next_read = 0;                  // the next sub-group to read
+  std::vector<uint32_t> order;             // sub-groups in the order they are updated
+  size_t next_read = 0;                    // position in `order` of the next read
+  const GradSource* grad_source = nullptr;
+  std::span<const optim::AdamHyper> hypers;  // per parameter group
+  std::vector<uint8_t> resolved;           // per segment: its gradient was asked for
 
   std::mutex mu;
   std::condition_variable cv;
@@ -397,6 +401,10 @@ Status OptimizerSwapper::ReadState(uint64_t id, StateArray array, float* out) {
   if (!initialized_) {
     return Status::FailedPrecondition("the optimizer state is not initialised yet");
   }
+  if (pending_) {
+    return Status::FailedPrecondition(
+        "an optimizer step is waiting for its commit: read the state after it");
+  }
   uint32_t seg = UINT32_MAX;
   for (uint32_t k = 0; k < segments_.size(); ++k) {
     if (segments_[k].id == id) seg = k;
@@ -432,10 +440,15 @@ OptimizerStepStats OptimizerSwapper::last_step_stats() const {
 // ---------------------------------------------------------------- the step
 
 Status OptimizerSwapper::Step(std::span<const optim::AdamHyper> hypers,
-                              const GradSource& grads, const ParamSink& sink) {
+                              const GradSource& grads, const ParamSink& sink,
+                              const StepPlan& plan) {
   if (!initialized_) {
     return Status::FailedPrecondition(
         "the optimizer state is not initialised (call Initialize before the first step)");
+  }
+  if (pending_) {
+    return Status::FailedPrecondition(
+        "an optimizer step is waiting for its commit (Commit or Discard it first)");
   }
   if (hypers.size() != group_count_) {
     return Status::InvalidArgument(fmt::format(
@@ -454,18 +467,21 @@ Status OptimizerSwapper::Step(std::span<const optim::AdamHyper> hypers,
   run.step = step() + 1;
   run.constants.resize(segments_.size());
   run.sink = &sink;
+  run.grad_source = &grads;
+  run.hypers = hypers;
   run.grads.resize(segments_.size());
+  run.resolved.assign(segments_.size(), 0);
   run.remaining.resize(segments_.size());
   run.outs.resize(segments_.size());
+  run.order.resize(groups_.size());
+  for (uint32_t g = 0; g < groups_.size(); ++g) {
+    run.order[g] = plan.reverse ? static_cast<uint32_t>(groups_.size()) - 1 - g : g;
+  }
+  // Gradients are asked for lazily (ResolveGrads): the bound below counts
+  // every segment.
   uint64_t largest = 0;
-  for (size_t k = 0; k < segments_.size(); ++k) {
-    run.grads[k] = grads(segments_[k].id);
-    run.remaining[k] = run.grads[k] != nullptr ? segments_[k].numel : 0;
-    if (run.grads[k] != nullptr) {
-      run.constants[k] = optim::MakeConstants(hypers[segments_[k].group], updates_[k] + 1);
-      run.stats.elements += segments_[k].numel;
-      largest = std::max(largest, segments_[k].numel * optim::DTypeBytes(segments_[k].dtype));
-    }
+  for (const auto& seg : segments_) {
+    largest = std::max(largest, seg.numel * optim::DTypeBytes(seg.dtype));
   }
   // Parameter partitions waiting for the sink, in bytes, at most: two
   // sub-groups' worth (so the sink's writes overlap the next updates, even
@@ -545,11 +561,12 @@ Status OptimizerSwapper::Step(std::span<const optim::AdamHyper> hypers,
   if (status.ok()) status = run.write_error;
   if (status.ok()) status = run.param_error;
   if (status.ok()) {
-    for (auto& g : groups_) g.committed ^= 1;
-    for (size_t k = 0; k < segments_.size(); ++k) {
-      if (run.grads[k] != nullptr) ++updates_[k];
-    }
-    step_.store(run.step, std::memory_order_release);
+    Pending done;
+    done.step = run.step;
+    done.updated.resize(segments_.size());
+    for (size_t k = 0; k < segments_.size(); ++k) done.updated[k] = run.grads[k] != nullptr;
+    pending_ = std::move(done);
+    if (!plan.defer_commit) status = Commit();
   } else if (status.code() == StatusCode::kCorruption) {
     // The committed state itself failed its check: nothing here can repair it.
     status = status.WithContext(fmt::format(
@@ -570,10 +587,47 @@ Status OptimizerSwapper::Step(std::span<const optim::AdamHyper> hypers,
   return status;
 }
 
+Status OptimizerSwapper::Commit() {
+  if (!pending_) return Status::FailedPrecondition("no optimizer step waits for its commit");
+  for (auto& g : groups_) g.committed ^= 1;
+  for (size_t k = 0; k < segments_.size(); ++k) updates_[k] += pending_->updated[k];
+  step_.store(pending_->step, std::memory_order_release);
+  pending_.reset();
+  return Status::Ok();
+}
+
+Status OptimizerSwapper::Discard() {
+  if (!pending_) return Status::FailedPrecondition("no optimizer step waits for its commit");
+  pending_.reset();  // its slots are the uncommitted ones: the next step overwrites them
+  return Status::Ok();
+}
+
+Status OptimizerSwapper::ResolveGrads(StepRun& run, uint32_t g) {
+  for (const Piece& p : groups_[g].pieces) {
+    const uint32_t k = p.segment;
+    if (run.resolved[k]) continue;
+    const auto tw = Clock::now();
+    Result<const void*> grad = (*run.grad_source)(segments_[k].id);
+    run.stats.grad_wait_s += Since(tw);
+    if (!grad.ok()) {
+      return grad.status().WithContext(fmt::format("gradient of parameter {}", segments_[k].id));
+    }
+    run.resolved[k] = 1;
+    run.grads[k] = *grad;
+    run.remaining[k] = *grad != nullptr ? segments_[k].numel : 0;
+    if (*grad != nullptr) {
+      run.constants[k] = optim::MakeConstants(run.hypers[segments_[k].group], updates_[k] + 1);
+      run.stats.elements += segments_[k].numel;
+    }
+  }
+  return Status::Ok();
+}
+
 Status OptimizerSwapper::RunStep(StepRun& run) {
-  const uint32_t groups = static_cast<uint32_t>(groups_.size());
-  for (uint32_t g = 0; g < groups; ++g) {
-    ZTIER_RETURN_IF_ERROR(IssueReads(run, g, /*must=*/true));
+  for (size_t pos = 0; pos < run.order.size(); ++pos) {
+    const uint32_t g = run.order[pos];
+    ZTIER_RETURN_IF_ERROR(IssueReads(run, pos, /*must=*/true));
+    ZTIER_RETURN_IF_ERROR(ResolveGrads(run, g));
     ZTIER_RETURN_IF_ERROR(WaitRead(run, g));
     auto tv = Clock::now();
     uint8_t* buf = run.spans[g].data;
@@ -590,7 +644,7 @@ Status OptimizerSwapper::RunStep(StepRun& run) {
       if (!run.write_error.ok()) return run.write_error;
       if (!run.param_error.ok()) return run.param_error;
     }
-    ZTIER_RETURN_IF_ERROR(IssueReads(run, g + 1, /*must=*/false));
+    ZTIER_RETURN_IF_ERROR(IssueReads(run, pos + 1, /*must=*/false));
   }
   return Status::Ok();
 }
@@ -627,12 +681,11 @@ Status OptimizerSwapper::StartRead(StepRun& run, uint32_t g, const tiering::Buff
   return s;
 }
 
-Status OptimizerSwapper::IssueReads(StepRun& run, uint32_t g, bool must) {
-  const uint32_t groups = static_cast<uint32_t>(groups_.size());
-  while (run.next_read < groups) {
+Status OptimizerSwapper::IssueReads(StepRun& run, size_t pos, bool must) {
+  while (run.next_read < run.order.size()) {
     ZTIER_ASSIGN_OR_RETURN(auto span, pool_->TryAcquire(1));
     if (!span) {
-      if (!must || run.next_read > g) break;
+      if (!must || run.next_read > pos) break;
       // Sub-group g itself has no buffer yet: every buffer is held by a
       // write in flight, which gives it back when it completes.
       auto tw = Clock::now();
@@ -646,7 +699,7 @@ Status OptimizerSwapper::IssueReads(StepRun& run, uint32_t g, bool must) {
       }
       run.stats.buffer_wait_s += Since(tw);
     }
-    ZTIER_RETURN_IF_ERROR(StartRead(run, run.next_read, *span));
+    ZTIER_RETURN_IF_ERROR(StartRead(run, run.order[run.next_read], *span));
     ++run.next_read;
   }
   return Status::Ok();
@@ -662,10 +715,10 @@ Status OptimizerSwapper::WaitRead(StepRun& run, uint32_t g) {
 
 void OptimizerSwapper::Update(StepRun& run, uint32_t g, uint8_t* buf) {
   const Group& grp = groups_[g];
-  // Parameter partitions that start here get their output buffer now.
+  // Parameter partitions first met here get their output buffer now.
   for (const Piece& p : grp.pieces) {
     const OptimizerSegment& seg = segments_[p.segment];
-    if (run.grads[p.segment] != nullptr && p.seg_offset == 0) {
+    if (run.grads[p.segment] != nullptr && run.outs[p.segment] == nullptr) {
       run.outs[p.segment].reset(new uint8_t[seg.numel * optim::DTypeBytes(seg.dtype)]);
     }
   }

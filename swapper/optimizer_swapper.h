@@ -42,6 +42,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -87,6 +88,7 @@ struct OptimizerStepStats {
   uint64_t param_bytes = 0;     // parameter bytes handed to the sink
   double seconds = 0;           // the whole step
   double read_wait_s = 0;       // waiting for a sub-group's read
+  double grad_wait_s = 0;       // waiting for gradients (a step begun during backward)
   double buffer_wait_s = 0;     // waiting for a free buffer
   double verify_s = 0;          // checking headers and CRCs of reads
   double update_s = 0;          // the Adam update
@@ -100,8 +102,11 @@ class OptimizerSwapper {
  public:
   // The gradient partition of segment `id` (numel elements of its dtype, in
   // host memory, valid for the whole Step), or nullptr: the segment has no
-  // gradient this step and is left as it is (state and parameter).
-  using GradSource = std::function<const void*(uint64_t id)>;
+  // gradient this step and is left as it is (state and parameter). Asked
+  // once per segment, just before the first sub-group holding it is
+  // updated, on the thread running Step: it may block until the gradient
+  // is known (a step begun during backward). An error fails the step.
+  using GradSource = std::function<Result<const void*>(uint64_t id)>;
   // Receives updated parameter partitions, `data[i]` for segment `ids[i]`
   // (numel elements of its dtype), each once per step, in layout order,
   // batched (whatever has finished since the last call), from the swapper's
@@ -124,6 +129,16 @@ class OptimizerSwapper {
   // fp32), both moments zero. Needed once, before the first Step().
   Status Initialize(const ParamSource& params);
 
+  // How Step runs: `reverse` updates the sub-groups last to first (the order
+  // backward produces gradients in); `defer_commit` leaves a successful
+  // step uncommitted until Commit() (or Discard()): until then step() and
+  // the state read are the previous step's, and no other Step, ReadState or
+  // Initialize may run.
+  struct StepPlan {
+    bool reverse = false;
+    bool defer_commit = false;
+  };
+
   // One optimizer step (number step() + 1) over every sub-group, pipelined.
   // `hypers[g]` updates the segments of group g: one per group (group_count()).
   // A segment's bias correction counts the steps that updated it (it had a
@@ -132,11 +147,21 @@ class OptimizerSwapper {
   // has been handed to `sink`. On failure nothing is committed: step() and
   // the state are those of the previous step (see the file comment).
   Status Step(std::span<const optim::AdamHyper> hypers, const GradSource& grads,
-              const ParamSink& sink);
+              const ParamSink& sink, const StepPlan& plan);
+  Status Step(std::span<const optim::AdamHyper> hypers, const GradSource& grads,
+              const ParamSink& sink) {
+    return Step(hypers, grads, sink, StepPlan{});
+  }
   // The one-group case.
   Status Step(const optim::AdamHyper& hyper, const GradSource& grads, const ParamSink& sink) {
-    return Step(std::span<const optim::AdamHyper>(&hyper, 1), grads, sink);
+    return Step(std::span<const optim::AdamHyper>(&hyper, 1), grads, sink, StepPlan{});
   }
+  // Commits the step a Step with defer_commit left pending (flips its
+  // slots; step() += 1); Discard() drops it (the previous state stays).
+  // FailedPrecondition when none is pending.
+  Status Commit();
+  Status Discard();
+  bool commit_pending() const { return pending_.has_value(); }
 
   // Copies segment `id`'s `array` as of the last committed step into `out`
   // (numel floats), reading and verifying the sub-groups it spans.
@@ -192,8 +217,12 @@ class OptimizerSwapper {
   // The pieces of the step (Step() helpers, .cc).
   Status RunStep(StepRun& run);
   Status StartRead(StepRun& run, uint32_t g, const tiering::BufferSpan& span);
-  Status IssueReads(StepRun& run, uint32_t g, bool must);
+  // Reads ahead in the run's order; `pos` is the position (in that order)
+  // of the sub-group being worked on.
+  Status IssueReads(StepRun& run, size_t pos, bool must);
   Status WaitRead(StepRun& run, uint32_t g);
+  // Asks for the gradients of g's segments not asked for yet.
+  Status ResolveGrads(StepRun& run, uint32_t g);
   void Update(StepRun& run, uint32_t g, uint8_t* buf);
   Status StartWrite(StepRun& run, uint32_t g);
   void Drain(StepRun& run);
@@ -204,6 +233,13 @@ class OptimizerSwapper {
   // Per segment: committed steps that updated it (it had a gradient), the
   // step number of its bias correction, as torch keeps one per parameter.
   std::vector<uint64_t> updates_;
+  // A successful step left uncommitted (StepPlan::defer_commit): its number
+  // and which segments it updated.
+  struct Pending {
+    uint64_t step = 0;
+    std::vector<uint8_t> updated;  // per segment
+  };
+  std::optional<Pending> pending_;
   std::vector<Group> groups_;
   uint64_t total_elements_ = 0;
   uint32_t group_count_ = 1;

@@ -382,6 +382,63 @@ class ModelsTest(unittest.TestCase):
             off.engine.step_end()
         self.assertHolds(off)
 
+    def test_world2_transformer_within_1e5_of_the_full_batch(self):
+        # Two ranks as threads (local collective), half a batch each: the
+        # hooks, the saved references and the out_proj touch on each rank.
+        import threading
+        import ztier
+        import ztier.torch
+        x = torch.randn(4, 6, 16)
+        steps = 4
+
+        def build():
+            torch.manual_seed(0)
+            return nn.TransformerEncoder(nn.TransformerEncoderLayer(
+                16, 2, dim_feedforward=32, dropout=0.0, batch_first=True), num_layers=2)
+
+        def loss_of(model, xs):
+            return model(xs).pow(2).mean()
+        ref = build()
+        opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+        ref_losses = []
+        for _ in range(steps):
+            loss = loss_of(ref, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            ref_losses.append(loss.item())
+        group = ztier.LocalGroup(2)
+        path = tmpdir(self)
+        losses = [[None] * steps for _ in range(2)]
+        errors = []
+
+        def rank_main(rank):
+            try:
+                model = build()
+                off = ztier.torch.offload(model, config_for(model, path), rank=rank,
+                                          world_size=2, local_group=group)
+                zopt = off.adamw(lr=1e-2)
+                for step in range(steps):
+                    loss = loss_of(model, x[2 * rank:2 * rank + 2])
+                    loss.backward()
+                    zopt.step()
+                    zopt.zero_grad()
+                    losses[rank][step] = loss.item()
+                off.close()
+            except BaseException as e:  # reported by the main thread
+                errors.append(e)
+        threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        group.close()
+        if errors:
+            raise errors[0]
+        for step, a in enumerate(ref_losses):
+            mean = (losses[0][step] + losses[1][step]) / 2
+            self.assertLessEqual(abs(a - mean), 1e-5 * abs(a), f"step {step}")
+
     def test_use_outside_the_forward_is_a_clear_error(self):
         import ztier.torch
         model = nn.Sequential(nn.Linear(3, 3))

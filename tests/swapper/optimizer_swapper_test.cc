@@ -10,7 +10,10 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <condition_variable>
 #include <map>
+#include <mutex>
+#include <thread>
 #include <set>
 #include <random>
 #include <vector>
@@ -304,6 +307,79 @@ TEST_P(OptimizerSwapperTest, BiasCorrectionCountsEachSegmentsUpdatesAndGroupsHav
   Status bad = SwapperStep(hypers);
   EXPECT_EQ(bad.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(bad.message().find("parameter group 2"), std::string::npos) << bad.ToString();
+}
+
+// A step begun before the gradients exist: sub-groups last to first, each
+// gradient handed over by another thread (the source blocks until then),
+// the commit deferred: Discard keeps the previous state, Commit gives the
+// step the plain one gives.
+TEST_P(OptimizerSwapperTest, ReverseBlockingGradientsAndDeferredCommit) {
+  Build(2, 1000);
+  MakeGrads(1);
+  const OptimizerSwapper::StepPlan plan{.reverse = true, .defer_commit = true};
+  std::vector<uint64_t> asked;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::set<uint64_t> released;
+  auto source = [&](uint64_t id) -> Result<const void*> {
+    std::unique_lock<std::mutex> lock(mu);
+    asked.push_back(id);
+    cv.wait(lock, [&] { return released.count(id) != 0; });
+    return grads_.at(id).data();
+  };
+  auto sink = [this](std::span<const uint64_t> ids, std::span<const void* const> data) {
+    for (size_t k = 0; k < ids.size(); ++k) {
+      const auto& seg = Seg(ids[k]);
+      const auto* p = static_cast<const uint8_t*>(data[k]);
+      sunk_[ids[k]].assign(p, p + seg.numel * optim::DTypeBytes(seg.dtype));
+    }
+    return Status::Ok();
+  };
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    released.clear();
+    asked.clear();
+    sunk_.clear();
+    std::thread feeder([&] {
+      // Last segment first, as backward produces them.
+      for (auto it = segments_.rbegin(); it != segments_.rend(); ++it) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        std::lock_guard<std::mutex> lock(mu);
+        released.insert(it->id);
+        cv.notify_all();
+      }
+    });
+    const optim::AdamHyper h = Hyper();
+    Status st = sw_->Step(std::span<const optim::AdamHyper>(&h, 1), source, sink, plan);
+    feeder.join();
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    EXPECT_EQ(asked.front(), segments_.back().id);  // the last sub-group went first
+    EXPECT_EQ(sunk_.size(), segments_.size());
+    EXPECT_TRUE(sw_->commit_pending());
+    EXPECT_EQ(sw_->step(), 0u);
+    std::vector<float> out(segments_[0].numel);
+    EXPECT_EQ(sw_->ReadState(segments_[0].id, StateArray::kMaster, out.data()).code(),
+              StatusCode::kFailedPrecondition);
+    EXPECT_EQ(SwapperStep(Hyper()).code(), StatusCode::kFailedPrecondition);
+    if (attempt == 0) {
+      ASSERT_TRUE(sw_->Discard().ok());
+      ExpectStateMatches();  // still step 0's
+    } else {
+      ASSERT_TRUE(sw_->Commit().ok());
+      ReferenceStep(Hyper(), {});
+      ExpectStateMatches();
+      EXPECT_EQ(sw_->step(), 1u);
+    }
+  }
+  EXPECT_EQ(sw_->Commit().code(), StatusCode::kFailedPrecondition);
+  // A source that fails (a cancelled step) fails the step; nothing pends.
+  MakeGrads(2);
+  const optim::AdamHyper h = Hyper();
+  Status st = sw_->Step(
+      std::span<const optim::AdamHyper>(&h, 1),
+      [](uint64_t) -> Result<const void*> { return Status::Cancelled("stop"); }, sink, plan);
+  EXPECT_EQ(st.code(), StatusCode::kCancelled) << st.ToString();
+  EXPECT_FALSE(sw_->commit_pending());
+  ExpectStateMatches();
 }
 
 // Reads are counted from 0: Initialize reads nothing and each step reads
