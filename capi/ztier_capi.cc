@@ -27,6 +27,7 @@
 #include <fmt/format.h>
 
 #include "base/status.h"
+#include "coordinator/background_step.h"
 #include "coordinator/collective.h"
 #include "coordinator/coordinator.h"
 #include "coordinator/runtime.h"
@@ -65,6 +66,11 @@ struct ztier_engine {
   std::unordered_set<uint64_t> modules;
   std::atomic<uint64_t> grad_reduces{0};
   std::vector<ztier::optim::AdamHyper> hypers;  // the optimizer's groups, once created
+
+  // An optimizer step begun during backward (ztier_optimizer_step_begin),
+  // until finished or cancelled. Declared after `rt`: destroyed (cancelled)
+  // before the runtime it uses.
+  std::unique_ptr<co::BackgroundStep> early;
 
   std::mutex async_mu;  // guards the latched background error
   ztier_status_t async_status = ZTIER_STATUS_OK;
@@ -245,6 +251,13 @@ Status EnsureFinalized(ztier_engine& e) {
   }
   e.finalized = true;
   return Status::Ok();
+}
+
+// Stops a step begun during backward and forgets it (nothing committed).
+void CancelEarly(ztier_engine& e) {
+  if (e.early == nullptr) return;
+  e.early->Cancel();
+  e.early.reset();
 }
 
 Result<ztier_engine::Param*> FindParam(ztier_engine& e, uint64_t id) {
@@ -559,6 +572,9 @@ ztier_status_t ztier_param_grad_reduce(ztier_engine_t* engine, uint64_t id,
           fmt::format("parameter {} is uint8: it has no gradient", id));
     }
     ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+    // A second gradient for a parameter a begun step already took (the
+    // trainer accumulates over another backward): that step is void.
+    if (e.early != nullptr && e.early->IsReady(id)) CancelEarly(e);
     // The old gradient is gone from here on: a failed reduce must not leave
     // a half-overwritten buffer that reads back as valid.
     p->has_grad = false;
@@ -569,6 +585,7 @@ ztier_status_t ztier_param_grad_reduce(ztier_engine_t* engine, uint64_t id,
         e.rt->coordinator().ReduceScatterGradient(id, full_grad, p->grad.data()));
     p->has_grad = true;
     e.grad_reduces.fetch_add(1, std::memory_order_relaxed);
+    if (e.early != nullptr) e.early->Ready(id, p->grad.data());
     return Status::Ok();
   });
 }
@@ -659,15 +676,18 @@ ztier_status_t ztier_grad_partition_write(ztier_engine_t* engine, uint64_t id, c
   return WithEngine(engine, "ztier_grad_partition_write", [&](ztier_engine& e) -> Status {
     ZTIER_ASSIGN_OR_RETURN(ztier_engine::Param * p, FindParam(e, id));
     ZTIER_RETURN_IF_ERROR(CheckBytes(*p, id, bytes, in, "gradient write"));
+    if (e.early != nullptr && e.early->IsReady(id)) CancelEarly(e);
     const auto* src = static_cast<const uint8_t*>(in);
     p->grad.assign(src, src + bytes);
     p->has_grad = true;
+    if (e.early != nullptr) e.early->Ready(id, p->grad.data());
     return Status::Ok();
   });
 }
 
 ztier_status_t ztier_grad_clear(ztier_engine_t* engine) {
   return WithEngine(engine, "ztier_grad_clear", [&](ztier_engine& e) -> Status {
+    CancelEarly(e);
     // The buffers stay for the next step's gradients (see grad_reduce).
     for (auto& [id, p] : e.params) p.has_grad = false;
     return Status::Ok();
@@ -792,6 +812,38 @@ Status CreateOptimizer(ztier_engine& e, std::vector<ztier::optim::AdamHyper> hyp
   return Status::Ok();
 }
 
+// A step's groups, checked against the optimizer's (count and kind).
+Result<std::vector<ztier::optim::AdamHyper>> StepHypers(ztier_engine& e,
+                                                        const ztier_optimizer_options_t* groups,
+                                                        size_t group_count) {
+  ZTIER_ASSIGN_OR_RETURN(auto hypers, ToHypers(groups, group_count));
+  if (hypers.size() != e.hypers.size()) {
+    return Status::InvalidArgument(fmt::format(
+        "group_count is {}, but the optimizer was created with {} groups", hypers.size(),
+        e.hypers.size()));
+  }
+  if (hypers[0].adamw != e.hypers[0].adamw) {
+    return Status::InvalidArgument(
+        "the groups' kind differs from the optimizer's (AdamW and Adam cannot be switched)");
+  }
+  return hypers;
+}
+
+bool SameHypers(const std::vector<ztier::optim::AdamHyper>& a,
+                const std::vector<ztier::optim::AdamHyper>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t k = 0; k < a.size(); ++k) {
+    const auto& x = a[k];
+    const auto& y = b[k];
+    if (x.lr != y.lr || x.beta1 != y.beta1 || x.beta2 != y.beta2 || x.eps != y.eps ||
+        x.weight_decay != y.weight_decay || x.adamw != y.adamw ||
+        x.bias_correction != y.bias_correction) {
+      return false;
+    }
+  }
+  return true;
+}
+
 Status StepOptimizer(ztier_engine& e) {
   return e.rt->OptimizerStep(e.hypers, [&e](uint64_t id) -> const void* {
     const ztier_engine::Param& p = e.params.at(id);
@@ -864,6 +916,7 @@ ztier_status_t ztier_optimizer_step(ztier_engine_t* engine,
   }
   return WithEngine(engine, "ztier_optimizer_step", [&](ztier_engine& e) -> Status {
     ZTIER_RETURN_IF_ERROR(GetOptimizer(e).status());
+    CancelEarly(e);
     if (options != nullptr) {
       if (e.hypers.size() != 1) {
         return Status::InvalidArgument(fmt::format(
@@ -887,18 +940,74 @@ ztier_status_t ztier_optimizer_step_groups(ztier_engine_t* engine,
                                            size_t group_count) {
   return WithEngine(engine, "ztier_optimizer_step_groups", [&](ztier_engine& e) -> Status {
     ZTIER_RETURN_IF_ERROR(GetOptimizer(e).status());
-    ZTIER_ASSIGN_OR_RETURN(auto hypers, ToHypers(groups, group_count));
-    if (hypers.size() != e.hypers.size()) {
-      return Status::InvalidArgument(fmt::format(
-          "group_count is {}, but the optimizer was created with {} groups", hypers.size(),
-          e.hypers.size()));
-    }
-    if (hypers[0].adamw != e.hypers[0].adamw) {
-      return Status::InvalidArgument(
-          "the groups' kind differs from the optimizer's (AdamW and Adam cannot be switched)");
-    }
+    ZTIER_ASSIGN_OR_RETURN(auto hypers, StepHypers(e, groups, group_count));
+    CancelEarly(e);
     e.hypers = std::move(hypers);
     return StepOptimizer(e);
+  });
+}
+
+ztier_status_t ztier_optimizer_step_begin(ztier_engine_t* engine,
+                                          const ztier_optimizer_options_t* groups,
+                                          size_t group_count) {
+  return WithEngine(engine, "ztier_optimizer_step_begin", [&](ztier_engine& e) -> Status {
+    ZTIER_ASSIGN_OR_RETURN(auto* opt, GetOptimizer(e));
+    ZTIER_ASSIGN_OR_RETURN(auto hypers, StepHypers(e, groups, group_count));
+    if (e.early != nullptr) {
+      return Status::FailedPrecondition(
+          "an optimizer step is already begun: finish or cancel it first");
+    }
+    e.early = co::BackgroundStep::Start(opt, std::move(hypers));
+    // Gradients handed in before the begin are ready as they are.
+    for (auto& [id, p] : e.params) {
+      if (p.has_grad) e.early->Ready(id, p.grad.data());
+    }
+    return Status::Ok();
+  });
+}
+
+ztier_status_t ztier_optimizer_step_finish(ztier_engine_t* engine,
+                                           const ztier_optimizer_options_t* groups,
+                                           size_t group_count) {
+  return WithEngine(engine, "ztier_optimizer_step_finish", [&](ztier_engine& e) -> Status {
+    ZTIER_ASSIGN_OR_RETURN(auto* opt, GetOptimizer(e));
+    ZTIER_ASSIGN_OR_RETURN(auto hypers, StepHypers(e, groups, group_count));
+    if (e.early != nullptr && !SameHypers(hypers, e.early->hypers())) {
+      CancelEarly(e);  // begun with other hyperparameters: run it again
+    }
+    e.hypers = std::move(hypers);
+    if (e.early == nullptr) return StepOptimizer(e);
+    Status s = e.early->Finish();
+    if (!s.ok()) {
+      CancelEarly(e);
+      return s;
+    }
+    // Publish the updated partitions, then commit the state.
+    std::vector<uint64_t> ids;
+    std::vector<const void*> data;
+    for (const auto& [id, bytes] : e.early->staged()) {
+      ids.push_back(id);
+      data.push_back(bytes.data());
+    }
+    s = e.rt->coordinator().WritePartitions(ids, data);
+    if (!s.ok()) {
+      const uint64_t step = opt->step();
+      CancelEarly(e);  // discards the uncommitted state
+      return s.WithContext(fmt::format(
+          "optimizer step {} failed and was not applied (the state of step {} is intact; fix "
+          "the cause and run the same step again: the gradients are kept)",
+          step + 1, step));
+    }
+    s = opt->Commit();
+    e.early.reset();
+    return s;
+  });
+}
+
+ztier_status_t ztier_optimizer_step_cancel(ztier_engine_t* engine) {
+  return WithEngine(engine, "ztier_optimizer_step_cancel", [&](ztier_engine& e) -> Status {
+    CancelEarly(e);
+    return Status::Ok();
   });
 }
 
@@ -906,6 +1015,10 @@ ztier_status_t ztier_optimizer_state_read(ztier_engine_t* engine, uint64_t id,
                                           ztier_state_array_t array, float* out, size_t bytes) {
   return WithEngine(engine, "ztier_optimizer_state_read", [&](ztier_engine& e) -> Status {
     ZTIER_ASSIGN_OR_RETURN(auto* opt, GetOptimizer(e));
+    if (e.early != nullptr) {
+      return Status::FailedPrecondition(
+          "an optimizer step is begun: read the state after ztier_optimizer_step_finish");
+    }
     ZTIER_ASSIGN_OR_RETURN(ztier_engine::Param * p, FindParam(e, id));
     const int a = RawEnum(array);
     if (a < ZTIER_STATE_MASTER || a > ZTIER_STATE_EXP_AVG_SQ) {

@@ -133,7 +133,7 @@ def timed(fn):
     return time.perf_counter() - t0
 
 
-def bench(name, steps, path, ztier_bin, log):
+def bench(name, steps, path, ztier_bin, log, overlap=False):
     import ztier.torch
     build, loss_of = CASES[name]()
     torch.manual_seed(0)
@@ -146,7 +146,7 @@ def bench(name, steps, path, ztier_bin, log):
     model.load_state_dict(init)
     del init
     off = ztier.torch.offload(model, config_text(model, path))
-    zopt = off.adamw(lr=1e-4)
+    zopt = off.adamw(lr=1e-4, overlap=overlap)
 
     def torch_step():
         loss_of(ref).backward()
@@ -198,6 +198,8 @@ def main():
     ap.add_argument("--ztier", default=os.path.join(ROOT, "build", "ztier"))
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="torch's intra-op threads (default: every core)")
+    ap.add_argument("--overlap", action="store_true",
+                    help="begin ztier's optimizer step during backward (AdamW overlap=True)")
     ap.add_argument("--json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -209,7 +211,7 @@ def main():
     for name in names:
         path = tempfile.mkdtemp(prefix=f"bench_{name}_", dir=a.dir)
         try:
-            rows.append(bench(name, a.steps, path, a.ztier, sys.stdout))
+            rows.append(bench(name, a.steps, path, a.ztier, sys.stdout, a.overlap))
         finally:
             shutil.rmtree(path, ignore_errors=True)
     if a.json:

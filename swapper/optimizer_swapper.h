@@ -172,6 +172,7 @@ class OptimizerSwapper {
   // Parameter groups: 1 + the largest segment group.
   uint32_t group_count() const { return group_count_; }
   uint64_t total_elements() const { return total_elements_; }
+  const std::vector<OptimizerSegment>& segments() const { return segments_; }
   uint64_t slot_bytes() const { return slot_bytes_; }
   const NvmeStore& store() const { return *store_; }
   optim::Isa isa() const { return options_.isa; }

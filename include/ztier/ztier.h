@@ -359,6 +359,32 @@ ZTIER_API ztier_status_t ztier_optimizer_step_groups(ztier_engine_t* engine,
                                                      const ztier_optimizer_options_t* groups,
                                                      size_t group_count);
 
+/* The same step begun before backward ends, so that the optimizer state's
+ * reads, updates and writes overlap the rest of backward. Call it when the
+ * backward pass that completes this step's gradients starts; each sub-group
+ * is then updated as soon as every parameter in it has its gradient handed
+ * in (ztier_param_grad_reduce), last sub-group first (backward finishes the
+ * last layers' gradients first). Updated parameters are kept in host memory
+ * until ztier_optimizer_step_finish writes them, so a forward before the
+ * finish still sees the old values. A second gradient for a parameter the
+ * begun step already took (accumulation over another backward),
+ * ztier_grad_partition_write of one, ztier_grad_clear, ztier_optimizer_step
+ * or _step_groups cancel the begun step (nothing is committed).
+ * Serialised per engine. */
+ZTIER_API ztier_status_t ztier_optimizer_step_begin(ztier_engine_t* engine,
+                                                    const ztier_optimizer_options_t* groups,
+                                                    size_t group_count);
+/* Ends the step: parameters without a gradient by now are not updated;
+ * waits for the begun step, writes the updated parameters to their tier and
+ * commits. With hyperparameters that differ from the begin's (or without a
+ * begun step) it runs the whole step now, as ztier_optimizer_step_groups.
+ * Failure as ztier_optimizer_step. Serialised per engine. */
+ZTIER_API ztier_status_t ztier_optimizer_step_finish(ztier_engine_t* engine,
+                                                     const ztier_optimizer_options_t* groups,
+                                                     size_t group_count);
+/* Abandons a begun step (nothing is committed); OK without one. */
+ZTIER_API ztier_status_t ztier_optimizer_step_cancel(ztier_engine_t* engine);
+
 typedef enum ztier_state_array {
   ZTIER_STATE_MASTER = 0,    /* fp32 master weights */
   ZTIER_STATE_EXP_AVG = 1,   /* first moment */

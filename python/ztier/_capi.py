@@ -228,6 +228,11 @@ _SIGNATURES = {
                                                  _c.c_size_t]),
     "ztier_optimizer_step_groups": (_c.c_int, [_VP, _c.POINTER(_OptimizerOptions),
                                                _c.c_size_t]),
+    "ztier_optimizer_step_begin": (_c.c_int, [_VP, _c.POINTER(_OptimizerOptions),
+                                              _c.c_size_t]),
+    "ztier_optimizer_step_finish": (_c.c_int, [_VP, _c.POINTER(_OptimizerOptions),
+                                               _c.c_size_t]),
+    "ztier_optimizer_step_cancel": (_c.c_int, [_VP]),
     "ztier_optimizer_state_read": (_c.c_int, [_VP, _U64, _c.c_int, _VP, _c.c_size_t]),
     "ztier_optimizer_stats": (_c.c_int, [_VP, _c.POINTER(_OptimizerStats)]),
 }
@@ -533,6 +538,19 @@ class Engine:
         """One pipelined optimizer step with each group's hyperparameters."""
         arr = self._group_options(kind, groups)
         _check(self._lib.ztier_optimizer_step_groups(self._handle, arr, len(groups)))
+
+    def optimizer_step_begin(self, kind: OptimizerKind, groups: Sequence[dict]) -> None:
+        """Begins the step during backward (see ztier_optimizer_step_begin)."""
+        arr = self._group_options(kind, groups)
+        _check(self._lib.ztier_optimizer_step_begin(self._handle, arr, len(groups)))
+
+    def optimizer_step_finish(self, kind: OptimizerKind, groups: Sequence[dict]) -> None:
+        """Ends a begun step (or runs a whole one): ztier_optimizer_step_finish."""
+        arr = self._group_options(kind, groups)
+        _check(self._lib.ztier_optimizer_step_finish(self._handle, arr, len(groups)))
+
+    def optimizer_step_cancel(self) -> None:
+        _check(self._lib.ztier_optimizer_step_cancel(self._handle))
 
     def optimizer_state_read(self, pid: int, array: StateArray, out,
                              nbytes: Optional[int] = None) -> None:

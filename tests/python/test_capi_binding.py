@@ -118,6 +118,75 @@ class BindingTest(unittest.TestCase):
                                  weight_decay=0.0, bias_correction=True)
             self.assertEqual(cm.exception.status, Status.INVALID_ARGUMENT)
 
+    def test_optimizer_groups_and_a_step_begun_during_backward(self):
+        # Two engines with the same parameters and gradients: one steps
+        # plainly, the other begins the step before its gradients exist,
+        # gets them one by one, and finishes: the same partitions and state.
+        # A cancelled begin leaves the state as it was; a second gradient for
+        # a parameter the begun step took voids it (the finish runs whole).
+        from ztier import OptimizerKind, StateArray
+        groups = [dict(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                       bias_correction=True),
+                  dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1,
+                       bias_correction=True)]
+        sizes = [100, 37, 250]
+        grads = [array.array("f", [0.25 * (k + 1) + 0.001 * i for i in range(n)])
+                 for k, n in enumerate(sizes)]
+
+        def engine(sub):
+            path = os.path.join(self.dir, sub)
+            os.makedirs(path)
+            e = ztier.Engine(config_text=config_text(path) + "optimizer: {sub_group_size: 64}\n",
+                             device="host")
+            for k, n in enumerate(sizes):
+                e.register_param(k, n, DType.FLOAT32, array.array("f", [0.5 + k] * n))
+            e.optimizer_create_groups(OptimizerKind.ADAMW, groups, {0: 0, 1: 1, 2: 0})
+            return e
+
+        def state(e):
+            out = []
+            for k, n in enumerate(sizes):
+                for arr in (StateArray.MASTER, StateArray.EXP_AVG, StateArray.EXP_AVG_SQ):
+                    buf = array.array("f", [0.0] * n)
+                    e.optimizer_state_read(k, arr, buf)
+                    out.append(buf.tobytes())
+            return out
+
+        with engine("plain") as plain, engine("early") as early:
+            for k in range(3):
+                plain.grad_partition_write(k, grads[k])
+            plain.optimizer_step_groups(OptimizerKind.ADAMW, groups)
+            before = state(early)
+            early.optimizer_step_begin(OptimizerKind.ADAMW, groups)
+            with self.assertRaises(ZtierError) as cm:
+                early.optimizer_state_read(0, StateArray.MASTER, array.array("f", [0.0] * 100))
+            self.assertEqual(cm.exception.status, Status.FAILED_PRECONDITION)
+            early.optimizer_step_cancel()
+            self.assertEqual(state(early), before)
+            # Voided: a gradient handed in twice; the finish runs the step whole.
+            early.optimizer_step_begin(OptimizerKind.ADAMW, groups)
+            for k in reversed(range(3)):
+                early.grad_partition_write(k, grads[k])
+            early.grad_partition_write(1, grads[1])
+            early.optimizer_step_finish(OptimizerKind.ADAMW, groups)
+            self.assertEqual(state(early), state(plain))
+            # Begun and finished with every gradient once: the begun work is used.
+            with engine("early2") as again:
+                again.optimizer_step_begin(OptimizerKind.ADAMW, groups)
+                for k in reversed(range(3)):
+                    again.grad_partition_write(k, grads[k])
+                again.optimizer_step_finish(OptimizerKind.ADAMW, groups)
+                self.assertEqual(state(again), state(plain))
+                self.assertEqual(again.optimizer_stats()["step"], 1)
+                for k, n in enumerate(sizes):
+                    a, b = array.array("f", [0.0] * n), array.array("f", [0.0] * n)
+                    again.partition_read(k, a)
+                    plain.partition_read(k, b)
+                    self.assertEqual(a.tobytes(), b.tobytes())
+                with self.assertRaises(ZtierError) as cm:  # one set per group
+                    again.optimizer_step_begin(OptimizerKind.ADAMW, groups[:1])
+                self.assertEqual(cm.exception.status, Status.INVALID_ARGUMENT)
+
 
 if __name__ == "__main__":
     unittest.main()

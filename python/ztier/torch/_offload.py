@@ -174,6 +174,7 @@ class Offload:
         self._bw_loose: List[int] = []    # modules fetched in backward by a saved reference
         self._bw_queued = False           # the end-of-backward callback is queued
         self._alias: Dict[int, _Slot] = {}  # memory address -> materialised slot
+        self._optimizer = None  # ztier's optimizer over these parameters, told of backward
         self._handles = []
         self._register(model)
         self._install_hooks()
@@ -481,6 +482,8 @@ class Offload:
         if not self._bw_queued:
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
             self._bw_queued = True
+            if self._optimizer is not None:
+                self._optimizer._backward_started()
 
     def _hold_for_backward(self, mod: _Mod) -> None:
         if mod.bw_held:
@@ -509,6 +512,8 @@ class Offload:
         self._bw_loose.append(owner.mid)
 
     def _accumulated(self, slot: _Slot) -> None:
+        if self._optimizer is not None:
+            self._optimizer._gradient_ready(slot)
         for mod in list(self._bw_order):
             if slot.pid in mod.pending:
                 mod.pending.discard(slot.pid)
@@ -555,6 +560,7 @@ class Offload:
         if self._bw_order or self._bw_loose:
             self._end_backward()
         self._bw_queued = False
+        handed = self._optimizer._handed if self._optimizer is not None else {}
         for slot in self._slots:
             if not slot.param.requires_grad:
                 continue
@@ -563,10 +569,19 @@ class Offload:
                 if self.world_size == 1:
                     continue
                 g = torch.zeros(slot.numel, dtype=slot.dtype, device=self._device)
-            g = g.detach().to(slot.dtype).contiguous()
-            if self._cuda:
-                torch.cuda.current_stream(g.device).synchronize()
-            self.engine.grad_reduce(slot.pid, g)
+            elif handed.get(slot.pid) == (id(g), g._version):
+                continue  # handed in during backward and not changed since
+            if self._optimizer is not None:
+                self._optimizer._handing_in(slot.pid)
+            self.hand_in(slot, g)
+
+    def hand_in(self, slot: _Slot, g: torch.Tensor) -> None:
+        """Gives gradient `g` of `slot`'s parameter to ztier (a collective
+        at world size > 1)."""
+        g = g.detach().to(slot.dtype).contiguous()
+        if self._cuda:
+            torch.cuda.current_stream(g.device).synchronize()
+        self.engine.grad_reduce(slot.pid, g)
 
     def optimizer(self, optimizer_class, **kwargs):
         """A stock torch optimizer over the partitions (its state in host memory)."""

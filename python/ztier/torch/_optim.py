@@ -36,7 +36,8 @@ class AdamW(torch.optim.Optimizer):
 
     def __init__(self, off, params=None, lr: float = 1e-3, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 maximize: bool = False, bias_correction: bool = True, **ignored):
+                 maximize: bool = False, bias_correction: bool = True, overlap="auto",
+                 **ignored):
         if amsgrad or maximize:
             raise ValueError("ztier.torch: amsgrad and maximize are not supported by ztier's "
                              "optimizer; use off.optimizer(torch.optim.AdamW, ...) for them")
@@ -54,9 +55,55 @@ class AdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 members[off.slot_of(p).pid] = k
         off.engine.optimizer_create_groups(self._kind, self._hypers(), members)
+        self._members = set(members)
+        # Overlap: the step begins when the backward that completes its
+        # gradients starts (the last one before step(), as the previous step
+        # counted them), and each gradient is handed in as soon as it is
+        # accumulated. step() checks that nothing changed since (the
+        # hyperparameters, every gradient's tensor and version: clipping or
+        # another accumulation are seen) and else runs the whole step again,
+        # so results are the same either way. "auto": on with a CUDA device,
+        # where backward leaves the CPU to the optimizer; off on the host
+        # emulation, where backward's compute and the update share the cores
+        # (on 2 cores the overlap measured slower). One rank only: with
+        # several, which gradients exist may differ between ranks.
+        if overlap == "auto":
+            overlap = off._cuda
+        self._overlap = bool(overlap) and off.world_size == 1
+        self._backwards = 0          # backward passes since the last step
+        self._expected = None        # backward passes the last step had
+        self._begun = False
+        self._begun_with = None      # the hyperparameters it began with
+        self._redone = False         # the begun step was dropped (runs whole)
+        self._handed = {}            # pid -> (id(grad), grad._version) handed in early
+        self.last_step_overlapped = False
+        off._optimizer = self
 
     def _hypers(self) -> List[dict]:
         return [{k: g[k] for k in _HYPER_KEYS} for g in self.param_groups]
+
+    # ---- overlap (called by the Offload's hooks) ----
+    def _backward_started(self) -> None:
+        self._backwards += 1
+        if self._overlap and not self._begun and self._backwards == self._expected:
+            self._begun_with = self._hypers()
+            self.off.engine.optimizer_step_begin(self._kind, self._begun_with)
+            self._begun = True
+
+    def _gradient_ready(self, slot) -> None:
+        if not self._begun or slot.pid not in self._members:
+            return
+        g = slot.param.grad
+        if g is not None:
+            self._handing_in(slot.pid)
+            self.off.hand_in(slot, g)
+            self._handed[slot.pid] = (id(g), g._version)
+
+    def _handing_in(self, pid: int) -> None:
+        """A gradient goes to ztier: a second one for a parameter the begun
+        step took makes the engine drop that step (it runs again whole)."""
+        if pid in self._handed:
+            self._redone = True
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -65,8 +112,20 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         off = self.off
-        off.finish_backward()
-        off.engine.optimizer_step_groups(self._kind, self._hypers())
+        try:
+            off.finish_backward()
+            hypers = self._hypers()
+            if self._begun:
+                self._redone |= hypers != self._begun_with
+                off.engine.optimizer_step_finish(self._kind, hypers)
+            else:
+                off.engine.optimizer_step_groups(self._kind, hypers)
+            # Whether the work begun during backward was used (not redone).
+            self.last_step_overlapped = self._begun and not self._redone
+        finally:
+            self._expected, self._backwards = self._backwards, 0
+            self._begun = self._redone = False
+            self._handed = {}
         off.engine.grad_clear()
         off.engine.step_end()
         return loss
