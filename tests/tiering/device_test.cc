@@ -13,6 +13,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <set>
 #include <vector>
 
 #include "tests/testutil/testutil.h"
@@ -444,6 +445,40 @@ TEST_F(HostDeviceTest, CapacityAndStreamOrderedFree) {
   ASSERT_TRUE(dev_->MemInfo(&free_bytes, &total).ok());
   EXPECT_EQ(free_bytes, 1u << 20);
   ASSERT_TRUE(dev_->DestroyStream(s.value()).ok());
+}
+
+// A freed block is kept for the next Alloc of its size (a fresh one would
+// fault in page by page), up to cache_bytes, oldest dropped first; with 0
+// none is kept. Kept blocks are not live: a Free through them is refused.
+TEST(HostDeviceCacheTest, FreedBlocksServeTheNextAllocOfTheirSize) {
+  for (uint64_t cache : {uint64_t{0}, uint64_t{8192}}) {
+    HostDeviceOptions o;
+    o.cache_bytes = cache;
+    auto dev = CreateHostDeviceBackend(o).value();
+    auto a = dev->Alloc(4096, {});
+    ASSERT_TRUE(a.ok());
+    ASSERT_TRUE(dev->Free(*a, {}).ok());
+    EXPECT_FALSE(dev->Free(*a, {}).ok()) << "a cached block is not live";
+    auto other_size = dev->Alloc(8192, {});
+    ASSERT_TRUE(other_size.ok());
+    EXPECT_NE(*other_size, *a);
+    auto again = dev->Alloc(4096, {});
+    ASSERT_TRUE(again.ok());
+    if (cache != 0) {
+      EXPECT_EQ(*again, *a) << "the freed block is reused";
+    }
+    // Three 4 KiB blocks freed into an 8 KiB cache: the oldest is dropped.
+    auto b = dev->Alloc(4096, {});
+    auto c = dev->Alloc(4096, {});
+    for (void* p : {*again, *b, *c}) ASSERT_TRUE(dev->Free(p, {}).ok());
+    std::set<void*> reused;
+    for (int k = 0; k < 3; ++k) reused.insert(dev->Alloc(4096, {}).value());
+    if (cache != 0) {
+      EXPECT_EQ(reused.count(*again), 0u) << "the oldest was dropped";
+      EXPECT_EQ(reused.count(*b) + reused.count(*c), 2u);
+    }
+    ASSERT_TRUE(dev->Free(*other_size, {}).ok());
+  }
 }
 
 TEST_F(HostDeviceTest, StaleHandlesAndRegistrations) {
