@@ -102,18 +102,6 @@ CASES = {
 }
 
 
-def config_text(model, path):
-    largest = max(p.numel() for p in model.parameters())
-    return (
-        "tiers:\n"
-        "  params: nvme\n"
-        "  host: {pin_memory: false}\n"
-        f"  nvme: {{paths: [\"{path}\"], buffer_count: 6, buffer_size: {largest},\n"
-        "         buffer_element_bytes: 4}\n"
-        "io: {register_buffers: false}\n"
-        f"optimizer: {{paths: [\"{path}\"], sub_group_size: 4e6, buffer_count: 4}}\n")
-
-
 def drive_bandwidth(ztier_bin, path, size="1GiB"):
     """(read, write) bytes/s of bench io on a file in `path`."""
     out = {}
@@ -145,7 +133,7 @@ def bench(name, steps, path, ztier_bin, log, overlap=False):
     model = build()
     model.load_state_dict(init)
     del init
-    off = ztier.torch.offload(model, config_text(model, path))
+    off = ztier.torch.offload(model, ztier.torch.model_config(model, path, buffer_count=6))
     zopt = off.adamw(lr=1e-4, overlap=overlap)
 
     def torch_step():

@@ -41,20 +41,6 @@ _KWARGS = {"vit_b_16": dict(image_size=64), "vit_b_32": dict(image_size=64),
            "vit_h_14": dict(image_size=56)}
 
 
-def config_text(model: torch.nn.Module, path: str) -> str:
-    """A config whose swap buffers fit the model's largest parameter."""
-    largest = max(p.numel() for p in model.parameters())
-    return (
-        "tiers:\n"
-        "  params: nvme\n"
-        "  host: {pin_memory: false}\n"
-        f"  nvme: {{paths: [\"{path}\"], buffer_count: 4, buffer_size: {largest},\n"
-        "         buffer_element_bytes: 4}\n"
-        "io: {register_buffers: false}\n"
-        f"optimizer: {{paths: [\"{path}\"], sub_group_size: {max(largest, 1 << 20)},\n"
-        "            buffer_count: 2}\n")
-
-
 def logits_of(out):
     """The classification logits of a model's output (InceptionOutputs too)."""
     return out.logits if hasattr(out, "logits") else out
@@ -95,7 +81,8 @@ def compare_model(build, data, path: str, lr: float = 1e-3):
     model = build()
     model.load_state_dict(init)
     model.train()
-    off = ztier.torch.offload(model, config_text(model, path))
+    off = ztier.torch.offload(model, ztier.torch.model_config(model, path, sub_group_size=1 << 20,
+                                                              optimizer_buffers=2))
     try:
         losses = train(model, off.adamw(lr=lr), data)
         weights = off.full_parameters()

@@ -18,48 +18,23 @@ whole torchvision zoo the same way. Skips, saying why, without torch.
 import copy
 import dataclasses
 import os
-import shutil
 import sys
-import tempfile
 import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(ROOT, "python"))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
 sys.path.insert(0, HERE)
 
-try:
-    import torch
+from torch_testing import TORCH_MISSING, tmpdir, torch  # noqa: E402
+
+if torch is not None:
     from torch import nn
     import torch.nn.functional as F
-except ImportError as e:  # the test is skipped, with the reason
-    torch = None
-    TORCH_MISSING = f"PyTorch is not importable here ({e}); use /usr/bin/python3 with python3-torch"
-else:
-    TORCH_MISSING = ""
-
-
-def tmpdir(test) -> str:
-    base = os.environ.get("ZTIER_TEST_TMPDIR") or os.getcwd()
-    os.makedirs(base, exist_ok=True)
-    path = tempfile.mkdtemp(prefix="ztier_models_", dir=base)
-    test.addCleanup(shutil.rmtree, path, ignore_errors=True)
-    return path
 
 
 def config_for(model, path, **coordinator):
-    largest = max(p.numel() for p in model.parameters())
-    coord = ", ".join(f"{k}: {v}" for k, v in coordinator.items())
-    return (
-        "tiers:\n"
-        "  params: nvme\n"
-        "  host: {pin_memory: false}\n"
-        f"  nvme: {{paths: [\"{path}\"], buffer_count: 4, buffer_size: {largest},\n"
-        "         buffer_element_bytes: 4}\n"
-        "io: {register_buffers: false}\n"
-        + (f"coordinator: {{{coord}}}\n" if coord else "")
-        + f"optimizer: {{paths: [\"{path}\"], sub_group_size: 3000, buffer_count: 2}}\n")
+    import ztier.torch
+    return ztier.torch.model_config(model, path, sub_group_size=3000, optimizer_buffers=2,
+                                    coordinator=coordinator)
 
 
 @unittest.skipIf(torch is None, TORCH_MISSING)
@@ -99,7 +74,7 @@ class ModelsTest(unittest.TestCase):
 
         model = build()
         model.load_state_dict(init)
-        off = ztier.torch.offload(model, config_for(model, tmpdir(self),
+        off = ztier.torch.offload(model, config_for(model, tmpdir(self, "ztier_models_"),
                                                      **(coordinator or {})))
         self.addCleanup(off.close)
         opt, sched = make_opt(model, lambda params=None, **kw: off.adamw(params, **kw))
@@ -265,7 +240,7 @@ class ModelsTest(unittest.TestCase):
         ref = tiny_gpt.TinyGPT()
         model = copy.deepcopy(ref)
         tiny_gpt.loss_of(ref, x, y).backward()
-        off = ztier.torch.offload(model, config_for(model, tmpdir(self)))
+        off = ztier.torch.offload(model, config_for(model, tmpdir(self, "ztier_models_")))
         self.addCleanup(off.close)
         accumulated(model, 0).backward()
         off.finish_backward()
@@ -276,7 +251,6 @@ class ModelsTest(unittest.TestCase):
             self.assertTrue(torch.allclose(got, p.grad.flatten(), rtol=1e-5, atol=1e-7), name)
 
     def test_parameter_groups_and_lr_scheduler(self):
-        import tiny_gpt
         loss_of, build = self.gpt_case()
 
         def make_opt(model, make):
@@ -393,7 +367,7 @@ class ModelsTest(unittest.TestCase):
         model = tiny_gpt.TinyGPT()
         model.load_state_dict(init)
         ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-        off = ztier.torch.offload(model, config_for(model, tmpdir(self)))
+        off = ztier.torch.offload(model, config_for(model, tmpdir(self, "ztier_models_")))
         self.addCleanup(off.close)
         zopt = off.adamw(lr=1e-2, overlap=True)
         opt_of[ref], opt_of[model] = ropt, zopt
@@ -431,7 +405,7 @@ class ModelsTest(unittest.TestCase):
             expected = ref(x)
         model = build()
         model.load_state_dict(ref.state_dict())
-        off = ztier.torch.offload(model.eval(), config_for(model, tmpdir(self)))
+        off = ztier.torch.offload(model.eval(), config_for(model, tmpdir(self, "ztier_models_")))
         self.addCleanup(off.close)
         for _ in range(2):
             with torch.no_grad():
@@ -465,7 +439,7 @@ class ModelsTest(unittest.TestCase):
             opt.zero_grad()
             ref_losses.append(loss.item())
         group = ztier.LocalGroup(2)
-        path = tmpdir(self)
+        path = tmpdir(self, "ztier_models_")
         losses = [[None] * steps for _ in range(2)]
         errors = []
 
@@ -501,7 +475,7 @@ class ModelsTest(unittest.TestCase):
     def test_use_outside_the_forward_is_a_clear_error(self):
         import ztier.torch
         model = nn.Sequential(nn.Linear(3, 3))
-        off = ztier.torch.offload(model, config_for(model, tmpdir(self)))
+        off = ztier.torch.offload(model, config_for(model, tmpdir(self, "ztier_models_")))
         self.addCleanup(off.close)
         w = model[0].weight
         self.assertEqual(w.shape, (3, 3))  # the shape still reads as the full shape

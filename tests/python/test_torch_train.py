@@ -11,23 +11,14 @@ AdamW over the same partitions. Skips, saying why, without torch.
 
 import copy
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "python"))
 sys.path.insert(0, HERE)
 
-try:
-    import torch
-except ImportError as e:  # the test is skipped, with the reason
-    torch = None
-    TORCH_MISSING = f"PyTorch is not importable here ({e}); use /usr/bin/python3 with python3-torch"
-else:
-    TORCH_MISSING = ""
+from torch_testing import TORCH_MISSING, tmpdir, torch  # noqa: E402
 
 STEPS = 20
 LR = dict(lr=1e-2, weight_decay=0.1)
@@ -49,14 +40,6 @@ def config_text(path: str) -> str:
         "         buffer_element_bytes: 4}\n"
         "coordinator: {param_persistence_threshold: 0, max_reuse_distance: 0}\n"
         "io: {register_buffers: false}\n")
-
-
-def tmpdir(test: unittest.TestCase) -> str:
-    base = os.environ.get("ZTIER_TEST_TMPDIR") or os.getcwd()
-    os.makedirs(base, exist_ok=True)
-    path = tempfile.mkdtemp(prefix="ztier_torch_", dir=base)
-    test.addCleanup(shutil.rmtree, path, ignore_errors=True)
-    return path
 
 
 @unittest.skipIf(torch is None, TORCH_MISSING)

@@ -41,9 +41,11 @@ Parameters with requires_grad=False are fetched like the others and get
 neither gradients nor optimizer state.
 """
 
+from ztier.torch._config import model_config
 from ztier.torch._offload import Offload, offload
 from ztier.torch._optim import Adam, AdamW, PartitionOptimizer
 
 Optimizer = PartitionOptimizer  # the earlier name
 
-__all__ = ["offload", "Offload", "AdamW", "Adam", "PartitionOptimizer", "Optimizer"]
+__all__ = ["offload", "Offload", "AdamW", "Adam", "PartitionOptimizer", "Optimizer",
+           "model_config"]

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import ctypes
 import inspect
-import types
 import weakref
 from typing import Dict, List, Optional
 
@@ -46,7 +45,7 @@ from torch import nn
 import ztier
 from ztier._capi import DType, DeviceKind, Engine
 from ztier.torch import _tree
-from ztier.torch._params import OffloadedParameter, offloaded_class, original_class
+from ztier.torch._params import offloaded_class, original_class
 
 _DTYPES = {torch.float32: DType.FLOAT32, torch.float16: DType.FLOAT16,
            torch.bfloat16: DType.BFLOAT16}

@@ -1,0 +1,31 @@
+"""What the ztier.torch tests share: torch imported or the reason it is not,
+and a scratch directory per test."""
+
+import os
+import shutil
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+for path in (os.path.join(ROOT, "python"), os.path.join(ROOT, "scripts"), HERE):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+try:
+    import torch  # noqa: F401
+except ImportError as e:  # the tests are skipped, with the reason
+    torch = None
+    TORCH_MISSING = f"PyTorch is not importable here ({e}); use /usr/bin/python3 with python3-torch"
+else:
+    TORCH_MISSING = ""
+
+
+def tmpdir(test, prefix: str = "ztier_torch_") -> str:
+    """A directory under $ZTIER_TEST_TMPDIR (else the working directory),
+    removed when `test` ends."""
+    base = os.environ.get("ZTIER_TEST_TMPDIR") or os.getcwd()
+    os.makedirs(base, exist_ok=True)
+    path = tempfile.mkdtemp(prefix=prefix, dir=base)
+    test.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
