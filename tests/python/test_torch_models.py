@@ -472,6 +472,35 @@ class ModelsTest(unittest.TestCase):
                   f"relative diff {abs(a - mean) / abs(a):.2e}")
             self.assertLessEqual(abs(a - mean), 1e-5 * abs(a), f"step {step}")
 
+    def test_a_forward_that_raises_leaves_nothing_held(self):
+        # The exception leaves the outer modules fetched and the saved-tensor
+        # hooks pushed; the next forward cleans up and trains on, the same
+        # as plain torch.
+        class Flaky(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a = nn.Linear(4, 4)
+                self.b = nn.Linear(4, 1)
+                self.scale = nn.Parameter(torch.ones(1))  # fetched for the whole forward
+                self.fail = False
+
+            def forward(self, x):
+                h = self.a(x)
+                if self.fail:
+                    raise ValueError("a bad batch")
+                return self.b(torch.relu(h)).sum() * self.scale
+        x = torch.randn(3, 4)
+
+        def loss_of(m, step):
+            if step == 1:
+                m.fail = True
+                with self.assertRaises(ValueError):
+                    m(x)
+                m.fail = False
+            return m(x * (step + 1))
+        _, _, off, _ = self.pair(Flaky, loss_of)
+        self.assertEqual([s.users for s in off._slots], [0] * 5)
+
     def test_use_outside_the_forward_is_a_clear_error(self):
         import ztier.torch
         model = nn.Sequential(nn.Linear(3, 3))
