@@ -41,7 +41,7 @@ def config_for(model, path, **coordinator):
 class ModelsTest(unittest.TestCase):
     # ---------------------------------------------------------------- harness
     def pair(self, build, loss_of, steps=3, make_opt=None, lr=1e-3, before_step=None,
-             train=True, coordinator=None):
+             train=True, coordinator=None, after_offload=None):
         """Trains build() with plain torch and offloaded; asserts bit-identical
         losses and weights; returns (losses, engine stats, the Offload, weights)."""
         import ztier.torch
@@ -77,6 +77,8 @@ class ModelsTest(unittest.TestCase):
         off = ztier.torch.offload(model, config_for(model, tmpdir(self, "ztier_models_"),
                                                      **(coordinator or {})))
         self.addCleanup(off.close)
+        if after_offload:
+            after_offload(off, model)
         opt, sched = make_opt(model, lambda params=None, **kw: off.adamw(params, **kw))
         losses = loop(model, opt, sched)
         weights = off.full_parameters()
@@ -471,6 +473,31 @@ class ModelsTest(unittest.TestCase):
             print(f"world 2 step {step}: reference {a:.9f}, mean of ranks {mean:.9f}, "
                   f"relative diff {abs(a - mean) / abs(a):.2e}")
             self.assertLessEqual(abs(a - mean), 1e-5 * abs(a), f"step {step}")
+
+    def test_a_declared_external_parameter(self):
+        # A forward that reads another module's weight through .data (no
+        # torch call on the parameter: nothing to notice) works once
+        # declared, and the module's backward gets it too.
+        class Sneaky(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.used = nn.Linear(4, 4)
+                self.other = nn.Linear(4, 4)  # never called
+
+            def forward(self, x):
+                return (self.used(x) @ self.other.weight.data.t()).pow(2).sum()
+        x = torch.randn(3, 4)
+        self.pair(Sneaky, lambda m, step: m(x * (step + 1)),
+                  after_offload=lambda off, m: off.register_external_parameter(
+                      m, m.other.weight))
+        import ztier.torch
+        m = Sneaky()
+        off = ztier.torch.offload(m, config_for(m, tmpdir(self, "ztier_models_")))
+        self.addCleanup(off.close)
+        with self.assertRaises(RuntimeError):  # undeclared: an empty weight
+            m(x)
+        with self.assertRaises(ValueError):
+            off.register_external_parameter(nn.Linear(1, 1), m.other.weight)
 
     def test_a_forward_that_raises_leaves_nothing_held(self):
         # The exception leaves the outer modules fetched and the saved-tensor

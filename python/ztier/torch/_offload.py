@@ -112,7 +112,7 @@ class _Slot:
 class _Mod:
     """One module: its own parameters and what its forward touched."""
 
-    __slots__ = ("mid", "module", "name", "slots", "extras", "bw_held", "pending")
+    __slots__ = ("mid", "module", "name", "slots", "extras", "declared", "bw_held", "pending")
 
     def __init__(self, mid: int, module: nn.Module, name: str, slots: List[_Slot]):
         self.mid = mid
@@ -120,6 +120,7 @@ class _Mod:
         self.name = name
         self.slots = slots
         self.extras: List[int] = []  # modules fetched because its forward used their params
+        self.declared: List[int] = []  # of those, declared: fetched before its forward
         self.bw_held = False         # fetched for the backward pass now
         self.pending = set()         # pids whose gradient its backward release waits for
 
@@ -343,10 +344,19 @@ class Offload:
         try:
             if backward:
                 self._hold_for_backward(mod)
-            elif mod.slots:
-                self._acquire(mod, forward=True)
-                frame.fetched = True
+            else:
+                if mod.slots:
+                    self._acquire(mod, forward=True)
+                    frame.fetched = True
+                for mid in mod.declared:
+                    if any(s.users == 0 for s in self._mods[mid].slots):
+                        self._acquire(self._mods[mid], forward=True)
+                        frame.touched.append(mid)
         except BaseException:
+            for mid in reversed(frame.touched):
+                self._drop(self._mods[mid], backward=False)
+            if frame.fetched:
+                self._drop(mod, backward=False)
             if frame.pushed is not None:
                 frame.pushed.__exit__(None, None, None)
             raise
@@ -444,6 +454,20 @@ class Offload:
     def _note_extra(mod: _Mod, owner: _Mod) -> None:
         if owner is not mod and owner.mid not in mod.extras:
             mod.extras.append(owner.mid)
+
+    def register_external_parameter(self, module: nn.Module, param: nn.Parameter) -> None:
+        """Declares that `module`'s forward uses `param`, a parameter of
+        another module, in a way ztier cannot see (its `.data`, a pointer a
+        custom extension reads): `param`'s module is then fetched before
+        `module`'s forward and backward and released with it. Uses through
+        torch calls need no declaration."""
+        mod = next((m for m in self._mods if m.module is module), None)
+        if mod is None:
+            raise ValueError("ztier.torch: that module is not part of the offloaded model")
+        owner = self._mods[self.slot_of(param).owners[0]]
+        self._note_extra(mod, owner)
+        if owner is not mod and owner.mid not in mod.declared:
+            mod.declared.append(owner.mid)
 
     # ------------------------------------------------------------ saved tensors
     def _pack(self, t: torch.Tensor):

@@ -7,7 +7,9 @@ in. While the parameter is released (its `.data` an empty placeholder):
   - shape questions (`.shape`, `.size()`, `.numel()`, `.dim()`, `.ndim`,
     `.nelement()`, `len()`) answer with the full parameter's shape;
   - attribute reads and writes (`.grad`, `.requires_grad`, `.data`, ...) and
-    hook registration pass through untouched;
+    hook registration pass through untouched (`.data` of a released
+    parameter is its empty placeholder: a forward that computes with it
+    must be declared, Offload.register_external_parameter);
   - any other call is a use of its data: the owning Offload fetches the
     parameter's module (`Offload._touch`), or says why it cannot.
 While it is materialised every call passes straight through.
@@ -29,7 +31,7 @@ _PASSTHROUGH = {torch.Tensor.requires_grad_, torch.Tensor.register_hook,
                 torch.Tensor.retain_grad, torch.Tensor.__repr__, torch.Tensor.__format__,
                 torch.Tensor.__hash__, torch.Tensor.is_floating_point,
                 torch.Tensor.is_complex, torch.Tensor.element_size, torch.Tensor.get_device,
-                torch.Tensor.is_contiguous, torch.Tensor.data_ptr, torch.Tensor.__reduce_ex__,
+                torch.Tensor.is_contiguous, torch.Tensor.__reduce_ex__,
                 torch.Tensor.__deepcopy__}
 
 
