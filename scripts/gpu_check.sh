@@ -8,7 +8,9 @@
 #
 # --run executes the test binaries (device, collective, coordinator, swapper,
 # engine suites: the CUDA/NCCL cases skip nowhere here) and the benchmarks
-# (bench io, bench swap, replay and bench step on the GPU), printing a summary.
+# (bench io, bench swap, replay and bench step on the GPU), then ztier.torch
+# on CUDA (scripts/torch_device_check.py: a GPT and resnet18 against plain
+# torch on the GPU) where torch with CUDA is importable; prints a summary.
 set -uo pipefail
 
 pack() {
@@ -22,6 +24,11 @@ pack() {
   done
   strip "$dest/ztier" "$dest"/tests/* 2>/dev/null
   cp -r configs "$dest/"
+  # ztier.torch on the GPU: the shared library, the package and its check.
+  mkdir -p "$dest/lib" "$dest/scripts"
+  cp -L "$build/lib/libztier.so" "$dest/lib/" 2>/dev/null
+  cp -r python "$dest/"
+  cp scripts/torch_device_check.py scripts/bench_torch_step.py "$dest/scripts/"
   du -sh "$dest"
 }
 
@@ -61,6 +68,11 @@ run() {
   if "$dir/ztier" bench step --help > /dev/null 2>&1; then
     "$dir/ztier" bench step --model "$dir/configs/models/llama2-7b.yaml" --scale 16 --steps 4 \
       --config "$out/gpu.yaml" --compute none --timeline "$out/timeline.json" 2>&1 | tee "$out/bench_step.txt"
+  fi
+  if [[ -f $dir/lib/libztier.so ]] && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+    ZTIER_LIBRARY=$dir/lib/libztier.so PYTHONPATH=$dir/python \
+      timeout 300 python3 "$dir/scripts/torch_device_check.py" --dir "$nvme" 2>&1 | tee "$out/torch_cuda.txt"
+    ((${PIPESTATUS[0]} != 0)) && failed=1
   fi
   rm -rf "$nvme" "$ZTIER_TEST_TMPDIR"
   return $failed
