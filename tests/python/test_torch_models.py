@@ -543,6 +543,9 @@ class ModelsTest(unittest.TestCase):
         with self.assertRaises(RuntimeError) as cm:
             model.load_state_dict({"0.weight": torch.zeros(3, 3), "0.bias": torch.zeros(3)})
         self.assertIn("'0.weight'", str(cm.exception))
+        with self.assertRaises(RuntimeError) as cm:  # it would copy empty weights
+            copy.deepcopy(model)
+        self.assertIn("__deepcopy__", str(cm.exception))
 
 
 if __name__ == "__main__":

@@ -31,8 +31,7 @@ _PASSTHROUGH = {torch.Tensor.requires_grad_, torch.Tensor.register_hook,
                 torch.Tensor.retain_grad, torch.Tensor.__repr__, torch.Tensor.__format__,
                 torch.Tensor.__hash__, torch.Tensor.is_floating_point,
                 torch.Tensor.is_complex, torch.Tensor.element_size, torch.Tensor.get_device,
-                torch.Tensor.is_contiguous, torch.Tensor.__reduce_ex__,
-                torch.Tensor.__deepcopy__}
+                torch.Tensor.is_contiguous}
 
 
 def disabled(func, types, args, kwargs):
@@ -74,6 +73,15 @@ def _shape_answer(func, args, slot):
 
 class OffloadedParameter(nn.Parameter):
     """The class an offloaded nn.Parameter takes (see the module docstring)."""
+
+    def __deepcopy__(self, memo):
+        slot = self.__dict__.get("_ztier_slot")
+        if slot is not None and slot.offload is not None:
+            raise RuntimeError(
+                f"ztier.torch: deep-copying an offloaded model would copy an empty "
+                f"'{slot.name}' (__deepcopy__): its data lives on ztier's tiers. Copy the model "
+                "before offload(), or load a copy from off.full_parameters()")
+        return super().__deepcopy__(memo)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
