@@ -590,6 +590,21 @@ ztier_status_t ztier_param_grad_reduce(ztier_engine_t* engine, uint64_t id,
   });
 }
 
+ztier_status_t ztier_exchange_u64(ztier_engine_t* engine, uint64_t value, uint64_t* out,
+                                  size_t out_count) {
+  return WithEngine(engine, "ztier_exchange_u64", [&](ztier_engine& e) -> Status {
+    if (out == nullptr) return Status::InvalidArgument("out is NULL");
+    if (out_count < e.world) {
+      return Status::InvalidArgument(fmt::format(
+          "out_count is {}, the world size {}: one value per rank", out_count, e.world));
+    }
+    ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+    ZTIER_ASSIGN_OR_RETURN(std::vector<uint64_t> all, e.rt->coordinator().ExchangeHost(value));
+    std::copy(all.begin(), all.end(), out);
+    return Status::Ok();
+  });
+}
+
 ztier_status_t ztier_step_end(ztier_engine_t* engine) {
   return WithEngine(engine, "ztier_step_end", [&](ztier_engine& e) -> Status {
     ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));

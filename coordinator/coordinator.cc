@@ -590,6 +590,18 @@ Status Coordinator::ReduceScatterGradient(uint64_t id, const void* full_grad,
   return Status::Ok();
 }
 
+Result<std::vector<uint64_t>> Coordinator::ExchangeHost(uint64_t value) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!finalized_) return Status::FailedPrecondition("call Finalize() before ExchangeHost()");
+  if (options_.null_io || deps_.collective == nullptr || world_ == 1) {
+    return std::vector<uint64_t>{value};
+  }
+  // Every gather requested so far goes first, in the same order on every rank.
+  ZTIER_RETURN_IF_ERROR(Drain(lock));
+  lock.unlock();
+  return deps_.collective->AllGatherHost(value);
+}
+
 Status Coordinator::CopyGradientOut(const Param& p, const void* full_grad,
                                     void* part_grad_host, uint64_t grad_bytes) {
   tiering::DeviceBackend& d = *deps_.device;

@@ -148,6 +148,11 @@ class Coordinator {
   // collective stream after every gather already requested, so each rank
   // issues it at the same place in its collective order; blocks until done.
   Status ReduceScatterGradient(uint64_t id, const void* full_grad, void* part_grad_host);
+  // Exchanges one value with every rank (a collective, ordered after every
+  // gather requested so far, as ReduceScatterGradient): result[r] is rank
+  // r's. For small agreements between ranks, e.g. which parameters have a
+  // gradient this step.
+  Result<std::vector<uint64_t>> ExchangeHost(uint64_t value);
   // Copies this rank's partition (partition_numel elements) from its tier to
   // host memory, or from host memory to its tier. The parameter must not be
   // used by an active module; a prefetch in flight is waited for.

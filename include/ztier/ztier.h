@@ -236,6 +236,14 @@ ZTIER_API ztier_status_t ztier_param_data(ztier_engine_t* engine, uint64_t id,
 ZTIER_API ztier_status_t ztier_param_grad_reduce(ztier_engine_t* engine, uint64_t id,
                                                  const void* full_grad);
 
+/* Exchanges one 64-bit value with every rank: `out[r]` is rank r's
+ * (`out_count` >= the world size). A collective: every rank calls it at the
+ * same place among the others (it runs after everything in flight). For
+ * small agreements, e.g. which parameters got a gradient on any rank, so
+ * that every rank hands in the same ones. Serialised per engine. */
+ZTIER_API ztier_status_t ztier_exchange_u64(ztier_engine_t* engine, uint64_t value,
+                                            uint64_t* out, size_t out_count);
+
 /* Ends a training step: waits for everything in flight; after the first
  * step the recorded trace is checked across ranks and drives prefetching.
  * Serialised per engine. */

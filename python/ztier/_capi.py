@@ -207,6 +207,7 @@ _SIGNATURES = {
     "ztier_param_data": (_c.c_int, [_VP, _U64, _c.POINTER(_VP)]),
     "ztier_param_grad_reduce": (_c.c_int, [_VP, _U64, _VP]),
     "ztier_step_end": (_c.c_int, [_VP]),
+    "ztier_exchange_u64": (_c.c_int, [_VP, _U64, _c.POINTER(_U64), _c.c_size_t]),
     "ztier_release_all": (_c.c_int, [_VP, _c.c_int]),
     "ztier_param_info": (_c.c_int, [_VP, _U64, _c.POINTER(_ParamInfo)]),
     "ztier_partition_read": (_c.c_int, [_VP, _U64, _VP, _c.c_size_t]),
@@ -442,6 +443,12 @@ class Engine:
 
     def grad_reduce(self, pid: int, full_grad) -> None:
         _check(self._lib.ztier_param_grad_reduce(self._handle, pid, _address(full_grad)))
+
+    def exchange_u64(self, value: int) -> list:
+        """Every rank's `value` (a collective: see ztier_exchange_u64)."""
+        out = (ctypes.c_uint64 * self.world_size)()
+        _check(self._lib.ztier_exchange_u64(self._handle, value, out, self.world_size))
+        return list(out)
 
     def step_end(self) -> None:
         _check(self._lib.ztier_step_end(self._handle))

@@ -97,6 +97,7 @@ class BindingTest(unittest.TestCase):
                 e.optimizer_create(OptimizerKind.ADAMW, lr=-1.0)
             self.assertEqual(cm.exception.status, Status.INVALID_ARGUMENT)
             self.assertIn("lr", cm.exception.message)
+            self.assertEqual(e.exchange_u64(7), [7])  # one rank: its own value
             e.optimizer_create(OptimizerKind.ADAMW, lr=0.1, weight_decay=0.0)
             e.grad_partition_write(0, array.array("f", [2.0] * 100))
             e.optimizer_step()

@@ -574,29 +574,46 @@ class Offload:
         """Releases what a backward left held, then hands each trainable
         parameter's gradient to ztier (registration order on every rank: a
         collective each). `param.grad` stays, as torch's optimizers leave it,
-        until zero_grad. At world size 1 a parameter whose grad is None is
+        until zero_grad. A parameter whose grad is None on every rank is
         left without one (the optimizer skips it, as torch's do; a zeroed
-        grad is a gradient); at larger world sizes it contributes zeros, so
-        that every rank issues the same collectives."""
+        grad is a gradient); one that has it on some ranks only contributes
+        zeros from the others, so that every rank issues the same
+        collectives (the ranks agree first)."""
         if self._stack:
             self._abandon_forward()
         if self._bw_order or self._bw_loose:
             self._end_backward()
         self._bw_queued = False
         handed = self._optimizer._handed if self._optimizer is not None else {}
-        for slot in self._slots:
-            if not slot.param.requires_grad:
-                continue
+        trainable = [s for s in self._slots if s.param.requires_grad]
+        anywhere = self._gradients_anywhere(trainable)
+        for slot, any_rank in zip(trainable, anywhere):
             g = slot.param.grad
             if g is None:
-                if self.world_size == 1:
-                    continue
+                if not any_rank:
+                    continue  # no rank has one: skipped everywhere, as torch skips it
                 g = torch.zeros(slot.numel, dtype=slot.dtype, device=self._device)
             elif handed.get(slot.pid) == (id(g), g._version):
                 continue  # handed in during backward and not changed since
             if self._optimizer is not None:
                 self._optimizer._handing_in(slot.pid)
             self.hand_in(slot, g)
+
+    def _gradients_anywhere(self, slots: List[_Slot]) -> List[bool]:
+        """Per slot: whether any rank has its gradient this step (at world
+        size > 1 an exchange of bitmasks, 64 parameters a value)."""
+        mine = [s.param.grad is not None for s in slots]
+        if self.world_size == 1:
+            return mine
+        out = []
+        for base in range(0, len(slots), 64):
+            chunk = mine[base:base + 64]
+            bits = sum(1 << k for k, have in enumerate(chunk) if have)
+            merged = 0
+            for v in self.engine.exchange_u64(bits):
+                merged |= v
+            out.extend(bool(merged >> k & 1) for k in range(len(chunk)))
+        return out
 
     def hand_in(self, slot: _Slot, g: torch.Tensor) -> None:
         """Gives gradient `g` of `slot`'s parameter to ztier (a collective
