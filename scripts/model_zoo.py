@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
 
 # Models that need more than the default input size, or other arguments.
-_SIZE = {"inception_v3": 299, "maxvit_t": 224}
+_SIZE = {"inception_v3": 299, "maxvit_t": 224, "vit_h_14": 56}
 _KWARGS = {"vit_b_16": dict(image_size=64), "vit_b_32": dict(image_size=64),
            "vit_l_16": dict(image_size=64), "vit_l_32": dict(image_size=64),
            "vit_h_14": dict(image_size=56)}
