@@ -64,9 +64,9 @@ class AdamW(torch.optim.Optimizer):
         # another accumulation are seen) and else runs the whole step again,
         # so results are the same either way. "auto": on with a CUDA device,
         # where backward leaves the CPU to the optimizer; off on the host
-        # emulation, where backward's compute and the update share the cores
-        # (on 2 cores the overlap measured slower). One rank only: with
-        # several, which gradients exist may differ between ranks.
+        # emulation, where it measured slower (docs/torch.md). One rank
+        # only: with several, the ranks agree on which gradients exist only
+        # after backward.
         if overlap == "auto":
             overlap = off._cuda
         self._overlap = bool(overlap) and off.world_size == 1
