@@ -436,10 +436,14 @@ class ModelsTest(unittest.TestCase):
         losses = [[None] * steps for _ in range(2)]
         errors = []
         half = x.shape[0] // 2
+        # Built here, one after the other: torch's random generator is one
+        # per process, and builds racing on it in the rank threads would give
+        # the ranks different initial weights.
+        models = [build() for _ in range(2)]
 
         def rank_main(rank):
             try:
-                model = build()
+                model = models[rank]
                 off = ztier.torch.offload(model, config_for(model, path), rank=rank,
                                           world_size=2, local_group=group)
                 zopt = off.adamw(lr=lr)
