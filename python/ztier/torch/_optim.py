@@ -122,6 +122,10 @@ class AdamW(torch.optim.Optimizer):
                 off.engine.optimizer_step_groups(self._kind, hypers)
             # Whether the work begun during backward was used (not redone).
             self.last_step_overlapped = self._begun and not self._redone
+        except BaseException:
+            if self._begun:  # e.g. a gradient hand-in failed: nothing half-begun stays
+                off.engine.optimizer_step_cancel()
+            raise
         finally:
             self._expected, self._backwards = self._backwards, 0
             self._begun = self._redone = False
