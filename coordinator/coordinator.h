@@ -7,7 +7,7 @@
 //
 // Each stage starts as soon as its input is ready and its resource is free
 // (swap buffers, live-parameter budget, fetch-event throttle). The rules are
-// DeepSpeed ZeRO-3's (DESIGN.md "Coordinator rules"): trace RECORD / COMPLETE
+// DeepSpeed ZeRO-3's (docs/design.md "Coordinator rules"): trace RECORD / COMPLETE
 // / INVALID, demand fetch, prefetch bucket, max live parameters, max reuse
 // distance, persistence, fetch-event throttle. Where ztier does better (the
 // device prefetch does not stop at a parameter still on NVMe; reads run ahead

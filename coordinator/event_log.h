@@ -1,5 +1,5 @@
 // The coordinator's decision log: one event per decision, in the order taken
-// (DESIGN.md "Event log"), delivered to an optional sink. JsonLinesSink writes
+// (docs/design.md "Event log"), delivered to an optional sink. JsonLinesSink writes
 // the JSON-lines format `ztier replay --events FILE` produces:
 //
 //   {"step": 1, "seq": 17, "module": 3, "event": "fetch", "params": [7, 8], "numel": 8192}

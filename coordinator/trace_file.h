@@ -1,4 +1,4 @@
-// The ztier-trace-v1 file (DESIGN.md "Formats"): a model's parameters and
+// The ztier-trace-v1 file (docs/design.md "Formats"): a model's parameters and
 // modules and the fetch/release hook calls of one or more training steps.
 // It is the input of `ztier replay` and of the step benchmark, and what
 // `ztier trace gen` writes from a model shape (configs/models/*.yaml).

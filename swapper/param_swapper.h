@@ -1,5 +1,5 @@
 // ParamSwapper: moves this rank's parameter partitions between the NVMe store
-// and the pinned swap-buffer pool, with the partition states of DESIGN.md:
+// and the pinned swap-buffer pool, with the partition states of docs/design.md:
 //
 //   ON_NVME --SwapIn--> READING --read done--> IN_HOST (holds swap buffers)
 //   IN_HOST --ReleaseBuffer--> ON_NVME
