@@ -715,9 +715,6 @@ ztier_status_t ztier_grad_clear(ztier_engine_t* engine) {
 
 namespace {
 
-// Parameter groups an optimizer takes at most (the swapper's limit too).
-constexpr size_t kMaxOptimizerGroups = 1u << 16;
-
 // A struct whose `size` this library does not know: checked before the
 // engine call (ZTIER_STATUS_BAD_STRUCT_SIZE has no Status code).
 ztier_status_t BadSize(ztier_engine* engine, const char* fn, const char* what, size_t size,
@@ -788,9 +785,9 @@ Result<std::vector<ztier::optim::AdamHyper>> ToHypers(const ztier_optimizer_opti
                                                       size_t group_count) {
   if (groups == nullptr) return Status::InvalidArgument("groups is NULL");
   if (group_count == 0) return Status::InvalidArgument("group_count is 0: give one group at least");
-  if (group_count > kMaxOptimizerGroups) {
+  if (group_count > ztier::swapper::OptimizerSwapper::kMaxGroups) {
     return Status::InvalidArgument(fmt::format("group_count {} is more than the {} groups allowed",
-                                               group_count, kMaxOptimizerGroups));
+                                               group_count, ztier::swapper::OptimizerSwapper::kMaxGroups));
   }
   std::vector<ztier::optim::AdamHyper> hypers;
   for (size_t g = 0; g < group_count; ++g) {

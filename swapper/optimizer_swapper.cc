@@ -29,8 +29,6 @@ constexpr uint64_t kStateBytesPerElement = 12;  // master, exp_avg, exp_avg_sq
 // Bytes of updated parameters handed to the sink at once, at least (the
 // last batch of a step may be smaller).
 constexpr uint64_t kParamBatchBytes = 8u << 20;
-// Parameter groups (hyperparameter sets) one optimizer takes at most.
-constexpr uint32_t kMaxParamGroups = 1u << 16;
 
 // The fixed part of a slot's header (little-endian; docs/swap_format.md).
 // The chunk CRCs follow it; the rest of the 4096 bytes is zero.
@@ -172,10 +170,10 @@ Result<std::unique_ptr<OptimizerSwapper>> OptimizerSwapper::Create(
   }
   std::unordered_set<uint64_t> ids;
   for (const auto& s : segments) {
-    if (s.group >= kMaxParamGroups) {
+    if (s.group >= kMaxGroups) {
       return Status::InvalidArgument(fmt::format(
           "optimizer: parameter {} is in group {}; at most {} parameter groups", s.id, s.group,
-          kMaxParamGroups));
+          kMaxGroups));
     }
     if (s.numel == 0) {
       return Status::InvalidArgument(fmt::format("optimizer: parameter {} has 0 elements", s.id));

@@ -100,6 +100,9 @@ struct OptimizerStepStats {
 
 class OptimizerSwapper {
  public:
+  // Parameter groups (hyperparameter sets) one optimizer takes at most.
+  static constexpr uint32_t kMaxGroups = 1u << 16;
+
   // The gradient partition of segment `id` (numel elements of its dtype, in
   // host memory, valid for the whole Step), or nullptr: the segment has no
   // gradient this step and is left as it is (state and parameter). Asked

@@ -24,7 +24,7 @@ import unittest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from torch_testing import TORCH_MISSING, tmpdir, torch  # noqa: E402
+from torch_testing import TORCH_MISSING, run_ranks, tmpdir, torch  # noqa: E402
 
 if torch is not None:
     from torch import nn
@@ -419,8 +419,6 @@ class ModelsTest(unittest.TestCase):
         """Trains build() single-process on batch `x` and as two ranks
         (threads, local collective) on half of it each; asserts the mean of
         the ranks' losses within 1e-5 of the single-process loss."""
-        import threading
-        import ztier
         import ztier.torch
         ref = build()
         opt = torch.optim.AdamW(ref.parameters(), lr=lr)
@@ -431,39 +429,27 @@ class ModelsTest(unittest.TestCase):
             opt.step()
             opt.zero_grad(set_to_none=True)
             ref_losses.append(loss.item())
-        group = ztier.LocalGroup(2)
         path = tmpdir(self, "ztier_models_")
         losses = [[None] * steps for _ in range(2)]
-        errors = []
         half = x.shape[0] // 2
         # Built here, one after the other: torch's random generator is one
         # per process, and builds racing on it in the rank threads would give
         # the ranks different initial weights.
         models = [build() for _ in range(2)]
 
-        def rank_main(rank):
-            try:
-                model = models[rank]
-                off = ztier.torch.offload(model, config_for(model, path), rank=rank,
-                                          world_size=2, local_group=group)
-                zopt = off.adamw(lr=lr)
-                for step in range(steps):
-                    loss = loss_of(model, x[rank * half:(rank + 1) * half], step)
-                    loss.backward()
-                    zopt.step()
-                    zopt.zero_grad(set_to_none=True)
-                    losses[rank][step] = loss.item()
-                off.close()
-            except BaseException as e:  # reported by the main thread
-                errors.append(e)
-        threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        group.close()
-        if errors:
-            raise errors[0]
+        def rank_main(rank, group):
+            model = models[rank]
+            off = ztier.torch.offload(model, config_for(model, path), rank=rank,
+                                      world_size=2, local_group=group)
+            zopt = off.adamw(lr=lr)
+            for step in range(steps):
+                loss = loss_of(model, x[rank * half:(rank + 1) * half], step)
+                loss.backward()
+                zopt.step()
+                zopt.zero_grad(set_to_none=True)
+                losses[rank][step] = loss.item()
+            off.close()
+        run_ranks(2, rank_main)
         for step, a in enumerate(ref_losses):
             mean = (losses[0][step] + losses[1][step]) / 2
             print(f"world 2 step {step}: reference {a:.9f}, mean of ranks {mean:.9f}, "

@@ -12,13 +12,12 @@ AdamW over the same partitions. Skips, saying why, without torch.
 import copy
 import os
 import sys
-import threading
 import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from torch_testing import TORCH_MISSING, tmpdir, torch  # noqa: E402
+from torch_testing import TORCH_MISSING, run_ranks, tmpdir, torch  # noqa: E402
 
 STEPS = 20
 LR = dict(lr=1e-2, weight_decay=0.1)
@@ -162,39 +161,25 @@ class TrainTest(unittest.TestCase):
     def run_world2(self, make_optimizer):
         """Two ranks as threads (local collective), half a batch each, for
         STEPS steps; returns each rank's losses."""
-        import ztier
         import ztier.torch
-        group = ztier.LocalGroup(2)
         path = tmpdir(self)
         losses = [[None] * STEPS for _ in range(2)]
-        errors = []
 
-        def rank_main(rank):
-            try:
-                model = self.fresh()
-                off = ztier.torch.offload(model, config_text(path), rank=rank, world_size=2,
-                                          local_group=group)
-                opt = make_optimizer(off)
-                for step, (x, y) in enumerate(self.data):
-                    half = x.shape[0] // 2
-                    sl = slice(rank * half, (rank + 1) * half)
-                    loss = self.tiny_gpt.loss_of(model, x[sl], y[sl])
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad()
-                    losses[rank][step] = loss.item()
-                off.close()
-            except BaseException as e:  # reported by the main thread
-                errors.append((rank, e))
-
-        threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        group.close()
-        if errors:
-            raise errors[0][1]
+        def rank_main(rank, group):
+            model = self.fresh()
+            off = ztier.torch.offload(model, config_text(path), rank=rank, world_size=2,
+                                      local_group=group)
+            opt = make_optimizer(off)
+            for step, (x, y) in enumerate(self.data):
+                half = x.shape[0] // 2
+                sl = slice(rank * half, (rank + 1) * half)
+                loss = self.tiny_gpt.loss_of(model, x[sl], y[sl])
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses[rank][step] = loss.item()
+            off.close()
+        run_ranks(2, rank_main)
         return losses
 
     def test_world2_ztier_adamw_equals_torch_adamw_on_partitions(self):

@@ -29,3 +29,26 @@ def tmpdir(test, prefix: str = "ztier_torch_") -> str:
     path = tempfile.mkdtemp(prefix=prefix, dir=base)
     test.addCleanup(shutil.rmtree, path, ignore_errors=True)
     return path
+
+
+def run_ranks(world: int, rank_main) -> None:
+    """Runs rank_main(rank, group) for each of `world` ranks on a thread of
+    its own, sharing one ztier.LocalGroup; raises the first rank's error."""
+    import threading
+    import ztier
+    group = ztier.LocalGroup(world)
+    errors = []
+
+    def run(rank):
+        try:
+            rank_main(rank, group)
+        except BaseException as e:  # reported by the calling thread
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    group.close()
+    if errors:
+        raise errors[0]

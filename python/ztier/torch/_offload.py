@@ -131,14 +131,18 @@ class _Mod:
 class _Frame:
     """One module call in progress (forward)."""
 
-    __slots__ = ("mod", "backward", "fetched", "touched", "pushed")
+    __slots__ = ("mod", "backward", "touched", "pushed")
 
     def __init__(self, mod: _Mod, backward: bool):
         self.mod = mod
         self.backward = backward  # a call inside backward (recomputation)
-        self.fetched = False
         self.touched: List[int] = []
         self.pushed = None        # the saved-tensor hooks this call pushed
+
+    @property
+    def fetched(self) -> bool:
+        """This call fetched its module (a forward, of a module with parameters)."""
+        return not self.backward and bool(self.mod.slots)
 
 
 class _ParamRef:
@@ -338,6 +342,7 @@ class Offload:
             self._abandon_forward()  # the last forward raised before its end
         backward = self._stack[-1].backward if self._stack else self._outermost_in_backward()
         frame = _Frame(mod, backward)
+        acquired = False
         if not self._stack and not backward and torch.is_grad_enabled():
             frame.pushed = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             frame.pushed.__enter__()
@@ -345,9 +350,8 @@ class Offload:
             if backward:
                 self._hold_for_backward(mod)
             else:
-                if mod.slots:
-                    self._acquire(mod, forward=True)
-                    frame.fetched = True
+                self._acquire(mod, forward=True)
+                acquired = True
                 for mid in mod.declared:
                     if any(s.users == 0 for s in self._mods[mid].slots):
                         self._acquire(self._mods[mid], forward=True)
@@ -355,7 +359,7 @@ class Offload:
         except BaseException:
             for mid in reversed(frame.touched):
                 self._drop(self._mods[mid], backward=False)
-            if frame.fetched:
+            if acquired:
                 self._drop(mod, backward=False)
             if frame.pushed is not None:
                 frame.pushed.__exit__(None, None, None)

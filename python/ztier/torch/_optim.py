@@ -175,18 +175,7 @@ class PartitionOptimizer:
 
     def zero_grad(self, set_to_none: bool = _ZERO_GRAD_DEFAULT) -> None:
         """As torch.optim.Optimizer.zero_grad (the same default)."""
-        for slot in self.off._slots:
-            g = slot.param.grad
-            if g is None:
-                continue
-            if set_to_none:
-                slot.param.grad = None
-            else:
-                if g.grad_fn is not None:
-                    g.detach_()
-                else:
-                    g.requires_grad_(False)
-                g.zero_()
+        self.off.model.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
     def step(self) -> None:
