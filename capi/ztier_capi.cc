@@ -14,6 +14,8 @@
 #include "ztier/ztier.h"
 
 #include <atomic>
+#include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <exception>
 #include <memory>
@@ -32,6 +34,7 @@
 #include "coordinator/coordinator.h"
 #include "coordinator/runtime.h"
 #include "optim/adam.h"
+#include "optim/grad_math.h"
 #include "tiering/config.h"
 
 namespace co = ztier::coordinator;
@@ -50,8 +53,10 @@ struct ztier_engine {
     co::DType dtype = co::DType::kFloat32;
     uint64_t part_numel = 0;
     std::vector<uint8_t> pending;  // initial partition until finalize (bytes)
-    std::vector<uint8_t> grad;     // gradient partition (bytes), once handed in
+    std::vector<uint8_t> grad;     // gradient partition (bytes), once handed in (host tier)
     bool has_grad = false;
+    double sq_norm = 0;            // sum of squares of the gradient partition
+    int64_t segment = -1;          // its index among the optimizer's segments
   };
 
   std::mutex mu;  // serialises the calls on this engine
@@ -66,6 +71,9 @@ struct ztier_engine {
   std::unordered_set<uint64_t> modules;
   std::atomic<uint64_t> grad_reduces{0};
   std::vector<ztier::optim::AdamHyper> hypers;  // the optimizer's groups, once created
+  // With tiers.gradients: nvme, the reduce-scatter's destination before a
+  // partition goes to the gradient store (one, sized to the largest).
+  std::vector<uint8_t> grad_scratch;
 
   // An optimizer step begun during backward (ztier_optimizer_step_begin),
   // until finished or cancelled. Declared after `rt`: destroyed (cancelled)
@@ -560,32 +568,137 @@ ztier_status_t ztier_param_data(ztier_engine_t* engine, uint64_t id, void** out)
   });
 }
 
-ztier_status_t ztier_param_grad_reduce(ztier_engine_t* engine, uint64_t id,
-                                       const void* full_grad) {
-  return WithEngine(engine, "ztier_param_grad_reduce", [&](ztier_engine& e) -> Status {
-    ZTIER_ASSIGN_OR_RETURN(ztier_engine::Param * p, FindParam(e, id));
-    if (full_grad == nullptr) {
-      return Status::InvalidArgument(fmt::format("gradient of parameter {}: NULL", id));
-    }
-    if (p->dtype == co::DType::kUInt8) {
-      return Status::InvalidArgument(
-          fmt::format("parameter {} is uint8: it has no gradient", id));
-    }
-    ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
-    // A second gradient for a parameter a begun step already took (the
-    // trainer accumulates over another backward): that step is void.
-    if (e.early != nullptr && e.early->IsReady(id)) CancelEarly(e);
+namespace {
+
+ztier::optim::DType ToOptimDType(co::DType d) {
+  switch (d) {
+    case co::DType::kFloat16: return ztier::optim::DType::kF16;
+    case co::DType::kBFloat16: return ztier::optim::DType::kBF16;
+    default: return ztier::optim::DType::kF32;
+  }
+}
+
+// The gradient store of tiers.gradients: nvme (the optimizer's), else null.
+ztier::swapper::GradStore* GradStoreOf(ztier_engine& e) {
+  auto* opt = e.rt->optimizer();
+  return opt != nullptr ? opt->grad_store() : nullptr;
+}
+
+bool GradsOnNvme(const ztier_engine& e) {
+  return e.rt->options().config.tiers.gradients == ti::GradTier::kNvme;
+}
+
+// The gradient store and parameter p's segment in it; an error when the
+// gradient has nowhere to go there.
+Result<ztier::swapper::GradStore*> StoreFor(ztier_engine& e, const ztier_engine::Param& p,
+                                            uint64_t id) {
+  ztier::swapper::GradStore* store = GradStoreOf(e);
+  if (store == nullptr) {
+    return Status::FailedPrecondition(
+        "tiers.gradients is nvme: gradient partitions live in the optimizer's gradient store; "
+        "create ztier's optimizer (ztier_optimizer_create) before the first gradient, or set "
+        "tiers.gradients: host");
+  }
+  if (p.segment < 0) {
+    return Status::FailedPrecondition(fmt::format(
+        "parameter {} has no optimizer state, so its gradient has no place in the gradient "
+        "store (tiers.gradients: nvme): give it to the optimizer, or do not hand its gradient in",
+        id));
+  }
+  return store;
+}
+
+// ztier_param_grad_reduce / _accumulate: the reduce-scattered partition
+// replaces the held one or (accumulate, when one is held) is added to it.
+Status HandInGradient(ztier_engine& e, uint64_t id, const void* full_grad, bool accumulate) {
+  ZTIER_ASSIGN_OR_RETURN(ztier_engine::Param * p, FindParam(e, id));
+  if (full_grad == nullptr) {
+    return Status::InvalidArgument(fmt::format("gradient of parameter {}: NULL", id));
+  }
+  if (p->dtype == co::DType::kUInt8) {
+    return Status::InvalidArgument(fmt::format("parameter {} is uint8: it has no gradient", id));
+  }
+  ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+  accumulate = accumulate && p->has_grad;
+  // A second gradient for a parameter a begun step already took (the
+  // trainer accumulates over another backward): that step is void.
+  if (e.early != nullptr && e.early->IsReady(id)) CancelEarly(e);
+  const uint64_t bytes = p->part_numel * co::DTypeBytes(p->dtype);
+  const auto type = ToOptimDType(p->dtype);
+  if (GradsOnNvme(e)) {
+    ZTIER_ASSIGN_OR_RETURN(auto* store, StoreFor(e, *p, id));
+    if (e.grad_scratch.size() < bytes) e.grad_scratch.resize(bytes);
+    ZTIER_RETURN_IF_ERROR(
+        e.rt->coordinator().ReduceScatterGradient(id, full_grad, e.grad_scratch.data()));
+    // From here the held gradient is being replaced: a failure leaves none.
+    p->has_grad = false;
+    ZTIER_RETURN_IF_ERROR(store->Put(static_cast<uint32_t>(p->segment), e.grad_scratch.data(),
+                                     accumulate, &p->sq_norm));
+  } else if (accumulate) {
+    // Reduced aside first: a failed reduce leaves the held sum as it was.
+    if (e.grad_scratch.size() < bytes) e.grad_scratch.resize(bytes);
+    ZTIER_RETURN_IF_ERROR(
+        e.rt->coordinator().ReduceScatterGradient(id, full_grad, e.grad_scratch.data()));
+    ztier::optim::AccumulateGrad(p->grad.data(), e.grad_scratch.data(), p->part_numel, type);
+    p->sq_norm = ztier::optim::SumSquares(p->grad.data(), p->part_numel, type);
+  } else {
     // The old gradient is gone from here on: a failed reduce must not leave
     // a half-overwritten buffer that reads back as valid.
     p->has_grad = false;
     // Kept across steps (ztier_grad_clear keeps the buffer): a fresh one
     // would be zero-filled and page-faulted in every step.
-    p->grad.resize(p->part_numel * co::DTypeBytes(p->dtype));
+    p->grad.resize(bytes);
     ZTIER_RETURN_IF_ERROR(
         e.rt->coordinator().ReduceScatterGradient(id, full_grad, p->grad.data()));
-    p->has_grad = true;
-    e.grad_reduces.fetch_add(1, std::memory_order_relaxed);
-    if (e.early != nullptr) e.early->Ready(id, p->grad.data());
+    p->sq_norm = ztier::optim::SumSquares(p->grad.data(), p->part_numel, type);
+  }
+  p->has_grad = true;
+  e.grad_reduces.fetch_add(1, std::memory_order_relaxed);
+  if (e.early != nullptr) e.early->Ready(id, p->grad.data());
+  return Status::Ok();
+}
+
+}  // namespace
+
+ztier_status_t ztier_param_grad_reduce(ztier_engine_t* engine, uint64_t id,
+                                       const void* full_grad) {
+  return WithEngine(engine, "ztier_param_grad_reduce", [&](ztier_engine& e) -> Status {
+    return HandInGradient(e, id, full_grad, /*accumulate=*/false);
+  });
+}
+
+ztier_status_t ztier_param_grad_accumulate(ztier_engine_t* engine, uint64_t id,
+                                           const void* full_grad) {
+  return WithEngine(engine, "ztier_param_grad_accumulate", [&](ztier_engine& e) -> Status {
+    return HandInGradient(e, id, full_grad, /*accumulate=*/true);
+  });
+}
+
+ztier_status_t ztier_grad_stats(ztier_engine_t* engine, ztier_grad_stats_t* stats) {
+  constexpr const char* fn = "ztier_grad_stats";
+  if (stats != nullptr && stats->size != sizeof(ztier_grad_stats_t)) {
+    return Guard(fn, [&]() -> ztier_status_t {
+      if (ztier_status_t h = CheckHandle(engine, fn); h != ZTIER_STATUS_OK) return h;
+      return Fail(ZTIER_STATUS_BAD_STRUCT_SIZE, fn,
+                  fmt::format("stats->size is {}, this library knows {}", stats->size,
+                              sizeof(ztier_grad_stats_t)));
+    });
+  }
+  return WithEngine(engine, fn, [&](ztier_engine& e) -> Status {
+    if (stats == nullptr) return Status::InvalidArgument("stats is NULL");
+    double sq = 0;
+    uint64_t count = 0;
+    // Registration order: the same sum on every rank for the same gradients.
+    for (uint64_t id : e.param_order) {
+      const auto& p = e.params.at(id);
+      if (!p.has_grad) continue;
+      sq += p.sq_norm;
+      ++count;
+    }
+    stats->sq_norm = sq;
+    stats->count = count;
+    stats->nonfinite = std::isfinite(sq) ? 0 : 1;
+    stats->tier = GradsOnNvme(e) ? ZTIER_GRAD_TIER_NVME : ZTIER_GRAD_TIER_HOST;
     return Status::Ok();
   });
 }
@@ -681,6 +794,10 @@ ztier_status_t ztier_grad_partition_read(ztier_engine_t* engine, uint64_t id, vo
           "ztier_param_grad_reduce)",
           id));
     }
+    if (GradsOnNvme(e)) {
+      ZTIER_ASSIGN_OR_RETURN(auto* store, StoreFor(e, *p, id));
+      return store->Read(static_cast<uint32_t>(p->segment), out);
+    }
     memcpy(out, p->grad.data(), bytes);
     return Status::Ok();
   });
@@ -692,8 +809,19 @@ ztier_status_t ztier_grad_partition_write(ztier_engine_t* engine, uint64_t id, c
     ZTIER_ASSIGN_OR_RETURN(ztier_engine::Param * p, FindParam(e, id));
     ZTIER_RETURN_IF_ERROR(CheckBytes(*p, id, bytes, in, "gradient write"));
     if (e.early != nullptr && e.early->IsReady(id)) CancelEarly(e);
+    const auto type = ToOptimDType(p->dtype);
+    if (GradsOnNvme(e)) {
+      ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+      ZTIER_ASSIGN_OR_RETURN(auto* store, StoreFor(e, *p, id));
+      p->has_grad = false;
+      ZTIER_RETURN_IF_ERROR(
+          store->Put(static_cast<uint32_t>(p->segment), in, /*accumulate=*/false, &p->sq_norm));
+      p->has_grad = true;
+      return Status::Ok();
+    }
     const auto* src = static_cast<const uint8_t*>(in);
     p->grad.assign(src, src + bytes);
+    p->sq_norm = ztier::optim::SumSquares(p->grad.data(), p->part_numel, type);
     p->has_grad = true;
     if (e.early != nullptr) e.early->Ready(id, p->grad.data());
     return Status::Ok();
@@ -704,7 +832,12 @@ ztier_status_t ztier_grad_clear(ztier_engine_t* engine) {
   return WithEngine(engine, "ztier_grad_clear", [&](ztier_engine& e) -> Status {
     CancelEarly(e);
     // The buffers stay for the next step's gradients (see grad_reduce).
-    for (auto& [id, p] : e.params) p.has_grad = false;
+    for (auto& [id, p] : e.params) {
+      p.has_grad = false;
+      p.sq_norm = 0;
+    }
+    // A latched failed write goes with the gradients it lost.
+    if (auto* store = GradStoreOf(e)) store->Clear();
     return Status::Ok();
   });
 }
@@ -726,6 +859,14 @@ ztier_status_t BadSize(ztier_engine* engine, const char* fn, const char* what, s
   });
 }
 
+// Sizes of ztier_optimizer_options_t this library reads: 0.1's (without
+// grad_scale) and today's.
+constexpr size_t kOptionsSizeV1 = offsetof(ztier_optimizer_options_t, grad_scale);
+constexpr size_t kOptionsSizeWithScale = sizeof(ztier_optimizer_options_t);
+bool KnownOptionsSize(size_t size) {
+  return size == kOptionsSizeV1 || size == kOptionsSizeWithScale;
+}
+
 Result<ztier::optim::AdamHyper> ToHyper(const ztier_optimizer_options_t& o) {
   ztier::optim::AdamHyper h;
   const int kind = RawEnum(o.kind);
@@ -740,16 +881,10 @@ Result<ztier::optim::AdamHyper> ToHyper(const ztier_optimizer_options_t& o) {
   h.eps = o.eps;
   h.weight_decay = o.weight_decay;
   h.bias_correction = o.bias_correction != 0;
+  // grad_scale came in 0.2; a struct of 0.1's size has none (1: unchanged).
+  h.grad_scale = o.size >= kOptionsSizeWithScale ? o.grad_scale : 1.0;
   ZTIER_RETURN_IF_ERROR(ztier::optim::ValidateHyper(h));
   return h;
-}
-
-ztier::optim::DType ToOptimDType(co::DType d) {
-  switch (d) {
-    case co::DType::kFloat16: return ztier::optim::DType::kF16;
-    case co::DType::kBFloat16: return ztier::optim::DType::kBF16;
-    default: return ztier::optim::DType::kF32;
-  }
 }
 
 Result<ztier::swapper::OptimizerSwapper*> GetOptimizer(ztier_engine& e) {
@@ -775,6 +910,7 @@ ztier_status_t ztier_optimizer_options_init(ztier_optimizer_options_t* options) 
   options->eps = 1e-8;
   options->weight_decay = 0.01;
   options->bias_correction = 1;
+  options->grad_scale = 1.0;
   return ZTIER_STATUS_OK;
 }
 
@@ -791,7 +927,7 @@ Result<std::vector<ztier::optim::AdamHyper>> ToHypers(const ztier_optimizer_opti
   }
   std::vector<ztier::optim::AdamHyper> hypers;
   for (size_t g = 0; g < group_count; ++g) {
-    if (groups[g].size != sizeof(ztier_optimizer_options_t)) {
+    if (!KnownOptionsSize(groups[g].size)) {
       return Status::InvalidArgument(
           fmt::format("groups[{}].size is {}, this library knows {} (call "
                       "ztier_optimizer_options_init)",
@@ -821,6 +957,8 @@ Status CreateOptimizer(ztier_engine& e, std::vector<ztier::optim::AdamHyper> hyp
   ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
   ZTIER_RETURN_IF_ERROR(e.rt->CreateOptimizer(std::move(segments)));
   e.hypers = std::move(hypers);
+  const auto& laid = e.rt->optimizer()->segments();
+  for (size_t k = 0; k < laid.size(); ++k) e.params.at(laid[k].id).segment = static_cast<int64_t>(k);
   return Status::Ok();
 }
 
@@ -849,7 +987,7 @@ bool SameHypers(const std::vector<ztier::optim::AdamHyper>& a,
     const auto& y = b[k];
     if (x.lr != y.lr || x.beta1 != y.beta1 || x.beta2 != y.beta2 || x.eps != y.eps ||
         x.weight_decay != y.weight_decay || x.adamw != y.adamw ||
-        x.bias_correction != y.bias_correction) {
+        x.bias_correction != y.bias_correction || x.grad_scale != y.grad_scale) {
       return false;
     }
   }
@@ -859,7 +997,9 @@ bool SameHypers(const std::vector<ztier::optim::AdamHyper>& a,
 Status StepOptimizer(ztier_engine& e) {
   return e.rt->OptimizerStep(e.hypers, [&e](uint64_t id) -> const void* {
     const ztier_engine::Param& p = e.params.at(id);
-    return p.has_grad ? p.grad.data() : nullptr;
+    if (!p.has_grad) return nullptr;
+    // In the gradient store any non-null pointer says "it has one".
+    return GradsOnNvme(e) ? static_cast<const void*>(&p) : p.grad.data();
   });
 }
 
@@ -867,7 +1007,7 @@ Status StepOptimizer(ztier_engine& e) {
 
 ztier_status_t ztier_optimizer_create(ztier_engine_t* engine,
                                       const ztier_optimizer_options_t* options) {
-  if (options != nullptr && options->size != sizeof(*options)) {
+  if (options != nullptr && !KnownOptionsSize(options->size)) {
     return BadSize(engine, "ztier_optimizer_create", "options", options->size, sizeof(*options));
   }
   return WithEngine(engine, "ztier_optimizer_create", [&](ztier_engine& e) -> Status {
@@ -923,7 +1063,7 @@ ztier_status_t ztier_optimizer_create_groups(ztier_engine_t* engine,
 
 ztier_status_t ztier_optimizer_step(ztier_engine_t* engine,
                                     const ztier_optimizer_options_t* options) {
-  if (options != nullptr && options->size != sizeof(*options)) {
+  if (options != nullptr && !KnownOptionsSize(options->size)) {
     return BadSize(engine, "ztier_optimizer_step", "options", options->size, sizeof(*options));
   }
   return WithEngine(engine, "ztier_optimizer_step", [&](ztier_engine& e) -> Status {
@@ -968,6 +1108,11 @@ ztier_status_t ztier_optimizer_step_begin(ztier_engine_t* engine,
     if (e.early != nullptr) {
       return Status::FailedPrecondition(
           "an optimizer step is already begun: finish or cancel it first");
+    }
+    if (GradsOnNvme(e)) {
+      return Status::FailedPrecondition(
+          "tiers.gradients is nvme: the step reads the gradients back with the state, so it "
+          "cannot begin during backward (use ztier_optimizer_step, or tiers.gradients: host)");
     }
     e.early = co::BackgroundStep::Start(opt, std::move(hypers));
     // Gradients handed in before the begin are ready as they are.

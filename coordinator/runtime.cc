@@ -177,6 +177,20 @@ Result<swapper::OptimizerSwapperOptions> RankRuntime::OptimizerOptionsFrom(
           "tiers.nvme.paths), or optimizer.tier: host");
     }
   }
+  if (c.tiers.gradients == tiering::GradTier::kNvme) {
+    o.grads_on_store = true;
+    o.grad_store.tag = "grad";
+    o.grad_store.rank = rank;
+    o.grad_store.world_size = world_size;
+    o.grad_store.stripe_bytes = c.io.block_size;
+    o.grad_store.direct = c.io.direct;
+    o.grad_store.paths = tiering::OptimizerPaths(c);
+    if (o.grad_store.paths.empty()) {
+      return Status::InvalidArgument(
+          "tiers.gradients is nvme but no directory is configured: set optimizer.paths (or "
+          "tiers.nvme.paths), or tiers.gradients: host");
+    }
+  }
   o.buffer_count = oc.buffer_count;
   o.sub_group_size = oc.sub_group_size;
   o.threads = oc.threads;

@@ -141,6 +141,7 @@ Status ValidateHyper(const AdamHyper& h) {
   ZTIER_RETURN_IF_ERROR(CheckRange("beta2", h.beta2, 0, false, 1, true));
   ZTIER_RETURN_IF_ERROR(CheckRange("eps", h.eps, 0, true, kInf, false));
   ZTIER_RETURN_IF_ERROR(CheckRange("weight_decay", h.weight_decay, 0, false, kInf, false));
+  ZTIER_RETURN_IF_ERROR(CheckRange("grad_scale", h.grad_scale, 0, false, kInf, false));
   return Status::Ok();
 }
 
@@ -169,6 +170,7 @@ AdamConstants MakeConstants(const AdamHyper& h, uint64_t step) {
   c.decay = static_cast<float>(1.0 - h.lr * h.weight_decay);
   c.adamw = h.adamw;
   c.apply_weight_decay = h.weight_decay != 0.0;
+  c.grad_scale = static_cast<float>(h.grad_scale);
   return c;
 }
 

@@ -8,6 +8,7 @@
 // except where fma (one rounding) is named; the constants are computed once
 // per step in double and then cast to float (MakeConstants):
 //
+//   g = g * grad_scale                 (1 / loss scale, a clip coefficient)
 //   Adam (L2), if weight_decay != 0:   g = fma(p, weight_decay, g)
 //   AdamW,     if weight_decay != 0:   p = p * (1 - lr * weight_decay)
 //   m = fma(g, 1 - beta1, m * beta1)
@@ -61,9 +62,13 @@ struct AdamHyper {
   double weight_decay = 0.0;
   bool adamw = true;            // decoupled weight decay (AdamW); false: L2 (Adam)
   bool bias_correction = true;
+  // Multiplies every gradient before the update: 1 / the loss scale, a
+  // gradient-clipping coefficient, or their product. 1: unchanged.
+  double grad_scale = 1.0;
 };
 
-// OK if lr >= 0, 0 <= beta1, beta2 < 1, eps > 0, weight_decay >= 0 and all
+// OK if lr >= 0, 0 <= beta1, beta2 < 1, eps > 0, weight_decay >= 0,
+// grad_scale >= 0 and all
 // are finite; else InvalidArgument naming the field and its value.
 Status ValidateHyper(const AdamHyper& h);
 
@@ -81,6 +86,7 @@ struct AdamConstants {
   float decay = 1.0f;              // (float)(1 - lr * weight_decay): AdamW's factor
   bool adamw = true;               // decoupled decay (decay) or L2 (weight_decay)
   bool apply_weight_decay = false; // weight_decay != 0
+  float grad_scale = 1.0f;         // (float)grad_scale
 };
 
 // The constants of step `step` (1-based: the first update is step 1; 0 is

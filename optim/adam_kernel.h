@@ -45,7 +45,7 @@ template <class Ops>
 struct LaneConstants {
   using V = typename Ops::V;
   V beta1, one_minus_beta1, beta2, one_minus_beta2;
-  V neg_step_size, bias_correction2_sqrt, eps, weight_decay, decay;
+  V neg_step_size, bias_correction2_sqrt, eps, weight_decay, decay, grad_scale;
 };
 
 template <class Ops>
@@ -54,7 +54,7 @@ LaneConstants<Ops> Broadcast(const AdamConstants& c) {
           Ops::Set1(c.beta2),         Ops::Set1(c.one_minus_beta2),
           Ops::Set1(c.neg_step_size), Ops::Set1(c.bias_correction2_sqrt),
           Ops::Set1(c.eps),           Ops::Set1(c.weight_decay),
-          Ops::Set1(c.decay)};
+          Ops::Set1(c.decay),         Ops::Set1(c.grad_scale)};
 }
 
 // One Adam step on a lane of elements: the formulas of adam.h, in torch's
@@ -63,6 +63,9 @@ template <class Ops, WdMode kMode>
 inline void AdamLanes(const LaneConstants<Ops>& k, typename Ops::V& p,
                       typename Ops::V& m, typename Ops::V& v, typename Ops::V g) {
   using V = typename Ops::V;
+  // Unscaling / clipping first, as torch does to .grad before the step
+  // (exact for the default 1: x * 1 == x).
+  g = Ops::Mul(g, k.grad_scale);
   if constexpr (kMode == WdMode::kL2) g = Ops::Fma(p, k.weight_decay, g);
   if constexpr (kMode == WdMode::kDecoupled) p = Ops::Mul(p, k.decay);
   m = Ops::Fma(g, k.one_minus_beta1, Ops::Mul(m, k.beta1));

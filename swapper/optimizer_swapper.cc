@@ -110,6 +110,7 @@ struct OptimizerSwapper::StepRun {
   std::mutex mu;
   std::condition_variable cv;
   std::vector<uint8_t> read_done;  // per sub-group
+  std::vector<uint8_t> grad_reads_left;  // per sub-group: gradient reads in flight
   std::vector<Status> read_status;
   uint32_t in_flight = 0;  // transfers submitted and not completed
   uint32_t buffers_held = 0;
@@ -226,15 +227,41 @@ Status OptimizerSwapper::Layout() {
       g.slot_offset[s] = e.offset;
     }
   }
+  uint64_t grad_region = 0;
+  if (options_.grads_on_store) {
+    ZTIER_RETURN_IF_ERROR(LayoutGrads());
+    for (const auto& g : groups_) grad_region = std::max(grad_region, g.grad_bytes);
+  }
   tiering::PoolOptions po;
   // More buffers than sub-groups would never be used.
   po.buffer_count = static_cast<uint32_t>(
       std::min<uint64_t>(options_.buffer_count, groups_.size()));
-  po.buffer_bytes = slot_bytes_;
+  // A buffer: the slot, then (with a gradient store) the sub-group's gradients.
+  po.buffer_bytes = slot_bytes_ + grad_region;
   po.alignment = std::max<uint32_t>(4096, store_->alignment());
   po.pin = tiering::PinMode::kNone;  // state never goes to the GPU
   ZTIER_ASSIGN_OR_RETURN(pool_, tiering::PinnedPool::Create(po));
   workers_ = std::make_unique<optim::WorkerPool>(options_.threads);
+  return Status::Ok();
+}
+
+Status OptimizerSwapper::LayoutGrads() {
+  std::vector<GradSegment> gs;
+  gs.reserve(segments_.size());
+  for (const auto& s : segments_) gs.push_back({s.numel, s.dtype});
+  ZTIER_ASSIGN_OR_RETURN(grad_store_,
+                         GradStore::Create(options_.grad_store, gs, engine_, options_.grad_staging_bytes));
+  // Extents are laid end to end in segment order: a sub-group's gradients
+  // are the one range from its first piece's to its last piece's.
+  const uint64_t a = grad_store_->alignment();
+  for (auto& g : groups_) {
+    const Piece& first = g.pieces.front();
+    const Piece& last = g.pieces.back();
+    const uint64_t lo = grad_store_->ByteOffset(first.segment, first.seg_offset) / a * a;
+    const uint64_t hi = grad_store_->ByteOffset(last.segment, last.seg_offset + last.count);
+    g.grad_begin = lo;
+    g.grad_bytes = (hi - lo + a - 1) / a * a;
+  }
   return Status::Ok();
 }
 
@@ -460,6 +487,15 @@ Status OptimizerSwapper::Step(std::span<const optim::AdamHyper> hypers,
                                : valid.WithContext(fmt::format("parameter group {}", g));
     }
   }
+  if (grad_store_ != nullptr) {
+    Status flushed = grad_store_->Flush();
+    if (!flushed.ok()) {
+      return flushed.WithContext(fmt::format(
+          "optimizer step {}: a gradient partition did not reach NVMe, so the step was not run "
+          "(the state of step {} is intact; drop the gradients and run the step again)",
+          step() + 1, step()));
+    }
+  }
   const auto t0 = Clock::now();
   StepRun run;
   run.step = step() + 1;
@@ -489,6 +525,7 @@ Status OptimizerSwapper::Step(std::span<const optim::AdamHyper> hypers,
       std::max<uint64_t>(largest, 2 * options_.sub_group_size * 4) + kParamBatchBytes;
   run.spans.resize(groups_.size());
   run.read_done.assign(groups_.size(), 0);
+  run.grad_reads_left.assign(groups_.size(), 0);
   run.read_status.resize(groups_.size());
   run.stats.step = run.step;
   run.stats.sub_groups = static_cast<uint32_t>(groups_.size());
@@ -675,7 +712,35 @@ Status OptimizerSwapper::StartRead(StepRun& run, uint32_t g, const tiering::Buff
     --run.in_flight;
     run.read_done[g] = 1;
     run.read_status[g] = s;
+    return s;
   }
+  if (grad_store_ != nullptr) return StartGradRead(run, g, span.data + slot_bytes_);
+  return s;
+}
+
+Status OptimizerSwapper::StartGradRead(StepRun& run, uint32_t g, uint8_t* region) {
+  const Group& grp = groups_[g];
+  {
+    std::lock_guard<std::mutex> lock(run.mu);
+    ++run.in_flight;
+    ++run.grad_reads_left[g];
+  }
+  auto done = [this, &run, g](const Status& st) {
+    std::lock_guard<std::mutex> lock(run.mu);
+    if (st.ok()) {
+      run.stats.bytes_read += groups_[g].grad_bytes;
+    } else if (run.read_status[g].ok()) {
+      run.read_status[g] = st.WithContext(fmt::format(
+          "read the gradients of sub-group {} at {}", g,
+          grad_store_->store().Locate(groups_[g].grad_begin)));
+    }
+    --run.grad_reads_left[g];
+    --run.in_flight;
+    run.cv.notify_all();
+  };
+  Status s = engine_->Submit(
+      {io::Op::kRead, &grad_store_->file(), grp.grad_begin, grp.grad_bytes, region, done});
+  if (!s.ok()) done(s);
   return s;
 }
 
@@ -706,7 +771,7 @@ Status OptimizerSwapper::IssueReads(StepRun& run, size_t pos, bool must) {
 Status OptimizerSwapper::WaitRead(StepRun& run, uint32_t g) {
   auto tw = Clock::now();
   std::unique_lock<std::mutex> lock(run.mu);
-  run.cv.wait(lock, [&] { return run.read_done[g] != 0; });
+  run.cv.wait(lock, [&] { return run.read_done[g] != 0 && run.grad_reads_left[g] == 0; });
   run.stats.read_wait_s += Since(tw);
   return run.read_status[g];
 }
@@ -740,7 +805,10 @@ void OptimizerSwapper::Update(StepRun& run, uint32_t g, uint8_t* buf) {
       s.master = master + lo;
       s.exp_avg = exp_avg + lo;
       s.exp_avg_sq = exp_avg_sq + lo;
-      s.grad = static_cast<const uint8_t*>(grad) + at * eb;
+      s.grad = grad_store_ != nullptr
+                   ? buf + slot_bytes_ +
+                         (grad_store_->ByteOffset(it->segment, at) - grp.grad_begin)
+                   : static_cast<const uint8_t*>(grad) + at * eb;
       s.grad_type = seg.dtype;
       s.param_out = run.outs[it->segment].get() + at * eb;
       s.out_type = seg.dtype;

@@ -51,6 +51,7 @@
 #include "io/async_engine.h"
 #include "optim/adam.h"
 #include "optim/worker_pool.h"
+#include "swapper/grad_store.h"
 #include "swapper/nvme_store.h"
 #include "tiering/pinned_pool.h"
 
@@ -73,6 +74,14 @@ struct OptimizerSwapperOptions {
   uint64_t sub_group_size = 100'000'000;  // elements per sub-group
   uint32_t threads = 0;                   // update/checksum threads; 0: all cores
   optim::Isa isa = optim::Isa::kScalar;   // must be available on this CPU
+  // Gradient partitions on NVMe (tiers.gradients: nvme): the swapper owns a
+  // GradStore laid out in its segment order, the trainer's hand-ins go to
+  // it (grad_store()), and each sub-group's gradients are read with its
+  // state, into the same buffer. `grad_staging_bytes` bounds the hand-ins'
+  // staging (GradStore).
+  bool grads_on_store = false;
+  StoreOptions grad_store;  // its files (tag "grad")
+  uint64_t grad_staging_bytes = 256ull << 20;
 };
 
 // The three arrays of the state.
@@ -105,7 +114,9 @@ class OptimizerSwapper {
 
   // The gradient partition of segment `id` (numel elements of its dtype, in
   // host memory, valid for the whole Step), or nullptr: the segment has no
-  // gradient this step and is left as it is (state and parameter). Asked
+  // gradient this step and is left as it is (state and parameter). With a
+  // gradient store (grads_on_store) any non-null pointer means "its
+  // gradient is in the store" and is not read. Asked
   // once per segment, just before the first sub-group holding it is
   // updated, on the thread running Step: it may block until the gradient
   // is known (a step begun during backward). An error fails the step.
@@ -178,6 +189,9 @@ class OptimizerSwapper {
   const std::vector<OptimizerSegment>& segments() const { return segments_; }
   uint64_t slot_bytes() const { return slot_bytes_; }
   const NvmeStore& store() const { return *store_; }
+  // The gradient store (grads_on_store), else nullptr. Segment k of the
+  // store is segments()[k].
+  GradStore* grad_store() { return grad_store_.get(); }
   optim::Isa isa() const { return options_.isa; }
   uint32_t threads() const { return workers_->threads(); }
   OptimizerStepStats last_step_stats() const;
@@ -199,6 +213,8 @@ class OptimizerSwapper {
     std::vector<Piece> pieces;
     uint64_t slot_offset[2] = {0, 0};  // logical store offsets of its slots
     uint8_t committed = 0;             // slot holding the last committed step
+    // With a gradient store: the aligned byte range of its pieces' gradients.
+    uint64_t grad_begin = 0, grad_bytes = 0;
   };
   struct StepRun;  // one Step()'s in-flight bookkeeping (.cc)
 
@@ -221,6 +237,10 @@ class OptimizerSwapper {
   // The pieces of the step (Step() helpers, .cc).
   Status RunStep(StepRun& run);
   Status StartRead(StepRun& run, uint32_t g, const tiering::BufferSpan& span);
+  // The read of sub-group g's gradients into `region` (a gradient store).
+  Status StartGradRead(StepRun& run, uint32_t g, uint8_t* region);
+  // Creates the gradient store and each sub-group's gradient range.
+  Status LayoutGrads();
   // Reads ahead in the run's order; `pos` is the position (in that order)
   // of the sub-group being worked on.
   Status IssueReads(StepRun& run, size_t pos, bool must);
@@ -250,6 +270,7 @@ class OptimizerSwapper {
   uint64_t slot_bytes_ = 0;  // bytes of the largest slot = one buffer
   io::AsyncEngine* engine_;
   std::unique_ptr<NvmeStore> store_;
+  std::unique_ptr<GradStore> grad_store_;  // grads_on_store only
   std::unique_ptr<tiering::PinnedPool> pool_;
   std::unique_ptr<optim::WorkerPool> workers_;
   bool initialized_ = false;

@@ -25,7 +25,7 @@ namespace fs = std::filesystem;
 
 constexpr std::string_view kTopKeys[] = {"tiers", "io",        "coordinator",
                                          "comm",  "integrity", "optimizer"};
-constexpr std::string_view kTiersKeys[] = {"params", "device", "host", "nvme"};
+constexpr std::string_view kTiersKeys[] = {"params", "gradients", "device", "host", "nvme"};
 constexpr std::string_view kDeviceKeys[] = {"max_live_parameters"};
 constexpr std::string_view kHostKeys[] = {"pin_memory", "max_in_cpu",
                                           "allow_unpinned"};
@@ -97,6 +97,8 @@ struct EnumName {
 };
 constexpr EnumName<ParamTier> kParamTierNames[] = {{"nvme", ParamTier::kNvme},
                                                    {"host", ParamTier::kHost}};
+constexpr EnumName<GradTier> kGradTierNames[] = {{"host", GradTier::kHost},
+                                                 {"nvme", GradTier::kNvme}};
 constexpr EnumName<io::BackendKind> kIoBackendNames[] = {
     {"auto", io::BackendKind::kAuto},
     {"io_uring", io::BackendKind::kIoUring},
@@ -605,6 +607,7 @@ Result<Config> Loader::Run(std::string_view yaml) {
 
     Entries tiers = sub(top, "", "tiers");
     Enum(tiers, "tiers", "params", kParamTierNames, &c.tiers.params);
+    Enum(tiers, "tiers", "gradients", kGradTierNames, &c.tiers.gradients);
     Entries device = sub(tiers, "tiers", "device");
     Count(device, "tiers.device", "max_live_parameters", kMaxLiveLimits,
           &c.tiers.device.max_live_parameters);
@@ -746,6 +749,7 @@ std::string OnOff(bool b) { return b ? "true" : "false"; }
 std::string_view ParamTierName(ParamTier t) {
   return NameOf(kParamTierNames, t);
 }
+std::string_view GradTierName(GradTier t) { return NameOf(kGradTierNames, t); }
 std::string_view CommBackendName(CommBackend b) {
   return NameOf(kCommNames, b);
 }
@@ -877,6 +881,9 @@ Status ValidateConfig(const Config& c, const LoadOptions& options) {
       c.tiers.params != ParamTier::kHost) {
     errors.push_back("tiers.params: not a valid tier");
   }
+  if (c.tiers.gradients != GradTier::kHost && c.tiers.gradients != GradTier::kNvme) {
+    errors.push_back("tiers.gradients: not a valid tier");
+  }
   count("tiers.device.max_live_parameters", c.tiers.device.max_live_parameters,
         kMaxLiveLimits);
   count("tiers.host.max_in_cpu", c.tiers.host.max_in_cpu, kMaxInCpuLimits);
@@ -973,6 +980,8 @@ std::string ConfigToYaml(const Config& c) {
   y << Key << "tiers" << Value << BeginMap;
   y << Key << "params" << Value << std::string(ParamTierName(c.tiers.params))
     << Comment("nvme | host");
+  y << Key << "gradients" << Value << std::string(GradTierName(c.tiers.gradients))
+    << Comment("host | nvme");
   y << Key << "device" << Value << BeginMap;
   y << Key << "max_live_parameters" << Value
     << FormatElementCount(c.tiers.device.max_live_parameters)
@@ -1089,6 +1098,9 @@ std::string SummarizeConfig(const Config& c) {
   } else {
     o << "params       on the host (no NVMe)\n";
   }
+  o << "gradients    "
+    << (c.tiers.gradients == GradTier::kNvme ? "on NVMe (the optimizer paths)" : "on the host")
+    << "\n";
   o << "device       max_live_parameters "
     << FormatElementCount(c.tiers.device.max_live_parameters) << " elements\n";
   o << "host         pin_memory " << OnOff(c.tiers.host.pin_memory);

@@ -39,6 +39,14 @@ enum class ParamTier : uint8_t {
   kHost,      // in (pinned) host memory; no NVMe is used
 };
 
+// Where this rank's gradient partitions live from their hand-in during
+// backward until the optimizer step consumes them.
+enum class GradTier : uint8_t {
+  kHost = 0,  // in host memory (one partition-sized buffer per parameter)
+  kNvme,      // in a gradient file on the optimizer paths, read back with the
+              // optimizer state; host memory holds only staging
+};
+
 enum class CommBackend : uint8_t { kAuto = 0, kNccl, kLocal };
 
 enum class Checksum : uint8_t { kCrc32c = 0, kNone };
@@ -59,6 +67,7 @@ enum class OptimizerIsa : uint8_t {
 };
 
 std::string_view ParamTierName(ParamTier t);          // "nvme", "host"
+std::string_view GradTierName(GradTier t);            // "host", "nvme"
 std::string_view CommBackendName(CommBackend b);      // "auto", "nccl", "local"
 std::string_view ChecksumName(Checksum c);            // "crc32c", "none"
 std::string_view OptimizerTierName(OptimizerTier t);  // "nvme", "host"
@@ -113,6 +122,8 @@ struct NvmeTier {
 
 struct TiersConfig {
   ParamTier params = ParamTier::kNvme;
+  // nvme needs ztier's optimizer (its files go to OptimizerPaths).
+  GradTier gradients = GradTier::kHost;
   DeviceTier device;
   HostTier host;
   NvmeTier nvme;

@@ -230,11 +230,40 @@ ZTIER_API ztier_status_t ztier_param_data(ztier_engine_t* engine, uint64_t id,
  * stream that produced it first). ztier reduce-scatters it, averaged over
  * the ranks, and keeps this rank's partition of the mean (p elements) for
  * the optimizer, replacing the previous one. Every rank hands in the same
- * gradients in the same order (it is a collective); blocks until done.
- * Gradient partitions live in host memory (NVMe-resident gradients are not
- * implemented yet). Serialised per engine. */
+ * gradients in the same order (it is a collective). Gradient partitions
+ * live on config tiers.gradients: host memory, or NVMe (the optimizer's
+ * gradient store: ztier's optimizer must exist first; the write goes on in
+ * the background and the call returns once `full_grad` may be reused).
+ * Serialised per engine. */
 ZTIER_API ztier_status_t ztier_param_grad_reduce(ztier_engine_t* engine, uint64_t id,
                                                  const void* full_grad);
+
+/* As ztier_param_grad_reduce, but adds the reduced partition to the one
+ * held (handed in since the last ztier_grad_clear / optimizer step), as
+ * torch accumulates .grad over micro-batches: one addition per element in
+ * the parameter's type. With none held it is ztier_param_grad_reduce. */
+ZTIER_API ztier_status_t ztier_param_grad_accumulate(ztier_engine_t* engine, uint64_t id,
+                                                     const void* full_grad);
+
+typedef enum ztier_grad_tier {
+  ZTIER_GRAD_TIER_HOST = 0,
+  ZTIER_GRAD_TIER_NVME = 1
+} ztier_grad_tier_t;
+
+/* This rank's gradient partitions as held now, summarised when each was
+ * handed in (no pass over them here): for gradient clipping (the global
+ * norm is the square root of the sum of every rank's sq_norm) and loss
+ * scaling (skip the step when any rank has nonfinite). */
+typedef struct ztier_grad_stats {
+  size_t size;        /* sizeof(ztier_grad_stats_t) */
+  double sq_norm;     /* sum of squares of every element, in double */
+  uint64_t count;     /* parameters with a gradient partition */
+  int nonfinite;      /* some element is inf or NaN */
+  ztier_grad_tier_t tier; /* where the partitions live (config tiers.gradients) */
+} ztier_grad_stats_t;
+
+/* Fills `stats` (set stats->size first). Serialised per engine. */
+ZTIER_API ztier_status_t ztier_grad_stats(ztier_engine_t* engine, ztier_grad_stats_t* stats);
 
 /* Exchanges one 64-bit value with every rank: `out[r]` is rank r's
  * (`out_count` >= the world size). A collective: every rank calls it at the
@@ -311,10 +340,14 @@ typedef struct ztier_optimizer_options {
   double eps;          /* > 0 */
   double weight_decay; /* >= 0 */
   int bias_correction; /* non-zero: Adam's bias correction (torch's behaviour) */
+  /* Multiplies every gradient before the update (>= 0, finite): 1 / the loss
+   * scale, a clipping coefficient. Since 0.2; a struct of 0.1's size (without
+   * it) is still accepted and means 1. */
+  double grad_scale;
 } ztier_optimizer_options_t;
 
 /* Sets `size` and torch.optim.AdamW's defaults: AdamW, lr 1e-3, betas
- * (0.9, 0.999), eps 1e-8, weight_decay 0.01, bias correction on. NULL is
+ * (0.9, 0.999), eps 1e-8, weight_decay 0.01, bias correction on, grad_scale 1. NULL is
  * ZTIER_STATUS_INVALID_ARGUMENT. Thread-safe. */
 ZTIER_API ztier_status_t ztier_optimizer_options_init(ztier_optimizer_options_t* options);
 

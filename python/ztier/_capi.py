@@ -154,7 +154,26 @@ class _OptimizerOptions(ctypes.Structure):
         ("eps", ctypes.c_double),
         ("weight_decay", ctypes.c_double),
         ("bias_correction", ctypes.c_int),
+        ("grad_scale", ctypes.c_double),
     ]
+
+
+class _GradStats(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("sq_norm", ctypes.c_double),
+        ("count", ctypes.c_uint64),
+        ("nonfinite", ctypes.c_int),
+        ("tier", ctypes.c_int),
+    ]
+
+
+class GradStats(NamedTuple):
+    """This rank's held gradient partitions (ztier_grad_stats)."""
+    sq_norm: float    # sum of squares of every element
+    count: int        # parameters with a gradient partition
+    nonfinite: bool   # some element is inf or NaN
+    on_nvme: bool     # where they live (config tiers.gradients)
 
 
 class _OptimizerStats(ctypes.Structure):
@@ -206,6 +225,8 @@ _SIGNATURES = {
     "ztier_module_release": (_c.c_int, [_VP, _U64, _c.c_int]),
     "ztier_param_data": (_c.c_int, [_VP, _U64, _c.POINTER(_VP)]),
     "ztier_param_grad_reduce": (_c.c_int, [_VP, _U64, _VP]),
+    "ztier_param_grad_accumulate": (_c.c_int, [_VP, _U64, _VP]),
+    "ztier_grad_stats": (_c.c_int, [_VP, _VP]),
     "ztier_step_end": (_c.c_int, [_VP]),
     "ztier_exchange_u64": (_c.c_int, [_VP, _U64, _c.POINTER(_U64), _c.c_size_t]),
     "ztier_release_all": (_c.c_int, [_VP, _c.c_int]),
@@ -444,6 +465,16 @@ class Engine:
     def grad_reduce(self, pid: int, full_grad) -> None:
         _check(self._lib.ztier_param_grad_reduce(self._handle, pid, _address(full_grad)))
 
+    def grad_accumulate(self, pid: int, full_grad) -> None:
+        """As grad_reduce, adding to the partition held (micro-batches)."""
+        _check(self._lib.ztier_param_grad_accumulate(self._handle, pid, _address(full_grad)))
+
+    def grad_stats(self) -> GradStats:
+        st = _GradStats()
+        st.size = ctypes.sizeof(st)
+        _check(self._lib.ztier_grad_stats(self._handle, ctypes.byref(st)))
+        return GradStats(st.sq_norm, st.count, bool(st.nonfinite), st.tier == 1)
+
     def exchange_u64(self, value: int) -> list:
         """Every rank's `value` (a collective: see ztier_exchange_u64)."""
         out = (ctypes.c_uint64 * self.world_size)()
@@ -497,13 +528,15 @@ class Engine:
 
     # ---- ztier's own optimizer (state on config.optimizer's tier) ----
     def _optimizer_options(self, kind: OptimizerKind, lr: float, betas, eps: float,
-                           weight_decay: float, bias_correction: bool) -> _OptimizerOptions:
+                           weight_decay: float, bias_correction: bool,
+                           grad_scale: float = 1.0) -> _OptimizerOptions:
         o = _OptimizerOptions()
         _check(self._lib.ztier_optimizer_options_init(ctypes.byref(o)))
         o.kind = int(kind)
         o.lr, (o.beta1, o.beta2), o.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
         o.weight_decay = float(weight_decay)
         o.bias_correction = 1 if bias_correction else 0
+        o.grad_scale = float(grad_scale)
         return o
 
     def optimizer_create(self, kind: OptimizerKind = OptimizerKind.ADAMW, lr: float = 1e-3,

@@ -31,10 +31,10 @@ if torch is not None:
     import torch.nn.functional as F
 
 
-def config_for(model, path, **coordinator):
+def config_for(model, path, gradients="nvme", **coordinator):
     import ztier.torch
     return ztier.torch.model_config(model, path, sub_group_size=3000, optimizer_buffers=2,
-                                    coordinator=coordinator)
+                                    gradients=gradients, coordinator=coordinator)
 
 
 @unittest.skipIf(torch is None, TORCH_MISSING)
@@ -242,7 +242,9 @@ class ModelsTest(unittest.TestCase):
         ref = tiny_gpt.TinyGPT()
         model = copy.deepcopy(ref)
         tiny_gpt.loss_of(ref, x, y).backward()
-        off = ztier.torch.offload(model, config_for(model, tmpdir(self, "ztier_models_")))
+        # No optimizer here: gradients in host memory (the NVMe store is the optimizer's).
+        off = ztier.torch.offload(model, config_for(model, tmpdir(self, "ztier_models_"),
+                                                     gradients="host"))
         self.addCleanup(off.close)
         accumulated(model, 0).backward()
         off.finish_backward()
@@ -369,9 +371,11 @@ class ModelsTest(unittest.TestCase):
         model = tiny_gpt.TinyGPT()
         model.load_state_dict(init)
         ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-        off = ztier.torch.offload(model, config_for(model, tmpdir(self, "ztier_models_")))
+        off = ztier.torch.offload(model, config_for(model, tmpdir(self, "ztier_models_"),
+                                                     gradients="host"))
         self.addCleanup(off.close)
-        zopt = off.adamw(lr=1e-2, overlap=True)
+        # keep_grads: torch's clip_grad_norm_ edits param.grad after backward.
+        zopt = off.adamw(lr=1e-2, overlap=True, keep_grads=True)
         opt_of[ref], opt_of[model] = ropt, zopt
         overlapped = []
         for step in range(len(data)):

@@ -41,11 +41,15 @@ Parameters with requires_grad=False are fetched like the others and get
 neither gradients nor optimizer state.
 """
 
-from ztier.torch._config import model_config
+from ztier.torch._amp import LossScaler
+from ztier.torch._config import check_memory, memory_estimate, model_config
+from ztier.torch._construct import meta_init
+from ztier.torch._load import StateDictError, StateDictFile
 from ztier.torch._offload import Offload, offload
 from ztier.torch._optim import Adam, AdamW, PartitionOptimizer
 
 Optimizer = PartitionOptimizer  # the earlier name
 
 __all__ = ["offload", "Offload", "AdamW", "Adam", "PartitionOptimizer", "Optimizer",
-           "model_config"]
+           "model_config", "memory_estimate", "check_memory", "meta_init", "LossScaler",
+           "StateDictFile", "StateDictError"]

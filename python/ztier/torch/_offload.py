@@ -44,7 +44,7 @@ from torch import nn
 
 import ztier
 from ztier._capi import DType, DeviceKind, Engine
-from ztier.torch import _tree
+from ztier.torch import _construct, _tree
 from ztier.torch._params import offloaded_class, original_class
 
 _DTYPES = {torch.float32: DType.FLOAT32, torch.float16: DType.FLOAT16,
@@ -162,7 +162,8 @@ class Offload:
     """The parameters of `model` on ztier; see the package docstring."""
 
     def __init__(self, model: nn.Module, config: str, *, rank: int = 0, world_size: int = 1,
-                 local_group: Optional[ztier.LocalGroup] = None, device: str = "auto"):
+                 local_group: Optional[ztier.LocalGroup] = None, device: str = "auto",
+                 dtype: Optional[torch.dtype] = None, init=None, weights=None):
         text = config if "\n" in config or config.lstrip().startswith("{") else None
         self.engine = Engine(config_path=None if text else config, config_text=text, rank=rank,
                              world_size=world_size, local_group=local_group, device=device)
@@ -180,21 +181,40 @@ class Offload:
         self._alias: Dict[int, _Slot] = {}  # memory address -> materialised slot
         self._optimizer = None  # ztier's optimizer over these parameters, told of backward
         self._handles = []
-        self._register(model)
+        if dtype is not None and dtype not in _DTYPES:
+            raise TypeError(f"ztier.torch: dtype {dtype} is not float32, float16 or bfloat16")
+        self._dtype = dtype
+        self._init = init
+        self._weights = _construct.open_weights(weights)
+        try:
+            self._register(model)
+        finally:
+            if self._weights is not None and not isinstance(weights, _construct.StateDictFile):
+                self._weights.close()
+            self._weights = None
         self._install_hooks()
 
     # ------------------------------------------------------------ set-up
     def _register(self, model: nn.Module) -> None:
+        """Registers every parameter with ztier, module by module (pre-order,
+        which is named_parameters() order): a module's parameters built on
+        the meta device are materialised and initialised first, and each is
+        emptied once ztier has it, so at most one module's parameters are
+        whole in host memory at a time."""
         by_param: Dict[int, _Slot] = {}
+        names = {}
         for name, p in model.named_parameters():
-            if p.dtype not in _DTYPES:
-                raise TypeError(f"ztier.torch: parameter {name} is {p.dtype}; offloaded "
-                                "parameters are float32, float16 or bfloat16")
-            slot = _Slot(len(self._slots), p, name, self)
-            data = p.detach().to("cpu").contiguous()
-            self.engine.register_param(slot.pid, slot.numel, _DTYPES[p.dtype], data)
-            by_param[id(p)] = slot
-            self._slots.append(slot)
+            names.setdefault(id(p), name)
+        for mname, m in model.named_modules():
+            own = [k for k, p in m._parameters.items() if p is not None and id(p) not in by_param]
+            if not own and not _construct.has_meta_buffers(m):
+                continue
+            _construct.materialize(model, mname, m, own, names, self._init, self._weights,
+                                   self._dtype)
+            for key in own:
+                p = m._parameters[key]
+                name = names.get(id(p)) or names[id(_construct.replaced_from(p))]
+                self._register_param(p, name, by_param)
         ids: Dict[int, int] = {}
         for name, m in model.named_modules():
             mid = len(self._mods)
@@ -212,9 +232,25 @@ class Offload:
         # From now on each parameter lives on ztier's tiers.
         with _no_torch_function():
             for slot in self._slots:
-                slot.param.data = self._placeholder(slot.dtype)
                 slot.param.__class__ = offloaded_class(type(slot.param))
                 slot.param._ztier_slot = slot
+
+    def _register_param(self, p: nn.Parameter, name: str, by_param: Dict[int, _Slot]) -> None:
+        if self._dtype is not None and p.dtype != self._dtype:
+            with torch.no_grad():
+                p.data = p.data.to(self._dtype)
+        if p.dtype not in _DTYPES:
+            raise TypeError(f"ztier.torch: parameter {name} is {p.dtype}; offloaded "
+                            "parameters are float32, float16 or bfloat16 (or pass dtype=)")
+        slot = _Slot(len(self._slots), p, name, self)
+        data = p.detach().to("cpu").contiguous()
+        self.engine.register_param(slot.pid, slot.numel, _DTYPES[p.dtype], data)
+        del data
+        # Emptied now, not after the whole model: one module's worth is whole at a time.
+        with _no_torch_function():
+            p.data = self._placeholder(p.dtype)
+        by_param[id(p)] = slot
+        self._slots.append(slot)
 
     def _install_hooks(self) -> None:
         for mod in self._mods:
@@ -599,9 +635,12 @@ class Offload:
                 g = torch.zeros(slot.numel, dtype=slot.dtype, device=self._device)
             elif handed.get(slot.pid) == (id(g), g._version):
                 continue  # handed in during backward and not changed since
+            streaming = self._optimizer is not None and getattr(self._optimizer, "_stream", False)
             if self._optimizer is not None:
                 self._optimizer._handing_in(slot.pid)
-            self.hand_in(slot, g)
+            self.hand_in(slot, g, accumulate=streaming)
+            if streaming and slot.param.grad is g:
+                slot.param.grad = None
 
     def _gradients_anywhere(self, slots: List[_Slot]) -> List[bool]:
         """Per slot: whether any rank has its gradient this step (at world
@@ -619,13 +658,17 @@ class Offload:
             out.extend(bool(merged >> k & 1) for k in range(len(chunk)))
         return out
 
-    def hand_in(self, slot: _Slot, g: torch.Tensor) -> None:
+    def hand_in(self, slot: _Slot, g: torch.Tensor, accumulate: bool = False) -> None:
         """Gives gradient `g` of `slot`'s parameter to ztier (a collective
-        at world size > 1)."""
+        at world size > 1): it replaces the partition ztier holds, or with
+        `accumulate` is added to it."""
         g = g.detach().to(slot.dtype).contiguous()
         if self._cuda:
             torch.cuda.current_stream(g.device).synchronize()
-        self.engine.grad_reduce(slot.pid, g)
+        if accumulate:
+            self.engine.grad_accumulate(slot.pid, g)
+        else:
+            self.engine.grad_reduce(slot.pid, g)
 
     def optimizer(self, optimizer_class, **kwargs):
         """A stock torch optimizer over the partitions (its state in host memory)."""

@@ -11,6 +11,8 @@ instead (its state in host memory).
 from __future__ import annotations
 
 import inspect
+import math
+import struct
 from typing import Dict, List
 
 import torch
@@ -37,7 +39,7 @@ class AdamW(torch.optim.Optimizer):
     def __init__(self, off, params=None, lr: float = 1e-3, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, bias_correction: bool = True, overlap="auto",
-                 **ignored):
+                 keep_grads: bool = False, **ignored):
         if amsgrad or maximize:
             raise ValueError("ztier.torch: amsgrad and maximize are not supported by ztier's "
                              "optimizer; use off.optimizer(torch.optim.AdamW, ...) for them")
@@ -45,6 +47,7 @@ class AdamW(torch.optim.Optimizer):
         if unknown:
             raise TypeError(f"ztier.torch: unexpected optimizer arguments {sorted(unknown)}")
         self.off = off
+        self._grad_scale = 1.0       # unscale x clip factor for the next step
         if params is None:
             params = [p for p in off.model.parameters() if p.requires_grad]
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -67,9 +70,24 @@ class AdamW(torch.optim.Optimizer):
         # emulation, where it measured slower (docs/torch.md). One rank
         # only: with several, the ranks agree on which gradients exist only
         # after backward.
+        on_nvme = off.engine.grad_stats().on_nvme
         if overlap == "auto":
-            overlap = off._cuda
+            overlap = off._cuda and not on_nvme
+        elif overlap and on_nvme:
+            raise ValueError("ztier.torch: overlap=True needs tiers.gradients: host (with "
+                             "gradients on NVMe the step reads them back with its state)")
         self._overlap = bool(overlap) and off.world_size == 1
+        # Streaming: each gradient goes to ztier (accumulated into its
+        # partition) the moment backward completes it, and param.grad is
+        # freed; keep_grads leaves param.grad in place until step() instead
+        # (for code that reads or edits .grad between backward and step).
+        self._stream = not keep_grads
+        # torch's zero_grad(set_to_none=False) leaves a zero .grad on every
+        # parameter that had one, and the next step updates it with that
+        # zero gradient; streamed gradients leave .grad None, so these are
+        # remembered and handed in as zeros when backward gives them none.
+        self._streamed = set()       # pids streamed since the last zero_grad
+        self._zero_grads = set()     # pids whose .grad torch would hold as zeros
         self._backwards = 0          # backward passes since the last step
         self._expected = None        # backward passes the last step had
         self._begun = False
@@ -80,7 +98,8 @@ class AdamW(torch.optim.Optimizer):
         off._optimizer = self
 
     def _hypers(self) -> List[dict]:
-        return [{k: g[k] for k in _HYPER_KEYS} for g in self.param_groups]
+        return [dict({k: g[k] for k in _HYPER_KEYS}, grad_scale=self._grad_scale)
+                for g in self.param_groups]
 
     # ---- overlap (called by the Offload's hooks) ----
     def _backward_started(self) -> None:
@@ -91,10 +110,17 @@ class AdamW(torch.optim.Optimizer):
             self._begun = True
 
     def _gradient_ready(self, slot) -> None:
-        if not self._begun or slot.pid not in self._members:
+        if slot.pid not in self._members:
             return
         g = slot.param.grad
-        if g is not None:
+        if g is None:
+            return
+        if self._stream:
+            self._handing_in(slot.pid)
+            self.off.hand_in(slot, g, accumulate=True)
+            slot.param.grad = None  # its memory goes back now, not at step()
+            self._streamed.add(slot.pid)
+        elif self._begun:
             self._handing_in(slot.pid)
             self.off.hand_in(slot, g)
             self._handed[slot.pid] = (id(g), g._version)
@@ -105,6 +131,63 @@ class AdamW(torch.optim.Optimizer):
         if pid in self._handed:
             self._redone = True
 
+    def zero_grad(self, set_to_none: bool = _ZERO_GRAD_DEFAULT) -> None:
+        """As torch's, and drops the gradients ztier holds (streamed ones)."""
+        super().zero_grad(set_to_none=set_to_none)
+        self.off.engine.grad_clear()
+        self._grad_scale = 1.0
+        self._zero_grads = set() if set_to_none else self._zero_grads | self._streamed
+        self._streamed = set()
+
+    def _hand_in_zero_grads(self) -> None:
+        """The zero gradients torch would hold (see _zero_grads) for the
+        parameters that got no gradient since."""
+        off = self.off
+        for slot in off._slots:
+            if slot.pid in self._zero_grads and not off.engine.param_info(slot.pid).has_grad:
+                off.hand_in(slot, torch.zeros(slot.numel, dtype=slot.dtype, device=off._device))
+
+    def _global_grad_stats(self):
+        """(sum of squares, any non-finite) over every rank's partitions."""
+        st = self.off.engine.grad_stats()
+        if self.off.world_size == 1:
+            return st.sq_norm, st.nonfinite
+        bits = struct.unpack("<Q", struct.pack("<d", st.sq_norm))[0]
+        total = 0.0
+        for v in self.off.engine.exchange_u64(bits):  # rank order: the same sum everywhere
+            total += struct.unpack("<d", struct.pack("<Q", v))[0]
+        return total, not math.isfinite(total)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_ over this optimizer's gradients,
+        which ztier holds (param.grad is freed as they stream in): returns
+        the total L2 norm over all ranks and scales the gradients of the
+        next step() by max_norm / (norm + 1e-6) when that is below 1, as
+        torch does, inside the step (no extra pass over the gradients). Call
+        it between backward and step()."""
+        if float(norm_type) != 2.0:
+            raise ValueError("ztier.torch: clip_grad_norm_ supports the L2 norm (norm_type=2)")
+        self.off.finish_backward()
+        sq, _ = self._global_grad_stats()
+        # float32 from here, as torch computes the norm and the coefficient.
+        total = torch.tensor(math.sqrt(sq), dtype=torch.float32) * self._grad_scale
+        if error_if_nonfinite and not torch.isfinite(total):
+            raise RuntimeError(f"The total norm of order 2.0 for gradients is non-finite "
+                               f"({float(total)}), so it cannot be clipped")
+        coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+        self._grad_scale *= float(coef)  # after an unscale: one factor for both
+        return total
+
+    def _unscale(self, inv_scale: float) -> bool:
+        """For LossScaler: the next step's gradients are multiplied by
+        inv_scale; returns whether any rank's gradients are non-finite."""
+        self.off.finish_backward()
+        self._grad_scale = inv_scale
+        _, nonfinite = self._global_grad_stats()
+        return nonfinite
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -114,6 +197,13 @@ class AdamW(torch.optim.Optimizer):
         off = self.off
         try:
             off.finish_backward()
+            if self._zero_grads:
+                self._hand_in_zero_grads()
+            if not math.isfinite(self._grad_scale):
+                raise FloatingPointError(
+                    "ztier.torch: the gradients are inf or NaN (their clipping coefficient is "
+                    f"{self._grad_scale}); the step would write NaN into every parameter. With "
+                    "fp16 use ztier.torch.LossScaler, which skips such steps")
             hypers = self._hypers()
             if self._begun:
                 self._redone |= hypers != self._begun_with
@@ -130,6 +220,7 @@ class AdamW(torch.optim.Optimizer):
             self._expected, self._backwards = self._backwards, 0
             self._begun = self._redone = False
             self._handed = {}
+            self._grad_scale = 1.0
         off.engine.grad_clear()
         off.engine.step_end()
         return loss
