@@ -13,7 +13,12 @@
 // its tier and dropped.
 #include "ztier/ztier.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <atomic>
+#include <cerrno>
 #include <cmath>
 #include <cstddef>
 #include <cstring>
@@ -53,6 +58,7 @@ struct ztier_engine {
     co::DType dtype = co::DType::kFloat32;
     uint64_t part_numel = 0;
     std::vector<uint8_t> pending;  // initial partition until finalize (bytes)
+    int64_t spilled_at = -1;       // or: its offset in the engine's spill file
     std::vector<uint8_t> grad;     // gradient partition (bytes), once handed in (host tier)
     bool has_grad = false;
     double sq_norm = 0;            // sum of squares of the gradient partition
@@ -67,6 +73,14 @@ struct ztier_engine {
   bool finalized = false;
   std::string failed;  // non-empty: the engine is unusable, and why
   std::unordered_map<uint64_t, Param> params;
+  // With parameters on NVMe, initial partitions wait for the layout in an
+  // unlinked file beside the swap files, not in host memory (a model larger
+  // than memory is registered whole before its first fetch). -1: none yet.
+  int spill_fd = -1;
+  uint64_t spill_bytes = 0;
+  ~ztier_engine() {
+    if (spill_fd >= 0) close(spill_fd);
+  }
   std::vector<uint64_t> param_order;  // registration order
   std::unordered_set<uint64_t> modules;
   std::atomic<uint64_t> grad_reduces{0};
@@ -242,6 +256,44 @@ ztier_dtype_t FromDType(co::DType d) {
 
 // Lays out the store and moves the held initial partitions to their tier,
 // once. A failure here leaves partitions nowhere: the engine is unusable.
+// Whole-buffer pread/pwrite on the spill file (retrying short transfers).
+Status SpillIo(int fd, bool write, uint8_t* buf, uint64_t bytes, uint64_t offset) {
+  while (bytes > 0) {
+    const ssize_t n = write ? pwrite(fd, buf, bytes, static_cast<off_t>(offset))
+                            : pread(fd, buf, bytes, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      return Status::FromErrno(n < 0 ? errno : EIO,
+                               write ? "write the initial-partition spill file"
+                                     : "read the initial-partition spill file");
+    }
+    buf += n;
+    bytes -= static_cast<uint64_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+  return Status::Ok();
+}
+
+// Moves p's initial partition to the spill file (parameters on NVMe).
+Status Spill(ztier_engine& e, ztier_engine::Param& p) {
+  if (e.spill_fd < 0) {
+    const auto& paths = e.rt->options().config.tiers.nvme.paths;
+    if (paths.empty()) return Status::Ok();  // kept in memory
+    const std::string dir = paths.front();
+    mkdir(dir.c_str(), 0700);  // the store creates it too; EEXIST is fine
+    e.spill_fd = open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (e.spill_fd < 0) {
+      return Status::FromErrno(errno, fmt::format("create an unlinked spill file in {}", dir));
+    }
+  }
+  ZTIER_RETURN_IF_ERROR(
+      SpillIo(e.spill_fd, true, p.pending.data(), p.pending.size(), e.spill_bytes));
+  p.spilled_at = static_cast<int64_t>(e.spill_bytes);
+  e.spill_bytes += p.pending.size();
+  std::vector<uint8_t>().swap(p.pending);
+  return Status::Ok();
+}
+
 Status EnsureFinalized(ztier_engine& e) {
   if (e.finalized) return Status::Ok();
   co::Coordinator& c = e.rt->coordinator();
@@ -249,9 +301,19 @@ Status EnsureFinalized(ztier_engine& e) {
   for (size_t i = 0; s.ok() && i < e.param_order.size(); ++i) {
     const uint64_t id = e.param_order[i];
     ztier_engine::Param& p = e.params.at(id);
+    if (p.spilled_at >= 0) {
+      p.pending.resize(p.part_numel * co::DTypeBytes(p.dtype));
+      s = SpillIo(e.spill_fd, false, p.pending.data(), p.pending.size(),
+                  static_cast<uint64_t>(p.spilled_at));
+      if (!s.ok()) break;
+    }
     s = c.WritePartition(id, p.pending.data());
     if (!s.ok()) s = s.WithContext(fmt::format("initial data of parameter {}", id));
     std::vector<uint8_t>().swap(p.pending);
+  }
+  if (e.spill_fd >= 0) {
+    close(e.spill_fd);  // unlinked: its blocks go back now
+    e.spill_fd = -1;
   }
   if (!s.ok()) {
     e.failed = std::string(s.message());
@@ -503,6 +565,7 @@ ztier_status_t ztier_param_register(ztier_engine_t* engine, uint64_t id, uint64_
       memcpy(p.pending.data(), static_cast<const uint8_t*>(full_data) + begin * esize,
              (end - begin) * esize);
     }
+    if (e.tier == co::ParamTier::kNvme) ZTIER_RETURN_IF_ERROR(Spill(e, p));
     e.params.emplace(id, std::move(p));
     e.param_order.push_back(id);
     return Status::Ok();

@@ -45,7 +45,17 @@ Result<std::unique_ptr<tiering::DeviceBackend>> MakeDevice(const RuntimeOptions&
     }
   }
   if (kind == DeviceKind::kCuda) return tiering::CreateCudaDeviceBackend(o.cuda_device);
-  return tiering::CreateHostDeviceBackend();
+  // Freed blocks kept for reuse: at most the live window's bytes (what can
+  // be gathered at once), so the emulated device's memory is bounded by the
+  // config, not by the model's size.
+  tiering::HostDeviceOptions ho;
+  const tiering::Config& c = o.config;
+  const uint64_t window = c.tiers.device.max_live_parameters;
+  const uint64_t eb = c.tiers.nvme.buffer_element_bytes;
+  if (window != tiering::kInfinite && window <= ho.cache_bytes / std::max<uint64_t>(eb, 1)) {
+    ho.cache_bytes = window * eb;
+  }
+  return tiering::CreateHostDeviceBackend(ho);
 }
 
 Result<std::unique_ptr<Collective>> MakeCollective(const RuntimeOptions& o,

@@ -17,6 +17,11 @@
       the optimizer step against the drive's time for its bytes and the
       update's time with the state in memory, per run.
 
+  plot.py rss RSS.json -o rss.png
+      `scripts/train_large.py --sweep ... --json RSS.json` results: peak
+      resident memory against model size, ztier and plain torch (sizes
+      plain torch cannot hold are marked with the model state they need).
+
 Run with the system interpreter: /usr/bin/python3 scripts/plot.py ...
 """
 import argparse
@@ -182,10 +187,39 @@ def plot_optimizer(paths, out):
     fig.savefig(out, dpi=110)
 
 
+def plot_rss(path, out):
+    with open(path) as f:
+        rows = json.load(f)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    gib = float(1 << 30)
+    for mode, color, label in (("ztier", "tab:blue", "ztier (parameters, gradients, "
+                                "AdamW state on NVMe)"),
+                               ("torch", "tab:red", "plain torch (AdamW, all in memory)")):
+        pts = sorted((r["params"], r["peak_rss"]) for r in rows
+                     if r["mode"] == mode and r.get("peak_rss"))
+        if pts:
+            ax.plot([p / 1e9 for p, _ in pts], [m / gib for _, m in pts], marker="o",
+                    color=color, label=label)
+        for r in rows:
+            if r["mode"] == mode and not r.get("peak_rss"):
+                need = 16 * r["params"] / gib
+                ax.scatter([r["params"] / 1e9], [need], marker="x", color=color)
+                ax.annotate(f"does not fit\n(16 B/param = {need:.0f} GiB)",
+                            (r["params"] / 1e9, need), fontsize=8, ha="right", va="bottom")
+    ax.set_xlabel("parameters (billions)")
+    ax.set_ylabel("peak RSS (GiB)")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("peak host memory against model size (GPT-2 shapes)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["sweep", "step", "timeline", "optimizer"])
+    ap.add_argument("kind", choices=["sweep", "step", "timeline", "optimizer", "rss"])
     ap.add_argument("inputs", nargs="+", help="JSON files written by ztier")
     ap.add_argument("-o", "--output", required=True, help="PNG to write")
     ap.add_argument("--step", type=int, default=2, help="timeline: the step to draw")
@@ -200,6 +234,8 @@ def main():
             plot_timeline(a.inputs[0], a.output, a.step, a.rank)
         elif a.kind == "optimizer":
             plot_optimizer(a.inputs, a.output)
+        elif a.kind == "rss":
+            plot_rss(a.inputs[0], a.output)
         else:
             plot_step(a.inputs, a.output)
     except (OSError, KeyError, ValueError) as e:

@@ -81,7 +81,7 @@ struct OptimizerSwapperOptions {
   // staging (GradStore).
   bool grads_on_store = false;
   StoreOptions grad_store;  // its files (tag "grad")
-  uint64_t grad_staging_bytes = 256ull << 20;
+  uint64_t grad_staging_bytes = 16ull << 20;
 };
 
 // The three arrays of the state.

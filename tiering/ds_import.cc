@@ -246,6 +246,8 @@ void Importer::OffloadOptimizer(const Json& oo) {
     device = it->is_string() ? Lower(it->get<std::string>()) : std::string("?");
     if (device == "nvme") {
       o.tier = OptimizerTier::kNvme;
+      // DeepSpeed swaps the gradient partitions out with the optimizer state.
+      r_.config.tiers.gradients = GradTier::kNvme;
     } else if (device == "cpu") {
       o.tier = OptimizerTier::kHost;
     } else if (device == "none") {

@@ -65,7 +65,7 @@ def _element_bytes(dtype) -> int:
 
 def memory_estimate(model: nn.Module, *, buffer_count: int = 4, sub_group_size: float = 4e6,
                     optimizer_buffers: int = 4, gradients: str = "nvme", dtype=None,
-                    grad_staging_bytes: int = 256 << 20) -> Dict[str, int]:
+                    grad_staging_bytes: int = 16 << 20) -> Dict[str, int]:
     """Host bytes ztier itself holds with model_config's settings (the same
     arguments), by item; activations and torch's own memory are the
     trainer's. The items, each in bytes:

@@ -16,9 +16,14 @@ initialised, registered with ztier and emptied before the next module, so
 peak host memory is about the largest module. Initialisation, per module:
   - weights=<state-dict file or StateDictFile>: each tensor read from the
     file on its own (ztier.torch.StateDictFile: never the whole file);
-  - init=<function>: init(module), as model.apply(init) would call it;
-  - else the module's own reset_parameters().
-A module with meta parameters and none of these is an error naming it.
+  - else the module's own reset_parameters() (what its constructor ran),
+    then init(module) if init=<function> is given (what model.apply(init)
+    would do to it): the model as built eagerly and then initialised, one
+    module at a time.
+A module with meta parameters, no reset_parameters and no init is an error
+naming it. Initialisation that one module's reset_parameters does to
+another module's parameters (nn.MultiheadAttention zeroes out_proj.bias)
+is not replayed: out_proj is materialised after it, by its own.
 """
 
 from __future__ import annotations
@@ -90,11 +95,13 @@ def materialize(model: nn.Module, mname: str, module: nn.Module, keys: List[str]
         return
     if not meta:
         return  # built for real: its values are the initialisation
+    reset = getattr(module, "reset_parameters", None)
     with torch.no_grad():
-        if init is not None:
-            init(module)
-        elif callable(getattr(module, "reset_parameters", None)):
-            module.reset_parameters()
+        if callable(reset) or init is not None:
+            if callable(reset):
+                reset()
+            if init is not None:
+                init(module)
         else:
             raise RuntimeError(
                 f"ztier.torch: module '{mname or type(module).__name__}' "
