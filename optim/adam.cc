@@ -1,6 +1,7 @@
 #include "optim/adam.h"
 
 #include <cassert>
+#include <cfloat>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -141,7 +142,9 @@ Status ValidateHyper(const AdamHyper& h) {
   ZTIER_RETURN_IF_ERROR(CheckRange("beta2", h.beta2, 0, false, 1, true));
   ZTIER_RETURN_IF_ERROR(CheckRange("eps", h.eps, 0, true, kInf, false));
   ZTIER_RETURN_IF_ERROR(CheckRange("weight_decay", h.weight_decay, 0, false, kInf, false));
-  ZTIER_RETURN_IF_ERROR(CheckRange("grad_scale", h.grad_scale, 0, false, kInf, false));
+  // Applied as a float: beyond float's range it would turn every update
+  // into inf / NaN.
+  ZTIER_RETURN_IF_ERROR(CheckRange("grad_scale", h.grad_scale, 0, false, FLT_MAX, false));
   return Status::Ok();
 }
 

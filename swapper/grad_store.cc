@@ -95,6 +95,10 @@ Status GradStore::Put(uint32_t k, const void* data, bool accumulate, double* sq_
   {
     std::unique_lock<std::mutex> lock(mu_);
     ZTIER_RETURN_IF_ERROR(WaitSegment(k, lock));
+    if (bytes == 0) {  // nothing to store (and a 0-byte transfer is invalid)
+      if (sq_norm != nullptr) *sq_norm = 0;
+      return Status::Ok();
+    }
     // Staging is bounded: wait for writes to finish (one alone may exceed it).
     cv_.wait(lock, [&] {
       return !write_error_.ok() || staged_bytes_ == 0 ||
@@ -158,6 +162,7 @@ Status GradStore::Read(uint32_t k, void* out) {
     std::unique_lock<std::mutex> lock(mu_);
     ZTIER_RETURN_IF_ERROR(WaitSegment(k, lock));
   }
+  if (Bytes(k) == 0) return Status::Ok();  // nothing stored (no 0-byte transfer)
   ZTIER_ASSIGN_OR_RETURN(uint8_t* buf, AllocAligned(IoBytes(k)));
   std::unique_ptr<uint8_t, decltype(&free)> guard(buf, &free);
   ZTIER_RETURN_IF_ERROR(ReadInto(k, buf));

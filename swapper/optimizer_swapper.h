@@ -92,7 +92,8 @@ struct OptimizerStepStats {
   uint64_t step = 0;            // the step number this Step() produced
   uint32_t sub_groups = 0;
   uint64_t elements = 0;        // elements updated (segments with a gradient)
-  uint64_t bytes_read = 0;      // state bytes read (slots, headers included)
+  uint64_t bytes_read = 0;      // state bytes read (slots, headers included), and
+                                // gradient bytes read from a gradient store
   uint64_t bytes_written = 0;   // state bytes written
   uint64_t param_bytes = 0;     // parameter bytes handed to the sink
   double seconds = 0;           // the whole step

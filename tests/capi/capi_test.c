@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <ftw.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -617,6 +618,163 @@ static void TestOptimizer(const char* tier) {
   for (int p = 0; p < kParams; ++p) free(want[p]);
 }
 
+/* ------------------------------------------------------------ gradients */
+
+/* An engine over the three parameters with gradients on `tier` and ztier's
+ * optimizer (lr 0.01, no decay; `scale` its grad_scale), created at once
+ * unless `no_optimizer`. */
+static ztier_engine_t* GradEngine(const char* tier, const char* sub, float** want,
+                                  int no_optimizer) {
+  char yaml[2048], path[700];
+  ztier_engine_options_t o;
+  ztier_engine_t* e = NULL;
+  snprintf(path, sizeof(path), "%s/%s", g_dir, sub);
+  snprintf(yaml, sizeof(yaml),
+           "tiers:\n"
+           "  params: nvme\n"
+           "  gradients: %s\n"
+           "  host: {pin_memory: false}\n"
+           "  nvme: {paths: [\"%s\"], buffer_count: 4, buffer_size: 4096,\n"
+           "         buffer_element_bytes: 4}\n"
+           "coordinator: {param_persistence_threshold: 0, max_reuse_distance: 0}\n"
+           "io: {register_buffers: false}\n"
+           "optimizer: {buffer_count: 2, sub_group_size: 1500, threads: 1}\n",
+           tier, path);
+  OK(ztier_engine_options_init(&o));
+  o.config_text = yaml;
+  o.device = ZTIER_DEVICE_HOST;
+  OK(ztier_engine_create(&o, &e));
+  if (!e) return NULL;
+  Register(e, want);
+  if (!no_optimizer) {
+    ztier_optimizer_options_t oo;
+    OK(ztier_optimizer_options_init(&oo));
+    oo.lr = 0.01;
+    oo.weight_decay = 0;
+    OK(ztier_optimizer_create(e, &oo));
+  }
+  return e;
+}
+
+static float GradValue(int p, uint64_t i, int k) {
+  return (float)((i % 7) + 1) * (k ? 0.375f : -1.25f) + (float)p;
+}
+
+/* Accumulation, the hand-in summary, grad_scale and the 0.1 options size,
+ * with gradient partitions on `tier`. */
+static void TestGradients(const char* tier) {
+  char sub[64];
+  float* want[kParams];
+  float* want2[kParams];
+  ztier_engine_t* e;
+  ztier_engine_t* twin;
+  ztier_grad_stats_t gs;
+  double sq = 0;
+  const int nvme = strcmp(tier, "nvme") == 0;
+  if (nvme) {
+    /* Without ztier's optimizer a gradient has no store to go to. */
+    e = GradEngine(tier, "grads_no_opt", want, 1);
+    if (!e) return;
+    {
+      float g[17] = {0};
+      EXPECT_STATUS(ZTIER_STATUS_FAILED_PRECONDITION, ztier_param_grad_reduce(e, 2, g),
+                    "nvme gradient without an optimizer");
+      CHECK(strstr(ztier_last_error(), "tiers.gradients") != NULL);
+    }
+    OK(ztier_engine_destroy(e));
+    for (int p = 0; p < kParams; ++p) free(want[p]);
+  }
+  snprintf(sub, sizeof(sub), "grads_%s", tier);
+  e = GradEngine(tier, sub, want, 0);
+  snprintf(sub, sizeof(sub), "grads_%s_twin", tier);
+  twin = GradEngine(tier, sub, want2, 0);
+  if (!e || !twin) return;
+  for (int p = kParams - 1; p >= 0; --p) {
+    const size_t bytes = kNumel[p] * sizeof(float);
+    float* g0 = malloc(bytes);
+    float* g1 = malloc(bytes);
+    float* half = malloc(bytes);
+    float* back = malloc(bytes);
+    for (uint64_t i = 0; i < kNumel[p]; ++i) {
+      g0[i] = GradValue(p, i, 0);
+      g1[i] = GradValue(p, i, 1);
+    }
+    OK(ztier_param_grad_accumulate(e, (uint64_t)p, g0)); /* none held: a plain hand-in */
+    OK(ztier_param_grad_accumulate(e, (uint64_t)p, g1));
+    OK(ztier_grad_partition_read(e, (uint64_t)p, back, bytes));
+    for (uint64_t i = 0; i < kNumel[p]; ++i) {
+      const float sum = g0[i] + g1[i];
+      CHECK(back[i] == sum);
+      sq += (double)sum * (double)sum;
+      half[i] = sum * 0.5f; /* exact: a power of two */
+    }
+    OK(ztier_param_grad_reduce(twin, (uint64_t)p, half));
+    free(g0);
+    free(g1);
+    free(half);
+    free(back);
+  }
+  gs.size = sizeof(gs);
+  OK(ztier_grad_stats(e, &gs));
+  CHECK(gs.count == kParams && !gs.nonfinite);
+  CHECK(gs.tier == (nvme ? ZTIER_GRAD_TIER_NVME : ZTIER_GRAD_TIER_HOST));
+  CHECK(gs.sq_norm > 0.999999 * sq && gs.sq_norm < 1.000001 * sq);
+  gs.size = 2;
+  EXPECT_STATUS(ZTIER_STATUS_BAD_STRUCT_SIZE, ztier_grad_stats(e, &gs), "grad stats size 2");
+  if (nvme) {
+    ztier_optimizer_options_t oo;
+    OK(ztier_optimizer_options_init(&oo));
+    EXPECT_STATUS(ZTIER_STATUS_FAILED_PRECONDITION, ztier_optimizer_step_begin(e, &oo, 1),
+                  "begin with gradients on NVMe");
+  }
+  {
+    /* grad_scale 0.5 on the sums equals scale 1 on the halves; the twin's
+     * options have 0.1's size (no grad_scale field: 1). */
+    ztier_optimizer_options_t oo;
+    OK(ztier_optimizer_options_init(&oo));
+    oo.lr = 0.01;
+    oo.weight_decay = 0;
+    oo.grad_scale = 0.5;
+    OK(ztier_optimizer_step(e, &oo));
+    oo.grad_scale = 77; /* not read: */
+    oo.size = offsetof(ztier_optimizer_options_t, grad_scale);
+    OK(ztier_optimizer_step(twin, &oo));
+    for (int p = 0; p < kParams; ++p) {
+      const size_t bytes = kNumel[p] * sizeof(float);
+      float* a = malloc(bytes);
+      float* b = malloc(bytes);
+      OK(ztier_partition_read(e, (uint64_t)p, a, bytes));
+      OK(ztier_partition_read(twin, (uint64_t)p, b, bytes));
+      CHECK(memcmp(a, b, bytes) == 0);
+      CHECK(memcmp(a, want[p], bytes) != 0);
+      free(a);
+      free(b);
+    }
+    oo.size = sizeof(oo);
+    oo.grad_scale = -1;
+    EXPECT_STATUS(ZTIER_STATUS_INVALID_ARGUMENT, ztier_optimizer_step(e, &oo), "grad_scale -1");
+  }
+  {
+    /* A non-finite element is seen at hand-in; clear forgets everything. */
+    float g[17];
+    for (int i = 0; i < 17; ++i) g[i] = 1.0f;
+    g[5] = 1.0f / 0.0f;
+    OK(ztier_param_grad_accumulate(e, 2, g));
+    gs.size = sizeof(gs);
+    OK(ztier_grad_stats(e, &gs));
+    CHECK(gs.nonfinite && gs.count >= 1);
+    OK(ztier_grad_clear(e));
+    OK(ztier_grad_stats(e, &gs));
+    CHECK(gs.count == 0 && gs.sq_norm == 0 && !gs.nonfinite);
+  }
+  OK(ztier_engine_destroy(e));
+  OK(ztier_engine_destroy(twin));
+  for (int p = 0; p < kParams; ++p) {
+    free(want[p]);
+    free(want2[p]);
+  }
+}
+
 int main(void) {
   const char* tmp = getenv("ZTIER_TEST_TMPDIR");
   uint32_t major = 0, minor = 0, patch = 0;
@@ -636,6 +794,8 @@ int main(void) {
   TestBackgroundReadFailure();
   TestOptimizer("nvme");
   TestOptimizer("host");
+  TestGradients("host");
+  TestGradients("nvme");
   nftw(g_dir, RemoveEntry, 16, FTW_DEPTH | FTW_PHYS);
   if (g_failures) {
     fprintf(stderr, "%d check(s) failed\n", g_failures);

@@ -788,5 +788,129 @@ TEST(AdamParallel, SameBitsAsSingleThread) {
   }
 }
 
+
+// ---------------------------------------------------------------------------
+// grad_scale: the kernels multiply g by (float)grad_scale first, so an update
+// with grad_scale s is, bit for bit, the update with grad_scale 1 on
+// gradients multiplied by (float)s in float32 beforehand, on every ISA, for
+// every gradient type and both weight-decay modes (L2 adds p * wd to the
+// scaled gradient, not to the raw one).
+
+TEST(AdamGradScale, EqualsPreScaledGradientsOnEveryIsa) {
+  std::mt19937_64 rng(21);
+  // n: full vectors of 8 and 16 lanes and a tail.
+  constexpr uint64_t kN = 16 * 5 + 7;
+  const double scales[] = {1.0 / 65536, 0.37, 1.0 / 3, 2.5, 1e-30, 0.0};
+  int ran = 0;
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+    if (!IsaAvailable(isa)) continue;
+    ++ran;
+    for (DType grad_type : {DType::kF32, DType::kF16, DType::kBF16}) {
+      for (bool adamw : {true, false}) {
+        for (double scale : scales) {
+          const std::string what = std::string(IsaName(isa)) + " grad " + DTypeName(grad_type) +
+                                   (adamw ? " adamw" : " adam") +
+                                   " scale " + std::to_string(scale);
+          const std::vector<uint8_t> grad = RandomGrad(rng, grad_type, kN);
+          // The same gradients as float32, times (float)scale.
+          std::vector<float> scaled(kN);
+          for (uint64_t i = 0; i < kN; ++i) {
+            float g;
+            if (grad_type == DType::kF32) {
+              std::memcpy(&g, grad.data() + 4 * i, 4);
+            } else {
+              uint16_t h;
+              std::memcpy(&h, grad.data() + 2 * i, 2);
+              g = grad_type == DType::kF16 ? HalfToFloat(h) : Bf16ToFloat(h);
+            }
+            scaled[i] = g * static_cast<float>(scale);
+          }
+          const State initial = RandomState(rng, kN, DType::kBF16);
+          AdamHyper h;
+          h.lr = 1e-2;
+          h.weight_decay = 0.1;
+          h.adamw = adamw;
+          AdamHyper hs = h;
+          hs.grad_scale = scale;
+          ASSERT_TRUE(ValidateHyper(hs).ok()) << what;
+          State want = initial, got = initial;
+          for (uint64_t step = 1; step <= 2; ++step) {
+            AdamUpdate(MakeConstants(h, step),
+                       want.Span(scaled.data(), DType::kF32, true, DType::kBF16, kN), isa);
+            AdamUpdate(MakeConstants(hs, step),
+                       got.Span(grad.data(), grad_type, true, DType::kBF16, kN), isa);
+          }
+          ExpectSameState(want, got, kN, DType::kBF16, what);
+          ExpectGuardsIntact(got, kN, DType::kBF16, what);
+          if (::testing::Test::HasFailure()) return;
+        }
+      }
+    }
+  }
+  EXPECT_GE(ran, 1);
+}
+
+// A scale really changes the update (the test above would pass if the
+// kernels ignored grad_scale and the pre-scaling were wrong the same way):
+// scaling by 0.5 differs from 1, and equals halving the float32 gradients.
+TEST(AdamGradScale, ScaleIsApplied) {
+  const float g[] = {0.75f, -3.0f, 1e-3f};
+  AdamHyper h;
+  h.lr = 0.1;
+  h.weight_decay = 0.5;
+  h.adamw = false;  // L2: p * wd is added to the scaled g, so the scale shows in m
+  AdamHyper half = h;
+  half.grad_scale = 0.5;
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+    if (!IsaAvailable(isa)) continue;
+    float p1[3] = {1, 1, 1}, m1[3] = {}, v1[3] = {};
+    float p2[3] = {1, 1, 1}, m2[3] = {}, v2[3] = {};
+    AdamSpan a{p1, m1, v1, g, DType::kF32, nullptr, DType::kF32, 3};
+    AdamSpan b{p2, m2, v2, g, DType::kF32, nullptr, DType::kF32, 3};
+    AdamUpdate(MakeConstants(h, 1), a, isa);
+    AdamUpdate(MakeConstants(half, 1), b, isa);
+    for (int i = 0; i < 3; ++i) {
+      // From m = 0 and p = 1: m = fma(fma(p, wd, s * g), 1 - beta1, 0).
+      const float want_m =
+          std::fma(std::fma(1.0f, 0.5f, g[i] * 0.5f), static_cast<float>(1.0 - 0.9), 0.0f);
+      EXPECT_NE(Bits(m1[i]), Bits(m2[i])) << IsaName(isa) << " " << i;
+      EXPECT_EQ(Bits(m2[i]), Bits(want_m)) << IsaName(isa) << " " << i;
+    }
+  }
+}
+
+TEST(AdamGradScale, ConstantIsTheFloatOfTheScale) {
+  AdamHyper h;
+  EXPECT_EQ(h.grad_scale, 1.0);
+  EXPECT_EQ(Bits(MakeConstants(h, 1).grad_scale), Bits(1.0f));
+  h.grad_scale = 0.37;
+  EXPECT_EQ(Bits(MakeConstants(h, 1).grad_scale), Bits(static_cast<float>(0.37)));
+  h.grad_scale = 1.0 / 65536;
+  EXPECT_EQ(MakeConstants(h, 7).grad_scale, 0x1p-16f);
+}
+
+TEST(AdamGradScale, ValidateRejectsNegativeNanInfAndBeyondFloat) {
+  for (double ok : {0.0, 1e-300, 0.5, 1.0, 65536.0, 3.4e38}) {
+    AdamHyper h;
+    h.grad_scale = ok;
+    EXPECT_TRUE(ValidateHyper(h).ok()) << ok;
+  }
+  const std::pair<double, const char*> bad[] = {{-1.0, "-1"},
+                                                {-1e-300, "-1e-300"},
+                                                {NAN, "nan"},
+                                                {INFINITY, "inf"},
+                                                {-INFINITY, "-inf"},
+                                                {1e39, "1e+39"}};  // inf as a float
+  for (const auto& [value, text] : bad) {
+    AdamHyper h;
+    h.grad_scale = value;
+    const Status s = ValidateHyper(h);
+    ASSERT_FALSE(s.ok()) << text;
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+    const std::string msg(s.message());
+    EXPECT_NE(msg.find(std::string("grad_scale = ") + text), std::string::npos) << msg;
+  }
+}
+
 }  // namespace
 }  // namespace ztier::optim

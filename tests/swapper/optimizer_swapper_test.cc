@@ -22,6 +22,7 @@
 
 #include "base/float16.h"
 #include "io/fault_backend.h"
+#include "optim/grad_math.h"
 #include "tests/testutil/faulty_engine.h"
 #include "tests/testutil/testutil.h"
 
@@ -72,6 +73,12 @@ class OptimizerSwapperTest : public ::testing::TestWithParam<io::BackendKind> {
     o.sub_group_size = sub_group;
     o.threads = 2;
     o.isa = optim::BestIsa();
+    if (grads_on_store_) {
+      o.grads_on_store = true;
+      o.grad_store.paths = {dir_.File("grad")};
+      o.grad_store.stripe_bytes = 64 * kKiB;
+      o.grad_staging_bytes = grad_staging_bytes_;
+    }
     auto sw = OptimizerSwapper::Create(o, segments_, engine_.get());
     ASSERT_TRUE(sw.ok()) << sw.status().ToString();
     sw_ = std::move(sw).value();
@@ -169,17 +176,7 @@ class OptimizerSwapperTest : public ::testing::TestWithParam<io::BackendKind> {
                      const std::set<uint64_t>& skip = {},
                      OptimizerSwapper::ParamSink sink = nullptr) {
     sunk_.clear();
-    if (!sink) {
-      sink = [this](std::span<const uint64_t> ids, std::span<const void* const> data) {
-        for (size_t k = 0; k < ids.size(); ++k) {
-          const auto& seg = Seg(ids[k]);
-          const auto* p = static_cast<const uint8_t*>(data[k]);
-          EXPECT_EQ(sunk_.count(ids[k]), 0u) << "parameter " << ids[k] << " sunk twice";
-          sunk_[ids[k]].assign(p, p + seg.numel * optim::DTypeBytes(seg.dtype));
-        }
-        return Status::Ok();
-      };
-    }
+    if (!sink) sink = CollectingSink();
     Status s = sw_->Step(
         hypers,
         [&](uint64_t id) -> const void* {
@@ -189,6 +186,65 @@ class OptimizerSwapperTest : public ::testing::TestWithParam<io::BackendKind> {
     // Every buffer is back once a step returns, failed steps included.
     EXPECT_EQ(sw_->buffers_in_use(), 0u) << s.ToString();
     return s;
+  }
+
+  // A sink that keeps what it gets in sunk_ (each parameter once).
+  OptimizerSwapper::ParamSink CollectingSink() {
+    return [this](std::span<const uint64_t> ids, std::span<const void* const> data) {
+      for (size_t k = 0; k < ids.size(); ++k) {
+        const auto& seg = Seg(ids[k]);
+        const auto* p = static_cast<const uint8_t*>(data[k]);
+        EXPECT_EQ(sunk_.count(ids[k]), 0u) << "parameter " << ids[k] << " sunk twice";
+        sunk_[ids[k]].assign(p, p + seg.numel * optim::DTypeBytes(seg.dtype));
+      }
+      return Status::Ok();
+    };
+  }
+
+  // With grads_on_store: hands grads_ to the swapper's gradient store
+  // (segment k of the store is segments()[k]). `accumulate`: adds to what
+  // the store holds.
+  Status PutGrads(bool accumulate = false) {
+    GradStore* store = sw_->grad_store();
+    if (store == nullptr) return Status::Internal("no gradient store");
+    for (uint32_t k = 0; k < sw_->segments().size(); ++k) {
+      ZTIER_RETURN_IF_ERROR(
+          store->Put(k, grads_.at(sw_->segments()[k].id).data(), accumulate, nullptr));
+    }
+    return Status::Ok();
+  }
+
+  // A step whose gradients are in the store: the source only says which
+  // segments have one. Its pointers are decoys (bytes that decode to huge
+  // values and NaNs): a step that read them would not match the reference.
+  Status StoreStep(const optim::AdamHyper& h, const std::set<uint64_t>& skip,
+                   OptimizerSwapper::StepPlan plan = {}) {
+    sunk_.clear();
+    std::map<uint64_t, std::vector<uint8_t>> decoys;
+    for (const auto& seg : segments_) {
+      decoys[seg.id].assign(seg.numel * optim::DTypeBytes(seg.dtype), 0x7f);
+    }
+    Status s = sw_->Step(
+        std::span<const optim::AdamHyper>(&h, 1),
+        [&](uint64_t id) -> Result<const void*> {
+          return skip.count(id) ? nullptr : static_cast<const void*>(decoys.at(id).data());
+        },
+        CollectingSink(), plan);
+    EXPECT_EQ(sw_->buffers_in_use(), 0u) << s.ToString();
+    return s;
+  }
+
+  // What the sink got equals the reference parameters of every segment not
+  // in `skip`, and nothing for those in it.
+  void ExpectSunkMatches(const std::set<uint64_t>& skip) {
+    for (const auto& seg : segments_) {
+      if (skip.count(seg.id)) {
+        EXPECT_EQ(sunk_.count(seg.id), 0u) << "parameter " << seg.id << " had no gradient";
+        continue;
+      }
+      ASSERT_EQ(sunk_.count(seg.id), 1u) << "parameter " << seg.id;
+      EXPECT_TRUE(sunk_[seg.id] == ref_[seg.id].param) << "parameter " << seg.id;
+    }
   }
 
   const OptimizerSegment& Seg(uint64_t id) const {
@@ -216,6 +272,8 @@ class OptimizerSwapperTest : public ::testing::TestWithParam<io::BackendKind> {
   }
 
   ScratchDir dir_;
+  bool grads_on_store_ = false;  // Build(): OptimizerSwapperOptions::grads_on_store
+  uint64_t grad_staging_bytes_ = 256ull << 20;
   std::vector<OptimizerSegment> segments_;
   std::unique_ptr<io::AsyncEngine> engine_;
   io::FaultInjectingBackend* fault_ = nullptr;
@@ -567,6 +625,174 @@ TEST_P(OptimizerSwapperTest, BadOptionsAreRefusedWithTheirName) {
   optim::AdamHyper h;
   Status s = (*r)->Step(h, [](uint64_t) -> const void* { return nullptr; }, nullptr);
   EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
+}
+
+// ---------------------------------------------------------------------------
+// Gradients on NVMe (grads_on_store): the swapper's gradient store holds the
+// partitions and each sub-group's are read with its state. The reference
+// (the whole-partition scalar update, which the host-memory path matches bit
+// for bit above) must be matched bit for bit too.
+
+// Segments straddling sub-groups, sub-groups smaller than a segment (and
+// than one 4 KiB block of gradients), one sub-group for all; f32, bf16 and
+// f16 segments side by side (gradient ranges start mid-extent); 1 and 4
+// buffers; forward and reverse; a step with segments lacking a gradient
+// (whose store content, stale, must be ignored); a step whose gradients were
+// accumulated in the store over two micro-batches.
+TEST_P(OptimizerSwapperTest, GradientsFromTheStoreEqualGradientsFromHostMemory) {
+  grads_on_store_ = true;
+  for (uint32_t buffers : {1u, 4u}) {
+    for (uint64_t sub_group : {100ull, 333ull, 1000ull, 4096ull, 1000000ull}) {
+      for (bool reverse : {false, true}) {
+        SCOPED_TRACE(::testing::Message() << "buffers " << buffers << " sub_group " << sub_group
+                                          << (reverse ? " reverse" : " forward"));
+        TearDown();
+        ref_.clear();
+        Build(buffers, sub_group);
+        ASSERT_NE(sw_->grad_store(), nullptr);
+        ASSERT_EQ(sw_->grad_store()->segment_count(), segments_.size());
+        const OptimizerSwapper::StepPlan plan{.reverse = reverse};
+        // Step 1: every segment.
+        MakeGrads(1);
+        ASSERT_TRUE(PutGrads().ok());
+        ReferenceStep(Hyper(), {});
+        Status s = StoreStep(Hyper(), {}, plan);
+        ASSERT_TRUE(s.ok()) << s.ToString();
+        ExpectSunkMatches({});
+        // Step 2: 12 and 14 have no gradient (their store partitions keep
+        // step 1's, which must not be applied).
+        const std::set<uint64_t> skip = {12, 14};
+        MakeGrads(2);
+        ASSERT_TRUE(PutGrads().ok());
+        ReferenceStep(Hyper(false), skip);
+        s = StoreStep(Hyper(false), skip, plan);
+        ASSERT_TRUE(s.ok()) << s.ToString();
+        ExpectSunkMatches(skip);
+        // Step 3: two micro-batches accumulated in the store.
+        MakeGrads(3);
+        ASSERT_TRUE(PutGrads().ok());
+        auto first = grads_;
+        MakeGrads(4);
+        ASSERT_TRUE(PutGrads(/*accumulate=*/true).ok());
+        for (const auto& seg : segments_) {
+          optim::AccumulateGrad(first[seg.id].data(), grads_[seg.id].data(), seg.numel,
+                                seg.dtype);
+        }
+        grads_ = first;
+        ReferenceStep(Hyper(), {});
+        s = StoreStep(Hyper(), {}, plan);
+        ASSERT_TRUE(s.ok()) << s.ToString();
+        ExpectSunkMatches({});
+        EXPECT_EQ(sw_->step(), 3u);
+        ExpectStateMatches();
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
+// A small staging bound (smaller than most partitions): Puts go one at a
+// time and the step still gets every gradient.
+TEST_P(OptimizerSwapperTest, GradientStoreWithSmallStaging) {
+  grads_on_store_ = true;
+  grad_staging_bytes_ = 4096;
+  Build(2, 1000);
+  for (uint64_t step = 1; step <= 2; ++step) {
+    MakeGrads(step);
+    ASSERT_TRUE(PutGrads().ok());
+    ReferenceStep(Hyper(), {});
+    Status s = StoreStep(Hyper(), {});
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    ExpectSunkMatches({});
+  }
+  ExpectStateMatches();
+}
+
+// Reads are counted from 0: Initialize reads nothing, Puts without
+// accumulate read nothing, and each step reads, per sub-group in order, its
+// slot then its gradients (one request each: slots and gradient ranges lie
+// inside one 64 KiB stripe). Hit step 2's gradient read of sub-group 1.
+TEST_P(OptimizerSwapperTest, GradientStoreReadErrorFailsTheStepAndKeepsThePreviousState) {
+  grads_on_store_ = true;
+  Build(3, 1000);
+  const uint32_t groups = sw_->sub_group_count();
+  ASSERT_GE(groups, 4u);
+  MakeGrads(1);
+  ASSERT_TRUE(PutGrads().ok());
+  ReferenceStep(Hyper(), {});
+  ASSERT_TRUE(StoreStep(Hyper(), {}).ok());
+  ASSERT_EQ(fault_->ops_seen(io::Op::kRead), 2u * groups) << "the read count assumed here is off";
+  fault_->AddFault({io::FaultKind::kEio, 2 * groups + 3, 1, io::Op::kRead});
+  MakeGrads(2);
+  ASSERT_TRUE(PutGrads().ok());
+  Status s = StoreStep(Hyper(), {});
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kIoError) << s.ToString();
+  EXPECT_NE(s.message().find("read the gradients of sub-group 1"), std::string::npos)
+      << s.ToString();
+  EXPECT_NE(s.message().find("the state of step 1 is intact"), std::string::npos)
+      << s.ToString();
+  EXPECT_EQ(fault_->faults_injected(), 1u);
+  EXPECT_EQ(sw_->step(), 1u);
+  EXPECT_FALSE(sw_->commit_pending());
+  ExpectStateMatches();  // step 1, bit for bit
+  // The same step again (the gradients are still in the store) gives step 2.
+  ReferenceStep(Hyper(), {});
+  Status again = StoreStep(Hyper(), {});
+  ASSERT_TRUE(again.ok()) << again.ToString();
+  EXPECT_EQ(sw_->step(), 2u);
+  ExpectSunkMatches({});
+  ExpectStateMatches();
+}
+
+// Writes: Initialize writes one slot per sub-group, each Put one request
+// (partitions < 64 KiB in one stripe), each step one slot per sub-group.
+// Hit the 3rd Put of step 2: the step refuses to run on gradients that did
+// not all reach the drive, changes nothing, and keeps refusing until the
+// store is cleared and the gradients handed in again.
+TEST_P(OptimizerSwapperTest, FailedGradientWriteFailsTheStepWithoutChangingState) {
+  for (io::FaultKind kind : {io::FaultKind::kEio, io::FaultKind::kEnospc}) {
+    SCOPED_TRACE(kind == io::FaultKind::kEio ? "EIO" : "ENOSPC");
+    TearDown();
+    ref_.clear();
+    grads_on_store_ = true;
+    Build(2, 1000);
+    const uint32_t groups = sw_->sub_group_count();
+    const uint64_t segs = segments_.size();
+    MakeGrads(1);
+    ASSERT_TRUE(PutGrads().ok());
+    ReferenceStep(Hyper(), {});
+    ASSERT_TRUE(StoreStep(Hyper(), {}).ok());
+    ASSERT_EQ(fault_->ops_seen(io::Op::kWrite), 2 * groups + segs)
+        << "the write count assumed here is off";
+    fault_->AddFault({kind, 2 * groups + segs + 2, 1, io::Op::kWrite});
+    MakeGrads(2);
+    // The failing write is in the background: Put itself may succeed, or a
+    // later Put may already see it.
+    (void)PutGrads();
+    Status s = StoreStep(Hyper(), {});
+    ASSERT_FALSE(s.ok());
+    EXPECT_EQ(s.code(),
+              kind == io::FaultKind::kEio ? StatusCode::kIoError : StatusCode::kResourceExhausted)
+        << s.ToString();
+    EXPECT_NE(s.message().find("did not reach NVMe"), std::string::npos) << s.ToString();
+    EXPECT_NE(s.message().find("write gradient partition 2"), std::string::npos)
+        << s.ToString();
+    EXPECT_TRUE(sunk_.empty());
+    EXPECT_EQ(sw_->step(), 1u);
+    ExpectStateMatches();
+    // Latched: the step keeps failing until the store is cleared.
+    EXPECT_FALSE(StoreStep(Hyper(), {}).ok());
+    EXPECT_EQ(sw_->step(), 1u);
+    sw_->grad_store()->Clear();
+    ASSERT_TRUE(PutGrads().ok());
+    ReferenceStep(Hyper(), {});
+    Status again = StoreStep(Hyper(), {});
+    ASSERT_TRUE(again.ok()) << again.ToString();
+    EXPECT_EQ(sw_->step(), 2u);
+    ExpectSunkMatches({});
+    ExpectStateMatches();
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, OptimizerSwapperTest,

@@ -119,6 +119,14 @@ TEST(ConfigDefaults, DefaultPathFollowsZtierNvmePath) {
             std::vector<std::string>{"/some/where"});
 }
 
+TEST(ConfigDefaults, GradientsOnTheHostUnlessNvmeIsWritten) {
+  EXPECT_EQ(Config{}.tiers.gradients, GradTier::kHost);
+  Config c = MustLoad("tiers: {gradients: nvme}\n", LoadOptions{});
+  EXPECT_EQ(c.tiers.gradients, GradTier::kNvme);
+  EXPECT_EQ(MustLoad(ConfigToYaml(c), LoadOptions{}), c);  // written back and read again
+  EXPECT_NE(SummarizeConfig(c).find("gradients    on NVMe"), std::string::npos);
+}
+
 TEST(ConfigDefaults, HostTierNeedsNoPath) {
   Config c = MustLoad("tiers: {params: host}\n", LoadOptions{});
   EXPECT_EQ(c.tiers.params, ParamTier::kHost);
@@ -370,6 +378,9 @@ TEST(ConfigErrors, BadEnumValueSuggests) {
             "mean 'crc32c'?)");
   EXPECT_EQ(Errors("tiers: {params: cpu}"),
             "t.yaml:1:17: tiers.params: expected one of nvme, host, got 'cpu'");
+  EXPECT_EQ(Errors("tiers: {gradients: nvm}"),
+            "t.yaml:1:20: tiers.gradients: expected one of host, nvme, got 'nvm' (did you "
+            "mean 'nvme'?)");
 }
 
 TEST(ConfigErrors, OutOfRange) {

@@ -91,6 +91,7 @@ TEST(DsImport, SampleMapsEveryOffloadKey) {
   EXPECT_EQ(c.io.queue_depth, 16u);
   EXPECT_EQ(c.io.threads, 4u);
   EXPECT_EQ(c.optimizer.tier, OptimizerTier::kNvme);
+  EXPECT_EQ(c.tiers.gradients, GradTier::kNvme);  // swapped out with the state, as DeepSpeed does
   EXPECT_EQ(c.optimizer.paths, std::vector<std::string>{"/local_nvme"});
   EXPECT_EQ(c.optimizer.buffer_count, 4u);
   EXPECT_EQ(c.optimizer.sub_group_size, 1'000'000'000u);
