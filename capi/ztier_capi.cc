@@ -690,13 +690,23 @@ Status HandInGradient(ztier_engine& e, uint64_t id, const void* full_grad, bool 
   const auto type = ToOptimDType(p->dtype);
   if (GradsOnNvme(e)) {
     ZTIER_ASSIGN_OR_RETURN(auto* store, StoreFor(e, *p, id));
-    if (e.grad_scratch.size() < bytes) e.grad_scratch.resize(bytes);
-    ZTIER_RETURN_IF_ERROR(
-        e.rt->coordinator().ReduceScatterGradient(id, full_grad, e.grad_scratch.data()));
+    // One rank on the host emulation with an unpadded partition: the full
+    // gradient is the partition, in host memory; it goes to the store as it
+    // is (no partition-sized scratch: the largest parameter's worth of RAM).
+    const ti::DeviceBackend* d = e.rt->device();
+    const bool direct = e.world == 1 && p->part_numel == p->numel && d != nullptr &&
+                        d->name() != "cuda";
+    const void* part = full_grad;
+    if (!direct) {
+      if (e.grad_scratch.size() < bytes) e.grad_scratch.resize(bytes);
+      ZTIER_RETURN_IF_ERROR(
+          e.rt->coordinator().ReduceScatterGradient(id, full_grad, e.grad_scratch.data()));
+      part = e.grad_scratch.data();
+    }
     // From here the held gradient is being replaced: a failure leaves none.
     p->has_grad = false;
-    ZTIER_RETURN_IF_ERROR(store->Put(static_cast<uint32_t>(p->segment), e.grad_scratch.data(),
-                                     accumulate, &p->sq_norm));
+    ZTIER_RETURN_IF_ERROR(
+        store->Put(static_cast<uint32_t>(p->segment), part, accumulate, &p->sq_norm));
   } else if (accumulate) {
     // Reduced aside first: a failed reduce leaves the held sum as it was.
     if (e.grad_scratch.size() < bytes) e.grad_scratch.resize(bytes);
@@ -1021,7 +1031,9 @@ Status CreateOptimizer(ztier_engine& e, std::vector<ztier::optim::AdamHyper> hyp
   ZTIER_RETURN_IF_ERROR(e.rt->CreateOptimizer(std::move(segments)));
   e.hypers = std::move(hypers);
   const auto& laid = e.rt->optimizer()->segments();
-  for (size_t k = 0; k < laid.size(); ++k) e.params.at(laid[k].id).segment = static_cast<int64_t>(k);
+  for (size_t k = 0; k < laid.size(); ++k) {
+    e.params.at(laid[k].id).segment = static_cast<int64_t>(k);
+  }
   return Status::Ok();
 }
 

@@ -133,7 +133,9 @@ def bench(name, steps, path, ztier_bin, log, overlap=False):
     model = build()
     model.load_state_dict(init)
     del init
-    off = ztier.torch.offload(model, ztier.torch.model_config(model, path, buffer_count=6))
+    # overlap begins the step during backward: gradients must stay on the host.
+    off = ztier.torch.offload(model, ztier.torch.model_config(
+        model, path, buffer_count=6, gradients="host" if overlap else "nvme"))
     zopt = off.adamw(lr=1e-4, overlap=overlap)
 
     def torch_step():

@@ -84,7 +84,8 @@ def main():
         model = build().to(device)
         model.load_state_dict(init)
         path = tempfile.mkdtemp(prefix=f"{name}_", dir=a.dir)
-        off = ztier.torch.offload(model, ztier.torch.model_config(model, path))
+        # Gradients on the host: the optimizer step may begin during backward.
+        off = ztier.torch.offload(model, ztier.torch.model_config(model, path, gradients="host"))
         opt = off.adamw(lr=1e-3)
         losses, times = train(model, opt, loss_of, a.steps, device)
         stats = off.engine.stats()

@@ -46,10 +46,14 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "python"))
+sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+
+import bench_torch_step  # noqa: E402  (the GPT family; scripts/ is on sys.path)
+from bench_torch_step import Block  # noqa: E402
 
 # GPT-2 shapes: (dim, layers, heads); vocab 50257, context 1024.
 SIZES = {
@@ -63,40 +67,10 @@ VOCAB, CONTEXT = 50257, 1024  # --vocab overrides VOCAB (tests use small models)
 GIB = 1 << 30
 
 
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.fc, self.out = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
-
-    def forward(self, x):
-        b, t, c = x.shape
-        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2)
-                   for z in self.qkv(self.ln1(x)).split(c, dim=2))
-        att = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
-        att = att.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
-        y = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, t, c)
-        x = x + self.proj(y)
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
-class GPT(nn.Module):
-    def __init__(self, dim: int, layers: int, heads: int, vocab: int = None,
-                 context: int = CONTEXT):
-        super().__init__()
-        vocab = vocab or VOCAB
-        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(context, dim)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
-        self.ln_f, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab, bias=False)
-        self.head.weight = self.wte.weight  # tied, as GPT-2
-
-    def forward(self, idx):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
+def GPT(dim: int, layers: int, heads: int, vocab: int = None, context: int = CONTEXT):
+    """bench_torch_step's GPT (tied embeddings, pre-norm blocks) in this
+    script's argument order; vocab defaults to VOCAB (--vocab)."""
+    return bench_torch_step.GPT(vocab or VOCAB, dim, layers, heads, context)
 
 
 def gpt2_init(module: nn.Module) -> None:
@@ -175,6 +149,17 @@ def ztier_config(args, model):
             model = GPT(*shape)
     return ztier.torch.model_config(model, args.dir, buffer_count=args.buffers,
                                     sub_group_size=args.sub_group)
+
+
+def remove_store_files(path: str) -> int:
+    """Deletes the run's swap files (ztier-<tag>-rank<r>-of<w>.swp); bytes freed."""
+    freed = 0
+    for name in os.listdir(path):
+        if name.startswith("ztier-") and name.endswith(".swp") and "-rank" in name:
+            f = os.path.join(path, name)
+            freed += os.path.getsize(f)
+            os.remove(f)
+    return freed
 
 
 def drive_bandwidth(path: str) -> tuple:
@@ -273,6 +258,10 @@ def run_ztier(args) -> dict:
               f"{row['read_bytes'] / 1e9:.1f} GB read, {row['write_bytes'] / 1e9:.1f} GB "
               f"written  peak RSS {row['rss'] / GIB:.2f} GiB", flush=True)
     off.close()
+    if not args.keep:
+        removed = remove_store_files(args.dir)
+        print(f"removed {removed / GIB:.1f} GiB of swap files from {args.dir} (--keep keeps them)",
+              flush=True)
     return dict(mode="ztier", size=label(args), params=params, setup_s=setup_s, steps=steps,
                 peak_rss=peak_rss())
 
@@ -323,7 +312,7 @@ def sweep(args) -> list:
     for s in sizes:
         if s not in SIZES:
             sys.exit(f"error: unknown size {s!r}; one of {', '.join(SIZES)}")
-    largest = max(sizes, key=lambda s: param_count(*SIZES[s][:2]))
+    largest = args.pools_for or max(sizes, key=lambda s: param_count(*SIZES[s][:2]))
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     rows = []
     for s in sizes:
@@ -372,8 +361,13 @@ def main() -> int:
                     help="size the pools for this model, a size or DIM,LAYERS,HEADS (sweeps: "
                     "one pool size for all)")
     ap.add_argument("--torch", action="store_true", help="plain torch, everything in memory")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the swap files under --dir after the run")
     ap.add_argument("--sweep", help="comma-separated sizes: peak RSS of each, ztier and torch")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--add", action="append", default=[],
+                    help="with --sweep: a JSON file of an earlier single run (--json) to "
+                    "include as a ztier row (same pools: --pools-for its size)")
     ap.add_argument("--child-json", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--measure-compute", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -386,6 +380,9 @@ def main() -> int:
         return 0
     if args.sweep:
         result = sweep(args)
+        for path in args.add:
+            with open(path) as f:
+                result.append(json.load(f))
     elif args.torch:
         result = run_torch(args)
     else:

@@ -130,7 +130,9 @@ Status GradStore::Put(uint32_t k, const void* data, bool accumulate, double* sq_
     memcpy(stage, data, bytes);
   }
   memset(stage + bytes, 0, io_bytes - bytes);
-  if (sq_norm != nullptr) *sq_norm = optim::SumSquares(stage, segments_[k].numel, segments_[k].dtype);
+  if (sq_norm != nullptr) {
+    *sq_norm = optim::SumSquares(stage, segments_[k].numel, segments_[k].dtype);
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     writing_[k] = 1;

@@ -249,8 +249,8 @@ Status OptimizerSwapper::LayoutGrads() {
   std::vector<GradSegment> gs;
   gs.reserve(segments_.size());
   for (const auto& s : segments_) gs.push_back({s.numel, s.dtype});
-  ZTIER_ASSIGN_OR_RETURN(grad_store_,
-                         GradStore::Create(options_.grad_store, gs, engine_, options_.grad_staging_bytes));
+  ZTIER_ASSIGN_OR_RETURN(grad_store_, GradStore::Create(options_.grad_store, gs, engine_,
+                                                        options_.grad_staging_bytes));
   // Extents are laid end to end in segment order: a sub-group's gradients
   // are the one range from its first piece's to its last piece's.
   const uint64_t a = grad_store_->alignment();

@@ -26,33 +26,14 @@
 #include "base/float16.h"
 #include "optim/adam.h"
 #include "optim/worker_pool.h"
+#include "tests/optim/optim_testing.h"
 
 namespace ztier::optim {
 namespace {
 
-uint32_t Bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-}
-
-float FromBits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-const char* DTypeName(DType t) {
-  switch (t) {
-    case DType::kF32:
-      return "f32";
-    case DType::kF16:
-      return "f16";
-    case DType::kBF16:
-      return "bf16";
-  }
-  return "?";
-}
+using testing::Bits;
+using testing::DTypeName;
+using testing::FromBits;
 
 // ---------------------------------------------------------------------------
 // Random state with a wide spread of magnitudes: zeros of both signs, tiny

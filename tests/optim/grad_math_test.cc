@@ -16,33 +16,14 @@
 #include <gtest/gtest.h>
 
 #include "base/float16.h"
+#include "tests/optim/optim_testing.h"
 
 namespace ztier::optim {
 namespace {
 
-uint32_t Bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-}
-
-float FromBits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-const char* Name(DType t) {
-  switch (t) {
-    case DType::kF32:
-      return "f32";
-    case DType::kF16:
-      return "f16";
-    case DType::kBF16:
-      return "bf16";
-  }
-  return "?";
-}
+using testing::Bits;
+using testing::FromBits;
+const char* Name(DType t) { return testing::DTypeName(t); }
 
 // One 16-bit accumulation: acc + in, both as encodings of type `t`.
 uint16_t Add16(uint16_t acc, uint16_t in, DType t) {

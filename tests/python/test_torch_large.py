@@ -359,6 +359,9 @@ class LargeTest(unittest.TestCase):
             ztier.torch.check_memory(model, 1 << 20)
         self.assertIn("swap_buffers", str(cm.exception))
         self.assertIn("ztier plan", str(cm.exception))
+        with self.assertRaises(ValueError):  # the same check through model_config
+            ztier.torch.model_config(model, "/nonexistent", memory_limit=1 << 20)
+        self.assertIn("tiers:", ztier.torch.model_config(model, "/x", memory_limit=1 << 40))
 
 
 if __name__ == "__main__":

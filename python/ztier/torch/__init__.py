@@ -29,14 +29,19 @@ What offload() does:
     reads out_proj.weight itself) is fetched where it is used and, from
     then on, with the module that used it; a use outside any forward of
     the model is an error that names the parameter;
-  - the optimizer hands each trainable parameter's gradient to ztier
-    (reduce-scattered, averaged over ranks), then runs ztier's pipelined
-    optimizer step (off.adamw / off.adam, parameter groups and lr
-    schedulers as torch's), or updates this rank's partitions with a stock
-    torch optimizer whose state stays in host memory (off.optimizer).
+  - with ztier's optimizer (off.adamw / off.adam, parameter groups and lr
+    schedulers as torch's), each gradient goes to ztier the moment backward
+    completes it (reduce-scattered, averaged over ranks, accumulated over
+    micro-batches on the config's gradient tier, host or NVMe) and
+    param.grad is freed; step() runs ztier's pipelined optimizer step
+    (opt.clip_grad_norm_ and ztier.torch.LossScaler act inside it). A stock
+    torch optimizer can update this rank's partitions instead, its state in
+    host memory (off.optimizer).
 
-Parameters are float32 (float16 and bfloat16 are registered with their
-dtype). Buffers (BatchNorm statistics) stay in the model, untouched.
+A model too large to build in memory is built under ztier.torch.meta_init()
+and materialised module by module by offload() (init=, weights=).
+Parameters are float32, float16 or bfloat16 (fp32 master weights in the
+optimizer). Buffers (BatchNorm statistics) stay in the model, untouched.
 Parameters with requires_grad=False are fetched like the others and get
 neither gradients nor optimizer state.
 """

@@ -8,21 +8,24 @@ from torch import nn
 
 
 def _sizes(model: nn.Module):
-    """(largest parameter, largest module's own parameters, element bytes, total)."""
+    """(largest parameter, the four largest modules' own parameters summed,
+    the second-largest module's, element bytes, total) in elements."""
     params = list(model.parameters())
     if not params:
         raise ValueError("ztier.torch: the model has no parameters to offload")
     largest = max(p.numel() for p in params)
-    module = max(sum(p.numel() for p in m._parameters.values() if p is not None)
-                 for m in model.modules())
+    own = sorted((sum(p.numel() for p in m._parameters.values() if p is not None)
+                  for m in model.modules()), reverse=True)
+    window = sum(own[:4])
+    second = own[1] if len(own) > 1 else own[0]
     element_bytes = max(p.element_size() for p in params)
-    return largest, module, element_bytes, sum(p.numel() for p in params)
+    return largest, window, second, element_bytes, sum(p.numel() for p in params)
 
 
 def model_config(model: nn.Module, path: str, *, buffer_count: int = 4,
                  sub_group_size: float = 4e6, optimizer_buffers: int = 4,
                  gradients: str = "nvme", coordinator: dict = None,
-                 dtype=None) -> str:
+                 dtype=None, memory_limit: int = None) -> str:
     """YAML text that offloads `model`'s parameters, gradients and optimizer
     state to NVMe under `path`, with memory bounded by the model's largest
     module, not its size:
@@ -31,19 +34,24 @@ def model_config(model: nn.Module, path: str, *, buffer_count: int = 4,
       - gradients on `gradients` ("nvme" or "host");
       - optimizer sub-groups of `sub_group_size` elements, `optimizer_buffers`
         buffers;
-      - a live window of 4 x the largest module's parameters (at least 2 x
-        the largest parameter), a prefetch bucket of half that, and reuse
-        kept within one module's worth of the trace;
+      - a live window of the four largest modules' own parameters, a
+        prefetch bucket of half that, and reuse kept within the
+        second-largest module's worth of the trace;
       - `coordinator` keys as given override those.
     `dtype` (torch.float16 / bfloat16) sizes the buffers for a model
-    offloaded with that dtype. Meta-device models work (shapes only)."""
-    largest, module, element_bytes, _ = _sizes(model)
+    offloaded with that dtype. Meta-device models work (shapes only).
+    `memory_limit` (bytes): ValueError, itemised (memory_estimate), when
+    ztier's host memory with these settings would exceed it."""
+    if memory_limit is not None:
+        check_memory(model, memory_limit, buffer_count=buffer_count,
+                     sub_group_size=sub_group_size, optimizer_buffers=optimizer_buffers,
+                     gradients=gradients, dtype=dtype)
+    largest, live, second, element_bytes, _ = _sizes(model)
     if dtype is not None:
         element_bytes = _element_bytes(dtype)
     if gradients not in ("nvme", "host"):
         raise ValueError(f"ztier.torch: gradients must be 'nvme' or 'host', not {gradients!r}")
-    live = max(4 * module, 2 * largest)
-    coord = {"max_reuse_distance": int(module), "prefetch_bucket_size": int(live // 2)}
+    coord = {"max_reuse_distance": int(second), "prefetch_bucket_size": int(live // 2)}
     coord.update(coordinator or {})
     return ("tiers:\n"
             "  params: nvme\n"
@@ -73,14 +81,13 @@ def memory_estimate(model: nn.Module, *, buffer_count: int = 4, sub_group_size: 
       live_window      the gathered parameters (host emulation: host memory)
       optimizer        optimizer_buffers sub-groups of state (12 B/element)
                        plus their gradients, and the updated-parameter queue
-      gradients        all partitions (gradients: host) or staging + one
-                       partition-sized scratch (nvme)
-      full_gradients   the largest module's full gradients before hand-in
+      gradients        all partitions (gradients: host) or staging and, on
+                       a GPU or at world size > 1, one partition-sized scratch
+      full_gradients   the two largest parameters' full gradients before hand-in
     """
-    largest, module, element_bytes, total = _sizes(model)
+    largest, live, second, element_bytes, total = _sizes(model)
     if dtype is not None:
         element_bytes = _element_bytes(dtype)
-    live = max(4 * module, 2 * largest)
     sg = int(sub_group_size)
     est = {
         "swap_buffers": buffer_count * largest * element_bytes,
@@ -88,8 +95,8 @@ def memory_estimate(model: nn.Module, *, buffer_count: int = 4, sub_group_size: 
         "optimizer": optimizer_buffers * sg * (12 + element_bytes)
         + max(largest * element_bytes, 2 * sg * 4),
         "gradients": (total * element_bytes if gradients == "host"
-                      else grad_staging_bytes + largest * element_bytes),
-        "full_gradients": 2 * module * element_bytes,
+                      else grad_staging_bytes + largest * element_bytes),  # scratch: at most
+        "full_gradients": (largest + second) * element_bytes,
     }
     est["total"] = sum(est.values())
     return est

@@ -80,8 +80,7 @@ def replaced_from(p: nn.Parameter) -> Optional[nn.Parameter]:
 
 
 def materialize(model: nn.Module, mname: str, module: nn.Module, keys: List[str],
-                names: Dict[int, str], init, weights: Optional[StateDictFile],
-                dtype: Optional[torch.dtype]) -> None:
+                names: Dict[int, str], init, weights: Optional[StateDictFile]) -> None:
     """Makes `module`'s parameters `keys` (its own, not registered yet) and
     its buffers real and initialised (see the module docstring)."""
     meta = [k for k in keys if module._parameters[k].is_meta]

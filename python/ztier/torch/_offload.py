@@ -209,8 +209,7 @@ class Offload:
             own = [k for k, p in m._parameters.items() if p is not None and id(p) not in by_param]
             if not own and not _construct.has_meta_buffers(m):
                 continue
-            _construct.materialize(model, mname, m, own, names, self._init, self._weights,
-                                   self._dtype)
+            _construct.materialize(model, mname, m, own, names, self._init, self._weights)
             for key in own:
                 p = m._parameters[key]
                 name = names.get(id(p)) or names[id(_construct.replaced_from(p))]
@@ -626,6 +625,12 @@ class Offload:
         self._bw_queued = False
         handed = self._optimizer._handed if self._optimizer is not None else {}
         trainable = [s for s in self._slots if s.param.requires_grad]
+        members = getattr(self._optimizer, "_members", None)
+        if members is not None:
+            # ztier's optimizer updates its parameters only; a gradient of any
+            # other would have nowhere to go (tiers.gradients: nvme keeps
+            # them in the optimizer's store) and is left in .grad.
+            trainable = [s for s in trainable if s.pid in members]
         anywhere = self._gradients_anywhere(trainable)
         for slot, any_rank in zip(trainable, anywhere):
             g = slot.param.grad
