@@ -34,6 +34,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,10 +69,17 @@ class GPT(nn.Module):
         self.ln_f, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab, bias=False)
         self.head.weight = self.wte.weight
 
+    # Activation checkpointing per block (torch.utils.checkpoint): only each
+    # block's input is kept for backward, which recomputes the rest.
+    checkpoint = False
+
     def forward(self, idx):
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
         for block in self.blocks:
-            x = block(x)
+            if self.checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.head(self.ln_f(x))
 
 

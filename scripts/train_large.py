@@ -7,7 +7,7 @@ parameter, gradient and AdamW state on NVMe, and reports peak memory.
 
     # peak RSS against model size, ztier and plain torch, then the plot:
     PYTHONPATH=python /usr/bin/python3 scripts/train_large.py --sweep \\
-        gpt2,gpt2-medium,gpt2-large,gpt2-xl --dir /nvme/zt --json rss.json
+        xl-4,xl-12,xl-24,gpt2-xl --dir /nvme/zt --json rss.json
     /usr/bin/python3 scripts/plot.py rss rss.json -o rss.png
 
 One run: the model is built under ztier.torch.meta_init() (no parameter
@@ -50,6 +50,7 @@ sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import torch.utils.checkpoint  # noqa: E402
 from torch import nn  # noqa: E402
 
 import bench_torch_step  # noqa: E402  (the GPT family; scripts/ is on sys.path)
@@ -61,16 +62,28 @@ SIZES = {
     "gpt2-medium": (1024, 24, 16),  # 355M
     "gpt2-large": (1280, 36, 20),   # 774M
     "gpt2-xl": (1600, 48, 25),      # 1.56B
+    # GPT-2-XL's width at fewer layers: one family whose largest parameter
+    # (the 50257 x 1600 embedding) stays the same while the size grows.
+    "xl-4": (1600, 4, 25),          # 205M
+    "xl-12": (1600, 12, 25),        # 451M
+    "xl-24": (1600, 24, 25),        # 820M
     "tiny": (128, 2, 4),            # for tests
 }
 VOCAB, CONTEXT = 50257, 1024  # --vocab overrides VOCAB (tests use small models)
 GIB = 1 << 30
 
 
+CHECKPOINT = True  # --no-checkpoint turns it off
+
+
 def GPT(dim: int, layers: int, heads: int, vocab: int = None, context: int = CONTEXT):
     """bench_torch_step's GPT (tied embeddings, pre-norm blocks) in this
-    script's argument order; vocab defaults to VOCAB (--vocab)."""
-    return bench_torch_step.GPT(vocab or VOCAB, dim, layers, heads, context)
+    script's argument order; vocab defaults to VOCAB (--vocab); activation
+    checkpointing per block unless --no-checkpoint (activations would
+    otherwise grow with depth x width, as they do without ztier)."""
+    model = bench_torch_step.GPT(vocab or VOCAB, dim, layers, heads, context)
+    model.checkpoint = CHECKPOINT
+    return model
 
 
 def gpt2_init(module: nn.Module) -> None:
@@ -184,7 +197,8 @@ def compute_time(args) -> float:
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure-compute",
                         "--size", args.size, "--shape", f"{dim},{layers},{heads}",
                         "--vocab", str(VOCAB), "--tokens", str(args.tokens),
-                        "--batch", str(args.batch), "--threads", str(args.threads)],
+                        "--batch", str(args.batch), "--threads", str(args.threads)]
+                       + (["--no-checkpoint"] if args.no_checkpoint else []),
                        capture_output=True, text=True, check=True)
     whole, block = json.loads(r.stdout.strip().splitlines()[-1])
     return whole + (layers - 1) * block
@@ -215,7 +229,9 @@ def measure_compute(args) -> None:
     h = torch.randn(args.batch, args.tokens, dim, requires_grad=True)
 
     def one_block():
-        block(h).sum().backward()
+        out = (torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False) if CHECKPOINT
+               else block(h))
+        out.sum().backward()
         block.zero_grad(set_to_none=True)
         h.grad = None
     print(json.dumps([t_whole, median_of(one_block)]))
@@ -319,6 +335,8 @@ def sweep(args) -> list:
         base = [sys.executable, os.path.abspath(__file__), "--size", s, "--dir", args.dir,
                 "--steps", str(args.steps), "--tokens", str(args.tokens),
                 "--batch", str(args.batch), "--threads", str(args.threads), "--child-json"]
+        if args.no_checkpoint:
+            base.append("--no-checkpoint")
         modes = [("ztier", base + ["--pools-for", largest])]
         state = 16 * param_count(*SIZES[s][:2])
         if state < 0.8 * ram:
@@ -361,6 +379,8 @@ def main() -> int:
                     help="size the pools for this model, a size or DIM,LAYERS,HEADS (sweeps: "
                     "one pool size for all)")
     ap.add_argument("--torch", action="store_true", help="plain torch, everything in memory")
+    ap.add_argument("--no-checkpoint", action="store_true",
+                    help="no activation checkpointing (activations grow with the model)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the swap files under --dir after the run")
     ap.add_argument("--sweep", help="comma-separated sizes: peak RSS of each, ztier and torch")
@@ -372,6 +392,7 @@ def main() -> int:
     ap.add_argument("--measure-compute", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     globals()["VOCAB"] = args.vocab
+    globals()["CHECKPOINT"] = not args.no_checkpoint
     if args.steps < 1:
         ap.error("--steps must be >= 1")
     torch.set_num_threads(args.threads)
