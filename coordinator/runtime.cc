@@ -45,15 +45,16 @@ Result<std::unique_ptr<tiering::DeviceBackend>> MakeDevice(const RuntimeOptions&
     }
   }
   if (kind == DeviceKind::kCuda) return tiering::CreateCudaDeviceBackend(o.cuda_device);
-  // Freed blocks kept for reuse: at most the live window's bytes (what can
-  // be gathered at once), so the emulated device's memory is bounded by the
-  // config, not by the model's size.
+  // Freed blocks kept for reuse: at most a quarter of the live window's
+  // bytes (what can be gathered at once), so the emulated device's memory is
+  // bounded by the config, not by the model's size, and a model smaller
+  // than window + cache does not look cheaper than one that fills them.
   tiering::HostDeviceOptions ho;
   const tiering::Config& c = o.config;
   const uint64_t window = c.tiers.device.max_live_parameters;
-  const uint64_t eb = c.tiers.nvme.buffer_element_bytes;
-  if (window != tiering::kInfinite && window <= ho.cache_bytes / std::max<uint64_t>(eb, 1)) {
-    ho.cache_bytes = window * eb;
+  const uint64_t eb = std::max<uint64_t>(c.tiers.nvme.buffer_element_bytes, 1);
+  if (window != tiering::kInfinite && window / 4 <= ho.cache_bytes / eb) {
+    ho.cache_bytes = window / 4 * eb;
   }
   return tiering::CreateHostDeviceBackend(ho);
 }

@@ -379,6 +379,8 @@ def main() -> int:
                     help="size the pools for this model, a size or DIM,LAYERS,HEADS (sweeps: "
                     "one pool size for all)")
     ap.add_argument("--torch", action="store_true", help="plain torch, everything in memory")
+    ap.add_argument("--no-summary", action="store_true",
+                    help="skip the compute and drive measurements after the steps")
     ap.add_argument("--no-checkpoint", action="store_true",
                     help="no activation checkpointing (activations grow with the model)")
     ap.add_argument("--keep", action="store_true",
@@ -408,7 +410,7 @@ def main() -> int:
         result = run_torch(args)
     else:
         result = run_ztier(args)
-        if not args.child_json:
+        if not args.no_summary:
             summarize(args, result)
     if args.child_json:
         print(json.dumps(result))

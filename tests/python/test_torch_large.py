@@ -327,6 +327,7 @@ class LargeTest(unittest.TestCase):
             cmd = [sys.executable, os.path.join(ROOT, "scripts", "train_large.py"),
                    "--shape", f"{dim},{layers},{heads}", "--vocab", "8192", "--dir", path,
                    "--steps", "2", "--tokens", "32", "--threads", "1", "--child-json",
+                   "--no-summary",
                    # Sub-groups small enough that even the smallest model has
                    # more than the 4 buffers (the pool holds min(4, groups)).
                    "--sub-group", "5e5",
