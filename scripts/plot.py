@@ -211,7 +211,7 @@ def plot_rss(path, out):
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
-    ax.set_title("peak host memory against model size (GPT-2 shapes)", fontsize=10)
+    ax.set_title("peak host memory against model size", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
