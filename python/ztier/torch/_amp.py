@@ -65,6 +65,9 @@ class LossScaler:
         learns whether they are finite (every rank's). Once per step."""
         if not self._enabled:
             return
+        if not hasattr(optimizer, "_unscale"):
+            raise TypeError("ztier.torch.LossScaler works with ztier's optimizers (off.adamw / "
+                            f"off.adam), whose step applies the scale; got {type(optimizer)}")
         if id(optimizer) in self._unscaled:
             raise RuntimeError("unscale_() has already been called on this optimizer since "
                                "the last update()")
