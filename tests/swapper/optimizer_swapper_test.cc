@@ -256,6 +256,17 @@ class OptimizerSwapperTest : public ::testing::TestWithParam<io::BackendKind> {
   }
 
   // The swapper's committed state equals the reference, bit for bit.
+  // Step 2 from the gradients in the store, after a failed attempt: it
+  // succeeds and equals the reference bit for bit (parameters and state).
+  void ExpectStoreStepTwoMatches(const optim::AdamHyper& h) {
+    ReferenceStep(h, {});
+    Status again = StoreStep(h, {});
+    ASSERT_TRUE(again.ok()) << again.ToString();
+    EXPECT_EQ(sw_->step(), 2u);
+    ExpectSunkMatches({});
+    ExpectStateMatches();
+  }
+
   void ExpectStateMatches() {
     for (const auto& s : segments_) {
       const RefState& r = ref_[s.id];
@@ -737,12 +748,7 @@ TEST_P(OptimizerSwapperTest, GradientStoreReadErrorFailsTheStepAndKeepsThePrevio
   EXPECT_FALSE(sw_->commit_pending());
   ExpectStateMatches();  // step 1, bit for bit
   // The same step again (the gradients are still in the store) gives step 2.
-  ReferenceStep(Hyper(), {});
-  Status again = StoreStep(Hyper(), {});
-  ASSERT_TRUE(again.ok()) << again.ToString();
-  EXPECT_EQ(sw_->step(), 2u);
-  ExpectSunkMatches({});
-  ExpectStateMatches();
+  ExpectStoreStepTwoMatches(Hyper());
 }
 
 // Writes: Initialize writes one slot per sub-group, each Put one request
@@ -786,12 +792,7 @@ TEST_P(OptimizerSwapperTest, FailedGradientWriteFailsTheStepWithoutChangingState
     EXPECT_EQ(sw_->step(), 1u);
     sw_->grad_store()->Clear();
     ASSERT_TRUE(PutGrads().ok());
-    ReferenceStep(Hyper(), {});
-    Status again = StoreStep(Hyper(), {});
-    ASSERT_TRUE(again.ok()) << again.ToString();
-    EXPECT_EQ(sw_->step(), 2u);
-    ExpectSunkMatches({});
-    ExpectStateMatches();
+    ExpectStoreStepTwoMatches(Hyper());
   }
 }
 
