@@ -34,6 +34,7 @@
 #include <fmt/format.h>
 
 #include "base/status.h"
+#include "checkpoint/checkpoint.h"
 #include "coordinator/background_step.h"
 #include "coordinator/collective.h"
 #include "coordinator/coordinator.h"
@@ -63,6 +64,8 @@ struct ztier_engine {
     bool has_grad = false;
     double sq_norm = 0;            // sum of squares of the gradient partition
     int64_t segment = -1;          // its index among the optimizer's segments
+    std::string name;              // for checkpoints (ztier_param_set_name)
+    std::vector<uint64_t> shape;
   };
 
   std::mutex mu;  // serialises the calls on this engine
@@ -856,23 +859,52 @@ ztier_status_t ztier_partition_write(ztier_engine_t* engine, uint64_t id, const 
   });
 }
 
+namespace {
+
+// The bodies of ztier_grad_partition_read/_write (checkpoints use them too).
+Status ReadGradPartition(ztier_engine& e, ztier_engine::Param& p, uint64_t id, void* out) {
+  if (!p.has_grad) {
+    return Status::FailedPrecondition(fmt::format(
+        "parameter {} has no gradient partition (hand one in with "
+        "ztier_param_grad_reduce)",
+        id));
+  }
+  if (GradsOnNvme(e)) {
+    ZTIER_ASSIGN_OR_RETURN(auto* store, StoreFor(e, p, id));
+    return store->Read(static_cast<uint32_t>(p.segment), out);
+  }
+  memcpy(out, p.grad.data(), p.grad.size());
+  return Status::Ok();
+}
+
+Status WriteGradPartition(ztier_engine& e, ztier_engine::Param& p, uint64_t id, const void* in) {
+  if (e.early != nullptr && e.early->IsReady(id)) CancelEarly(e);
+  const auto type = ToOptimDType(p.dtype);
+  if (GradsOnNvme(e)) {
+    ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+    ZTIER_ASSIGN_OR_RETURN(auto* store, StoreFor(e, p, id));
+    p.has_grad = false;
+    ZTIER_RETURN_IF_ERROR(
+        store->Put(static_cast<uint32_t>(p.segment), in, /*accumulate=*/false, &p.sq_norm));
+    p.has_grad = true;
+    return Status::Ok();
+  }
+  const auto* src = static_cast<const uint8_t*>(in);
+  p.grad.assign(src, src + p.part_numel * co::DTypeBytes(p.dtype));
+  p.sq_norm = ztier::optim::SumSquares(p.grad.data(), p.part_numel, type);
+  p.has_grad = true;
+  if (e.early != nullptr) e.early->Ready(id, p.grad.data());
+  return Status::Ok();
+}
+
+}  // namespace
+
 ztier_status_t ztier_grad_partition_read(ztier_engine_t* engine, uint64_t id, void* out,
                                          size_t bytes) {
   return WithEngine(engine, "ztier_grad_partition_read", [&](ztier_engine& e) -> Status {
     ZTIER_ASSIGN_OR_RETURN(ztier_engine::Param * p, FindParam(e, id));
     ZTIER_RETURN_IF_ERROR(CheckBytes(*p, id, bytes, out, "gradient read"));
-    if (!p->has_grad) {
-      return Status::FailedPrecondition(fmt::format(
-          "parameter {} has no gradient partition (hand one in with "
-          "ztier_param_grad_reduce)",
-          id));
-    }
-    if (GradsOnNvme(e)) {
-      ZTIER_ASSIGN_OR_RETURN(auto* store, StoreFor(e, *p, id));
-      return store->Read(static_cast<uint32_t>(p->segment), out);
-    }
-    memcpy(out, p->grad.data(), bytes);
-    return Status::Ok();
+    return ReadGradPartition(e, *p, id, out);
   });
 }
 
@@ -881,23 +913,7 @@ ztier_status_t ztier_grad_partition_write(ztier_engine_t* engine, uint64_t id, c
   return WithEngine(engine, "ztier_grad_partition_write", [&](ztier_engine& e) -> Status {
     ZTIER_ASSIGN_OR_RETURN(ztier_engine::Param * p, FindParam(e, id));
     ZTIER_RETURN_IF_ERROR(CheckBytes(*p, id, bytes, in, "gradient write"));
-    if (e.early != nullptr && e.early->IsReady(id)) CancelEarly(e);
-    const auto type = ToOptimDType(p->dtype);
-    if (GradsOnNvme(e)) {
-      ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
-      ZTIER_ASSIGN_OR_RETURN(auto* store, StoreFor(e, *p, id));
-      p->has_grad = false;
-      ZTIER_RETURN_IF_ERROR(
-          store->Put(static_cast<uint32_t>(p->segment), in, /*accumulate=*/false, &p->sq_norm));
-      p->has_grad = true;
-      return Status::Ok();
-    }
-    const auto* src = static_cast<const uint8_t*>(in);
-    p->grad.assign(src, src + bytes);
-    p->sq_norm = ztier::optim::SumSquares(p->grad.data(), p->part_numel, type);
-    p->has_grad = true;
-    if (e.early != nullptr) e.early->Ready(id, p->grad.data());
-    return Status::Ok();
+    return WriteGradPartition(e, *p, id, in);
   });
 }
 
@@ -1378,6 +1394,170 @@ ztier_status_t ztier_engine_describe(ztier_engine_t* engine, char* out, size_t o
     // Copied as ztier_engine_async_error copies: NULL or 0 bytes copies nothing.
     CopyText(e.rt->Describe(), out, out_bytes);
     return Status::Ok();
+  });
+}
+
+}  // extern "C"
+
+// ---------------------------------------------------------------- checkpoints
+
+namespace {
+
+namespace ck = ztier::checkpoint;
+
+// What the checkpoint library needs of this engine.
+ck::RankAccess AccessOf(ztier_engine& e) {
+  ck::RankAccess a;
+  a.rank = e.rank;
+  a.world = e.world;
+  for (uint64_t id : e.param_order) {
+    const ztier_engine::Param& p = e.params.at(id);
+    a.params.push_back({id, p.name, p.shape, p.numel, p.dtype, p.part_numel, p.has_grad, p.segment});
+  }
+  a.read_param = [&e](uint64_t id, void* out) { return e.rt->coordinator().ReadPartition(id, out); };
+  a.write_param = [&e](uint64_t id, const void* in) {
+    return e.rt->coordinator().WritePartition(id, in);
+  };
+  a.read_grad = [&e](uint64_t id, void* out) {
+    return ReadGradPartition(e, e.params.at(id), id, out);
+  };
+  a.write_grad = [&e](uint64_t id, const void* in) {
+    return WriteGradPartition(e, e.params.at(id), id, in);
+  };
+  a.optimizer = e.rt->optimizer();
+  a.hypers = e.hypers;
+  a.exchange = [&e](uint64_t v) { return e.rt->coordinator().ExchangeHost(v); };
+  a.config_yaml = ti::ConfigToYaml(e.rt->options().config);
+  a.library_version = ZTIER_VERSION_STRING;
+  return a;
+}
+
+Status CheckDir(const char* dir) {
+  if (dir == nullptr || dir[0] == '\0') {
+    return Status::InvalidArgument("the checkpoint directory is NULL or empty");
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+extern "C" {
+
+ztier_status_t ztier_param_set_name(ztier_engine_t* engine, uint64_t id, const char* name,
+                                    const uint64_t* shape, size_t ndim) {
+  return WithEngine(engine, "ztier_param_set_name", [&](ztier_engine& e) -> Status {
+    ZTIER_ASSIGN_OR_RETURN(ztier_engine::Param * p, FindParam(e, id));
+    if (name == nullptr) return Status::InvalidArgument("name is NULL");
+    if (ndim > 64 || (ndim > 0 && shape == nullptr)) {
+      return Status::InvalidArgument(
+          fmt::format("shape: {} dimensions at {} (at most 64, and not NULL)", ndim,
+                      static_cast<const void*>(shape)));
+    }
+    unsigned __int128 product = 1;
+    for (size_t d = 0; d < ndim; ++d) {
+      product *= shape[d];
+      if (product > p->numel) break;  // no overflow: it can only grow past numel
+    }
+    if (ndim > 0 && product != p->numel) {
+      return Status::InvalidArgument(fmt::format(
+          "the shape's product differs from parameter {}'s {} elements", id, p->numel));
+    }
+    p->name = name;
+    p->shape.assign(shape, shape + ndim);
+    return Status::Ok();
+  });
+}
+
+ztier_status_t ztier_checkpoint_save(ztier_engine_t* engine, const char* dir,
+                                     const void* user_data, size_t user_bytes) {
+  return WithEngine(engine, "ztier_checkpoint_save", [&](ztier_engine& e) -> Status {
+    ZTIER_RETURN_IF_ERROR(CheckDir(dir));
+    if (user_bytes > 0 && user_data == nullptr) {
+      return Status::InvalidArgument("user_data is NULL with user_bytes > 0");
+    }
+    if (user_bytes > (ck::kMaxJsonBytes)) {
+      return Status::InvalidArgument(
+          fmt::format("user_bytes {} is above the limit {}", user_bytes, ck::kMaxJsonBytes));
+    }
+    if (e.early != nullptr) {
+      return Status::FailedPrecondition(
+          "an optimizer step is begun: finish (or cancel) it before saving a checkpoint");
+    }
+    ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+    const auto* u = static_cast<const uint8_t*>(user_data);
+    return ck::Save(AccessOf(e), dir, std::span<const uint8_t>(u, user_bytes));
+  });
+}
+
+ztier_status_t ztier_checkpoint_load(ztier_engine_t* engine, const char* dir) {
+  return WithEngine(engine, "ztier_checkpoint_load", [&](ztier_engine& e) -> Status {
+    ZTIER_RETURN_IF_ERROR(CheckDir(dir));
+    ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+    CancelEarly(e);
+    bool wrote = false;
+    ck::RankAccess access = AccessOf(e);
+    // The engine's pending gradients give way to the checkpoint's, once the
+    // checkpoint is known to fit.
+    access.before_load = [&e] {
+      for (auto& [id, p] : e.params) {
+        p.has_grad = false;
+        p.sq_norm = 0;
+      }
+      if (auto* store = GradStoreOf(e)) store->Clear();
+    };
+    Result<ck::Loaded> loaded = ck::Load(access, dir, &wrote);
+    if (!loaded.ok()) {
+      if (wrote) {
+        e.failed = fmt::format("a checkpoint load from {} failed part-way ({}); the engine holds "
+                               "a mix of states",
+                               dir, loaded.status().message());
+      }
+      return loaded.status();
+    }
+    if (!loaded->hypers.empty()) e.hypers = loaded->hypers;
+    return Status::Ok();
+  });
+}
+
+ztier_status_t ztier_checkpoint_user_data(const char* dir, void* out, size_t capacity,
+                                          size_t* bytes) {
+  return Guard("ztier_checkpoint_user_data", [&]() -> ztier_status_t {
+    const char* fn = "ztier_checkpoint_user_data";
+    if (Status s = CheckDir(dir); !s.ok()) return FromStatus(s, fn);
+    if (bytes == nullptr) return FromStatus(Status::InvalidArgument("bytes is NULL"), fn);
+    Result<std::string> text = ck::ReadUserData(dir);
+    if (!text.ok()) return FromStatus(text.status(), fn);
+    *bytes = text->size();
+    if (out == nullptr || capacity < text->size()) {
+      if (out == nullptr && capacity == 0) return ZTIER_STATUS_OK;  // a size query
+      return FromStatus(Status::InvalidArgument(fmt::format(
+                            "capacity {} is below the user data's {} bytes", capacity, text->size())),
+                        fn);
+    }
+    memcpy(out, text->data(), text->size());
+    return ZTIER_STATUS_OK;
+  });
+}
+
+ztier_status_t ztier_checkpoint_verify(const char* dir, char* summary, size_t summary_bytes) {
+  return Guard("ztier_checkpoint_verify", [&]() -> ztier_status_t {
+    const char* fn = "ztier_checkpoint_verify";
+    if (Status s = CheckDir(dir); !s.ok()) return FromStatus(s, fn);
+    std::string text;
+    Status s = ck::Verify(dir, &text);
+    CopyText(s.ok() ? text : std::string(s.message()), summary, summary_bytes);
+    return FromStatus(s, fn);
+  });
+}
+
+ztier_status_t ztier_checkpoint_export(const char* dir, const char* out_path) {
+  return Guard("ztier_checkpoint_export", [&]() -> ztier_status_t {
+    const char* fn = "ztier_checkpoint_export";
+    if (Status s = CheckDir(dir); !s.ok()) return FromStatus(s, fn);
+    if (out_path == nullptr || out_path[0] == '\0') {
+      return FromStatus(Status::InvalidArgument("out_path is NULL or empty"), fn);
+    }
+    return FromStatus(ck::ExportTorch(dir, out_path), fn);
   });
 }
 

@@ -457,6 +457,76 @@ Status OptimizerSwapper::ReadState(uint64_t id, StateArray array, float* out) {
   return released;
 }
 
+Status OptimizerSwapper::ExportState(
+    const std::function<Status(const StateRun<const float>&)>& fn) {
+  if (!initialized_) {
+    return Status::FailedPrecondition("the optimizer state is not initialised yet");
+  }
+  if (pending_) {
+    return Status::FailedPrecondition(
+        "an optimizer step is waiting for its commit: save the state after it");
+  }
+  ZTIER_ASSIGN_OR_RETURN(tiering::BufferSpan span, AcquireOne(*pool_));
+  Status status;
+  const uint64_t step = this->step();
+  for (uint32_t g = 0; g < groups_.size() && status.ok(); ++g) {
+    const Group& grp = groups_[g];
+    status = SlotSync(io::Op::kRead, g, grp.committed, span.data);
+    if (status.ok()) status = Check(g, grp.committed, step, span.data);
+    const float* base = reinterpret_cast<const float*>(span.data + kHeaderBytes);
+    for (const Piece& p : grp.pieces) {
+      if (!status.ok()) break;
+      StateRun<const float> run{p.segment, p.seg_offset, p.count, base + p.group_offset,
+                                base + grp.numel + p.group_offset,
+                                base + 2 * grp.numel + p.group_offset};
+      status = fn(run);
+    }
+  }
+  Status released = pool_->Release(span);
+  ZTIER_RETURN_IF_ERROR(status);
+  return released;
+}
+
+Status OptimizerSwapper::ImportState(uint64_t step, std::span<const uint64_t> updates,
+                                     const std::function<Status(const StateRun<float>&)>& fill) {
+  if (!initialized_) {
+    return Status::FailedPrecondition("the optimizer state is not initialised yet");
+  }
+  if (pending_) {
+    return Status::FailedPrecondition(
+        "an optimizer step is waiting for its commit: load the state after it");
+  }
+  if (updates.size() != segments_.size()) {
+    return Status::InvalidArgument(fmt::format("{} update counts for {} segments",
+                                               updates.size(), segments_.size()));
+  }
+  ZTIER_ASSIGN_OR_RETURN(tiering::BufferSpan span, AcquireOne(*pool_));
+  Status status;
+  for (uint32_t g = 0; g < groups_.size() && status.ok(); ++g) {
+    const Group& grp = groups_[g];
+    float* base = reinterpret_cast<float*>(span.data + kHeaderBytes);
+    memset(base, 0, grp.numel * kStateBytesPerElement);
+    for (const Piece& p : grp.pieces) {
+      if (!status.ok()) break;
+      StateRun<float> run{p.segment, p.seg_offset, p.count, base + p.group_offset,
+                          base + grp.numel + p.group_offset,
+                          base + 2 * grp.numel + p.group_offset};
+      status = fill(run);
+    }
+    if (!status.ok()) break;
+    Stamp(g, step, span.data);
+    status = SlotSync(io::Op::kWrite, g, grp.committed ^ 1, span.data);
+  }
+  Status released = pool_->Release(span);
+  ZTIER_RETURN_IF_ERROR(status);
+  ZTIER_RETURN_IF_ERROR(released);
+  // Every slot is written: commit them all at once, as a step does.
+  for (auto& g : groups_) g.committed ^= 1;
+  updates_.assign(updates.begin(), updates.end());
+  step_.store(step, std::memory_order_release);
+  return Status::Ok();
+}
+
 OptimizerStepStats OptimizerSwapper::last_step_stats() const {
   std::lock_guard<std::mutex> lock(stats_mu_);
   return last_stats_;

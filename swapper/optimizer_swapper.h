@@ -182,6 +182,33 @@ class OptimizerSwapper {
   // (numel floats), reading and verifying the sub-groups it spans.
   Status ReadState(uint64_t id, StateArray array, float* out);
 
+  // One run of a segment's state inside a sub-group's buffer, for
+  // checkpoints: elements [seg_offset, seg_offset + count) of segment
+  // `segment` (an index into segments()), its three arrays at `master`,
+  // `exp_avg`, `exp_avg_sq` (count floats each).
+  template <typename F>
+  struct StateRun {
+    uint32_t segment = 0;
+    uint64_t seg_offset = 0, count = 0;
+    F* master = nullptr;
+    F* exp_avg = nullptr;
+    F* exp_avg_sq = nullptr;
+  };
+  // Reads every sub-group's committed state once, in layout order, through
+  // one of the swapper's buffers (verified as a step's read), and hands each
+  // run to `fn` (valid during the call). Stops at the first error.
+  Status ExportState(const std::function<Status(const StateRun<const float>&)>& fn);
+  // Replaces the whole state: for each sub-group in layout order, `fill`
+  // writes every run (the buffer is zeroed first), the sub-group is stamped
+  // with `step` and written to its uncommitted slot; only when every write
+  // has completed is it committed, with step() = `step` and segment k's
+  // update count (its bias-correction step) = `updates[k]`. On failure the
+  // previous state stays committed.
+  Status ImportState(uint64_t step, std::span<const uint64_t> updates,
+                     const std::function<Status(const StateRun<float>&)>& fill);
+  // Committed steps that updated segment k (its bias-correction step).
+  uint64_t updates(uint32_t k) const { return updates_[k]; }
+
   uint64_t step() const { return step_.load(std::memory_order_acquire); }
   uint32_t sub_group_count() const { return static_cast<uint32_t>(groups_.size()); }
   // Parameter groups: 1 + the largest segment group.

@@ -462,6 +462,65 @@ typedef struct ztier_optimizer_stats {
 ZTIER_API ztier_status_t ztier_optimizer_stats(ztier_engine_t* engine,
                                                ztier_optimizer_stats_t* stats);
 
+/* ------------------------------------------------------------- checkpoints */
+
+/* Checkpoints (docs/checkpoint.md): a directory that holds every rank's
+ * parameter partitions, pending gradient partitions and optimizer state
+ * (master, moments, step counts, hyperparameters), the config, a manifest
+ * and the caller's own bytes. It appears whole or not at all: a crash or an
+ * error during a save leaves the directory as it was (the previous
+ * checkpoint there, or none). Saved at one world size, it loads at any. */
+
+/* Names parameter `id` (e.g. torch's "layer.0.weight") and gives its shape
+ * (`ndim` sizes whose product is its numel; ndim 0: flat), for exports.
+ * Optional. Serialised per engine. */
+ZTIER_API ztier_status_t ztier_param_set_name(ztier_engine_t* engine, uint64_t id,
+                                              const char* name, const uint64_t* shape,
+                                              size_t ndim);
+
+/* Saves a checkpoint of every rank to `dir` (its parent must exist; an
+ * existing checkpoint there is replaced atomically, anything else there is
+ * refused). Collective: every rank calls it, with the same `dir` (a
+ * filesystem every rank sees). `user_data` (`user_bytes`, up to 1 GiB) is
+ * stored as is: the trainer's step, RNG states, data position; rank 0's is
+ * kept. Streamed through a few 16 MiB buffers and the optimizer's own. Not
+ * while an optimizer step is begun. On failure nothing is published and
+ * the training state is untouched. Serialised per engine. */
+ZTIER_API ztier_status_t ztier_checkpoint_save(ztier_engine_t* engine, const char* dir,
+                                               const void* user_data, size_t user_bytes);
+
+/* Loads `dir` into this engine (each rank independently): the same
+ * parameters (id, numel, dtype) must be registered and, if the checkpoint
+ * holds optimizer state, the optimizer created with the same groups. The
+ * engine's pending gradients are replaced by the checkpoint's, the
+ * optimizer's step, moments and hyperparameters by the saved ones. A
+ * missing, damaged or mismatched checkpoint is refused before anything is
+ * changed, naming the file (and offset) and what is wrong; damage found
+ * part-way (a data chunk failing its CRC32C) leaves the engine failed
+ * (ZTIER_STATUS_ENGINE_FAILED afterwards: destroy it). Serialised per
+ * engine. */
+ZTIER_API ztier_status_t ztier_checkpoint_load(ztier_engine_t* engine, const char* dir);
+
+/* The user data of checkpoint `dir`: `*bytes` receives its size; with
+ * `out` NULL and `capacity` 0 that is all (a size query), else `capacity`
+ * must hold it. Thread-safe. */
+ZTIER_API ztier_status_t ztier_checkpoint_user_data(const char* dir, void* out, size_t capacity,
+                                                    size_t* bytes);
+
+/* Checks every file and every chunk of checkpoint `dir`. OK: `summary`
+ * receives one line (step, world size, sizes); otherwise the error code, and
+ * `summary` receives what is wrong and where. Either may be NULL/0.
+ * Thread-safe. */
+ZTIER_API ztier_status_t ztier_checkpoint_verify(const char* dir, char* summary,
+                                                 size_t summary_bytes);
+
+/* Writes the consolidated full-precision weights of checkpoint `dir` (the
+ * fp32 master weights where the optimizer kept them, else the parameters as
+ * float32) as a file torch.load reads: a dict of name -> tensor with the
+ * shapes given to ztier_param_set_name (names "param.<id>" and flat tensors
+ * otherwise). Streamed: memory stays a few MiB. Thread-safe. */
+ZTIER_API ztier_status_t ztier_checkpoint_export(const char* dir, const char* out_path);
+
 /* ------------------------------------------------------------- observing */
 
 typedef struct ztier_stats {

@@ -257,6 +257,13 @@ _SIGNATURES = {
     "ztier_optimizer_step_cancel": (_c.c_int, [_VP]),
     "ztier_optimizer_state_read": (_c.c_int, [_VP, _U64, _c.c_int, _VP, _c.c_size_t]),
     "ztier_optimizer_stats": (_c.c_int, [_VP, _c.POINTER(_OptimizerStats)]),
+    "ztier_param_set_name": (_c.c_int, [_VP, _U64, _c.c_char_p, _c.POINTER(_U64), _c.c_size_t]),
+    "ztier_checkpoint_save": (_c.c_int, [_VP, _c.c_char_p, _VP, _c.c_size_t]),
+    "ztier_checkpoint_load": (_c.c_int, [_VP, _c.c_char_p]),
+    "ztier_checkpoint_user_data": (_c.c_int, [_c.c_char_p, _VP, _c.c_size_t,
+                                              _c.POINTER(_c.c_size_t)]),
+    "ztier_checkpoint_verify": (_c.c_int, [_c.c_char_p, _c.c_char_p, _c.c_size_t]),
+    "ztier_checkpoint_export": (_c.c_int, [_c.c_char_p, _c.c_char_p]),
 }
 
 _lib = None
@@ -339,6 +346,30 @@ def version_string() -> str:
 
 def status_string(status: int) -> str:
     return load_library().ztier_status_string(int(status)).decode()
+
+
+def checkpoint_user_data(path: str) -> bytes:
+    """The user data stored in checkpoint `path` (checked against its CRC)."""
+    lib = load_library()
+    size = ctypes.c_size_t()
+    _check(lib.ztier_checkpoint_user_data(os.fsencode(path), None, 0, ctypes.byref(size)))
+    out = ctypes.create_string_buffer(max(1, size.value))
+    _check(lib.ztier_checkpoint_user_data(os.fsencode(path), out, size.value,
+                                          ctypes.byref(size)))
+    return out.raw[:size.value]
+
+
+def checkpoint_verify(path: str) -> str:
+    """Checks every file and chunk of checkpoint `path`: its one-line summary,
+    or ZtierError naming what is wrong and where."""
+    out = ctypes.create_string_buffer(4096)
+    _check(load_library().ztier_checkpoint_verify(os.fsencode(path), out, len(out)))
+    return out.value.decode(errors="replace")
+
+
+def checkpoint_export(path: str, out_path: str) -> None:
+    """Writes checkpoint `path`'s full-precision weights as a torch.load file."""
+    _check(load_library().ztier_checkpoint_export(os.fsencode(path), os.fsencode(out_path)))
 
 
 def _address(buf) -> int:
@@ -600,6 +631,19 @@ class Engine:
                 raise ValueError("pass nbytes with a raw address")
         _check(self._lib.ztier_optimizer_state_read(self._handle, pid, int(array), _address(out),
                                                     nbytes))
+
+    # ---- checkpoints (docs/checkpoint.md) ----
+    def param_set_name(self, pid: int, name: str, shape=()) -> None:
+        dims = (_U64 * max(1, len(shape)))(*shape)
+        _check(self._lib.ztier_param_set_name(self._handle, pid, name.encode(), dims, len(shape)))
+
+    def checkpoint_save(self, path: str, user_data: bytes = b"") -> None:
+        """Collective: every rank calls it with the same path."""
+        _check(self._lib.ztier_checkpoint_save(self._handle, os.fsencode(path), user_data,
+                                               len(user_data)))
+
+    def checkpoint_load(self, path: str) -> None:
+        _check(self._lib.ztier_checkpoint_load(self._handle, os.fsencode(path)))
 
     def optimizer_stats(self) -> dict:
         s = _OptimizerStats()

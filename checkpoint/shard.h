@@ -1,0 +1,110 @@
+// A checkpoint data file, written once front to back and read in checked
+// chunks.
+//
+// ShardWriter: Append() copies into one of a few aligned buffers; a
+// background thread writes full buffers (O_DIRECT where the filesystem takes
+// it, so a save does not fill the page cache) while the caller fills the
+// next one. A CRC32C is kept per kChunkBytes of the file. Finish() writes the
+// tail, cuts the file to its logical size and fsyncs it. Memory: `buffers`
+// x `buffer_bytes`.
+//
+// ShardReader: Read(offset, bytes) reads the whole chunks covering the range
+// (a window of several chunks at a time), checks each against its CRC32C
+// once, and copies the range out. A mismatch is Corruption naming the file,
+// the chunk and its byte range.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "base/status.h"
+#include "checkpoint/fs.h"
+
+namespace ztier::checkpoint {
+
+class ShardWriter {
+ public:
+  // `buffer_bytes` must be a positive multiple of `chunk_bytes`, itself a
+  // multiple of 4096.
+  static Result<std::unique_ptr<ShardWriter>> Create(Fs& fs, const std::string& path,
+                                                     uint64_t chunk_bytes,
+                                                     uint64_t buffer_bytes = 16ull << 20,
+                                                     uint32_t buffers = 3);
+  ~ShardWriter();  // stops the thread; an unfinished file is left for the caller to remove
+
+  // Appends `bytes` at offset(); the first write error is returned by this
+  // or a later call.
+  Status Append(const void* data, uint64_t bytes);
+  uint64_t offset() const { return offset_; }
+  // Writes what is left, truncates to offset(), fsyncs and closes.
+  Status Finish();
+  const std::vector<uint32_t>& chunk_crcs() const { return crcs_; }
+
+ private:
+  struct Buffer {
+    uint8_t* data = nullptr;
+    uint64_t file_offset = 0;
+    uint64_t bytes = 0;
+  };
+  ShardWriter(Fs& fs, std::string path, uint64_t chunk_bytes, uint64_t buffer_bytes);
+  void Loop();
+  Status Submit();  // queues the current buffer and takes a free one
+  Status Error();
+
+  Fs& fs_;
+  std::string path_;
+  int fd_ = -1;
+  bool direct_ = false;
+  uint64_t chunk_bytes_, buffer_bytes_;
+  uint64_t offset_ = 0;
+  std::vector<uint32_t> crcs_;
+  uint32_t chunk_crc_ = 0;   // running CRC of the chunk being filled
+  uint64_t chunk_fill_ = 0;  // its bytes so far
+  std::vector<std::unique_ptr<uint8_t, void (*)(void*)>> storage_;
+  Buffer current_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Buffer> queue_, free_;
+  Status error_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+class ShardReader {
+ public:
+  // `crcs` covers `data_bytes` in `chunk_bytes` chunks (the shard index).
+  static Result<std::unique_ptr<ShardReader>> Open(const std::string& path, uint64_t data_bytes,
+                                                   uint64_t chunk_bytes,
+                                                   std::vector<uint32_t> crcs);
+  ~ShardReader();
+  // Copies bytes [offset, offset + bytes) into `out`, every chunk checked.
+  Status Read(uint64_t offset, uint64_t bytes, void* out);
+  // Reads and checks every chunk (verify).
+  Status CheckAll();
+  uint64_t bytes_read() const { return bytes_read_; }
+
+ private:
+  ShardReader() = default;
+  // Loads the window starting at chunk `k`.
+  Status Load(uint64_t k);
+
+  std::string path_;
+  int fd_ = -1;
+  bool direct_ = false;
+  uint64_t data_bytes_ = 0, chunk_bytes_ = 0;
+  std::vector<uint32_t> crcs_;
+  std::unique_ptr<uint8_t, void (*)(void*)> window_{nullptr, free};
+  uint64_t window_chunks_ = 0;
+  uint64_t first_ = UINT64_MAX;  // first chunk in the window
+  uint64_t loaded_ = 0;          // chunks in the window
+  uint64_t bytes_read_ = 0;
+};
+
+}  // namespace ztier::checkpoint
