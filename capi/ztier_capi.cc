@@ -1408,26 +1408,18 @@ namespace ck = ztier::checkpoint;
 // What the checkpoint library needs of this engine.
 ck::RankAccess AccessOf(ztier_engine& e) {
   ck::RankAccess a;
-  a.rank = e.rank;
-  a.world = e.world;
+  ck::BindRuntime(*e.rt, &a);
   for (uint64_t id : e.param_order) {
     const ztier_engine::Param& p = e.params.at(id);
     a.params.push_back({id, p.name, p.shape, p.numel, p.dtype, p.part_numel, p.has_grad, p.segment});
   }
-  a.read_param = [&e](uint64_t id, void* out) { return e.rt->coordinator().ReadPartition(id, out); };
-  a.write_param = [&e](uint64_t id, const void* in) {
-    return e.rt->coordinator().WritePartition(id, in);
-  };
   a.read_grad = [&e](uint64_t id, void* out) {
     return ReadGradPartition(e, e.params.at(id), id, out);
   };
   a.write_grad = [&e](uint64_t id, const void* in) {
     return WriteGradPartition(e, e.params.at(id), id, in);
   };
-  a.optimizer = e.rt->optimizer();
   a.hypers = e.hypers;
-  a.exchange = [&e](uint64_t v) { return e.rt->coordinator().ExchangeHost(v); };
-  a.config_yaml = ti::ConfigToYaml(e.rt->options().config);
   a.library_version = ZTIER_VERSION_STRING;
   return a;
 }

@@ -222,7 +222,20 @@ Status Publish(const RankAccess& a, Fs& fsys, const Target& t, const std::string
     }
   }
   ZTIER_RETURN_IF_ERROR(fsys.Rename(tmp, t.path, replace));
-  ZTIER_RETURN_IF_ERROR(fsys.FsyncDir(t.parent));
+  if (Status synced = fsys.FsyncDir(t.parent); !synced.ok()) {
+    // The publish is not durable: put DIR back as it was (the new checkpoint
+    // goes back to `tmp`, which the caller removes), so that an error leaves
+    // DIR unchanged rather than replaced with the previous one deleted.
+    Status undone = replace ? fsys.Rename(tmp, t.path, /*exchange=*/true)
+                            : fsys.Rename(t.path, tmp, /*exchange=*/false);
+    if (!undone.ok()) {
+      return synced.WithContext(fmt::format(
+          "{} holds the new checkpoint, but it may not survive a crash, and it could not be "
+          "put back ({})",
+          t.path, undone.message()));
+    }
+    return synced;
+  }
   if (replace) {
     // `tmp` now holds the previous checkpoint: no longer needed.
     Status s = fsys.RemoveAll(tmp);
@@ -238,6 +251,17 @@ Result<bool> AllOk(const RankAccess& a, bool ok) {
 }
 
 }  // namespace
+
+void BindRuntime(coordinator::RankRuntime& rt, RankAccess* a) {
+  a->rank = rt.options().rank;
+  a->world = rt.options().world_size;
+  coordinator::Coordinator* c = &rt.coordinator();
+  a->read_param = [c](uint64_t id, void* out) { return c->ReadPartition(id, out); };
+  a->write_param = [c](uint64_t id, const void* in) { return c->WritePartition(id, in); };
+  a->exchange = [c](uint64_t v) { return c->ExchangeHost(v); };
+  a->optimizer = rt.optimizer();
+  a->config_yaml = tiering::ConfigToYaml(rt.options().config);
+}
 
 Status Save(const RankAccess& a, const std::string& dir, std::span<const uint8_t> user, Fs& fsys) {
   Result<Target> target = ResolveTarget(dir);

@@ -38,6 +38,7 @@
 #include "base/status.h"
 #include "checkpoint/format.h"
 #include "checkpoint/fs.h"
+#include "coordinator/runtime.h"
 #include "swapper/optimizer_swapper.h"
 
 namespace ztier::checkpoint {
@@ -71,6 +72,11 @@ struct RankAccess {
   std::string config_yaml;
   std::string library_version;
 };
+
+// Fills what `rt` provides: rank, world, parameter partitions (through the
+// coordinator), the optimizer and its state, the exchange, the config. The
+// caller adds `params` (names, gradients) and `hypers`.
+void BindRuntime(coordinator::RankRuntime& rt, RankAccess* a);
 
 // Writes a checkpoint of every rank to `dir` (see the file comment). The
 // user blob of rank 0 is stored. `fs` is the file seam (tests inject faults).

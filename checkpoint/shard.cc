@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <future>
 
 #include "base/crc32c.h"
 
@@ -51,7 +52,9 @@ Result<std::unique_ptr<ShardWriter>> ShardWriter::Create(Fs& fs, const std::stri
   ZTIER_ASSIGN_OR_RETURN(w->fd_, fs.Create(path, /*direct=*/true, &w->direct_));
   w->current_ = w->free_.front();
   w->free_.pop_front();
-  w->thread_ = std::thread([p = w.get()] { p->Loop(); });
+  // Two writes in flight: one request at a time leaves the drive idle
+  // between them.
+  for (int k = 0; k < 2; ++k) w->threads_.emplace_back([p = w.get()] { p->Loop(); });
   return w;
 }
 
@@ -61,7 +64,7 @@ ShardWriter::~ShardWriter() {
     stop_ = true;
   }
   cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
+  for (auto& t : threads_) t.join();
   if (fd_ >= 0) close(fd_);
 }
 
@@ -71,6 +74,8 @@ void ShardWriter::Loop() {
     cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
     if (queue_.empty()) return;  // stopping with nothing left
     Buffer b = queue_.front();
+    queue_.pop_front();
+    ++in_flight_;
     Status s;
     if (error_.ok()) {
       lock.unlock();
@@ -81,7 +86,7 @@ void ShardWriter::Loop() {
       s = fs_.Write(fd_, b.data, len, b.file_offset, path_);
       lock.lock();
     }
-    queue_.pop_front();
+    --in_flight_;
     if (!s.ok() && error_.ok()) error_ = s;
     free_.push_back(b);
     cv_.notify_all();
@@ -136,7 +141,7 @@ Status ShardWriter::Finish() {
   if (current_.bytes > 0) ZTIER_RETURN_IF_ERROR(Submit());
   {
     std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return queue_.empty(); });
+    cv_.wait(lock, [&] { return queue_.empty() && in_flight_ == 0; });
   }
   ZTIER_RETURN_IF_ERROR(Error());
   ZTIER_RETURN_IF_ERROR(fs_.Truncate(fd_, offset_, path_));
@@ -171,26 +176,27 @@ Result<std::unique_ptr<ShardReader>> ShardReader::Open(const std::string& path,
   // A window of 16 MiB (at least one chunk) per read: few, large requests.
   r->window_chunks_ = std::max<uint64_t>(1, (16ull << 20) / chunk_bytes);
   r->window_.reset(AlignedAlloc(r->window_chunks_ * chunk_bytes));
-  if (r->window_ == nullptr) {
+  r->spare_.reset(AlignedAlloc(r->window_chunks_ * chunk_bytes));
+  if (r->window_ == nullptr || r->spare_ == nullptr) {
     return Status::ResourceExhausted("out of host memory for a checkpoint read window");
   }
   return r;
 }
 
 ShardReader::~ShardReader() {
+  if (ahead_.valid()) (void)ahead_.get();
   if (fd_ >= 0) close(fd_);
 }
 
-Status ShardReader::Load(uint64_t k) {
+Status ShardReader::LoadInto(uint64_t k, uint8_t* buf, uint64_t* chunks_loaded) const {
   const uint64_t chunks = crcs_.size();
   const uint64_t n = std::min(window_chunks_, chunks - k);
   const uint64_t begin = k * chunk_bytes_;
   const uint64_t logical = std::min(n * chunk_bytes_, data_bytes_ - begin);
   const uint64_t len = direct_ ? (logical + kAlign - 1) / kAlign * kAlign : logical;
   uint64_t done = 0;
-  first_ = UINT64_MAX;  // invalid until checked
   while (done < len) {
-    const ssize_t got = pread(fd_, window_.get() + done, len - done, static_cast<off_t>(begin + done));
+    const ssize_t got = pread(fd_, buf + done, len - done, static_cast<off_t>(begin + done));
     if (got < 0 && errno == EINTR) continue;
     if (got < 0) {
       return Status::IoError(fmt::format("read {} bytes at offset {} of {}: {}", len - done,
@@ -203,19 +209,44 @@ Status ShardReader::Load(uint64_t k) {
     return Status::Corruption(fmt::format("checkpoint data file {}: short read at offset {}",
                                           path_, begin + done));
   }
-  bytes_read_ += logical;
   for (uint64_t c = 0; c < n; ++c) {
     const uint64_t off = c * chunk_bytes_;
     const uint64_t bytes = std::min(chunk_bytes_, logical - off);
-    if (Crc32c(window_.get() + off, bytes) != crcs_[k + c]) {
+    if (Crc32c(buf + off, bytes) != crcs_[k + c]) {
       return Status::Corruption(fmt::format(
           "checkpoint data file {}: chunk {} (bytes [{}, {})) fails its CRC32C: the file is "
           "damaged; nothing of it is used",
           path_, k + c, begin + off, begin + off + bytes));
     }
   }
+  *chunks_loaded = n;
+  return Status::Ok();
+}
+
+Status ShardReader::Load(uint64_t k) {
+  first_ = UINT64_MAX;  // invalid until checked
+  Status s;
+  uint64_t n = 0;
+  if (ahead_.valid() && ahead_first_ == k) {
+    s = ahead_.get();  // the window read ahead: swap it in
+    std::swap(window_, spare_);
+    n = ahead_chunks_;
+  } else {
+    if (ahead_.valid()) (void)ahead_.get();  // a guess that missed
+    s = LoadInto(k, window_.get(), &n);
+  }
+  ZTIER_RETURN_IF_ERROR(s);
   first_ = k;
   loaded_ = n;
+  bytes_read_ += std::min(n * chunk_bytes_, data_bytes_ - k * chunk_bytes_);
+  // Reads are mostly front to back: the next window is read (and checked)
+  // while this one is used.
+  const uint64_t next = k + n;
+  if (next < crcs_.size()) {
+    ahead_first_ = next;
+    ahead_ = std::async(std::launch::async,
+                        [this, next] { return LoadInto(next, spare_.get(), &ahead_chunks_); });
+  }
   return Status::Ok();
 }
 

@@ -2,21 +2,23 @@
 // chunks.
 //
 // ShardWriter: Append() copies into one of a few aligned buffers; a
-// background thread writes full buffers (O_DIRECT where the filesystem takes
+// pair of background threads writes full buffers (O_DIRECT where the filesystem takes
 // it, so a save does not fill the page cache) while the caller fills the
 // next one. A CRC32C is kept per kChunkBytes of the file. Finish() writes the
 // tail, cuts the file to its logical size and fsyncs it. Memory: `buffers`
 // x `buffer_bytes`.
 //
 // ShardReader: Read(offset, bytes) reads the whole chunks covering the range
-// (a window of several chunks at a time), checks each against its CRC32C
-// once, and copies the range out. A mismatch is Corruption naming the file,
+// (a window of several chunks at a time, the next window read ahead on a
+// helper thread), checks each against its CRC32C once, and copies the range
+// out. Memory: two 16 MiB windows. A mismatch is Corruption naming the file,
 // the chunk and its byte range.
 #pragma once
 
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -35,7 +37,7 @@ class ShardWriter {
   static Result<std::unique_ptr<ShardWriter>> Create(Fs& fs, const std::string& path,
                                                      uint64_t chunk_bytes,
                                                      uint64_t buffer_bytes = 16ull << 20,
-                                                     uint32_t buffers = 3);
+                                                     uint32_t buffers = 4);
   ~ShardWriter();  // stops the thread; an unfinished file is left for the caller to remove
 
   // Appends `bytes` at offset(); the first write error is returned by this
@@ -74,7 +76,8 @@ class ShardWriter {
   std::deque<Buffer> queue_, free_;
   Status error_;
   bool stop_ = false;
-  std::thread thread_;
+  uint32_t in_flight_ = 0;  // buffers being written
+  std::vector<std::thread> threads_;
 };
 
 class ShardReader {
@@ -92,8 +95,11 @@ class ShardReader {
 
  private:
   ShardReader() = default;
-  // Loads the window starting at chunk `k`.
+  // Makes the window start at chunk `k` (from the read-ahead when it
+  // guessed right), then reads the next window ahead.
   Status Load(uint64_t k);
+  // Reads and checks the window at chunk `k` into `buf`.
+  Status LoadInto(uint64_t k, uint8_t* buf, uint64_t* chunks_loaded) const;
 
   std::string path_;
   int fd_ = -1;
@@ -101,6 +107,9 @@ class ShardReader {
   uint64_t data_bytes_ = 0, chunk_bytes_ = 0;
   std::vector<uint32_t> crcs_;
   std::unique_ptr<uint8_t, void (*)(void*)> window_{nullptr, free};
+  std::unique_ptr<uint8_t, void (*)(void*)> spare_{nullptr, free};  // the read-ahead's
+  std::future<Status> ahead_;
+  uint64_t ahead_first_ = 0, ahead_chunks_ = 0;
   uint64_t window_chunks_ = 0;
   uint64_t first_ = UINT64_MAX;  // first chunk in the window
   uint64_t loaded_ = 0;          // chunks in the window

@@ -9,6 +9,12 @@
 //     memory (same threads, same instruction set).
 // step / max(drive time, update time) is the pipeline's overhead: 1.0 means
 // the step is as fast as its slower resource allows.
+//
+// `ztier bench checkpoint` uses the same scaled model and state (after one
+// step) and times a checkpoint save and a load of it, each against the
+// bytes it moves at the drive's bandwidth measured in the same run, with the
+// resident memory each adds (peak during the call less the resident size
+// before it).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -24,6 +30,7 @@
 
 #include "base/crc32c.h"
 #include "base/float16.h"
+#include "checkpoint/checkpoint.h"
 #include "cli/bench_util.h"
 #include "cli/commands.h"
 #include "cli/step_util.h"
@@ -63,6 +70,15 @@ struct RunFigures {
   swapper::OptimizerStepStats stats;
 };
 
+// One checkpoint run: seconds, bytes read and written, resident growth.
+struct CheckpointFigures {
+  double read_bw = 0, write_bw = 0;  // the drive, bytes/s
+  double save_s = 0, load_s = 0;
+  double save_bound_s = 0, load_bound_s = 0;  // the call's bytes at those bandwidths
+  uint64_t save_rss = 0, load_rss = 0;        // peak resident growth during the call, bytes
+  uint64_t data_bytes = 0;                    // the checkpoint's data files
+};
+
 class OptimizerBench {
  public:
   explicit OptimizerBench(const OptArgs& a) : a_(a) {}
@@ -74,12 +90,17 @@ class OptimizerBench {
 
   Status Setup();
   Status MeasureUpdateInMemory();
+  const tiering::Config& config() const { return config_; }
   Result<RunFigures> Run(uint32_t r);
   int Report(const std::vector<RunFigures>& runs);
+  // One save and one load of the checkpoint at `dir` (bench checkpoint).
+  Result<CheckpointFigures> RunCheckpoint(const std::string& dir);
+  int ReportCheckpoint(const std::vector<CheckpointFigures>& runs);
+  Status Step();
 
  private:
   Result<double> PlainIo(const char* rw);
-  Status Step();
+  checkpoint::RankAccess Access();
 
   OptArgs a_;
   tiering::Config config_;
@@ -389,6 +410,151 @@ int OptimizerBench::Report(const std::vector<RunFigures>& runs) {
   return 0;
 }
 
+// Resident memory now (VmRSS) and resetting the peak (VmHWM) to it.
+uint64_t ResidentBytes(const char* field) {
+  FILE* f = fopen("/proc/self/status", "r");
+  if (f == nullptr) return 0;
+  char line[256];
+  uint64_t kb = 0;
+  const size_t n = strlen(field);
+  while (fgets(line, sizeof(line), f) != nullptr) {
+    if (strncmp(line, field, n) == 0) kb = strtoull(line + n + 1, nullptr, 10);
+  }
+  fclose(f);
+  return kb * 1024;
+}
+void ResetPeakResident() {
+  if (FILE* f = fopen("/proc/self/clear_refs", "w")) {
+    fputs("5", f);  // resets VmHWM to the current resident size (Linux >= 4.0)
+    fclose(f);
+  }
+}
+
+checkpoint::RankAccess OptimizerBench::Access() {
+  checkpoint::RankAccess a;
+  checkpoint::BindRuntime(*rt_, &a);
+  const auto& segs = rt_->optimizer()->segments();
+  for (size_t k = 0; k < segs.size(); ++k) {
+    const auto& p = trace_.params[k];
+    a.params.push_back({p.id, p.name, {}, p.numel, co_dtype_, p.numel, false,
+                        static_cast<int64_t>(k)});
+  }
+  a.hypers = {hyper_};
+  a.library_version = "ztier bench checkpoint";
+  return a;
+}
+
+Result<CheckpointFigures> OptimizerBench::RunCheckpoint(const std::string& dir) {
+  CheckpointFigures f;
+  ZTIER_ASSIGN_OR_RETURN(f.read_bw, PlainIo("read"));
+  ZTIER_ASSIGN_OR_RETURN(f.write_bw, PlainIo("write"));
+  const checkpoint::RankAccess a = Access();
+  ResetPeakResident();
+  uint64_t before = ResidentBytes("VmRSS:");
+  auto t0 = Clock::now();
+  ZTIER_RETURN_IF_ERROR(checkpoint::Save(a, dir, {}));
+  f.save_s = Since(t0);
+  f.save_rss = ResidentBytes("VmHWM:") - std::min(before, ResidentBytes("VmHWM:"));
+  ZTIER_ASSIGN_OR_RETURN(checkpoint::Manifest m, checkpoint::ReadManifest(dir));
+  (void)m;
+  const uint32_t eb = optim::DTypeBytes(dtype_);
+  // Save reads the parameters and the state slots, writes the data file;
+  // load reads the data file, writes the parameters and the state slots.
+  const uint64_t state = rt_->optimizer()->store().used() / 2;
+  f.data_bytes = elements_ * (eb + 12);
+  f.save_bound_s = static_cast<double>(elements_ * eb + state) / f.read_bw +
+                   static_cast<double>(f.data_bytes) / f.write_bw;
+  f.load_bound_s = static_cast<double>(f.data_bytes) / f.read_bw +
+                   static_cast<double>(elements_ * eb + state) / f.write_bw;
+  ResetPeakResident();
+  before = ResidentBytes("VmRSS:");
+  t0 = Clock::now();
+  ZTIER_RETURN_IF_ERROR(checkpoint::Load(a, dir).status());
+  f.load_s = Since(t0);
+  f.load_rss = ResidentBytes("VmHWM:") - std::min(before, ResidentBytes("VmHWM:"));
+  return f;
+}
+
+int OptimizerBench::ReportCheckpoint(const std::vector<CheckpointFigures>& runs) {
+  std::vector<double> save, load, save_ratio, load_ratio, rbw, wbw, srss, lrss;
+  for (const auto& f : runs) {
+    save.push_back(f.save_s);
+    load.push_back(f.load_s);
+    save_ratio.push_back(f.save_s / f.save_bound_s);
+    load_ratio.push_back(f.load_s / f.load_bound_s);
+    rbw.push_back(f.read_bw);
+    wbw.push_back(f.write_bw);
+    srss.push_back(static_cast<double>(f.save_rss));
+    lrss.push_back(static_cast<double>(f.load_rss));
+  }
+  const auto& opt = *rt_->optimizer();
+  if (a_.json) {
+    nlohmann::json j = {{"model", a_.model},
+                        {"scale", a_.scale},
+                        {"elements", elements_},
+                        {"dtype", a_.dtype},
+                        {"data_bytes", runs.back().data_bytes},
+                        {"state_bytes", opt.store().used() / 2},
+                        {"runs", runs.size()},
+                        {"drive_read_bw_bytes_per_s", Median(rbw)},
+                        {"drive_write_bw_bytes_per_s", Median(wbw)},
+                        {"save_s", Median(save)},
+                        {"load_s", Median(load)},
+                        {"save_over_bound", Median(save_ratio)},
+                        {"load_over_bound", Median(load_ratio)},
+                        {"save_rss_growth_bytes", Median(srss)},
+                        {"load_rss_growth_bytes", Median(lrss)}};
+    printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  printf("checkpoint bench: %s (scale 1/%g), %llu elements (%s parameters) with AdamW state; "
+         "checkpoint data %s\n",
+         a_.model.c_str(), a_.scale, static_cast<unsigned long long>(elements_),
+         a_.dtype.c_str(), FormatSize(runs.back().data_bytes).c_str());
+  printf("  %-4s %9s %9s %8s %9s %9s %8s %10s %10s %9s\n", "run", "rd GB/s", "wr GB/s",
+         "save s", "bound s", "ratio", "load s", "bound s", "ratio", "rss+ MiB");
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const auto& f = runs[i];
+    printf("  %-4zu %9.2f %9.2f %8.2f %9.2f %9.3f %8.2f %10.2f %10.3f %9.1f\n", i + 1,
+           f.read_bw / 1e9, f.write_bw / 1e9, f.save_s, f.save_bound_s, save_ratio[i], f.load_s,
+           f.load_bound_s, load_ratio[i],
+           static_cast<double>(std::max(f.save_rss, f.load_rss)) / (1 << 20));
+  }
+  printf("median of %zu: save %.2f s (%.3f x its bytes at the drive's bandwidth), load %.2f s "
+         "(%.3f x); resident growth save %.1f MiB, load %.1f MiB\n",
+         runs.size(), Median(save), Median(save_ratio), Median(load), Median(load_ratio),
+         Median(srss) / (1 << 20), Median(lrss) / (1 << 20));
+  return 0;
+}
+
+int RunBenchCheckpoint(const OptArgs& a) {
+  OptimizerBench b(a);
+  auto fail = [](const Status& s) {
+    fprintf(stderr, "ztier bench checkpoint: error: %s\n", s.ToString().c_str());
+    return 1;
+  };
+  Progress progress("checkpoint bench", a.runs + 2, !a.no_progress && !a.json);
+  progress.Update(0, "laying out parameters and the initial optimizer state");
+  if (Status s = b.Setup(); !s.ok()) return fail(s);
+  progress.Update(1, "one optimizer step");
+  if (Status s = b.Step(); !s.ok()) return fail(s);
+  const std::string dir =
+      (a.dir.empty() ? tiering::OptimizerPaths(b.config()).front() : a.dir) + "/bench_checkpoint";
+  std::vector<CheckpointFigures> runs;
+  Status status;
+  for (uint32_t r = 0; r < a.runs && status.ok(); ++r) {
+    progress.Update(2 + r, fmt::format("save and load, run {} of {}", r + 1, a.runs));
+    Result<CheckpointFigures> f = b.RunCheckpoint(dir);
+    if (f.ok()) runs.push_back(*f);
+    status = f.status();
+  }
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);  // the bench's checkpoint goes, however it ends
+  if (!status.ok()) return fail(status);
+  progress.Finish();
+  return b.ReportCheckpoint(runs);
+}
+
 int RunBenchOptimizer(const OptArgs& a) {
   OptimizerBench b(a);
   auto fail = [](const Status& s) {
@@ -440,6 +606,25 @@ void RegisterBenchOptimizer(CLI::App& bench, int* exit_code) {
   cmd->add_flag("--json", a->json, "Print one JSON object");
   cmd->add_flag("--no-progress", a->no_progress, "No progress lines on stderr");
   cmd->callback([a, exit_code] { *exit_code = RunBenchOptimizer(*a); });
+}
+
+void RegisterBenchCheckpoint(CLI::App& bench, int* exit_code) {
+  auto a = std::make_shared<OptArgs>();
+  CLI::App* cmd = bench.add_subcommand(
+      "checkpoint",
+      "Save and load a checkpoint of a model's parameters and optimizer state (on NVMe), "
+      "against the drive's bandwidth");
+  cmd->add_option("--model", a->model, "Model shape (configs/models/<name>.yaml or a path)");
+  cmd->add_option("--scale", a->scale, "Divide every tensor's element count by this (>= 1)");
+  cmd->add_option("--config", a->config, "Config YAML (default: built-in defaults)");
+  cmd->add_option("--dir", a->dir,
+                  "Directory for the state and the checkpoint (optimizer.paths)");
+  cmd->add_option("--dtype", a->dtype, "Parameter type: bf16, fp16, fp32");
+  cmd->add_option("--runs", a->runs, "Measured save+load runs (medians are reported)")
+      ->check(CLI::Range(1u, 100u));
+  cmd->add_flag("--json", a->json, "Print one JSON object");
+  cmd->add_flag("--no-progress", a->no_progress, "No progress lines on stderr");
+  cmd->callback([a, exit_code] { *exit_code = RunBenchCheckpoint(*a); });
 }
 
 }  // namespace ztier::cli

@@ -17,6 +17,8 @@ void RegisterReplay(CLI::App& app, int* exit_code);
 void RegisterBenchSwap(CLI::App& bench, int* exit_code);
 void RegisterBenchAdam(CLI::App& bench, int* exit_code);
 void RegisterBenchOptimizer(CLI::App& bench, int* exit_code);
+void RegisterBenchCheckpoint(CLI::App& bench, int* exit_code);
+void RegisterCheckpointCommands(CLI::App& app, int* exit_code);
 
 // Writes library log messages to stderr ("ztier: info: ...").
 void InstallStderrLogSink(bool verbose);

@@ -1,4 +1,5 @@
-// ztier: the command-line front end (benchmarks, config tools, replay).
+// ztier: the command-line front end (benchmarks, config tools, replay,
+// checkpoints).
 #include <cstdio>
 
 #include <CLI/CLI.hpp>
@@ -28,7 +29,7 @@ int main(int argc, char** argv) {
   app.add_flag("-v,--verbose", verbose, "Print debug log messages");
   int exit_code = 0;
 
-  CLI::App* bench = app.add_subcommand("bench", "Benchmarks: io, swap, step, sweep, adam, optimizer");
+  CLI::App* bench = app.add_subcommand("bench", "Benchmarks: io, swap, step, sweep, adam, optimizer, checkpoint");
   bench->require_subcommand(1);
   ztier::cli::RegisterBenchIo(*bench, &exit_code);
   ztier::cli::RegisterBenchStep(*bench, &exit_code);
@@ -36,10 +37,12 @@ int main(int argc, char** argv) {
   ztier::cli::RegisterBenchSwap(*bench, &exit_code);
   ztier::cli::RegisterBenchAdam(*bench, &exit_code);
   ztier::cli::RegisterBenchOptimizer(*bench, &exit_code);
+  ztier::cli::RegisterBenchCheckpoint(*bench, &exit_code);
   ztier::cli::RegisterConfigCommands(app, &exit_code);
   ztier::cli::RegisterTraceCommands(app, &exit_code);
   ztier::cli::RegisterReplay(app, &exit_code);
   ztier::cli::RegisterPlan(app, &exit_code);
+  ztier::cli::RegisterCheckpointCommands(app, &exit_code);
 
   app.parse_complete_callback(
       [&verbose] { ztier::cli::InstallStderrLogSink(verbose); });

@@ -457,6 +457,56 @@ Status OptimizerSwapper::ReadState(uint64_t id, StateArray array, float* out) {
   return released;
 }
 
+// One asynchronous slot transfer of the checkpoint paths, waited for later.
+struct OptimizerSwapper::AsyncSlot {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool busy = false;
+  Status status;
+
+  void Start() {
+    std::lock_guard<std::mutex> lock(mu);
+    busy = true;
+    status = Status::Ok();
+  }
+  void Done(const Status& s) {
+    std::lock_guard<std::mutex> lock(mu);
+    busy = false;
+    status = s;
+    cv.notify_all();
+  }
+  Status Wait() {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return !busy; });
+    return status;
+  }
+};
+
+Status OptimizerSwapper::SlotAsync(io::Op op, uint32_t g, uint8_t slot, uint8_t* buf,
+                                   AsyncSlot* t) {
+  t->Start();
+  Status s = engine_->Submit({op, &store_->file(), groups_[g].slot_offset[slot],
+                              SlotBytes(groups_[g].numel), buf, [this, t, op, g, slot](const Status& st) {
+                                t->Done(st.ok() ? st : st.WithContext(TransferWhat(op, g, slot)));
+                              }});
+  if (!s.ok()) t->Done(s);
+  return s;
+}
+
+Result<std::vector<tiering::BufferSpan>> OptimizerSwapper::AcquireTwo() {
+  std::vector<tiering::BufferSpan> spans;
+  const uint32_t n = std::min<uint32_t>(2, std::max<uint32_t>(1, options_.buffer_count));
+  for (uint32_t k = 0; k < n; ++k) {
+    Result<tiering::BufferSpan> span = AcquireOne(*pool_);
+    if (!span.ok()) {
+      for (auto& sp : spans) (void)pool_->Release(sp);
+      return span.status();
+    }
+    spans.push_back(*span);
+  }
+  return spans;
+}
+
 Status OptimizerSwapper::ExportState(
     const std::function<Status(const StateRun<const float>&)>& fn) {
   if (!initialized_) {
@@ -466,14 +516,23 @@ Status OptimizerSwapper::ExportState(
     return Status::FailedPrecondition(
         "an optimizer step is waiting for its commit: save the state after it");
   }
-  ZTIER_ASSIGN_OR_RETURN(tiering::BufferSpan span, AcquireOne(*pool_));
+  ZTIER_ASSIGN_OR_RETURN(std::vector<tiering::BufferSpan> spans, AcquireTwo());
+  const size_t nb = spans.size();
+  std::vector<AsyncSlot> reads(nb);
   Status status;
   const uint64_t step = this->step();
+  // The read of sub-group g + 1 runs while g is handed out.
+  if (!groups_.empty()) status = SlotAsync(io::Op::kRead, 0, groups_[0].committed, spans[0].data, &reads[0]);
   for (uint32_t g = 0; g < groups_.size() && status.ok(); ++g) {
     const Group& grp = groups_[g];
-    status = SlotSync(io::Op::kRead, g, grp.committed, span.data);
-    if (status.ok()) status = Check(g, grp.committed, step, span.data);
-    const float* base = reinterpret_cast<const float*>(span.data + kHeaderBytes);
+    uint8_t* buf = spans[g % nb].data;
+    status = reads[g % nb].Wait();
+    if (status.ok() && nb > 1 && g + 1 < groups_.size()) {
+      status = SlotAsync(io::Op::kRead, g + 1, groups_[g + 1].committed, spans[(g + 1) % nb].data,
+                         &reads[(g + 1) % nb]);
+    }
+    if (status.ok()) status = Check(g, grp.committed, step, buf);
+    const float* base = reinterpret_cast<const float*>(buf + kHeaderBytes);
     for (const Piece& p : grp.pieces) {
       if (!status.ok()) break;
       StateRun<const float> run{p.segment, p.seg_offset, p.count, base + p.group_offset,
@@ -481,8 +540,16 @@ Status OptimizerSwapper::ExportState(
                                 base + 2 * grp.numel + p.group_offset};
       status = fn(run);
     }
+    if (status.ok() && nb == 1 && g + 1 < groups_.size()) {
+      status = SlotAsync(io::Op::kRead, g + 1, groups_[g + 1].committed, buf, &reads[0]);
+    }
   }
-  Status released = pool_->Release(span);
+  for (auto& r : reads) (void)r.Wait();  // nothing in flight past here
+  Status released;
+  for (auto& sp : spans) {
+    Status r = pool_->Release(sp);
+    if (released.ok()) released = r;
+  }
   ZTIER_RETURN_IF_ERROR(status);
   return released;
 }
@@ -500,11 +567,17 @@ Status OptimizerSwapper::ImportState(uint64_t step, std::span<const uint64_t> up
     return Status::InvalidArgument(fmt::format("{} update counts for {} segments",
                                                updates.size(), segments_.size()));
   }
-  ZTIER_ASSIGN_OR_RETURN(tiering::BufferSpan span, AcquireOne(*pool_));
+  ZTIER_ASSIGN_OR_RETURN(std::vector<tiering::BufferSpan> spans, AcquireTwo());
+  const size_t nb = spans.size();
+  std::vector<AsyncSlot> writes(nb);
   Status status;
+  // Sub-group g is filled while g - 1 is written.
   for (uint32_t g = 0; g < groups_.size() && status.ok(); ++g) {
     const Group& grp = groups_[g];
-    float* base = reinterpret_cast<float*>(span.data + kHeaderBytes);
+    status = writes[g % nb].Wait();  // its buffer's previous write
+    if (!status.ok()) break;
+    uint8_t* buf = spans[g % nb].data;
+    float* base = reinterpret_cast<float*>(buf + kHeaderBytes);
     memset(base, 0, grp.numel * kStateBytesPerElement);
     for (const Piece& p : grp.pieces) {
       if (!status.ok()) break;
@@ -514,10 +587,18 @@ Status OptimizerSwapper::ImportState(uint64_t step, std::span<const uint64_t> up
       status = fill(run);
     }
     if (!status.ok()) break;
-    Stamp(g, step, span.data);
-    status = SlotSync(io::Op::kWrite, g, grp.committed ^ 1, span.data);
+    Stamp(g, step, buf);
+    status = SlotAsync(io::Op::kWrite, g, grp.committed ^ 1, buf, &writes[g % nb]);
   }
-  Status released = pool_->Release(span);
+  for (auto& w : writes) {
+    Status s = w.Wait();
+    if (status.ok()) status = s;
+  }
+  Status released;
+  for (auto& sp : spans) {
+    Status r = pool_->Release(sp);
+    if (released.ok()) released = r;
+  }
   ZTIER_RETURN_IF_ERROR(status);
   ZTIER_RETURN_IF_ERROR(released);
   // Every slot is written: commit them all at once, as a step does.

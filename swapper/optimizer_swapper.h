@@ -254,6 +254,11 @@ class OptimizerSwapper {
 
   // A synchronous slot transfer (set-up, ReadState) through the engine.
   Status SlotSync(io::Op op, uint32_t g, uint8_t slot, uint8_t* buf);
+  // The same, started: `t` is waited for by the caller (checkpoint paths).
+  struct AsyncSlot;  // (.cc)
+  Status SlotAsync(io::Op op, uint32_t g, uint8_t slot, uint8_t* buf, AsyncSlot* t);
+  // Two buffers (one if the pool has one) for the checkpoint paths.
+  Result<std::vector<tiering::BufferSpan>> AcquireTwo();
   // "read|write optimizer state of sub-group g at <file, offset>".
   std::string TransferWhat(io::Op op, uint32_t g, uint8_t slot) const;
   // Header + chunk CRCs of a slot in `buf` for sub-group `g` at `step`.
