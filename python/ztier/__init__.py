@@ -7,11 +7,12 @@ status and the library's message.
 """
 
 from ztier._capi import (DType, DeviceKind, Engine, LocalGroup, OptimizerKind, ParamInfo,
-                         ParamState, StateArray, Status, ZtierError, load_library,
+                         ParamState, StateArray, Status, ZtierError, checkpoint_export,
+                         checkpoint_user_data, checkpoint_verify, load_library,
                          status_string, version, version_string)
 
 __all__ = [
     "DType", "DeviceKind", "Engine", "LocalGroup", "OptimizerKind", "ParamInfo", "ParamState",
-    "StateArray", "Status", "ZtierError", "load_library", "status_string", "version",
-    "version_string",
+    "StateArray", "Status", "ZtierError", "checkpoint_export", "checkpoint_user_data",
+    "checkpoint_verify", "load_library", "status_string", "version", "version_string",
 ]

@@ -22,6 +22,7 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 __all__ = [
     "Status", "DType", "DeviceKind", "ParamState", "ZtierError", "Engine", "LocalGroup",
     "ParamInfo", "OptimizerKind", "StateArray", "load_library", "version", "version_string",
+    "checkpoint_user_data", "checkpoint_verify", "checkpoint_export",
 ]
 
 

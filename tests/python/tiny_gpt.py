@@ -8,9 +8,10 @@ from torch.nn import functional as F
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
         super().__init__()
         self.heads = heads
+        self.dropout = dropout  # > 0: on each residual branch (torch's global RNG)
         self.ln1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -26,17 +27,20 @@ class Block(nn.Module):
         mask = torch.ones(t, t, dtype=torch.bool).tril()
         att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
         y = (att @ v).transpose(1, 2).reshape(b, t, c)
-        x = x + self.proj(y)
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+        x = x + self._drop(self.proj(y))
+        return x + self._drop(self.out(F.gelu(self.fc(self.ln2(x)))))
+
+    def _drop(self, x):
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
 
 
 class TinyGPT(nn.Module):
     def __init__(self, vocab: int = 64, dim: int = 32, heads: int = 4, layers: int = 2,
-                 context: int = 16):
+                 context: int = 16, dropout: float = 0.0):
         super().__init__()
         self.wte = nn.Embedding(vocab, dim)
         self.wpe = nn.Embedding(context, dim)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(layers))
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
         self.head.weight = self.wte.weight  # tied

@@ -38,6 +38,12 @@ What offload() does:
     torch optimizer can update this rank's partitions instead, its state in
     host memory (off.optimizer).
 
+off.save_checkpoint(path, opt, extra=...) saves the training state (the
+engine's partitions, gradients and optimizer state, and the Python side:
+param_groups, RNG states, buffers, `extra`) as a directory that appears
+whole or not at all; off.load_checkpoint(path, opt) restores it, at any
+world size, and returns `extra` (docs/torch.md, Checkpoints).
+
 A model too large to build in memory is built under ztier.torch.meta_init()
 and materialised module by module by offload() (init=, weights=).
 Parameters are float32, float16 or bfloat16 (fp32 master weights in the

@@ -245,6 +245,8 @@ class Offload:
         data = p.detach().to("cpu").contiguous()
         self.engine.register_param(slot.pid, slot.numel, _DTYPES[p.dtype], data)
         del data
+        # Its qualified name and shape, for checkpoints and their export.
+        self.engine.param_set_name(slot.pid, name, slot.shape)
         # Emptied now, not after the whole model: one module's worth is whole at a time.
         with _no_torch_function():
             p.data = self._placeholder(p.dtype)
@@ -618,11 +620,7 @@ class Offload:
         grad is a gradient); one that has it on some ranks only contributes
         zeros from the others, so that every rank issues the same
         collectives (the ranks agree first)."""
-        if self._stack:
-            self._abandon_forward()
-        if self._bw_order or self._bw_loose:
-            self._end_backward()
-        self._bw_queued = False
+        self._settle()
         handed = self._optimizer._handed if self._optimizer is not None else {}
         trainable = [s for s in self._slots if s.param.requires_grad]
         members = getattr(self._optimizer, "_members", None)
@@ -646,6 +644,15 @@ class Offload:
             self.hand_in(slot, g, accumulate=streaming)
             if streaming and slot.param.grad is g:
                 slot.param.grad = None
+
+    def _settle(self) -> None:
+        """Releases what a forward that raised or a backward left held, so
+        that no parameter is in use (between steps: nothing is)."""
+        if self._stack:
+            self._abandon_forward()
+        if self._bw_order or self._bw_loose:
+            self._end_backward()
+        self._bw_queued = False
 
     def _gradients_anywhere(self, slots: List[_Slot]) -> List[bool]:
         """Per slot: whether any rank has its gradient this step (at world
@@ -711,6 +718,38 @@ class Offload:
             self.engine.partition_read(slot.pid, buf)
             out[name] = buf.view(slot.shape)
         return out
+
+    # ------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path, optimizer=None, extra=None, *, buffers: bool = True) -> None:
+        """Saves the training state to directory `path` (docs/torch.md,
+        Checkpoints). Collective: every rank calls it, with the same path.
+
+        The engine saves every rank's parameter partitions, pending
+        gradients and optimizer state (fp32 master, moments, step counts);
+        with them goes a pickle of the Python side: `extra` (anything
+        picklable: a scheduler's state_dict(), the data position), the
+        optimizer's param_groups without their parameters (lr, betas, ...),
+        torch's RNG states, the model's persistent buffers (`buffers`) and
+        the optimizer's pending factors. The Python part is rank 0's.
+        `optimizer`: ztier's AdamW / Adam (default: the one made over this
+        model, if any) or off.optimizer(...) (world size 1). The directory
+        appears whole or not at all; a checkpoint already there is replaced
+        atomically."""
+        from ztier.torch import _checkpoint
+        _checkpoint.save(self, path, optimizer, extra, buffers)
+
+    def load_checkpoint(self, path, optimizer=None):
+        """Loads checkpoint `path` (saved at any world size) into this
+        model and `optimizer` (default: ztier's optimizer made over this
+        model, if any; it must have the saved run's parameter groups), and
+        torch's RNG states and the saved buffers; returns the `extra` given
+        to save_checkpoint. Each rank calls it (no collective). Gradients of
+        the run before the load are dropped (param.grad, ztier's pending
+        ones: the checkpoint's pending gradients replace them), and the next
+        forward fetches the loaded weights. Unpickles the checkpoint's user
+        data: load only checkpoints you trust."""
+        from ztier.torch import _checkpoint
+        return _checkpoint.load(self, path, optimizer)
 
     def close(self) -> None:
         """Removes the hooks and destroys the engine (the parameters stay

@@ -225,6 +225,37 @@ class AdamW(torch.optim.Optimizer):
         off.engine.step_end()
         return loss
 
+    # ---- checkpoints (Offload.save_checkpoint / load_checkpoint) ----
+    def _cancel_begun(self) -> None:
+        """Drops a step begun during backward (a checkpoint cannot be saved
+        while one is): step() then runs it whole, with the same result."""
+        if self._begun:
+            self.off.engine.optimizer_step_cancel()
+        self._begun = self._redone = False
+        self._begun_with = None
+        self._handed = {}
+
+    def _checkpoint_state(self) -> dict:
+        """What this object keeps between steps beyond param_groups and the
+        engine's state: the pending clip / unscale factor, the parameters
+        whose zeroed .grad torch would still hold, the backward count that
+        times the overlapped step."""
+        return {"grad_scale": self._grad_scale, "zero_grads": sorted(self._zero_grads),
+                "streamed": sorted(self._streamed), "backwards": self._backwards,
+                "expected": self._expected}
+
+    def _restore_checkpoint_state(self, state: dict) -> None:
+        """After the engine loaded a checkpoint: nothing of the run before it
+        stays (a begun step, gradients handed in, the factors)."""
+        self._cancel_begun()
+        state = state or {}
+        self._grad_scale = float(state.get("grad_scale", 1.0))
+        self._zero_grads = set(state.get("zero_grads", ()))
+        self._streamed = set(state.get("streamed", ()))
+        self._backwards = int(state.get("backwards", 0))
+        self._expected = state.get("expected")
+        self.last_step_overlapped = False
+
     def state_of(self, param: nn.Parameter) -> Dict[str, torch.Tensor]:
         """This rank's partition of `param`'s optimizer state (flat, padded):
         master, exp_avg, exp_avg_sq, as of the last step."""
