@@ -1463,21 +1463,25 @@ ztier_status_t ztier_param_set_name(ztier_engine_t* engine, uint64_t id, const c
 ztier_status_t ztier_checkpoint_save(ztier_engine_t* engine, const char* dir,
                                      const void* user_data, size_t user_bytes) {
   return WithEngine(engine, "ztier_checkpoint_save", [&](ztier_engine& e) -> Status {
-    ZTIER_RETURN_IF_ERROR(CheckDir(dir));
-    if (user_bytes > 0 && user_data == nullptr) {
-      return Status::InvalidArgument("user_data is NULL with user_bytes > 0");
+    ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+    // Refusals go through the save's first agreement between the ranks, so
+    // that one rank's refusal fails the save everywhere instead of hanging it.
+    Status refused = CheckDir(dir);
+    if (refused.ok() && user_bytes > 0 && user_data == nullptr) {
+      refused = Status::InvalidArgument("user_data is NULL with user_bytes > 0");
     }
-    if (user_bytes > (ck::kMaxJsonBytes)) {
-      return Status::InvalidArgument(
+    if (refused.ok() && user_bytes > ck::kMaxJsonBytes) {
+      refused = Status::InvalidArgument(
           fmt::format("user_bytes {} is above the limit {}", user_bytes, ck::kMaxJsonBytes));
     }
-    if (e.early != nullptr) {
-      return Status::FailedPrecondition(
+    if (refused.ok() && e.early != nullptr) {
+      refused = Status::FailedPrecondition(
           "an optimizer step is begun: finish (or cancel) it before saving a checkpoint");
     }
-    ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
-    const auto* u = static_cast<const uint8_t*>(user_data);
-    return ck::Save(AccessOf(e), dir, std::span<const uint8_t>(u, user_bytes));
+    if (refused.ok()) refused = e.rt->coordinator().CheckNoneActive("a checkpoint save");
+    const auto* u = static_cast<const uint8_t*>(refused.ok() ? user_data : nullptr);
+    return ck::Save(AccessOf(e), refused.ok() ? dir : "", std::span<const uint8_t>(u, refused.ok() ? user_bytes : 0),
+                    ck::Fs::Posix(), refused);
   });
 }
 
@@ -1485,6 +1489,7 @@ ztier_status_t ztier_checkpoint_load(ztier_engine_t* engine, const char* dir) {
   return WithEngine(engine, "ztier_checkpoint_load", [&](ztier_engine& e) -> Status {
     ZTIER_RETURN_IF_ERROR(CheckDir(dir));
     ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+    ZTIER_RETURN_IF_ERROR(e.rt->coordinator().CheckNoneActive("a checkpoint load"));
     CancelEarly(e);
     bool wrote = false;
     ck::RankAccess access = AccessOf(e);

@@ -263,7 +263,15 @@ void BindRuntime(coordinator::RankRuntime& rt, RankAccess* a) {
   a->config_yaml = tiering::ConfigToYaml(rt.options().config);
 }
 
-Status Save(const RankAccess& a, const std::string& dir, std::span<const uint8_t> user, Fs& fsys) {
+Status Save(const RankAccess& a, const std::string& dir, std::span<const uint8_t> user, Fs& fsys,
+            const Status& refused) {
+  // 0. Every rank willing, or none starts.
+  ZTIER_ASSIGN_OR_RETURN(bool willing, AllOk(a, refused.ok()));
+  if (!refused.ok()) return refused;
+  if (!willing) {
+    return Status::Cancelled(fmt::format(
+        "checkpoint save to {}: another rank refused it (its error says why)", dir));
+  }
   Result<Target> target = ResolveTarget(dir);
   // 1. Rank 0 makes the temporary directory; its nonce (0: failed) goes to all.
   uint64_t nonce = 0;

@@ -79,9 +79,12 @@ struct RankAccess {
 void BindRuntime(coordinator::RankRuntime& rt, RankAccess* a);
 
 // Writes a checkpoint of every rank to `dir` (see the file comment). The
-// user blob of rank 0 is stored. `fs` is the file seam (tests inject faults).
+// user blob of rank 0 is stored. `refused` is this rank's own reason not to
+// save (a module in use, a bad argument): the ranks agree on it first, so a
+// refusal on one rank fails the save on all rather than leaving the others
+// waiting. `fs` is the file seam (tests inject faults).
 Status Save(const RankAccess& a, const std::string& dir, std::span<const uint8_t> user,
-            Fs& fs = Fs::Posix());
+            Fs& fs = Fs::Posix(), const Status& refused = Status::Ok());
 
 struct Loaded {
   Manifest manifest;

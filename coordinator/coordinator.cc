@@ -619,6 +619,18 @@ Status Coordinator::CopyGradientOut(const Param& p, const void* full_grad,
   return Status::Ok();
 }
 
+Status Coordinator::CheckNoneActive(std::string_view what) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const auto& p : params_) {
+    if (!p->active.empty()) {
+      return Status::FailedPrecondition(fmt::format(
+          "parameter {} is in use by module {}: release every module before {}", p->id,
+          p->active.front(), what));
+    }
+  }
+  return Status::Ok();
+}
+
 Status Coordinator::ReadPartition(uint64_t id, void* out_host) {
   std::unique_lock<std::mutex> lock(mu_);
   if (!finalized_) return Status::FailedPrecondition("call Finalize() before ReadPartition()");

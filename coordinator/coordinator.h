@@ -134,6 +134,10 @@ class Coordinator {
   // padding); an error naming its status otherwise.
   Result<void*> ParamData(uint64_t id);
   ParamStatus param_status(uint64_t id) const;
+  // OK when no module holds a parameter (between steps); else
+  // FailedPrecondition naming the first parameter in use, its module and
+  // `what` cannot run until it is released.
+  Status CheckNoneActive(std::string_view what) const;
   TraceMode trace_mode() const;
   uint64_t step_id() const;
   CoordinatorStats stats() const;

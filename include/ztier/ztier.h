@@ -484,8 +484,10 @@ ZTIER_API ztier_status_t ztier_param_set_name(ztier_engine_t* engine, uint64_t i
  * filesystem every rank sees). `user_data` (`user_bytes`, up to 1 GiB) is
  * stored as is: the trainer's step, RNG states, data position; rank 0's is
  * kept. Streamed through a few 16 MiB buffers and the optimizer's own. Not
- * while an optimizer step is begun. On failure nothing is published and
- * the training state is untouched. Serialised per engine. */
+ * while an optimizer step is begun or a module is fetched; a refusal on one
+ * rank fails the call on every rank (none waits for it). On failure nothing
+ * is published and the training state is untouched. Serialised per
+ * engine. */
 ZTIER_API ztier_status_t ztier_checkpoint_save(ztier_engine_t* engine, const char* dir,
                                                const void* user_data, size_t user_bytes);
 
@@ -493,8 +495,9 @@ ZTIER_API ztier_status_t ztier_checkpoint_save(ztier_engine_t* engine, const cha
  * parameters (id, numel, dtype) must be registered and, if the checkpoint
  * holds optimizer state, the optimizer created with the same groups. The
  * engine's pending gradients are replaced by the checkpoint's, the
- * optimizer's step, moments and hyperparameters by the saved ones. A
- * missing, damaged or mismatched checkpoint is refused before anything is
+ * optimizer's step, moments and hyperparameters by the saved ones. Not while
+ * a module is fetched. A missing, damaged or mismatched checkpoint is
+ * refused before anything is
  * changed, naming the file (and offset) and what is wrong; damage found
  * part-way (a data chunk failing its CRC32C) leaves the engine failed
  * (ZTIER_STATUS_ENGINE_FAILED afterwards: destroy it). Serialised per
