@@ -8,6 +8,7 @@
 #include <cstring>
 #include <ctime>
 #include <filesystem>
+#include <future>
 #include <map>
 #include <memory>
 #include <random>
@@ -116,24 +117,42 @@ class ShardSaver {
     return writer_->Append(data, count * elem_bytes);
   }
 
-  // Every partition (kParam) or pending gradient partition (kGrad).
+  // Every partition (kParam) or pending gradient partition (kGrad). The
+  // next partition is read (on a helper thread) while one is appended.
   Status Partitions(Kind kind) {
-    std::vector<uint8_t> buf;
+    std::vector<const RankParam*> todo;
     for (const RankParam& p : a_.params) {
       if (kind == Kind::kGrad && !p.has_grad) continue;
-      const Span own = Owned(p, a_.rank);
-      if (own.count == 0) continue;
-      const uint32_t eb = coordinator::DTypeBytes(p.dtype);
-      buf.resize(p.part_numel * eb);
-      const auto& read = kind == Kind::kParam ? a_.read_param : a_.read_grad;
-      Status s = read(p.id, buf.data());
-      if (!s.ok()) {
-        return s.WithContext(fmt::format("checkpoint: read the {} partition of parameter {}",
-                                         KindName(kind), p.id));
-      }
-      ZTIER_RETURN_IF_ERROR(Add(p.id, kind, own.start, own.count, buf.data(), eb));
+      if (Owned(p, a_.rank).count > 0) todo.push_back(&p);
     }
-    return Status::Ok();
+    const auto& read = kind == Kind::kParam ? a_.read_param : a_.read_grad;
+    std::vector<uint8_t> bufs[2];
+    auto start = [&](size_t i) {
+      const RankParam& p = *todo[i];
+      std::vector<uint8_t>& buf = bufs[i % 2];
+      buf.resize(p.part_numel * coordinator::DTypeBytes(p.dtype));
+      return std::async(std::launch::async, [&read, &p, &buf, kind] {
+        Status s = read(p.id, buf.data());
+        return s.ok() ? s
+                      : s.WithContext(fmt::format("checkpoint: read the {} partition of parameter {}",
+                                                  KindName(kind), p.id));
+      });
+    };
+    std::future<Status> ahead;
+    if (!todo.empty()) ahead = start(0);
+    Status status;
+    for (size_t i = 0; i < todo.size(); ++i) {
+      status = ahead.get();
+      if (!status.ok()) break;
+      if (i + 1 < todo.size()) ahead = start(i + 1);
+      const RankParam& p = *todo[i];
+      const Span own = Owned(p, a_.rank);
+      status = Add(p.id, kind, own.start, own.count, bufs[i % 2].data(),
+                   coordinator::DTypeBytes(p.dtype));
+      if (!status.ok()) break;
+    }
+    if (ahead.valid()) (void)ahead.get();  // nothing in flight past here
+    return status;
   }
 
   // The optimizer state, one sub-group at a time, as the swapper reads it.

@@ -34,7 +34,7 @@ Result<std::unique_ptr<ShardWriter>> ShardWriter::Create(Fs& fs, const std::stri
                                                          uint64_t chunk_bytes,
                                                          uint64_t buffer_bytes, uint32_t buffers) {
   if (chunk_bytes == 0 || chunk_bytes % kAlign != 0 || buffer_bytes % chunk_bytes != 0 ||
-      buffers < 2) {
+      buffer_bytes == 0 || buffer_bytes / chunk_bytes > 64 || buffers < 2) {
     return Status::InvalidArgument(fmt::format(
         "shard writer: chunk {} / buffer {} bytes / {} buffers", chunk_bytes, buffer_bytes, buffers));
   }
@@ -79,12 +79,23 @@ void ShardWriter::Loop() {
     Status s;
     if (error_.ok()) {
       lock.unlock();
+      // The chunks' CRCs here, off the thread that fills the buffers: a
+      // buffer starts on a chunk boundary (its size is whole chunks).
+      const uint64_t first = b.file_offset / chunk_bytes_;
+      const uint64_t chunks = (b.bytes + chunk_bytes_ - 1) / chunk_bytes_;
+      uint32_t crcs[64];
+      for (uint64_t c = 0; c < chunks; ++c) {
+        const uint64_t off = c * chunk_bytes_;
+        crcs[c] = Crc32c(b.data + off, std::min(chunk_bytes_, b.bytes - off));
+      }
       // O_DIRECT needs an aligned length: the tail is padded, and Finish
       // cuts the file back to its logical size.
       const uint64_t len = direct_ ? (b.bytes + kAlign - 1) / kAlign * kAlign : b.bytes;
       if (len > b.bytes) memset(b.data + b.bytes, 0, len - b.bytes);
       s = fs_.Write(fd_, b.data, len, b.file_offset, path_);
       lock.lock();
+      if (crcs_.size() < first + chunks) crcs_.resize(first + chunks);
+      std::copy(crcs, crcs + chunks, crcs_.begin() + static_cast<int64_t>(first));
     }
     --in_flight_;
     if (!s.ok() && error_.ok()) error_ = s;
@@ -116,15 +127,8 @@ Status ShardWriter::Append(const void* data, uint64_t bytes) {
     if (current_.bytes == buffer_bytes_) ZTIER_RETURN_IF_ERROR(Submit());
     // Copy up to the end of the buffer and of the chunk, so that the CRC
     // of a chunk is finished exactly at its boundary.
-    const uint64_t n = std::min({bytes, buffer_bytes_ - current_.bytes, chunk_bytes_ - chunk_fill_});
+    const uint64_t n = std::min(bytes, buffer_bytes_ - current_.bytes);
     memcpy(current_.data + current_.bytes, p, n);
-    chunk_crc_ = Crc32c(p, n, chunk_crc_);
-    chunk_fill_ += n;
-    if (chunk_fill_ == chunk_bytes_) {
-      crcs_.push_back(chunk_crc_);
-      chunk_crc_ = 0;
-      chunk_fill_ = 0;
-    }
     current_.bytes += n;
     offset_ += n;
     p += n;
@@ -134,10 +138,6 @@ Status ShardWriter::Append(const void* data, uint64_t bytes) {
 }
 
 Status ShardWriter::Finish() {
-  if (chunk_fill_ > 0) {
-    crcs_.push_back(chunk_crc_);
-    chunk_fill_ = 0;
-  }
   if (current_.bytes > 0) ZTIER_RETURN_IF_ERROR(Submit());
   {
     std::unique_lock<std::mutex> lock(mu_);

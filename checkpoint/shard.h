@@ -1,10 +1,10 @@
 // A checkpoint data file, written once front to back and read in checked
 // chunks.
 //
-// ShardWriter: Append() copies into one of a few aligned buffers; a
-// pair of background threads writes full buffers (O_DIRECT where the filesystem takes
+// ShardWriter: Append() copies into one of a few aligned buffers; two
+// background threads write full buffers (O_DIRECT where the filesystem takes
 // it, so a save does not fill the page cache) while the caller fills the
-// next one. A CRC32C is kept per kChunkBytes of the file. Finish() writes the
+// next one, and compute a CRC32C per chunk of the file. Finish() writes the
 // tail, cuts the file to its logical size and fsyncs it. Memory: `buffers`
 // x `buffer_bytes`.
 //
@@ -32,8 +32,8 @@ namespace ztier::checkpoint {
 
 class ShardWriter {
  public:
-  // `buffer_bytes` must be a positive multiple of `chunk_bytes`, itself a
-  // multiple of 4096.
+  // `buffer_bytes` must be a positive multiple of `chunk_bytes` (at most 64
+  // chunks), itself a multiple of 4096.
   static Result<std::unique_ptr<ShardWriter>> Create(Fs& fs, const std::string& path,
                                                      uint64_t chunk_bytes,
                                                      uint64_t buffer_bytes = 16ull << 20,
@@ -65,9 +65,7 @@ class ShardWriter {
   bool direct_ = false;
   uint64_t chunk_bytes_, buffer_bytes_;
   uint64_t offset_ = 0;
-  std::vector<uint32_t> crcs_;
-  uint32_t chunk_crc_ = 0;   // running CRC of the chunk being filled
-  uint64_t chunk_fill_ = 0;  // its bytes so far
+  std::vector<uint32_t> crcs_;  // per chunk, filled by the writer threads (mu_)
   std::vector<std::unique_ptr<uint8_t, void (*)(void*)>> storage_;
   Buffer current_;
 
