@@ -362,6 +362,17 @@ class Opened {
       }
       ZTIER_ASSIGN_OR_RETURN(ShardIndex s, ShardFromJson(text, path, o->m_));
       if (s.rank != r) return Status::Corruption(fmt::format("{} describes rank {}", path, s.rank));
+      // A missing or truncated data file is found here, before a load
+      // changes anything.
+      const std::string data = dir + "/" + s.data_file;
+      struct stat st {};
+      if (stat(data.c_str(), &st) != 0 || !S_ISREG(st.st_mode) ||
+          static_cast<uint64_t>(st.st_size) < s.data_bytes) {
+        return Status::Corruption(fmt::format(
+            "checkpoint data file {} is missing or shorter than the {} bytes its index gives "
+            "(truncated?)",
+            data, s.data_bytes));
+      }
       o->shards_.push_back(std::move(s));
     }
     o->readers_.resize(o->shards_.size());
@@ -406,19 +417,25 @@ class Opened {
     return Status::Ok();
   }
 
+  // Rank r's data file, opened on first use. At most kOpenReaders are open
+  // at once (each holds two read windows), whatever the saved world size:
+  // the least recently used is closed.
   Result<ShardReader*> Reader(uint32_t r) {
     if (readers_[r] == nullptr) {
+      std::erase(recent_, r);
+      if (recent_.size() >= kOpenReaders) {
+        readers_[recent_.front()].reset();
+        recent_.erase(recent_.begin());
+      }
       const ShardIndex& s = shards_[r];
       ZTIER_ASSIGN_OR_RETURN(readers_[r], ShardReader::Open(dir_ + "/" + s.data_file, s.data_bytes,
                                                             s.chunk_bytes, s.crc32c));
     }
+    if (recent_.empty() || recent_.back() != r) {
+      std::erase(recent_, r);
+      recent_.push_back(r);
+    }
     return readers_[r].get();
-  }
-
-  uint64_t bytes_read() const {
-    uint64_t n = 0;
-    for (const auto& r : readers_) n += r != nullptr ? r->bytes_read() : 0;
-    return n;
   }
 
  private:
@@ -431,7 +448,9 @@ class Opened {
   std::vector<ShardIndex> shards_;
   std::map<std::pair<uint64_t, Kind>, std::vector<Ref>> by_key_;
   std::map<uint64_t, const ParamMeta*> params_;
+  static constexpr size_t kOpenReaders = 2;
   std::vector<std::unique_ptr<ShardReader>> readers_;
+  std::vector<uint32_t> recent_;  // open readers, least recently used first
 };
 
 // The engine must hold what was saved: same parameters, same optimizer layout.
