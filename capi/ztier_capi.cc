@@ -27,6 +27,7 @@
 #include <mutex>
 #include <new>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
@@ -82,6 +83,9 @@ struct ztier_engine {
   int spill_fd = -1;
   uint64_t spill_bytes = 0;
   ~ztier_engine() {
+    // A background save is abandoned (not published): its thread ends first.
+    if (save_thread.joinable()) save_thread.join();
+    save_job.reset();
     if (spill_fd >= 0) close(spill_fd);
   }
   std::vector<uint64_t> param_order;  // registration order
@@ -96,6 +100,13 @@ struct ztier_engine {
   // until finished or cancelled. Declared after `rt`: destroyed (cancelled)
   // before the runtime it uses.
   std::unique_ptr<co::BackgroundStep> early;
+
+  // A checkpoint save running in the background (ztier_checkpoint_save_async):
+  // its optimizer-state part runs on `save_thread`; `save_result` is the
+  // outcome of the last one, until ztier_checkpoint_wait reports it.
+  std::unique_ptr<ztier::checkpoint::SaveJob> save_job;
+  std::thread save_thread;
+  Status save_result;
 
   std::mutex async_mu;  // guards the latched background error
   ztier_status_t async_status = ZTIER_STATUS_OK;
@@ -976,7 +987,30 @@ Result<ztier::optim::AdamHyper> ToHyper(const ztier_optimizer_options_t& o) {
   return h;
 }
 
-Result<ztier::swapper::OptimizerSwapper*> GetOptimizer(ztier_engine& e) {
+// Ends a background checkpoint save (a collective: every rank reaches it at
+// the same call), keeping its outcome for ztier_checkpoint_wait; a failure
+// is also latched as the engine's asynchronous error.
+void SettleSave(ztier_engine& e) {
+  if (e.save_job == nullptr) return;
+  if (e.save_thread.joinable()) e.save_thread.join();  // the state is written
+  Status s = e.save_job->Finish();
+  e.save_job.reset();
+  if (!s.ok()) LatchAsync(e, s.WithContext("background checkpoint save"));
+  e.save_result = s;
+}
+
+// What an optimizer call does about a background save reading the state.
+enum class Settle {
+  kFinish,  // finish it (collective): the call changes the state
+  kJoin,    // wait for its state part (local): the call reads the state
+  kNone,    // nothing: the call touches no state
+};
+
+// The optimizer, once a background save allows the call.
+Result<ztier::swapper::OptimizerSwapper*> GetOptimizer(ztier_engine& e,
+                                                       Settle settle = Settle::kFinish) {
+  if (settle == Settle::kFinish) SettleSave(e);
+  if (settle == Settle::kJoin && e.save_thread.joinable()) e.save_thread.join();
   ztier::swapper::OptimizerSwapper* opt = e.rt->optimizer();
   if (opt == nullptr) {
     return Status::FailedPrecondition("the engine has no optimizer: call ztier_optimizer_create");
@@ -1262,7 +1296,7 @@ ztier_status_t ztier_optimizer_step_cancel(ztier_engine_t* engine) {
 ztier_status_t ztier_optimizer_state_read(ztier_engine_t* engine, uint64_t id,
                                           ztier_state_array_t array, float* out, size_t bytes) {
   return WithEngine(engine, "ztier_optimizer_state_read", [&](ztier_engine& e) -> Status {
-    ZTIER_ASSIGN_OR_RETURN(auto* opt, GetOptimizer(e));
+    ZTIER_ASSIGN_OR_RETURN(auto* opt, GetOptimizer(e, Settle::kJoin));
     if (e.early != nullptr) {
       return Status::FailedPrecondition(
           "an optimizer step is begun: read the state after ztier_optimizer_step_finish");
@@ -1289,7 +1323,7 @@ ztier_status_t ztier_optimizer_stats(ztier_engine_t* engine, ztier_optimizer_sta
   }
   return WithEngine(engine, "ztier_optimizer_stats", [&](ztier_engine& e) -> Status {
     if (stats == nullptr) return Status::InvalidArgument("stats is NULL");
-    ZTIER_ASSIGN_OR_RETURN(auto* opt, GetOptimizer(e));
+    ZTIER_ASSIGN_OR_RETURN(auto* opt, GetOptimizer(e, Settle::kNone));
     const ztier::swapper::OptimizerStepStats last = opt->last_step_stats();
     ztier_optimizer_stats_t s;
     memset(&s, 0, sizeof(s));
@@ -1460,28 +1494,68 @@ ztier_status_t ztier_param_set_name(ztier_engine_t* engine, uint64_t id, const c
   });
 }
 
+}  // extern "C"
+
+namespace {
+
+// Begins a save (ztier_checkpoint_save and _save_async). Refusals go
+// through the save's first agreement between the ranks, so that one rank's
+// refusal fails the save everywhere instead of hanging it.
+Result<std::unique_ptr<ck::SaveJob>> BeginSave(ztier_engine& e, const char* dir,
+                                               const void* user_data, size_t user_bytes) {
+  ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+  SettleSave(e);  // one save at a time (a collective: every rank saves here)
+  Status refused = CheckDir(dir);
+  if (refused.ok() && user_bytes > 0 && user_data == nullptr) {
+    refused = Status::InvalidArgument("user_data is NULL with user_bytes > 0");
+  }
+  if (refused.ok() && user_bytes > ck::kMaxJsonBytes) {
+    refused = Status::InvalidArgument(
+        fmt::format("user_bytes {} is above the limit {}", user_bytes, ck::kMaxJsonBytes));
+  }
+  if (refused.ok() && e.early != nullptr) {
+    refused = Status::FailedPrecondition(
+        "an optimizer step is begun: finish (or cancel) it before saving a checkpoint");
+  }
+  if (refused.ok()) refused = e.rt->coordinator().CheckNoneActive("a checkpoint save");
+  const bool ok = refused.ok();
+  const auto* u = static_cast<const uint8_t*>(ok ? user_data : nullptr);
+  return ck::SaveJob::Begin(AccessOf(e), ok ? dir : "",
+                            std::span<const uint8_t>(u, ok ? user_bytes : 0), ck::Fs::Posix(),
+                            refused);
+}
+
+}  // namespace
+
+extern "C" {
+
 ztier_status_t ztier_checkpoint_save(ztier_engine_t* engine, const char* dir,
                                      const void* user_data, size_t user_bytes) {
   return WithEngine(engine, "ztier_checkpoint_save", [&](ztier_engine& e) -> Status {
-    ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
-    // Refusals go through the save's first agreement between the ranks, so
-    // that one rank's refusal fails the save everywhere instead of hanging it.
-    Status refused = CheckDir(dir);
-    if (refused.ok() && user_bytes > 0 && user_data == nullptr) {
-      refused = Status::InvalidArgument("user_data is NULL with user_bytes > 0");
-    }
-    if (refused.ok() && user_bytes > ck::kMaxJsonBytes) {
-      refused = Status::InvalidArgument(
-          fmt::format("user_bytes {} is above the limit {}", user_bytes, ck::kMaxJsonBytes));
-    }
-    if (refused.ok() && e.early != nullptr) {
-      refused = Status::FailedPrecondition(
-          "an optimizer step is begun: finish (or cancel) it before saving a checkpoint");
-    }
-    if (refused.ok()) refused = e.rt->coordinator().CheckNoneActive("a checkpoint save");
-    const auto* u = static_cast<const uint8_t*>(refused.ok() ? user_data : nullptr);
-    return ck::Save(AccessOf(e), refused.ok() ? dir : "", std::span<const uint8_t>(u, refused.ok() ? user_bytes : 0),
-                    ck::Fs::Posix(), refused);
+    ZTIER_ASSIGN_OR_RETURN(auto job, BeginSave(e, dir, user_data, user_bytes));
+    return job->Finish();
+  });
+}
+
+ztier_status_t ztier_checkpoint_save_async(ztier_engine_t* engine, const char* dir,
+                                           const void* user_data, size_t user_bytes) {
+  return WithEngine(engine, "ztier_checkpoint_save_async", [&](ztier_engine& e) -> Status {
+    ZTIER_ASSIGN_OR_RETURN(e.save_job, BeginSave(e, dir, user_data, user_bytes));
+    e.save_result = Status::Ok();
+    // The optimizer state is written while training goes on; nothing else
+    // reads or changes it until the save is settled (SettleSave).
+    ck::SaveJob* job = e.save_job.get();
+    e.save_thread = std::thread([job] { (void)job->WriteState(); });
+    return Status::Ok();
+  });
+}
+
+ztier_status_t ztier_checkpoint_wait(ztier_engine_t* engine) {
+  return WithEngine(engine, "ztier_checkpoint_wait", [&](ztier_engine& e) -> Status {
+    SettleSave(e);
+    Status s = e.save_result;
+    e.save_result = Status::Ok();
+    return s;
   });
 }
 
@@ -1489,6 +1563,7 @@ ztier_status_t ztier_checkpoint_load(ztier_engine_t* engine, const char* dir) {
   return WithEngine(engine, "ztier_checkpoint_load", [&](ztier_engine& e) -> Status {
     ZTIER_RETURN_IF_ERROR(CheckDir(dir));
     ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+    if (e.save_thread.joinable()) e.save_thread.join();  // a background save's reads end first
     ZTIER_RETURN_IF_ERROR(e.rt->coordinator().CheckNoneActive("a checkpoint load"));
     CancelEarly(e);
     bool wrote = false;

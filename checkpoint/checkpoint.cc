@@ -94,11 +94,15 @@ class ShardSaver {
  public:
   ShardSaver(const RankAccess& a, Fs& fsys, std::string dir) : a_(a), fs_(fsys), dir_(std::move(dir)) {}
 
-  Status Run() {
+  // The parameter and gradient partitions (what training changes first).
+  Status Front() {
     const std::string data_path = dir_ + "/" + DataFileName(a_.rank);
     ZTIER_ASSIGN_OR_RETURN(writer_, ShardWriter::Create(fs_, data_path, kChunkBytes));
     ZTIER_RETURN_IF_ERROR(Partitions(Kind::kParam));
-    ZTIER_RETURN_IF_ERROR(Partitions(Kind::kGrad));
+    return Partitions(Kind::kGrad);
+  }
+  // The optimizer state, then the data file made durable and the index.
+  Status Rest() {
     if (a_.optimizer != nullptr) ZTIER_RETURN_IF_ERROR(State());
     ZTIER_RETURN_IF_ERROR(writer_->Finish());
     index_.rank = a_.rank;
@@ -216,9 +220,8 @@ Manifest BuildManifest(const RankAccess& a) {
 
 // Rank 0's part after every shard is durable: the small files, the
 // manifest, and the publish.
-Status Publish(const RankAccess& a, Fs& fsys, const Target& t, const std::string& tmp,
+Status Publish(const RankAccess& a, Manifest m, Fs& fsys, const Target& t, const std::string& tmp,
                std::span<const uint8_t> user) {
-  Manifest m = BuildManifest(a);
   const std::string user_text(reinterpret_cast<const char*>(user.data()), user.size());
   ZTIER_RETURN_IF_ERROR(WriteSmallFile(fsys, tmp + "/" + kUserName, user_text));
   ZTIER_RETURN_IF_ERROR(WriteSmallFile(fsys, tmp + "/" + kConfigName, a.config_yaml));
@@ -282,8 +285,25 @@ void BindRuntime(coordinator::RankRuntime& rt, RankAccess* a) {
   a->config_yaml = tiering::ConfigToYaml(rt.options().config);
 }
 
-Status Save(const RankAccess& a, const std::string& dir, std::span<const uint8_t> user, Fs& fsys,
-            const Status& refused) {
+struct SaveJob::Impl {
+  RankAccess a;
+  Fs* fs = nullptr;
+  std::string dir;
+  std::vector<uint8_t> user;
+  Result<Target> target = Status::Internal("unset");
+  std::string tmp;
+  Status local;  // this rank's first error so far
+  std::unique_ptr<ShardSaver> saver;
+  Manifest manifest;  // as of Begin: the step and update counts saved
+  bool state_written = false;
+};
+
+SaveJob::SaveJob() : impl_(std::make_unique<Impl>()) {}
+SaveJob::~SaveJob() = default;
+
+Result<std::unique_ptr<SaveJob>> SaveJob::Begin(const RankAccess& a, const std::string& dir,
+                                                std::span<const uint8_t> user, Fs& fsys,
+                                                const Status& refused) {
   // 0. Every rank willing, or none starts.
   ZTIER_ASSIGN_OR_RETURN(bool willing, AllOk(a, refused.ok()));
   if (!refused.ok()) return refused;
@@ -291,52 +311,83 @@ Status Save(const RankAccess& a, const std::string& dir, std::span<const uint8_t
     return Status::Cancelled(fmt::format(
         "checkpoint save to {}: another rank refused it (its error says why)", dir));
   }
-  Result<Target> target = ResolveTarget(dir);
+  std::unique_ptr<SaveJob> job(new SaveJob());
+  Impl& j = *job->impl_;
+  j.a = a;
+  j.fs = &fsys;
+  j.dir = dir;
+  j.user.assign(user.begin(), user.end());
+  j.manifest = BuildManifest(a);
+  j.target = ResolveTarget(dir);
   // 1. Rank 0 makes the temporary directory; its nonce (0: failed) goes to all.
   uint64_t nonce = 0;
-  Status local;
   if (a.rank == 0) {
-    if (target.ok()) {
-      RemoveStaleTemps(fsys, *target);
+    if (j.target.ok()) {
+      RemoveStaleTemps(fsys, *j.target);
       std::random_device rd;
       nonce = (uint64_t{rd()} << 32 | rd()) | 1;
-      local = fsys.Mkdir(TempPath(*target, nonce));
-      if (!local.ok()) nonce = 0;
+      j.local = fsys.Mkdir(TempPath(*j.target, nonce));
+      if (!j.local.ok()) nonce = 0;
     } else {
-      local = target.status();
+      j.local = j.target.status();
     }
   }
   ZTIER_ASSIGN_OR_RETURN(std::vector<uint64_t> nonces, a.exchange(nonce));
   nonce = nonces[0];
   if (nonce == 0) {
-    return local.ok() ? Status::FailedPrecondition(
-                            "checkpoint save: rank 0 could not create the checkpoint directory")
-                      : local;
+    return j.local.ok() ? Status::FailedPrecondition(
+                              "checkpoint save: rank 0 could not create the checkpoint directory")
+                        : j.local;
   }
-  if (!target.ok()) local = target.status();
-  const std::string tmp = target.ok() ? TempPath(*target, nonce) : std::string();
-  // 2. Each rank's shard.
-  if (local.ok()) local = ShardSaver(a, fsys, tmp).Run();
+  if (!j.target.ok()) j.local = j.target.status();
+  if (j.target.ok()) j.tmp = TempPath(*j.target, nonce);
+  // 2a. This rank's partitions: from here on training may change them.
+  j.saver = std::make_unique<ShardSaver>(j.a, fsys, j.tmp);
+  if (j.local.ok()) j.local = j.saver->Front();
+  return job;
+}
+
+Status SaveJob::WriteState() {
+  Impl& j = *impl_;
+  j.state_written = true;
+  if (j.local.ok()) j.local = j.saver->Rest();
+  return j.local;
+}
+
+Status SaveJob::Finish() {
+  Impl& j = *impl_;
+  if (!j.state_written) (void)WriteState();
+  const RankAccess& a = j.a;
+  Fs& fsys = *j.fs;
   // 3. Rank 0 publishes once every shard is durable.
-  ZTIER_ASSIGN_OR_RETURN(bool all_ok, AllOk(a, local.ok()));
+  ZTIER_ASSIGN_OR_RETURN(bool all_ok, AllOk(a, j.local.ok()));
   Status published = Status::Ok();
   if (a.rank == 0) {
-    published = all_ok ? Publish(a, fsys, *target, tmp, user)
+    published = all_ok ? Publish(a, j.manifest, fsys, *j.target, j.tmp, j.user)
                        : Status::Cancelled("another rank failed to write its shard");
     if (!published.ok()) {
-      Status s = fsys.RemoveAll(tmp);
+      Status s = fsys.RemoveAll(j.tmp);
       if (!s.ok()) Log(LogLevel::kWarning, "checkpoint: {}", s.message());
     }
   }
   // 4. Everyone learns the outcome.
   ZTIER_ASSIGN_OR_RETURN(bool done, AllOk(a, a.rank != 0 || published.ok()));
-  if (!local.ok()) return local.WithContext(fmt::format("checkpoint save to {} (rank {})", dir, a.rank));
+  const std::string& dir = j.dir;
+  if (!j.local.ok()) {
+    return j.local.WithContext(fmt::format("checkpoint save to {} (rank {})", dir, a.rank));
+  }
   if (!published.ok()) return published.WithContext(fmt::format("checkpoint save to {}", dir));
   if (!all_ok || !done) {
     return Status::Cancelled(fmt::format(
         "checkpoint save to {}: another rank failed (its error says why); {} is unchanged", dir, dir));
   }
   return Status::Ok();
+}
+
+Status Save(const RankAccess& a, const std::string& dir, std::span<const uint8_t> user, Fs& fsys,
+            const Status& refused) {
+  ZTIER_ASSIGN_OR_RETURN(std::unique_ptr<SaveJob> job, SaveJob::Begin(a, dir, user, fsys, refused));
+  return job->Finish();
 }
 
 // ---------------------------------------------------------------- reading

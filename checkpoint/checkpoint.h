@@ -31,6 +31,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
@@ -85,6 +86,33 @@ void BindRuntime(coordinator::RankRuntime& rt, RankAccess* a);
 // waiting. `fs` is the file seam (tests inject faults).
 Status Save(const RankAccess& a, const std::string& dir, std::span<const uint8_t> user,
             Fs& fs = Fs::Posix(), const Status& refused = Status::Ok());
+
+// A save in three parts, so that most of it runs while training goes on:
+//   Begin (collective, on the training thread): the ranks agree, rank 0
+//     makes the temporary directory, and each rank writes its parameter and
+//     gradient partitions (after Begin, training may change them);
+//   WriteState (any one thread; nothing else may use the optimizer until
+//     Finish): the optimizer state, the data file made durable, the index;
+//   Finish (collective, on the training thread; runs WriteState first if it
+//     has not run): the ranks agree every shard is durable, rank 0
+//     publishes, every rank learns the outcome.
+// Save() is the three in a row. A job destroyed without Finish publishes
+// nothing (its temporary directory goes with the next save).
+class SaveJob {
+ public:
+  static Result<std::unique_ptr<SaveJob>> Begin(const RankAccess& a, const std::string& dir,
+                                                std::span<const uint8_t> user,
+                                                Fs& fs = Fs::Posix(),
+                                                const Status& refused = Status::Ok());
+  ~SaveJob();
+  Status WriteState();
+  Status Finish();
+
+ private:
+  SaveJob();
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 struct Loaded {
   Manifest manifest;

@@ -26,6 +26,10 @@ NVMe bytes moved; at the end the peak RSS (VmHWM), and the step time against
              io`, sequential 1 MiB, measured in the same run):
     ratio  = median step / max(compute, drive).
 
+--save-cost ROUNDS measures what a checkpoint costs the step: ROUNDS of
+three steps, after no save, a background save and a blocking save
+(Offload.save_checkpoint), medians of each.
+
 --sweep runs each size in a child process, ztier and plain torch (torch
 only where its 16 bytes per parameter of model state fit in RAM), all
 ztier runs with the same pools (sized for the largest model of the sweep).
@@ -139,9 +143,10 @@ def disk_needed(params: int) -> int:
     return int(params * (4 + 4 + 24) * 1.05)
 
 
-def check_disk(path: str, params: int) -> None:
+def check_disk(path: str, params: int, extra: int = 0) -> None:
+    """Exits (status 2) unless the run's bytes and `extra` more fit."""
     os.makedirs(path, exist_ok=True)
-    need, free = disk_needed(params), shutil.disk_usage(path).free
+    need, free = disk_needed(params) + extra, shutil.disk_usage(path).free
     print(f"disk: this run writes {need / GIB:.1f} GiB under {path}; {free / GIB:.1f} GiB free",
           flush=True)
     if free < need:
@@ -282,6 +287,60 @@ def run_ztier(args) -> dict:
                 peak_rss=peak_rss())
 
 
+def run_save_cost(args) -> dict:
+    """The cost of a checkpoint on the training step: rounds of three steps,
+    each preceded by no save, a background save (its optimizer state written
+    while the step's forward and backward run; the step's optimizer call
+    finishes and publishes it) and a blocking save; medians."""
+    import ztier.torch
+    dim, layers, heads = shape_of(args)
+    params = param_count(dim, layers)
+    # The run's store, plus two checkpoints (one replaces the other) of
+    # 16 bytes per parameter (fp32 weights, master and moments).
+    check_disk(args.dir, params, extra=2 * 16 * params)
+    x, y = batch(args)
+    with ztier.torch.meta_init():
+        model = GPT(dim, layers, heads)
+    off = ztier.torch.offload(model, ztier_config(args, model), init=gpt2_init)
+    opt = off.adamw(lr=args.lr, weight_decay=0.0)
+    ckpt = os.path.join(args.dir, "save_cost_ckpt")
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        loss_of(model, x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    step()  # warm-up: first touch of the store and buffers
+    rows = {"none": [], "background": [], "blocking": []}
+    for r in range(args.save_cost):
+        for mode in rows:
+            t0 = time.perf_counter()
+            if mode != "none":
+                off.save_checkpoint(ckpt, opt, extra={"round": r}, background=mode == "background")
+            save_s = time.perf_counter() - t0
+            step_s = step()
+            rows[mode].append(dict(save_call_s=save_s, step_s=step_s, total_s=save_s + step_s))
+            print(f"round {r} {mode:>10}: save call {save_s:6.2f} s, then step {step_s:6.2f} s",
+                  flush=True)
+    summary = ztier.checkpoint_verify(ckpt)
+    off.close()
+    shutil.rmtree(ckpt, ignore_errors=True)
+    if not args.keep:
+        remove_store_files(args.dir)
+    med = {m: {k: statistics.median(v[k] for v in rows[m]) for k in rows[m][0]} for m in rows}
+    base = med["none"]["step_s"]
+    print(f"{label(args)}: {params / 1e9:.3f}B parameters, medians of {args.save_cost}:")
+    print(f"  step without a save       {base:7.2f} s")
+    for m in ("background", "blocking"):
+        print(f"  {m + ' save, then step':<25} {med[m]['total_s']:7.2f} s (save call "
+              f"{med[m]['save_call_s']:.2f} s, step {med[m]['step_s']:.2f} s): "
+              f"+{med[m]['total_s'] - base:.2f} s")
+    print(f"  last checkpoint: {summary}")
+    return dict(mode="save_cost", size=label(args), params=params, rounds=rows, medians=med)
+
+
 def run_torch(args) -> dict:
     dim, layers, heads = shape_of(args)
     x, y = batch(args)
@@ -386,6 +445,9 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true",
                     help="keep the swap files under --dir after the run")
     ap.add_argument("--sweep", help="comma-separated sizes: peak RSS of each, ztier and torch")
+    ap.add_argument("--save-cost", type=int, metavar="ROUNDS",
+                    help="the step-time cost of a checkpoint save, background and blocking "
+                         "(ROUNDS of 3 steps, medians); the checkpoint goes under --dir")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--add", action="append", default=[],
                     help="with --sweep: a JSON file of an earlier single run (--json) to "
@@ -406,6 +468,8 @@ def main() -> int:
         for path in args.add:
             with open(path) as f:
                 result.append(json.load(f))
+    elif args.save_cost:
+        result = run_save_cost(args)
     elif args.torch:
         result = run_torch(args)
     else:

@@ -495,7 +495,7 @@ Status OptimizerSwapper::SlotAsync(io::Op op, uint32_t g, uint8_t slot, uint8_t*
 
 Result<std::vector<tiering::BufferSpan>> OptimizerSwapper::AcquireTwo() {
   std::vector<tiering::BufferSpan> spans;
-  const uint32_t n = std::min<uint32_t>(2, std::max<uint32_t>(1, options_.buffer_count));
+  const uint32_t n = std::min<uint32_t>(2, std::max<uint32_t>(1, pool_->buffer_count()));
   for (uint32_t k = 0; k < n; ++k) {
     Result<tiering::BufferSpan> span = AcquireOne(*pool_);
     if (!span.ok()) {

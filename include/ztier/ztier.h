@@ -491,6 +491,24 @@ ZTIER_API ztier_status_t ztier_param_set_name(ztier_engine_t* engine, uint64_t i
 ZTIER_API ztier_status_t ztier_checkpoint_save(ztier_engine_t* engine, const char* dir,
                                                const void* user_data, size_t user_bytes);
 
+/* The same save, most of it while training goes on: returns once this
+ * rank's parameter and gradient partitions are written (training may then
+ * change them: run the next forward and backward); the optimizer state is
+ * written on a thread of the engine's. The next call that uses or changes
+ * the optimizer state (ztier_optimizer_step*, _step_begin/_finish, another
+ * save; collectives, which every rank makes at the same point) first
+ * finishes the save and publishes it; ztier_optimizer_state_read waits for
+ * the state part only. ztier_checkpoint_wait finishes it now and returns its
+ * outcome; a failure finished by another call is also reported by
+ * ztier_engine_async_error. Destroying the engine abandons an unfinished save
+ * (nothing is published). Serialised per engine. */
+ZTIER_API ztier_status_t ztier_checkpoint_save_async(ztier_engine_t* engine, const char* dir,
+                                                     const void* user_data, size_t user_bytes);
+/* Finishes a background save (collective) and returns the outcome of the
+ * last one, then forgets it; OK when there was none. Serialised per
+ * engine. */
+ZTIER_API ztier_status_t ztier_checkpoint_wait(ztier_engine_t* engine);
+
 /* Loads `dir` into this engine (each rank independently): the same
  * parameters (id, numel, dtype) must be registered and, if the checkpoint
  * holds optimizer state, the optimizer created with the same groups. The

@@ -261,6 +261,8 @@ _SIGNATURES = {
     "ztier_param_set_name": (_c.c_int, [_VP, _U64, _c.c_char_p, _c.POINTER(_U64), _c.c_size_t]),
     "ztier_checkpoint_save": (_c.c_int, [_VP, _c.c_char_p, _VP, _c.c_size_t]),
     "ztier_checkpoint_load": (_c.c_int, [_VP, _c.c_char_p]),
+    "ztier_checkpoint_save_async": (_c.c_int, [_VP, _c.c_char_p, _VP, _c.c_size_t]),
+    "ztier_checkpoint_wait": (_c.c_int, [_VP]),
     "ztier_checkpoint_user_data": (_c.c_int, [_c.c_char_p, _VP, _c.c_size_t,
                                               _c.POINTER(_c.c_size_t)]),
     "ztier_checkpoint_verify": (_c.c_int, [_c.c_char_p, _c.c_char_p, _c.c_size_t]),
@@ -642,6 +644,16 @@ class Engine:
         """Collective: every rank calls it with the same path."""
         _check(self._lib.ztier_checkpoint_save(self._handle, os.fsencode(path), user_data,
                                                len(user_data)))
+
+    def checkpoint_save_async(self, path: str, user_data: bytes = b"") -> None:
+        """Collective; returns once the parameters are written, the optimizer
+        state follows in the background (see ztier_checkpoint_save_async)."""
+        _check(self._lib.ztier_checkpoint_save_async(self._handle, os.fsencode(path), user_data,
+                                                     len(user_data)))
+
+    def checkpoint_wait(self) -> None:
+        """Finishes a background save (collective); raises if it failed."""
+        _check(self._lib.ztier_checkpoint_wait(self._handle))
 
     def checkpoint_load(self, path: str) -> None:
         _check(self._lib.ztier_checkpoint_load(self._handle, os.fsencode(path)))

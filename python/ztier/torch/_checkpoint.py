@@ -116,7 +116,7 @@ def _build(off, optimizer, kind, extra, buffers: bool) -> bytes:
     return pickle.dumps(state, protocol=4)
 
 
-def save(off, path, optimizer, extra, buffers: bool) -> None:
+def save(off, path, optimizer, extra, buffers: bool, background: bool = False) -> None:
     path = os.fspath(path)
     optimizer, kind = _kind(off, optimizer)
     if kind == "ztier":
@@ -136,7 +136,10 @@ def save(off, path, optimizer, extra, buffers: bool) -> None:
                                "build its checkpoint data (its error says why); nothing saved")
     if error is not None:
         raise error
-    off.engine.checkpoint_save(path, blob)
+    if background:
+        off.engine.checkpoint_save_async(path, blob)
+    else:
+        off.engine.checkpoint_save(path, blob)
 
 
 def _parse(raw: bytes, path: str) -> Optional[dict]:

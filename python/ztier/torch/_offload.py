@@ -720,7 +720,8 @@ class Offload:
         return out
 
     # ------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, path, optimizer=None, extra=None, *, buffers: bool = True) -> None:
+    def save_checkpoint(self, path, optimizer=None, extra=None, *, buffers: bool = True,
+                        background: bool = False) -> None:
         """Saves the training state to directory `path` (docs/torch.md,
         Checkpoints). Collective: every rank calls it, with the same path.
 
@@ -734,9 +735,19 @@ class Offload:
         `optimizer`: ztier's AdamW / Adam (default: the one made over this
         model, if any) or off.optimizer(...) (world size 1). The directory
         appears whole or not at all; a checkpoint already there is replaced
-        atomically."""
+        atomically.
+
+        `background=True` returns once the parameters are written: the
+        optimizer state is written while the next forward and backward run,
+        and the save is finished and published by the next optimizer step
+        (or wait_checkpoint(), which raises if it failed)."""
         from ztier.torch import _checkpoint
-        _checkpoint.save(self, path, optimizer, extra, buffers)
+        _checkpoint.save(self, path, optimizer, extra, buffers, background)
+
+    def wait_checkpoint(self) -> None:
+        """Finishes a background save_checkpoint (collective) and raises if it
+        failed; nothing to do without one."""
+        self.engine.checkpoint_wait()
 
     def load_checkpoint(self, path, optimizer=None):
         """Loads checkpoint `path` (saved at any world size) into this
