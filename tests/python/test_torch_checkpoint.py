@@ -32,7 +32,7 @@ import zipfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from torch_testing import TORCH_MISSING, run_ranks, tmpdir, torch  # noqa: E402
+from torch_testing import TORCH_MISSING, run_ranks, tmpdir, torch, training_config  # noqa: E402
 
 LR = dict(lr=1e-2, weight_decay=0.1)
 BEFORE, AFTER = 3, 3  # steps before the save, and after it
@@ -47,23 +47,7 @@ BEFORE, AFTER = 3, 3  # steps before the save, and after it
 RESHARD_RTOL = 5e-7
 
 
-def config_text(path: str) -> str:
-    # Parameters and ztier's optimizer state on NVMe (the optimizer in
-    # sub-groups of 5000 elements: the tiny GPT has ~27k), as the training tests.
-    os.makedirs(path, exist_ok=True)
-    return (
-        "optimizer:\n"
-        f"  paths: [\"{path}/opt\"]\n"
-        "  buffer_count: 2\n"
-        "  sub_group_size: 5000\n"
-        "  threads: 2\n"
-        "tiers:\n"
-        "  params: nvme\n"
-        "  host: {pin_memory: false}\n"
-        f"  nvme: {{paths: [\"{path}\"], buffer_count: 8, buffer_size: 8192,\n"
-        "         buffer_element_bytes: 4}\n"
-        "coordinator: {param_persistence_threshold: 0, max_reuse_distance: 0}\n"
-        "io: {register_buffers: false}\n")
+config_text = training_config  # the shared training-test config
 
 
 def snapshot(off, opt) -> dict:

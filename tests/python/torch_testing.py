@@ -52,3 +52,23 @@ def run_ranks(world: int, rank_main) -> None:
     group.close()
     if errors:
         raise errors[0]
+
+
+def training_config(path: str) -> str:
+    """The training tests' config: parameters and ztier's optimizer state on
+    NVMe under `path` (the optimizer in sub-groups of 5000 elements: the tiny
+    GPT has ~27k, so several; two buffers)."""
+    os.makedirs(path, exist_ok=True)
+    return (
+        "optimizer:\n"
+        f"  paths: [\"{path}/opt\"]\n"
+        "  buffer_count: 2\n"
+        "  sub_group_size: 5000\n"
+        "  threads: 2\n"
+        "tiers:\n"
+        "  params: nvme\n"
+        "  host: {pin_memory: false}\n"
+        f"  nvme: {{paths: [\"{path}\"], buffer_count: 8, buffer_size: 8192,\n"
+        "         buffer_element_bytes: 4}\n"
+        "coordinator: {param_persistence_threshold: 0, max_reuse_distance: 0}\n"
+        "io: {register_buffers: false}\n")
