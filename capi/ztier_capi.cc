@@ -26,6 +26,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <optional>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -66,7 +67,7 @@ struct ztier_engine {
     double sq_norm = 0;            // sum of squares of the gradient partition
     int64_t segment = -1;          // its index among the optimizer's segments
     std::string name;              // for checkpoints (ztier_param_set_name)
-    std::vector<uint64_t> shape;
+    std::optional<std::vector<uint64_t>> shape;  // none: never given (flat)
   };
 
   std::mutex mu;  // serialises the calls on this engine
@@ -1484,12 +1485,12 @@ ztier_status_t ztier_param_set_name(ztier_engine_t* engine, uint64_t id, const c
       product *= shape[d];
       if (product > p->numel) break;  // no overflow: it can only grow past numel
     }
-    if (ndim > 0 && product != p->numel) {
+    if (product != p->numel) {
       return Status::InvalidArgument(fmt::format(
           "the shape's product differs from parameter {}'s {} elements", id, p->numel));
     }
     p->name = name;
-    p->shape.assign(shape, shape + ndim);
+    p->shape.emplace(shape, shape + ndim);
     return Status::Ok();
   });
 }

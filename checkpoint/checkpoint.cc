@@ -793,8 +793,9 @@ std::string ExportHeader(const std::vector<ExportItem>& items) {
     pk.Tuple();
     pk.BinPersId();
     pk.Int(0);  // storage offset
-    // Size and contiguous strides: the registered shape, else flat.
-    std::vector<uint64_t> shape = p.shape.empty() ? std::vector<uint64_t>{p.numel} : p.shape;
+    // Size and contiguous strides: the registered shape (0-d included),
+    // else flat.
+    std::vector<uint64_t> shape = p.shape ? *p.shape : std::vector<uint64_t>{p.numel};
     std::vector<uint64_t> stride(shape.size(), 1);
     for (size_t d = shape.size(); d-- > 1;) stride[d - 1] = stride[d] * shape[d];
     pk.Mark();

@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -48,7 +49,7 @@ namespace ztier::checkpoint {
 struct RankParam {
   uint64_t id = 0;
   std::string name;
-  std::vector<uint64_t> shape;  // may be empty (flat)
+  std::optional<std::vector<uint64_t>> shape;  // as ParamMeta::shape
   uint64_t numel = 0;
   coordinator::DType dtype = coordinator::DType::kFloat32;
   uint64_t part_numel = 0;  // ceil(numel / world): rank r holds [r*p, r*p + p)

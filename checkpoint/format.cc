@@ -156,7 +156,7 @@ std::string ManifestToJson(const Manifest& m) {
   for (const ParamMeta& p : m.params) {
     params.push_back(json{{"id", p.id},
                           {"name", p.name},
-                          {"shape", p.shape},
+                          {"shape", p.shape ? json(*p.shape) : json(nullptr)},
                           {"numel", p.numel},
                           {"dtype", std::string(coordinator::DTypeName(p.dtype))},
                           {"has_state", p.has_state},
@@ -213,17 +213,23 @@ Result<Manifest> ManifestFromJson(const std::string& text, const std::string& pa
     ZTIER_ASSIGN_OR_RETURN(pm.name, r.Str(p, "name", where));
     // Elements times 4 bytes must not overflow.
     ZTIER_ASSIGN_OR_RETURN(pm.numel, r.U64(p, "numel", where, UINT64_MAX / 8));
-    ZTIER_ASSIGN_OR_RETURN(const json* shape, r.Array(p, "shape", where));
-    if (shape->size() > 64) return r.Bad(where, "the shape has more than 64 dimensions");
-    unsigned __int128 product = 1;
-    for (const json& d : *shape) {
-      if (!d.is_number_unsigned()) return r.Bad(where, "a shape entry is not a non-negative integer");
-      pm.shape.push_back(d.get<uint64_t>());
-      product *= pm.shape.back();
-      if (product > pm.numel) product = static_cast<unsigned __int128>(pm.numel) + 1;  // no overflow
-    }
-    if (!pm.shape.empty() && product != pm.numel) {
-      return r.Bad(where, fmt::format("the shape's product is not numel {}", pm.numel));
+    ZTIER_ASSIGN_OR_RETURN(const json* shape, r.Field(p, "shape", where));
+    if (!shape->is_null()) {
+      if (!shape->is_array()) return r.Bad(where, "'shape' is neither null nor an array");
+      if (shape->size() > 64) return r.Bad(where, "the shape has more than 64 dimensions");
+      pm.shape.emplace();
+      unsigned __int128 product = 1;
+      for (const json& d : *shape) {
+        if (!d.is_number_unsigned()) {
+          return r.Bad(where, "a shape entry is not a non-negative integer");
+        }
+        pm.shape->push_back(d.get<uint64_t>());
+        product *= pm.shape->back();
+        if (product > pm.numel) product = static_cast<unsigned __int128>(pm.numel) + 1;  // no overflow
+      }
+      if (product != pm.numel) {
+        return r.Bad(where, fmt::format("the shape's product is not numel {}", pm.numel));
+      }
     }
     ZTIER_ASSIGN_OR_RETURN(std::string dtype, r.Str(p, "dtype", where));
     auto dt = coordinator::ParseDType(dtype);

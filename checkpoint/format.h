@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -67,7 +68,8 @@ struct ShardIndex {
 struct ParamMeta {
   uint64_t id = 0;
   std::string name;             // may be empty
-  std::vector<uint64_t> shape;  // may be empty (flat); its product is numel
+  // Its shape (product numel; empty: a 0-d tensor), or none given (flat).
+  std::optional<std::vector<uint64_t>> shape;
   uint64_t numel = 0;
   coordinator::DType dtype = coordinator::DType::kFloat32;
   bool has_state = false;  // the optimizer keeps state for it

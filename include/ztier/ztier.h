@@ -472,7 +472,8 @@ ZTIER_API ztier_status_t ztier_optimizer_stats(ztier_engine_t* engine,
  * checkpoint there, or none). Saved at one world size, it loads at any. */
 
 /* Names parameter `id` (e.g. torch's "layer.0.weight") and gives its shape
- * (`ndim` sizes whose product is its numel; ndim 0: flat), for exports.
+ * (`ndim` sizes whose product is its numel; ndim 0: a 0-d tensor of one
+ * element), for exports; a parameter never named exports flat.
  * Optional. Serialised per engine. */
 ZTIER_API ztier_status_t ztier_param_set_name(ztier_engine_t* engine, uint64_t id,
                                               const char* name, const uint64_t* shape,

@@ -85,7 +85,7 @@ const std::vector<ParamSpec>& Specs() {
       {10, "embed.weight", {37, 29}, 1073, DType::kFloat32, true, 0},
       {11, "head.bias", {3}, 3, DType::kFloat32, true, 1},
       {12, "block.weight", {64, 40}, 2560, DType::kBFloat16, true, 0},
-      {13, "block.norm", {}, 1, DType::kFloat16, true, 1},
+      {13, "block.norm", {}, 1, DType::kFloat16, true, 1},  // 0-d
       {14, "running_mean", {5, 7}, 35, DType::kFloat32, false, 0},
       {15, "mask", {50}, 50, DType::kUInt8, false, 0},
   };
@@ -271,7 +271,8 @@ class RankModel {
       RankParam rp;
       rp.id = p.id;
       rp.name = p.name;
-      rp.shape = p.shape;
+      // "mask" is given no shape: it exports flat (as a parameter never named).
+      if (p.name != "mask") rp.shape = p.shape;
       rp.numel = p.numel;
       rp.dtype = p.dtype;
       rp.part_numel = Part(p);
@@ -680,7 +681,11 @@ TEST_F(CheckpointTest, RoundTripGivesBackEveryByte) {
     const ParamSpec& s = Specs()[k];
     EXPECT_EQ(m.params[k].id, s.id);
     EXPECT_EQ(m.params[k].name, s.name);
-    EXPECT_EQ(m.params[k].shape, s.shape);
+    if (s.name == "mask") {
+      EXPECT_FALSE(m.params[k].shape.has_value());
+    } else {
+      EXPECT_EQ(m.params[k].shape, s.shape);
+    }
     EXPECT_EQ(m.params[k].has_state, s.has_state);
     EXPECT_EQ(m.params[k].has_grad, s.id == 10 || s.id == 12) << s.id;
     if (s.has_state) {
@@ -1170,7 +1175,7 @@ TEST_F(CheckpointTest, ExportTorchIsReadByTorchLoad) {
             "    sd = torch.load(path, weights_only=bool(wo))\n"
             "    print('TYPE', wo, type(sd).__name__)\n"
             "    for name, t in sd.items():\n"
-            "        shape = 'x'.join(str(d) for d in t.shape)\n"
+            "        shape = 'x'.join(str(d) for d in t.shape) or '()'\n"
             "        print('T', wo, name, str(t.dtype), shape, int(t.is_contiguous()),\n"
             "              int(t.requires_grad))\n"
             "        with open('%s/%d-%s.raw' % (out, wo, name), 'wb') as f:\n"
@@ -1206,9 +1211,11 @@ TEST_F(CheckpointTest, ExportTorchIsReadByTorchLoad) {
     ASSERT_NE(spec, nullptr) << line;
     SCOPED_TRACE(line);
     std::string want_shape;
-    for (uint64_t d : spec->shape.empty() ? std::vector<uint64_t>{spec->numel} : spec->shape) {
+    // The registered shape ("()": 0-d); flat where none was given.
+    for (uint64_t d : spec->name == "mask" ? std::vector<uint64_t>{spec->numel} : spec->shape) {
       want_shape += (want_shape.empty() ? "" : "x") + std::to_string(d);
     }
+    if (want_shape.empty()) want_shape = "()";
     EXPECT_EQ(shape, want_shape);
     EXPECT_EQ(contiguous, 1);
     EXPECT_EQ(requires_grad, 0);

@@ -479,11 +479,22 @@ class ExportRoundTripTest(unittest.TestCase):
     """ztier.checkpoint_export writes torch's legacy format; offload(weights=)
     reads it back as it is, no re-save."""
 
-    @staticmethod
-    def build():
-        return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.LayerNorm(16),
-                                   torch.nn.GELU(), torch.nn.Linear(16, 16),
-                                   torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 3))
+    class Scaled(torch.nn.Module if torch is not None else object):
+        """A network and a 0-d parameter (as CLIP's logit_scale)."""
+
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.LayerNorm(16),
+                                           torch.nn.GELU(), torch.nn.Linear(16, 16),
+                                           torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 3))
+            self.scale = torch.nn.Parameter(torch.ones([]))
+
+        def forward(self, x):
+            return self.net(x) * self.scale
+
+    @classmethod
+    def build(cls):
+        return cls.Scaled()
 
     def test_export_back_through_weights(self):
         import ztier
@@ -518,6 +529,12 @@ class ExportRoundTripTest(unittest.TestCase):
                 self.assertEqual(t.dtype, torch.float32, name)
                 self.assertTrue(torch.equal(t, exported[name]), name)
                 self.assertTrue(torch.equal(t, weights[name]), name)
+        self.assertEqual(exported["scale"].shape, torch.Size([]))  # 0-d stays 0-d
+        plain = self.build()  # and the plain model takes the export as it is
+        missing, unexpected = plain.load_state_dict(exported, strict=False)
+        self.assertEqual(unexpected, [])
+        self.assertTrue(all("running" in k or "num_batches" in k for k in missing), missing)
+        self.assertTrue(torch.equal(plain.scale.detach(), weights["scale"]))
 
         # A fresh model, parameters on the meta device, built from the export.
         for dtype in (None, torch.bfloat16):
