@@ -1466,39 +1466,6 @@ Status CheckDir(const char* dir) {
   return Status::Ok();
 }
 
-}  // namespace
-
-extern "C" {
-
-ztier_status_t ztier_param_set_name(ztier_engine_t* engine, uint64_t id, const char* name,
-                                    const uint64_t* shape, size_t ndim) {
-  return WithEngine(engine, "ztier_param_set_name", [&](ztier_engine& e) -> Status {
-    ZTIER_ASSIGN_OR_RETURN(ztier_engine::Param * p, FindParam(e, id));
-    if (name == nullptr) return Status::InvalidArgument("name is NULL");
-    if (ndim > 64 || (ndim > 0 && shape == nullptr)) {
-      return Status::InvalidArgument(
-          fmt::format("shape: {} dimensions at {} (at most 64, and not NULL)", ndim,
-                      static_cast<const void*>(shape)));
-    }
-    unsigned __int128 product = 1;
-    for (size_t d = 0; d < ndim; ++d) {
-      product *= shape[d];
-      if (product > p->numel) break;  // no overflow: it can only grow past numel
-    }
-    if (product != p->numel) {
-      return Status::InvalidArgument(fmt::format(
-          "the shape's product differs from parameter {}'s {} elements", id, p->numel));
-    }
-    p->name = name;
-    p->shape.emplace(shape, shape + ndim);
-    return Status::Ok();
-  });
-}
-
-}  // extern "C"
-
-namespace {
-
 // Begins a save (ztier_checkpoint_save and _save_async). Refusals go
 // through the save's first agreement between the ranks, so that one rank's
 // refusal fails the save everywhere instead of hanging it.
@@ -1529,6 +1496,31 @@ Result<std::unique_ptr<ck::SaveJob>> BeginSave(ztier_engine& e, const char* dir,
 }  // namespace
 
 extern "C" {
+
+ztier_status_t ztier_param_set_name(ztier_engine_t* engine, uint64_t id, const char* name,
+                                    const uint64_t* shape, size_t ndim) {
+  return WithEngine(engine, "ztier_param_set_name", [&](ztier_engine& e) -> Status {
+    ZTIER_ASSIGN_OR_RETURN(ztier_engine::Param * p, FindParam(e, id));
+    if (name == nullptr) return Status::InvalidArgument("name is NULL");
+    if (ndim > 64 || (ndim > 0 && shape == nullptr)) {
+      return Status::InvalidArgument(
+          fmt::format("shape: {} dimensions at {} (at most 64, and not NULL)", ndim,
+                      static_cast<const void*>(shape)));
+    }
+    unsigned __int128 product = 1;
+    for (size_t d = 0; d < ndim; ++d) {
+      product *= shape[d];
+      if (product > p->numel) break;  // no overflow: it can only grow past numel
+    }
+    if (product != p->numel) {
+      return Status::InvalidArgument(fmt::format(
+          "the shape's product differs from parameter {}'s {} elements", id, p->numel));
+    }
+    p->name = name;
+    p->shape.emplace(shape, shape + ndim);
+    return Status::Ok();
+  });
+}
 
 ztier_status_t ztier_checkpoint_save(ztier_engine_t* engine, const char* dir,
                                      const void* user_data, size_t user_bytes) {
