@@ -58,6 +58,13 @@ Status Fs::Truncate(int fd, uint64_t bytes, const std::string& path) {
   return Status::Ok();
 }
 
+Status Fs::Allocate(int fd, uint64_t bytes, const std::string& path) {
+  if (bytes == 0) return Status::Ok();
+  const int rc = posix_fallocate(fd, 0, static_cast<off_t>(bytes));
+  if (rc != 0) return Errno(fmt::format("reserve {} bytes for", bytes), path, rc);
+  return Status::Ok();
+}
+
 Status Fs::Fsync(int fd, const std::string& path) {
   if (fsync(fd) != 0) return Errno("fsync", path, errno);
   return Status::Ok();

@@ -21,6 +21,8 @@ class Fs {
   virtual Status Write(int fd, const void* data, uint64_t bytes, uint64_t offset,
                        const std::string& path);
   virtual Status Truncate(int fd, uint64_t bytes, const std::string& path);
+  // Reserves `bytes` for the file (fallocate; its size becomes `bytes`).
+  virtual Status Allocate(int fd, uint64_t bytes, const std::string& path);
   virtual Status Fsync(int fd, const std::string& path);
   virtual Status Close(int fd, const std::string& path);
   virtual Status Mkdir(const std::string& path);  // mode 0700

@@ -87,6 +87,7 @@ class ShardSaver {
   Status Front() {
     const std::string data_path = dir_ + "/" + DataFileName(a_.rank);
     ZTIER_ASSIGN_OR_RETURN(writer_, ShardWriter::Create(fs_, data_path, kChunkBytes));
+    ZTIER_RETURN_IF_ERROR(writer_->Reserve(ExpectedBytes()));
     ZTIER_RETURN_IF_ERROR(Partitions(Kind::kParam));
     return Partitions(Kind::kGrad);
   }
@@ -103,6 +104,19 @@ class ShardSaver {
   }
 
  private:
+  // The data file's size: the owned elements of every partition, pending
+  // gradient and (three arrays of float32) optimizer state.
+  uint64_t ExpectedBytes() const {
+    uint64_t bytes = 0;
+    for (const RankParam& p : a_.params) {
+      const uint64_t n = Owned(p, a_.rank).count;
+      const uint64_t eb = coordinator::DTypeBytes(p.dtype);
+      bytes += n * eb * (p.has_grad ? 2 : 1);
+      if (a_.optimizer != nullptr && p.segment >= 0) bytes += n * 12;
+    }
+    return bytes;
+  }
+
   Status Add(uint64_t param, Kind kind, uint64_t start, uint64_t count, const void* data,
              uint32_t elem_bytes) {
     if (count == 0) return Status::Ok();

@@ -121,6 +121,11 @@ Status ShardWriter::Submit() {
   return error_;
 }
 
+Status ShardWriter::Reserve(uint64_t bytes) {
+  // O_DIRECT writes whole blocks: the reserve covers the padded tail.
+  return fs_.Allocate(fd_, (bytes + kAlign - 1) / kAlign * kAlign, path_);
+}
+
 Status ShardWriter::Append(const void* data, uint64_t bytes) {
   const auto* p = static_cast<const uint8_t*>(data);
   while (bytes > 0) {

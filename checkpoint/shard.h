@@ -40,6 +40,10 @@ class ShardWriter {
                                                      uint32_t buffers = 4);
   ~ShardWriter();  // stops the thread; an unfinished file is left for the caller to remove
 
+  // Reserves the file's expected size before the first Append: writes into
+  // a reserved file run side by side (an append past the end of a file is
+  // serialised by the filesystem). Finish cuts what is not used.
+  Status Reserve(uint64_t bytes);
   // Appends `bytes` at offset(); the first write error is returned by this
   // or a later call.
   Status Append(const void* data, uint64_t bytes);

@@ -578,6 +578,10 @@ class CountingFs : public Fs {
     ZTIER_RETURN_IF_ERROR(Count("truncate", path));
     return Fs::Truncate(fd, bytes, path);
   }
+  Status Allocate(int fd, uint64_t bytes, const std::string& path) override {
+    ZTIER_RETURN_IF_ERROR(Count("allocate", path));  // e.g. ENOSPC up front
+    return Fs::Allocate(fd, bytes, path);
+  }
   Status Fsync(int fd, const std::string& path) override {
     ZTIER_RETURN_IF_ERROR(Count("fsync", path));
     return Fs::Fsync(fd, path);
