@@ -1584,13 +1584,19 @@ ztier_status_t ztier_checkpoint_load(ztier_engine_t* engine, const char* dir) {
   });
 }
 
-ztier_status_t ztier_checkpoint_user_data(const char* dir, void* out, size_t capacity,
-                                          size_t* bytes) {
-  return Guard("ztier_checkpoint_user_data", [&]() -> ztier_status_t {
-    const char* fn = "ztier_checkpoint_user_data";
+}  // extern "C"
+
+namespace {
+
+// ztier_checkpoint_user_data and _rank_user_data: rank 0's (rank < 0) or
+// `rank`'s user data.
+ztier_status_t CopyUserData(const char* fn, const char* dir, int64_t rank, void* out,
+                            size_t capacity, size_t* bytes) {
+  return Guard(fn, [&]() -> ztier_status_t {
     if (Status s = CheckDir(dir); !s.ok()) return FromStatus(s, fn);
     if (bytes == nullptr) return FromStatus(Status::InvalidArgument("bytes is NULL"), fn);
-    Result<std::string> text = ck::ReadUserData(dir);
+    Result<std::string> text = rank < 0 ? ck::ReadUserData(dir)
+                                        : ck::ReadUserData(dir, static_cast<uint32_t>(rank));
     if (!text.ok()) return FromStatus(text.status(), fn);
     *bytes = text->size();
     if (out == nullptr || capacity < text->size()) {
@@ -1602,6 +1608,20 @@ ztier_status_t ztier_checkpoint_user_data(const char* dir, void* out, size_t cap
     memcpy(out, text->data(), text->size());
     return ZTIER_STATUS_OK;
   });
+}
+
+}  // namespace
+
+extern "C" {
+
+ztier_status_t ztier_checkpoint_user_data(const char* dir, void* out, size_t capacity,
+                                          size_t* bytes) {
+  return CopyUserData("ztier_checkpoint_user_data", dir, -1, out, capacity, bytes);
+}
+
+ztier_status_t ztier_checkpoint_rank_user_data(const char* dir, uint32_t rank, void* out,
+                                               size_t capacity, size_t* bytes) {
+  return CopyUserData("ztier_checkpoint_rank_user_data", dir, rank, out, capacity, bytes);
 }
 
 ztier_status_t ztier_checkpoint_verify(const char* dir, char* summary, size_t summary_bytes) {

@@ -128,8 +128,10 @@ Result<Loaded> Load(const RankAccess& a, const std::string& dir, bool* wrote = n
 
 // Reads and checks the manifest only.
 Result<Manifest> ReadManifest(const std::string& dir);
-// The user blob, checked against the manifest.
+// Rank 0's user blob (or `rank`'s, of the saving run), checked against the
+// manifest and the rank's index.
 Result<std::string> ReadUserData(const std::string& dir);
+Result<std::string> ReadUserData(const std::string& dir, uint32_t rank);
 
 // Everything a reader checks, and every chunk of every file: the first
 // problem found, or OK with a one-line summary in `*summary`.

@@ -150,6 +150,7 @@ uint32_t KindBytes(Kind kind, coordinator::DType dtype) {
 
 std::string IndexFileName(uint32_t rank) { return fmt::format("rank-{:05d}.json", rank); }
 std::string DataFileName(uint32_t rank) { return fmt::format("rank-{:05d}.bin", rank); }
+std::string UserFileName(uint32_t rank) { return fmt::format("user-{:05d}.bin", rank); }
 
 std::string ManifestToJson(const Manifest& m) {
   json params = json::array();
@@ -275,7 +276,8 @@ std::string ShardToJson(const ShardIndex& s) {
            {"data_bytes", s.data_bytes},
            {"chunk_bytes", s.chunk_bytes},
            {"chunk_crc32c", s.crc32c},
-           {"extents", std::move(extents)}};
+           {"extents", std::move(extents)},
+           {"user", FileJson(s.user)}};
   doc["crc32c"] = DocCrc(doc);
   return doc.dump() + "\n";
 }
@@ -310,6 +312,10 @@ Result<ShardIndex> ShardFromJson(const std::string& text, const std::string& pat
       return r.Bad("chunk_crc32c", "an entry is not a 32-bit unsigned integer");
     }
     s.crc32c.push_back(c.get<uint32_t>());
+  }
+  ZTIER_ASSIGN_OR_RETURN(s.user, r.File(doc, "user"));
+  if (s.user.name != UserFileName(s.rank)) {
+    return r.Bad(top, fmt::format("user file '{}' is not {}", s.user.name, UserFileName(s.rank)));
   }
   std::unordered_map<uint64_t, const ParamMeta*> params;
   for (const ParamMeta& p : m.params) params[p.id] = &p;

@@ -11,7 +11,8 @@
 //                          extents: which elements of which parameter and
 //                          kind lie where in the data file.
 //   DIR/rank-NNNNN.bin     the data, extents end to end.
-//   DIR/user.bin, DIR/config.yaml
+//   DIR/user-NNNNN.bin     one rank's user data (its index pins it)
+//   DIR/config.yaml
 //
 // An extent names elements by their index in the full (unpartitioned)
 // parameter, so a checkpoint loads at any world size: each rank of the
@@ -32,7 +33,6 @@ namespace ztier::checkpoint {
 inline constexpr const char* kManifestFormat = "ztier-checkpoint-v1";
 inline constexpr const char* kShardFormat = "ztier-checkpoint-shard-v1";
 inline constexpr const char* kManifestName = "manifest.json";
-inline constexpr const char* kUserName = "user.bin";
 inline constexpr const char* kConfigName = "config.yaml";
 // Bytes covered by one CRC32C of a data file.
 inline constexpr uint64_t kChunkBytes = 4ull << 20;
@@ -56,6 +56,13 @@ struct Extent {
   uint64_t offset = 0;
 };
 
+// A file of the checkpoint pinned by the manifest.
+struct FileRef {
+  std::string name;
+  uint64_t bytes = 0;
+  uint32_t crc32c = 0;
+};
+
 struct ShardIndex {
   uint32_t rank = 0;
   std::string data_file;        // relative to the checkpoint directory
@@ -63,6 +70,7 @@ struct ShardIndex {
   uint64_t chunk_bytes = kChunkBytes;
   std::vector<uint32_t> crc32c;  // one per chunk of data_bytes
   std::vector<Extent> extents;
+  FileRef user;  // this rank's user data (user-NNNNN.bin)
 };
 
 struct ParamMeta {
@@ -78,12 +86,6 @@ struct ParamMeta {
   bool has_grad = false;   // a gradient was pending at the save
 };
 
-// A file of the checkpoint pinned by the manifest.
-struct FileRef {
-  std::string name;
-  uint64_t bytes = 0;
-  uint32_t crc32c = 0;
-};
 
 struct Manifest {
   uint32_t world_size = 1;
@@ -94,7 +96,8 @@ struct Manifest {
   bool has_optimizer = false;
   std::vector<optim::AdamHyper> groups;  // the optimizer's groups
   std::vector<FileRef> ranks;  // index files, rank order
-  FileRef user, config;
+  FileRef user;  // rank 0's user data (its index names every rank's)
+  FileRef config;
 };
 
 // Serialises with the manifest's own CRC32C (of the document without it).
@@ -109,9 +112,10 @@ std::string ShardToJson(const ShardIndex& s);
 Result<ShardIndex> ShardFromJson(const std::string& text, const std::string& path,
                                  const Manifest& m);
 
-// "rank-00003.json" / "rank-00003.bin".
+// "rank-00003.json" / "rank-00003.bin" / "user-00003.bin".
 std::string IndexFileName(uint32_t rank);
 std::string DataFileName(uint32_t rank);
+std::string UserFileName(uint32_t rank);
 
 // Bytes per element of `kind` for a parameter of `dtype`.
 uint32_t KindBytes(Kind kind, coordinator::DType dtype);

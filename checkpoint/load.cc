@@ -126,14 +126,9 @@ Result<Loaded> Load(const RankAccess& a, const std::string& dir, bool* wrote) {
 Status Verify(const std::string& dir, std::string* summary) {
   ZTIER_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> ck, CheckpointReader::Open(dir));
   const Manifest& m = ck->manifest();
-  ZTIER_RETURN_IF_ERROR(ReadUserData(dir).status());
-  {
-    const std::string path = dir + "/" + m.config.name;
-    ZTIER_ASSIGN_OR_RETURN(std::string text, ReadSmallFile(path, kMaxJsonBytes));
-    if (text.size() != m.config.bytes || Crc32c(text.data(), text.size()) != m.config.crc32c) {
-      return Status::Corruption(fmt::format("checkpoint file {}: differs from the manifest's size or CRC32C", path));
-    }
-  }
+  ZTIER_RETURN_IF_ERROR(ReadPinned(dir, m.user).status());
+  ZTIER_RETURN_IF_ERROR(ReadPinned(dir, m.config).status());
+  for (const ShardIndex& s : ck->shards()) ZTIER_RETURN_IF_ERROR(ReadPinned(dir, s.user).status());
   uint64_t bytes = 0;
   for (uint32_t r = 0; r < ck->shards().size(); ++r) {
     ZTIER_ASSIGN_OR_RETURN(ShardReader * rd, ck->Reader(r));

@@ -111,15 +111,31 @@ Result<Manifest> ReadManifest(const std::string& dir) {
   return ManifestFromJson(text, path);
 }
 
-Result<std::string> ReadUserData(const std::string& dir) {
-  ZTIER_ASSIGN_OR_RETURN(Manifest m, ReadManifest(dir));
-  const std::string path = dir + "/" + m.user.name;
+Result<std::string> ReadPinned(const std::string& dir, const FileRef& f) {
+  const std::string path = dir + "/" + f.name;
   ZTIER_ASSIGN_OR_RETURN(std::string text, ReadSmallFile(path, kMaxJsonBytes));
-  if (text.size() != m.user.bytes || Crc32c(text.data(), text.size()) != m.user.crc32c) {
+  if (text.size() != f.bytes || Crc32c(text.data(), text.size()) != f.crc32c) {
     return Status::Corruption(fmt::format(
-        "checkpoint file {}: {} bytes or its CRC32C differ from the manifest's", path, text.size()));
+        "checkpoint file {}: {} bytes, CRC32C {:08x}; expected {} bytes, {:08x} (damaged)", path,
+        text.size(), Crc32c(text.data(), text.size()), f.bytes, f.crc32c));
   }
   return text;
+}
+
+Result<std::string> ReadUserData(const std::string& dir) {
+  ZTIER_ASSIGN_OR_RETURN(Manifest m, ReadManifest(dir));
+  return ReadPinned(dir, m.user);
+}
+
+Result<std::string> ReadUserData(const std::string& dir, uint32_t rank) {
+  ZTIER_ASSIGN_OR_RETURN(Manifest m, ReadManifest(dir));
+  if (rank >= m.world_size) {
+    return Status::InvalidArgument(fmt::format(
+        "checkpoint {} was saved by {} ranks: it has no rank {}", dir, m.world_size, rank));
+  }
+  ZTIER_ASSIGN_OR_RETURN(std::string text, ReadPinned(dir, m.ranks[rank]));
+  ZTIER_ASSIGN_OR_RETURN(ShardIndex s, ShardFromJson(text, dir + "/" + m.ranks[rank].name, m));
+  return ReadPinned(dir, s.user);
 }
 
 }  // namespace ztier::checkpoint

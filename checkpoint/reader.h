@@ -17,6 +17,9 @@
 
 namespace ztier::checkpoint {
 
+// A small file of the checkpoint, checked against its size and CRC32C.
+Result<std::string> ReadPinned(const std::string& dir, const FileRef& f);
+
 // Elements [start, start + count) of the full parameter that rank `rank`'s
 // partition holds (the padding past numel is not saved).
 struct Span {

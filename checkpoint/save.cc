@@ -81,7 +81,8 @@ std::string UtcNow() {
 
 class ShardSaver {
  public:
-  ShardSaver(const RankAccess& a, Fs& fsys, std::string dir) : a_(a), fs_(fsys), dir_(std::move(dir)) {}
+  ShardSaver(const RankAccess& a, Fs& fsys, std::string dir, std::span<const uint8_t> user)
+      : a_(a), fs_(fsys), dir_(std::move(dir)), user_(user) {}
 
   // The parameter and gradient partitions (what training changes first).
   Status Front() {
@@ -100,8 +101,13 @@ class ShardSaver {
     index_.data_bytes = writer_->offset();
     index_.chunk_bytes = kChunkBytes;
     index_.crc32c = writer_->chunk_crcs();
+    // This rank's user data, pinned by its index.
+    const std::string user(reinterpret_cast<const char*>(user_.data()), user_.size());
+    index_.user = {UserFileName(a_.rank), user.size(), Crc32c(user.data(), user.size())};
+    ZTIER_RETURN_IF_ERROR(WriteSmallFile(fs_, dir_ + "/" + index_.user.name, user));
     return WriteSmallFile(fs_, dir_ + "/" + IndexFileName(a_.rank), ShardToJson(index_));
   }
+  const ShardIndex& index() const { return index_; }
 
  private:
   // The data file's size: the owned elements of every partition, pending
@@ -186,6 +192,7 @@ class ShardSaver {
   Fs& fs_;
   std::string dir_;
   std::unique_ptr<ShardWriter> writer_;
+  std::span<const uint8_t> user_;  // owned by the SaveJob
   ShardIndex index_;
 };
 
@@ -224,11 +231,9 @@ Manifest BuildManifest(const RankAccess& a) {
 // Rank 0's part after every shard is durable: the small files, the
 // manifest, and the publish.
 Status Publish(const RankAccess& a, Manifest m, Fs& fsys, const Target& t, const std::string& tmp,
-               std::span<const uint8_t> user) {
-  const std::string user_text(reinterpret_cast<const char*>(user.data()), user.size());
-  ZTIER_RETURN_IF_ERROR(WriteSmallFile(fsys, tmp + "/" + kUserName, user_text));
+               const FileRef& user) {
   ZTIER_RETURN_IF_ERROR(WriteSmallFile(fsys, tmp + "/" + kConfigName, a.config_yaml));
-  m.user = {kUserName, user.size(), Crc32c(user.data(), user.size())};
+  m.user = user;
   m.config = {kConfigName, a.config_yaml.size(), Crc32c(a.config_yaml.data(), a.config_yaml.size())};
   for (uint32_t r = 0; r < a.world; ++r) {
     ZTIER_ASSIGN_OR_RETURN(FileRef f, FileRefOf(tmp, IndexFileName(r)));
@@ -345,7 +350,7 @@ Result<std::unique_ptr<SaveJob>> SaveJob::Begin(const RankAccess& a, const std::
   if (!j.target.ok()) j.local = j.target.status();
   if (j.target.ok()) j.tmp = TempPath(*j.target, nonce);
   // 2a. This rank's partitions: from here on training may change them.
-  j.saver = std::make_unique<ShardSaver>(j.a, fsys, j.tmp);
+  j.saver = std::make_unique<ShardSaver>(j.a, fsys, j.tmp, j.user);
   if (j.local.ok()) j.local = j.saver->Front();
   return job;
 }
@@ -366,7 +371,7 @@ Status SaveJob::Finish() {
   ZTIER_ASSIGN_OR_RETURN(bool all_ok, AllOk(a, j.local.ok()));
   Status published = Status::Ok();
   if (a.rank == 0) {
-    published = all_ok ? Publish(a, j.manifest, fsys, *j.target, j.tmp, j.user)
+    published = all_ok ? Publish(a, j.manifest, fsys, *j.target, j.tmp, j.saver->index().user)
                        : Status::Cancelled("another rank failed to write its shard");
     if (!published.ok()) {
       Status s = fsys.RemoveAll(j.tmp);

@@ -483,12 +483,12 @@ ZTIER_API ztier_status_t ztier_param_set_name(ztier_engine_t* engine, uint64_t i
  * existing checkpoint there is replaced atomically, anything else there is
  * refused). Collective: every rank calls it, with the same `dir` (a
  * filesystem every rank sees). `user_data` (`user_bytes`, up to 1 GiB) is
- * stored as is: the trainer's step, RNG states, data position; rank 0's is
- * kept. Streamed through a few 16 MiB buffers and the optimizer's own. Not
- * while an optimizer step is begun or a module is fetched; a refusal on one
- * rank fails the call on every rank (none waits for it). On failure nothing
- * is published and the training state is untouched. Serialised per
- * engine. */
+ * stored as is: the trainer's step, RNG states, data position; each
+ * rank's own is kept. Streamed through a few 16 MiB buffers and the
+ * optimizer's own. Not while an optimizer step is begun or a module is
+ * fetched; a refusal on one rank fails the call on every rank (none waits
+ * for it). On failure nothing is published and the training state is
+ * untouched. Serialised per engine. */
 ZTIER_API ztier_status_t ztier_checkpoint_save(ztier_engine_t* engine, const char* dir,
                                                const void* user_data, size_t user_bytes);
 
@@ -523,11 +523,16 @@ ZTIER_API ztier_status_t ztier_checkpoint_wait(ztier_engine_t* engine);
  * engine. */
 ZTIER_API ztier_status_t ztier_checkpoint_load(ztier_engine_t* engine, const char* dir);
 
-/* The user data of checkpoint `dir`: `*bytes` receives its size; with
- * `out` NULL and `capacity` 0 that is all (a size query), else `capacity`
- * must hold it. Thread-safe. */
+/* The user data rank 0 saved in checkpoint `dir`: `*bytes` receives its
+ * size; with `out` NULL and `capacity` 0 that is all (a size query), else
+ * `capacity` must hold it. Thread-safe. */
 ZTIER_API ztier_status_t ztier_checkpoint_user_data(const char* dir, void* out, size_t capacity,
                                                     size_t* bytes);
+/* The same for the user data rank `rank` of the saving run gave (each rank's
+ * own is kept: its RNG state, its data position). Thread-safe. */
+ZTIER_API ztier_status_t ztier_checkpoint_rank_user_data(const char* dir, uint32_t rank,
+                                                         void* out, size_t capacity,
+                                                         size_t* bytes);
 
 /* Checks every file and every chunk of checkpoint `dir`. OK: `summary`
  * receives one line (step, world size, sizes); otherwise the error code, and

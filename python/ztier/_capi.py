@@ -265,6 +265,8 @@ _SIGNATURES = {
     "ztier_checkpoint_wait": (_c.c_int, [_VP]),
     "ztier_checkpoint_user_data": (_c.c_int, [_c.c_char_p, _VP, _c.c_size_t,
                                               _c.POINTER(_c.c_size_t)]),
+    "ztier_checkpoint_rank_user_data": (_c.c_int, [_c.c_char_p, _c.c_uint32, _VP, _c.c_size_t,
+                                                   _c.POINTER(_c.c_size_t)]),
     "ztier_checkpoint_verify": (_c.c_int, [_c.c_char_p, _c.c_char_p, _c.c_size_t]),
     "ztier_checkpoint_export": (_c.c_int, [_c.c_char_p, _c.c_char_p]),
 }
@@ -351,14 +353,21 @@ def status_string(status: int) -> str:
     return load_library().ztier_status_string(int(status)).decode()
 
 
-def checkpoint_user_data(path: str) -> bytes:
-    """The user data stored in checkpoint `path` (checked against its CRC)."""
+def checkpoint_user_data(path: str, rank: Optional[int] = None) -> bytes:
+    """The user data rank 0 (or `rank`) of the saving run stored in checkpoint
+    `path` (checked against its CRC)."""
     lib = load_library()
     size = ctypes.c_size_t()
-    _check(lib.ztier_checkpoint_user_data(os.fsencode(path), None, 0, ctypes.byref(size)))
+
+    def call(out, capacity):
+        if rank is None:
+            return lib.ztier_checkpoint_user_data(os.fsencode(path), out, capacity,
+                                                  ctypes.byref(size))
+        return lib.ztier_checkpoint_rank_user_data(os.fsencode(path), rank, out, capacity,
+                                                   ctypes.byref(size))
+    _check(call(None, 0))
     out = ctypes.create_string_buffer(max(1, size.value))
-    _check(lib.ztier_checkpoint_user_data(os.fsencode(path), out, size.value,
-                                          ctypes.byref(size)))
+    _check(call(out, size.value))
     return out.raw[:size.value]
 
 

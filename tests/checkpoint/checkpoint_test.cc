@@ -408,7 +408,9 @@ Status SaveWorld(World& w, const std::string& dir, const std::string& user, Fs& 
   for (uint32_t r = 0; r < w.size(); ++r) {
     threads.emplace_back([&, r] {
       Exchange ex = [&gather, r](uint64_t v) -> Result<std::vector<uint64_t>> { return gather.Run(r, v); };
-      results[r] = Save(w[r]->Access(ex), dir, Bytes(user), fsys);
+      // Each rank's own user data: the user text, then its rank after rank 0.
+      const std::string mine = r == 0 ? user : user + "@" + std::to_string(r);
+      results[r] = Save(w[r]->Access(ex), dir, Bytes(mine), fsys);
     });
   }
   for (auto& t : threads) t.join();
@@ -728,6 +730,12 @@ TEST_F(CheckpointTest, ACheckpointOfNRanksLoadsAtM) {
     std::string summary;
     ASSERT_OK(Verify(dir, &summary));
     EXPECT_TRUE(Contains(summary, "world size " + std::to_string(from))) << summary;
+    // Every rank's user data is kept; rank 0's is the default.
+    EXPECT_EQ(*ReadUserData(dir), "u");
+    for (uint32_t r = 0; r < from; ++r) {
+      EXPECT_EQ(*ReadUserData(dir, r), r == 0 ? "u" : "u@" + std::to_string(r));
+    }
+    EXPECT_EQ(ReadUserData(dir, from).status().code(), StatusCode::kInvalidArgument);
     Result<Full> original = Gather(*src);
     ASSERT_OK(original.status());
 

@@ -185,13 +185,14 @@ class CheckpointTest(unittest.TestCase):
                 opt = off.adamw(**LR)
                 data = [(x[rank::world], y[rank::world]) for x, y in self.data]
                 if load is not None:
-                    off.load_checkpoint(load, opt)
+                    # Each rank takes back its own extra (the saving world size).
+                    self.assertEqual(off.load_checkpoint(load, opt), {"rank": rank})
                     data = data[BEFORE:]
                 out = []
                 for k, (x, y) in enumerate(data):
                     if save and k == BEFORE:
                         off.save_checkpoint(os.path.join(path, f"bg{world}"), opt,
-                                            background=True)
+                                            extra={"rank": rank}, background=True)
                         # Not published yet: the next optimizer step does it.
                         self.assertFalse(os.path.exists(os.path.join(path, f"bg{world}")))
                     out.append(self.step(model, opt, x, y))

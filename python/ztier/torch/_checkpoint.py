@@ -4,7 +4,7 @@ offloaded model in one checkpoint directory (docs/torch.md, Checkpoints).
 The engine's checkpoint (ztier_checkpoint_save) holds what lives on ztier's
 tiers: every rank's parameter partitions, pending gradient partitions and
 optimizer state. What lives in Python goes in the checkpoint's user data,
-rank 0's, as a pickle of a dict:
+each rank's own, as a pickle of a dict:
 
     format        "ztier.torch-1"
     extra         the caller's object (a scheduler's state_dict(), ...)
@@ -200,6 +200,10 @@ def load(off, path, optimizer):
     path = os.fspath(path)
     optimizer, kind = _kind(off, optimizer)
     state = _parse(checkpoint_user_data(path), path)
+    if state is not None and off.rank > 0 and state.get("world_size") == off.world_size:
+        # At the saving world size each rank takes back its own (its RNG
+        # state, its extra); at another, rank 0's.
+        state = _parse(checkpoint_user_data(path, off.rank), path)
     if state is not None:
         _check(off, optimizer, kind, state, path)
     # No parameter may be in use while the engine writes its partitions.

@@ -731,7 +731,7 @@ class Offload:
         picklable: a scheduler's state_dict(), the data position), the
         optimizer's param_groups without their parameters (lr, betas, ...),
         torch's RNG states, the model's persistent buffers (`buffers`) and
-        the optimizer's pending factors. The Python part is rank 0's.
+        the optimizer's pending factors. Each rank's Python part is kept.
         `optimizer`: ztier's AdamW / Adam (default: the one made over this
         model, if any) or off.optimizer(...) (world size 1). The directory
         appears whole or not at all; a checkpoint already there is replaced
