@@ -1570,7 +1570,7 @@ ztier_status_t ztier_checkpoint_load(ztier_engine_t* engine, const char* dir) {
       }
       if (auto* store = GradStoreOf(e)) store->Clear();
     };
-    Result<ck::Loaded> loaded = ck::Load(access, dir, &wrote);
+    Result<ck::Manifest> loaded = ck::Load(access, dir, &wrote);
     if (!loaded.ok()) {
       if (wrote) {
         e.failed = fmt::format("a checkpoint load from {} failed part-way ({}); the engine holds "
@@ -1579,7 +1579,7 @@ ztier_status_t ztier_checkpoint_load(ztier_engine_t* engine, const char* dir) {
       }
       return loaded.status();
     }
-    if (!loaded->hypers.empty()) e.hypers = loaded->hypers;
+    if (!loaded->groups.empty()) e.hypers = loaded->groups;
     return Status::Ok();
   });
 }

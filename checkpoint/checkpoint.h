@@ -115,16 +115,14 @@ class SaveJob {
   std::unique_ptr<Impl> impl_;
 };
 
-struct Loaded {
-  Manifest manifest;
-  std::vector<optim::AdamHyper> hypers;  // the optimizer's groups as saved
-};
 // Loads `dir` into this rank's engine (see the file comment). The pending
 // gradients saved are written with write_grad; the caller clears its own
 // first. `*wrote` (if given) says whether anything was written to the engine
 // before a failure (nothing is, for a missing, damaged or incompatible
 // manifest or index: those are checked first).
-Result<Loaded> Load(const RankAccess& a, const std::string& dir, bool* wrote = nullptr);
+// Returns the manifest loaded (its `groups`: the optimizer's hyperparameters
+// as saved).
+Result<Manifest> Load(const RankAccess& a, const std::string& dir, bool* wrote = nullptr);
 
 // Reads and checks the manifest only.
 Result<Manifest> ReadManifest(const std::string& dir);

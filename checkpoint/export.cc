@@ -8,9 +8,9 @@
 #include <string>
 #include <vector>
 
-#include "base/float16.h"
 #include "checkpoint/checkpoint.h"
 #include "checkpoint/reader.h"
+#include "optim/element.h"
 
 namespace ztier::checkpoint {
 
@@ -158,18 +158,6 @@ std::string ExportHeader(const std::vector<ExportItem>& items) {
   return std::move(pk.bytes());
 }
 
-float ToF32(const uint8_t* src, DType t) {
-  uint16_t h;
-  switch (t) {
-    case DType::kFloat16: memcpy(&h, src, 2); return HalfToFloat(h);
-    case DType::kBFloat16: memcpy(&h, src, 2); return Bf16ToFloat(h);
-    default: {
-      float f;
-      memcpy(&f, src, 4);
-      return f;
-    }
-  }
-}
 
 }  // namespace
 
@@ -215,8 +203,11 @@ Status ExportTorch(const std::string& dir, const std::string& out_path) {
           it.kind == Kind::kMaster) {
         status = put(in.data(), in.size());
       } else {
+        // float16 or bfloat16 (float32 and uint8 are written as they are).
+        const optim::DType t =
+            p.dtype == DType::kFloat16 ? optim::DType::kF16 : optim::DType::kBF16;
         conv.resize(n);
-        for (uint64_t i = 0; i < n; ++i) conv[i] = ToF32(in.data() + i * eb, p.dtype);
+        for (uint64_t i = 0; i < n; ++i) conv[i] = optim::ElementToFloat(in.data(), i, t);
         status = put(conv.data(), n * 4);
       }
     }

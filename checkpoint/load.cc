@@ -65,7 +65,7 @@ Status CheckCompatible(const RankAccess& a, const Manifest& m, const std::string
 
 }  // namespace
 
-Result<Loaded> Load(const RankAccess& a, const std::string& dir, bool* wrote) {
+Result<Manifest> Load(const RankAccess& a, const std::string& dir, bool* wrote) {
   if (wrote != nullptr) *wrote = false;
   ZTIER_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> ck, CheckpointReader::Open(dir));
   const Manifest& m = ck->manifest();
@@ -117,10 +117,7 @@ Result<Loaded> Load(const RankAccess& a, const std::string& dir, bool* wrote) {
         });
     ZTIER_RETURN_IF_ERROR(s);
   }
-  Loaded out;
-  out.manifest = m;
-  out.hypers = m.groups;
-  return out;
+  return m;
 }
 
 Status Verify(const std::string& dir, std::string* summary) {

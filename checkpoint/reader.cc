@@ -24,16 +24,7 @@ Result<std::unique_ptr<CheckpointReader>> CheckpointReader::Open(const std::stri
   o->dir_ = dir;
   ZTIER_ASSIGN_OR_RETURN(o->m_, ReadManifest(dir));
   for (uint32_t r = 0; r < o->m_.world_size; ++r) {
-    const FileRef& f = o->m_.ranks[r];
-    const std::string path = dir + "/" + f.name;
-    ZTIER_ASSIGN_OR_RETURN(std::string text, ReadSmallFile(path, kMaxJsonBytes));
-    if (text.size() != f.bytes || Crc32c(text.data(), text.size()) != f.crc32c) {
-      return Status::Corruption(fmt::format(
-          "checkpoint file {}: {} bytes, CRC32C {:08x}; the manifest says {} bytes, {:08x}", path,
-          text.size(), Crc32c(text.data(), text.size()), f.bytes, f.crc32c));
-    }
-    ZTIER_ASSIGN_OR_RETURN(ShardIndex s, ShardFromJson(text, path, o->m_));
-    if (s.rank != r) return Status::Corruption(fmt::format("{} describes rank {}", path, s.rank));
+    ZTIER_ASSIGN_OR_RETURN(ShardIndex s, ReadIndex(dir, o->m_, r));
     // A missing or truncated data file is found here, before a load
     // changes anything.
     const std::string data = dir + "/" + s.data_file;
@@ -122,6 +113,14 @@ Result<std::string> ReadPinned(const std::string& dir, const FileRef& f) {
   return text;
 }
 
+Result<ShardIndex> ReadIndex(const std::string& dir, const Manifest& m, uint32_t rank) {
+  const std::string path = dir + "/" + m.ranks[rank].name;
+  ZTIER_ASSIGN_OR_RETURN(std::string text, ReadPinned(dir, m.ranks[rank]));
+  ZTIER_ASSIGN_OR_RETURN(ShardIndex s, ShardFromJson(text, path, m));
+  if (s.rank != rank) return Status::Corruption(fmt::format("{} describes rank {}", path, s.rank));
+  return s;
+}
+
 Result<std::string> ReadUserData(const std::string& dir) {
   ZTIER_ASSIGN_OR_RETURN(Manifest m, ReadManifest(dir));
   return ReadPinned(dir, m.user);
@@ -133,8 +132,7 @@ Result<std::string> ReadUserData(const std::string& dir, uint32_t rank) {
     return Status::InvalidArgument(fmt::format(
         "checkpoint {} was saved by {} ranks: it has no rank {}", dir, m.world_size, rank));
   }
-  ZTIER_ASSIGN_OR_RETURN(std::string text, ReadPinned(dir, m.ranks[rank]));
-  ZTIER_ASSIGN_OR_RETURN(ShardIndex s, ShardFromJson(text, dir + "/" + m.ranks[rank].name, m));
+  ZTIER_ASSIGN_OR_RETURN(ShardIndex s, ReadIndex(dir, m, rank));
   return ReadPinned(dir, s.user);
 }
 

@@ -19,6 +19,8 @@ namespace ztier::checkpoint {
 
 // A small file of the checkpoint, checked against its size and CRC32C.
 Result<std::string> ReadPinned(const std::string& dir, const FileRef& f);
+// Rank `rank`'s index (< m.world_size), checked against the manifest.
+Result<ShardIndex> ReadIndex(const std::string& dir, const Manifest& m, uint32_t rank);
 
 // Elements [start, start + count) of the full parameter that rank `rank`'s
 // partition holds (the padding past numel is not saved).

@@ -243,7 +243,6 @@ Status ShardReader::Load(uint64_t k) {
   ZTIER_RETURN_IF_ERROR(s);
   first_ = k;
   loaded_ = n;
-  bytes_read_ += std::min(n * chunk_bytes_, data_bytes_ - k * chunk_bytes_);
   // Reads are mostly front to back: the next window is read (and checked)
   // while this one is used.
   const uint64_t next = k + n;

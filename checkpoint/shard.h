@@ -93,7 +93,6 @@ class ShardReader {
   Status Read(uint64_t offset, uint64_t bytes, void* out);
   // Reads and checks every chunk (verify).
   Status CheckAll();
-  uint64_t bytes_read() const { return bytes_read_; }
 
  private:
   ShardReader() = default;
@@ -115,7 +114,6 @@ class ShardReader {
   uint64_t window_chunks_ = 0;
   uint64_t first_ = UINT64_MAX;  // first chunk in the window
   uint64_t loaded_ = 0;          // chunks in the window
-  uint64_t bytes_read_ = 0;
 };
 
 }  // namespace ztier::checkpoint

@@ -10,6 +10,7 @@
 
 #include "base/float16.h"
 #include "optim/adam_kernel.h"
+#include "optim/element.h"
 
 namespace ztier::optim {
 namespace {
@@ -34,13 +35,7 @@ struct ScalarOps {
 
   template <DType kType>
   static V LoadGrad(const void* base, uint64_t i) {
-    if constexpr (kType == DType::kF32) {
-      return static_cast<const float*>(base)[i];
-    } else if constexpr (kType == DType::kF16) {
-      return HalfToFloat(static_cast<const uint16_t*>(base)[i]);
-    } else {
-      return Bf16ToFloat(static_cast<const uint16_t*>(base)[i]);
-    }
+    return LoadElement<kType>(base, i);
   }
 
   template <internal::OutKind kOut>

@@ -3,37 +3,14 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "base/float16.h"
+#include "optim/element.h"
 
 namespace ztier::optim {
 namespace {
 
-// Element i of `data` (type `T`'s 16-bit encodings go through base/float16).
-template <DType T>
-inline float Load(const void* data, uint64_t i) {
-  if constexpr (T == DType::kF32) {
-    return static_cast<const float*>(data)[i];
-  } else if constexpr (T == DType::kF16) {
-    return HalfToFloat(static_cast<const uint16_t*>(data)[i]);
-  } else {
-    return Bf16ToFloat(static_cast<const uint16_t*>(data)[i]);
-  }
-}
-
-template <DType T>
-inline void Store(void* data, uint64_t i, float v) {
-  if constexpr (T == DType::kF32) {
-    static_cast<float*>(data)[i] = v;
-  } else if constexpr (T == DType::kF16) {
-    static_cast<uint16_t*>(data)[i] = FloatToHalf(v);
-  } else {
-    static_cast<uint16_t*>(data)[i] = FloatToBf16(v);
-  }
-}
-
 template <DType T>
 void Accumulate(void* acc, const void* in, uint64_t n) {
-  for (uint64_t i = 0; i < n; ++i) Store<T>(acc, i, Load<T>(acc, i) + Load<T>(in, i));
+  for (uint64_t i = 0; i < n; ++i) StoreElement<T>(acc, i, LoadElement<T>(acc, i) + LoadElement<T>(in, i));
 }
 
 template <DType T>
@@ -43,12 +20,12 @@ double Squares(const void* data, uint64_t n) {
   uint64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     for (int k = 0; k < 8; ++k) {
-      const double v = Load<T>(data, i + k);
+      const double v = LoadElement<T>(data, i + k);
       part[k] += v * v;
     }
   }
   for (; i < n; ++i) {
-    const double v = Load<T>(data, i);
+    const double v = LoadElement<T>(data, i);
     part[0] += v * v;
   }
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));

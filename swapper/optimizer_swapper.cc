@@ -12,7 +12,7 @@
 #include <fmt/ranges.h>
 
 #include "base/crc32c.h"
-#include "base/float16.h"
+#include "optim/element.h"
 
 namespace ztier::swapper {
 namespace {
@@ -63,26 +63,6 @@ uint32_t HeaderCrc(const uint8_t* buf) {
   return Crc32c(buf + sizeof(h), kHeaderBytes - sizeof(h), crc);
 }
 
-float ToFloat(const uint8_t* p, optim::DType t) {
-  switch (t) {
-    case optim::DType::kF32: {
-      float f;
-      memcpy(&f, p, 4);
-      return f;
-    }
-    case optim::DType::kF16: {
-      uint16_t h;
-      memcpy(&h, p, 2);
-      return HalfToFloat(h);
-    }
-    case optim::DType::kBF16: {
-      uint16_t h;
-      memcpy(&h, p, 2);
-      return Bf16ToFloat(h);
-    }
-  }
-  return 0;
-}
 
 
 }  // namespace
@@ -406,7 +386,7 @@ Status OptimizerSwapper::Initialize(const ParamSource& params) {
       }
       const uint8_t* src = part.get() + p.seg_offset * eb;
       for (uint64_t i = 0; i < p.count; ++i) {
-        master[p.group_offset + i] = ToFloat(src + i * eb, seg.dtype);
+        master[p.group_offset + i] = optim::ElementToFloat(src, i, seg.dtype);
       }
     }
     if (!status.ok()) break;

@@ -669,7 +669,7 @@ TEST_F(CheckpointTest, RoundTripGivesBackEveryByte) {
   (*dst)[0]->SetPendingGrad(11, 99);
   ASSERT_NE(Diff(*before, *Gather(*dst)), "");
   bool wrote = false;
-  Result<Loaded> loaded = Load((*dst)[0]->Access(), dir, &wrote);
+  Result<Manifest> loaded = Load((*dst)[0]->Access(), dir, &wrote);
   ASSERT_OK(loaded.status());
   EXPECT_TRUE(wrote);
   EXPECT_EQ((*dst)[0]->before_load_calls, 1);
@@ -678,7 +678,7 @@ TEST_F(CheckpointTest, RoundTripGivesBackEveryByte) {
   EXPECT_EQ(Diff(*before, *after), "");
 
   // The manifest: names, shapes, flags, hyperparameters.
-  const Manifest& m = loaded->manifest;
+  const Manifest& m = *loaded;
   EXPECT_EQ(m.step, 3u);
   EXPECT_EQ(m.world_size, 1u);
   EXPECT_EQ(m.library_version, "checkpoint_test");
@@ -698,10 +698,10 @@ TEST_F(CheckpointTest, RoundTripGivesBackEveryByte) {
       EXPECT_EQ(m.params[k].updates, before->updates.at(s.id));
     }
   }
-  ASSERT_EQ(loaded->hypers.size(), 2u);
-  EXPECT_EQ(loaded->hypers[0].lr, Hypers()[0].lr);
-  EXPECT_EQ(loaded->hypers[0].weight_decay, Hypers()[0].weight_decay);
-  EXPECT_EQ(loaded->hypers[1].adamw, false);
+  ASSERT_EQ(loaded->groups.size(), 2u);
+  EXPECT_EQ(loaded->groups[0].lr, Hypers()[0].lr);
+  EXPECT_EQ(loaded->groups[0].weight_decay, Hypers()[0].weight_decay);
+  EXPECT_EQ(loaded->groups[1].adamw, false);
   Result<std::string> blob = ReadUserData(dir);
   ASSERT_OK(blob.status());
   EXPECT_EQ(*blob, user);
@@ -1064,7 +1064,7 @@ class CheckpointDamageTest : public CheckpointTest {
     Result<Full> before = Gather(*fresh);
     ASSERT_OK(before.status());
     bool wrote = !expect_wrote;
-    Result<Loaded> l = Load(m.Access(), dir, &wrote);
+    Result<Manifest> l = Load(m.Access(), dir, &wrote);
     ASSERT_FALSE(l.ok());
     EXPECT_EQ(l.status().code(), code) << l.status().ToString();
     EXPECT_TRUE(Contains(l.status().message(), file)) << l.status().ToString();
@@ -1143,7 +1143,7 @@ TEST_F(CheckpointDamageTest, ACheckpointOfAnotherModelIsRefusedBeforeAnyWrite) {
   Result<Full> before = Gather(*fresh);
   ASSERT_OK(before.status());
   bool wrote = true;
-  Result<Loaded> l = Load(m.Access(), dir, &wrote);
+  Result<Manifest> l = Load(m.Access(), dir, &wrote);
   ASSERT_FALSE(l.ok());
   EXPECT_EQ(l.status().code(), StatusCode::kFailedPrecondition) << l.status().ToString();
   EXPECT_TRUE(Contains(l.status().message(), "parameter 10 ('embed.weight')")) << l.status().ToString();
