@@ -17,12 +17,15 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <cmath>
 #include <cstddef>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -420,6 +423,43 @@ ztier_status_t ztier_local_group_destroy(ztier_local_group_t* group) {
 
 // ---------------------------------------------------------------- engine
 
+// ztier_engine_options_t before the gloo fields.
+constexpr size_t kEngineOptionsSizeV1 = offsetof(ztier_engine_options_t, gloo_store_path);
+
+// The caller's store as the collective's: a value larger than the first
+// buffer is read again at its size.
+co::KeyValueStore StoreCallbacks(const ztier_store_t& st) {
+  co::KeyValueStore kv;
+  kv.set = [st](const std::string& key, std::span<const uint8_t> value) -> Status {
+    if (st.set(st.context, key.c_str(), value.data(), value.size()) != 0) {
+      return Status::IoError(fmt::format("the store's set failed for key '{}'", key));
+    }
+    return Status::Ok();
+  };
+  kv.get = [st](const std::string& key,
+                std::chrono::milliseconds timeout) -> Result<std::vector<uint8_t>> {
+    const auto ms = static_cast<uint32_t>(
+        std::clamp<int64_t>(timeout.count(), 1, std::numeric_limits<uint32_t>::max()));
+    std::vector<uint8_t> value(1024);
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      size_t bytes = 0;
+      const int rc = st.get(st.context, key.c_str(), value.data(), value.size(), &bytes, ms);
+      if (rc == 1) {
+        return Status::FromErrno(ETIMEDOUT, fmt::format("the store has no key '{}' after {} ms",
+                                                        key, ms));
+      }
+      if (rc != 0) return Status::IoError(fmt::format("the store's get failed for key '{}'", key));
+      if (bytes <= value.size()) {
+        value.resize(bytes);
+        return value;
+      }
+      value.resize(bytes);
+    }
+    return Status::IoError(fmt::format("the store's value for key '{}' kept growing", key));
+  };
+  return kv;
+}
+
 ztier_status_t ztier_engine_options_init(ztier_engine_options_t* options) {
   if (options == nullptr) {
     return Fail(ZTIER_STATUS_INVALID_ARGUMENT, "ztier_engine_options_init", "options is NULL");
@@ -438,12 +478,17 @@ ztier_status_t ztier_engine_create(const ztier_engine_options_t* o, ztier_engine
     if (o == nullptr || out == nullptr) {
       return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn, "options and out must not be NULL");
     }
-    if (o->size != sizeof(ztier_engine_options_t)) {
+    if (o->size != sizeof(ztier_engine_options_t) && o->size != kEngineOptionsSizeV1) {
       return Fail(ZTIER_STATUS_BAD_STRUCT_SIZE, fn,
-                  fmt::format("options->size is {}, this library knows {} "
+                  fmt::format("options->size is {}, this library knows {} and {} "
                               "(call ztier_engine_options_init)",
-                              o->size, sizeof(ztier_engine_options_t)));
+                              o->size, kEngineOptionsSizeV1, sizeof(ztier_engine_options_t)));
     }
+    // A caller built against the header without the gloo fields.
+    ztier_engine_options_t opts;
+    ztier_engine_options_init(&opts);
+    std::memcpy(&opts, o, o->size);
+    o = &opts;
     if ((o->config_path == nullptr) == (o->config_text == nullptr)) {
       return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn,
                   "set exactly one of config_path and config_text");
@@ -501,6 +546,24 @@ ztier_status_t ztier_engine_create(const ztier_engine_options_t* o, ztier_engine
         ro.nccl_comm = o->nccl_comm;
         ro.config.comm.backend = ti::CommBackend::kNccl;
         break;
+      case ZTIER_COMM_GLOO: {
+        const bool path = o->gloo_store_path != nullptr && o->gloo_store_path[0] != '\0';
+        const bool store = o->gloo_store != nullptr;
+        if (path == store) {
+          return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn,
+                      "ZTIER_COMM_GLOO needs exactly one of gloo_store_path (a directory "
+                      "every rank sees) and gloo_store (callbacks)");
+        }
+        if (store && (o->gloo_store->set == nullptr || o->gloo_store->get == nullptr)) {
+          return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn,
+                      "gloo_store needs both its set and get callbacks");
+        }
+        if (path) ro.gloo.store_path = o->gloo_store_path;
+        if (store) ro.gloo.store = StoreCallbacks(*o->gloo_store);
+        if (o->gloo_prefix != nullptr) ro.gloo.prefix = o->gloo_prefix;
+        ro.config.comm.backend = ti::CommBackend::kGloo;
+        break;
+      }
       default:
         return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn,
                     fmt::format("comm {} is not a ztier_comm_kind_t", comm));

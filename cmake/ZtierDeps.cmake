@@ -80,6 +80,18 @@ else()
   _ztier_feature(NCCL FALSE "NCCL (nccl.h, libnccl.so) or the CUDA toolkit not found")
 endif()
 
+# gloo (libgloo-dev): collectives between processes over TCP, for CPU ranks.
+# Debian ships it as a shared library only, so a ZTIER_STATIC_DEPS build (for
+# machines without our packages) leaves it out unless asked for.
+if(NOT ZTIER_WITH_GLOO STREQUAL "OFF" AND NOT (ZTIER_STATIC_DEPS AND ZTIER_WITH_GLOO STREQUAL "AUTO"))
+  find_package(Gloo CONFIG QUIET)
+endif()
+if(Gloo_FOUND AND TARGET gloo)
+  _ztier_feature(GLOO TRUE "")
+else()
+  _ztier_feature(GLOO FALSE "gloo not found (apt-get install libgloo-dev)")
+endif()
+
 if(ZTIER_BUILD_TESTS)
   find_package(GTest REQUIRED)
 endif()

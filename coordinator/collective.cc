@@ -25,7 +25,7 @@
 // without it. Each rank's Collective has a second mutex that keeps the
 // numbering of its collectives in the order they reach its streams.
 #include "coordinator/collective.h"
-#include "coordinator/collective_checks.h"
+#include "coordinator/collective_internal.h"
 
 #include <algorithm>
 #include <array>
@@ -40,87 +40,14 @@
 
 #include <fmt/format.h>
 
-#include "base/float16.h"
 #include "base/log.h"
+#include "optim/element.h"
 
 namespace ztier::coordinator {
 namespace {
 
 using tiering::DeviceBackend;
 using tiering::StreamHandle;
-
-template <DType kT>
-float LoadElement(const uint8_t* p) {
-  if constexpr (kT == DType::kFloat32) {
-    float v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  } else {
-    uint16_t v;
-    std::memcpy(&v, p, sizeof(v));
-    if constexpr (kT == DType::kFloat16) return HalfToFloat(v);
-    return Bf16ToFloat(v);
-  }
-}
-
-template <DType kT>
-void StoreElement(uint8_t* p, float v) {
-  if constexpr (kT == DType::kFloat32) {
-    std::memcpy(p, &v, sizeof(v));
-  } else {
-    const uint16_t b = kT == DType::kFloat16 ? FloatToHalf(v) : FloatToBf16(v);
-    std::memcpy(p, &b, sizeof(b));
-  }
-}
-
-// dst[i] = mean over r of srcs[r][i], i < elems, summed in rank order in
-// float32 and divided by the number of ranks. dst may be one of the sources
-// (in-place reduce-scatter): each chunk is read in full before it is written.
-template <DType kT>
-void MeanOf(const std::vector<const uint8_t*>& srcs, uint8_t* dst, uint64_t elems) {
-  constexpr uint64_t kBytes = kT == DType::kFloat32 ? 4 : 2;  // per element
-  constexpr uint64_t kChunk = 1024;  // elements: the accumulator stays in L1
-  std::array<float, kChunk> acc{};
-  const auto ranks = static_cast<float>(srcs.size());
-  for (uint64_t base = 0; base < elems; base += kChunk) {
-    const uint64_t n = std::min(kChunk, elems - base);
-    const uint64_t offset = base * kBytes;
-    for (uint64_t i = 0; i < n; ++i) {
-      acc[i] = LoadElement<kT>(srcs[0] + offset + i * kBytes);
-    }
-    for (size_t r = 1; r < srcs.size(); ++r) {
-      for (uint64_t i = 0; i < n; ++i) {
-        acc[i] += LoadElement<kT>(srcs[r] + offset + i * kBytes);
-      }
-    }
-    for (uint64_t i = 0; i < n; ++i) {
-      StoreElement<kT>(dst + offset + i * kBytes, acc[i] / ranks);
-    }
-  }
-}
-
-void Mean(DType dtype, const std::vector<const uint8_t*>& srcs, uint8_t* dst,
-          uint64_t elems) {
-  switch (dtype) {
-    case DType::kFloat32: return MeanOf<DType::kFloat32>(srcs, dst, elems);
-    case DType::kFloat16: return MeanOf<DType::kFloat16>(srcs, dst, elems);
-    case DType::kBFloat16: return MeanOf<DType::kBFloat16>(srcs, dst, elems);
-    case DType::kUInt8: return;  // rejected when issued
-  }
-}
-
-// ---- argument checks ----
-
-Status CheckMeanDType(DType dtype) {
-  if (dtype == DType::kFloat32 || dtype == DType::kFloat16 ||
-      dtype == DType::kBFloat16) {
-    return Status::Ok();
-  }
-  return Status::InvalidArgument(fmt::format(
-      "ReduceScatterMean: dtype {} is not a floating-point type (use float32, "
-      "float16 or bfloat16)",
-      DTypeName(dtype)));
-}
 
 // ---- self ----
 
@@ -141,11 +68,7 @@ class SelfCollective final : public Collective {
 
   Status ReduceScatterMean(const void* full, void* part, uint64_t part_elems,
                            DType dtype, StreamHandle stream) override {
-    ZTIER_RETURN_IF_ERROR(CheckMeanDType(dtype));
-    uint64_t bytes = 0;
-    if (__builtin_mul_overflow(part_elems, uint64_t{DTypeBytes(dtype)}, &bytes)) {
-      return Status::InvalidArgument("ReduceScatterMean: element count overflows");
-    }
+    ZTIER_ASSIGN_OR_RETURN(const uint64_t bytes, MeanBytes(dtype, part_elems));
     ZTIER_RETURN_IF_ERROR(CheckCollectiveBuffers("ReduceScatterMean", part, full, bytes, 0, 1));
     // The mean over one rank is the rank's own values.
     if (bytes == 0 || part == full) return Status::Ok();
@@ -250,7 +173,7 @@ class LocalGroupImpl final : public LocalGroup,
       const uint64_t slice = rank * c.count * DTypeBytes(c.dtype);  // bytes
       std::vector<const uint8_t*> srcs(world_);
       for (uint32_t j = 0; j < world_; ++j) srcs[j] = slot->contributions[j].src + slice;
-      Mean(c.dtype, srcs, c.dst, c.count);
+      MeanOfRanks(c.dtype, srcs, c.dst, c.count);
     }
     std::unique_lock<std::mutex> lock(mu_);
     // Not abortable: every rank passed barrier 1, so each is copying and will
@@ -455,11 +378,7 @@ class LocalCollective final : public Collective {
 
   Status ReduceScatterMean(const void* full, void* part, uint64_t part_elems,
                            DType dtype, StreamHandle stream) override {
-    ZTIER_RETURN_IF_ERROR(CheckMeanDType(dtype));
-    uint64_t bytes = 0;
-    if (__builtin_mul_overflow(part_elems, uint64_t{DTypeBytes(dtype)}, &bytes)) {
-      return Status::InvalidArgument("ReduceScatterMean: element count overflows");
-    }
+    ZTIER_ASSIGN_OR_RETURN(const uint64_t bytes, MeanBytes(dtype, part_elems));
     ZTIER_RETURN_IF_ERROR(
         CheckCollectiveBuffers("ReduceScatterMean", part, full, bytes, rank_, world_size()));
     Contribution c;
@@ -554,6 +473,81 @@ Result<std::vector<uint8_t>> NcclUniqueId() {
 
 bool NcclAvailable(std::string* why) {
   if (why) *why = kNoNccl;
+  return false;
+}
+#endif
+
+namespace {
+
+// The coordinator's dtype as the optimizer's element type.
+template <DType kT>
+constexpr optim::DType kElement = kT == DType::kFloat32   ? optim::DType::kF32
+                                  : kT == DType::kFloat16 ? optim::DType::kF16
+                                                          : optim::DType::kBF16;
+
+template <DType kT>
+void MeanOf(const std::vector<const uint8_t*>& srcs, uint8_t* dst, uint64_t elems) {
+  constexpr optim::DType kE = kElement<kT>;
+  constexpr uint64_t kChunk = 1024;  // elements: the accumulator stays in L1
+  std::array<float, kChunk> acc{};
+  const auto ranks = static_cast<float>(srcs.size());
+  // Each chunk is read in full before it is written, so dst may be a source.
+  for (uint64_t base = 0; base < elems; base += kChunk) {
+    const uint64_t n = std::min(kChunk, elems - base);
+    for (uint64_t i = 0; i < n; ++i) acc[i] = optim::LoadElement<kE>(srcs[0], base + i);
+    for (size_t r = 1; r < srcs.size(); ++r) {
+      for (uint64_t i = 0; i < n; ++i) acc[i] += optim::LoadElement<kE>(srcs[r], base + i);
+    }
+    for (uint64_t i = 0; i < n; ++i) optim::StoreElement<kE>(dst, base + i, acc[i] / ranks);
+  }
+}
+
+}  // namespace
+
+void MeanOfRanks(DType dtype, const std::vector<const uint8_t*>& srcs, uint8_t* dst,
+                 uint64_t elems) {
+  switch (dtype) {
+    case DType::kFloat32: return MeanOf<DType::kFloat32>(srcs, dst, elems);
+    case DType::kFloat16: return MeanOf<DType::kFloat16>(srcs, dst, elems);
+    case DType::kBFloat16: return MeanOf<DType::kBFloat16>(srcs, dst, elems);
+    case DType::kUInt8: return;  // rejected when issued
+  }
+}
+
+Status CheckMeanDType(DType dtype) {
+  if (dtype == DType::kFloat32 || dtype == DType::kFloat16 ||
+      dtype == DType::kBFloat16) {
+    return Status::Ok();
+  }
+  return Status::InvalidArgument(fmt::format(
+      "ReduceScatterMean: dtype {} is not a floating-point type (use float32, "
+      "float16 or bfloat16)",
+      DTypeName(dtype)));
+}
+
+Result<uint64_t> MeanBytes(DType dtype, uint64_t part_elems) {
+  ZTIER_RETURN_IF_ERROR(CheckMeanDType(dtype));
+  uint64_t bytes = 0;
+  if (__builtin_mul_overflow(part_elems, uint64_t{DTypeBytes(dtype)}, &bytes)) {
+    return Status::InvalidArgument("ReduceScatterMean: element count overflows");
+  }
+  return bytes;
+}
+
+#if !defined(ZTIER_HAVE_GLOO)
+namespace {
+constexpr const char* kNoGloo =
+    "built without gloo (apt-get install libgloo-dev and reconfigure, or set "
+    "ZTIER_WITH_GLOO=ON to make it required)";
+}  // namespace
+
+Result<std::unique_ptr<Collective>> CreateGlooCollective(const GlooOptions&,
+                                                         tiering::DeviceBackend*) {
+  return Status::Unavailable(fmt::format("gloo collective: {}", kNoGloo));
+}
+
+bool GlooAvailable(std::string* why) {
+  if (why) *why = kNoGloo;
   return false;
 }
 #endif

@@ -7,6 +7,9 @@
 //    copies every rank's part), so world sizes 2, 4, 8 run on one machine.
 //  - "nccl": NCCL on CUDA streams, from a communicator built with an
 //    ncclUniqueId passed in, or an existing ncclComm_t.
+//  - "gloo": ranks in separate processes, on one machine or many, over TCP
+//    (gloo's transport), on the host-emulation device backend. The ranks
+//    find each other through a key-value store (GlooOptions).
 //
 // Ordering: like NCCL, every rank must issue the same collectives in the same
 // order; the coordinator issues them in trace order. Calls only enqueue work
@@ -15,8 +18,12 @@
 // World size 1 needs no collective (CreateSelfCollective).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <span>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -79,6 +86,44 @@ Result<std::unique_ptr<Collective>> CreateNcclCollective(
 // Wraps an existing ncclComm_t (not owned).
 Result<std::unique_ptr<Collective>> WrapNcclCommunicator(void* nccl_comm,
                                                          tiering::DeviceBackend* device);
+// ---- gloo ----
+
+// A key-value store every rank reaches: each rank publishes its address under
+// a key and reads the others'. Used only while the group connects.
+struct KeyValueStore {
+  std::function<Status(const std::string& key, std::span<const uint8_t> value)> set;
+  // Waits up to `timeout` for `key` to exist; an IoError (ETIMEDOUT) if it
+  // does not.
+  std::function<Result<std::vector<uint8_t>>(const std::string& key,
+                                             std::chrono::milliseconds timeout)>
+      get;
+};
+
+struct GlooOptions {
+  uint32_t rank = 0;
+  uint32_t world_size = 1;
+  // Exactly one: a directory every rank sees (one host, or a shared
+  // filesystem; gloo's file store), or a store given as callbacks.
+  std::string store_path;
+  KeyValueStore store;
+  // Prepended to every key, so that several groups share one store; a group
+  // must not reuse the keys of an earlier one (a file store keeps them).
+  std::string prefix = "ztier";
+  // How long a rank waits for any other rank, in connecting and in each
+  // collective, before it fails naming the rank it waited for.
+  std::chrono::milliseconds timeout{60'000};
+  // Network interface to listen on ("eth0"); empty: $GLOO_SOCKET_IFNAME,
+  // else the address this host's name resolves to.
+  std::string interface;
+};
+
+// Connects this rank to the others (every rank calls it; it returns once all
+// are connected, or fails after `timeout`). `device` must be a host-emulation
+// backend. Unavailable with the reason when built without gloo.
+Result<std::unique_ptr<Collective>> CreateGlooCollective(const GlooOptions& options,
+                                                         tiering::DeviceBackend* device);
+bool GlooAvailable(std::string* why);
+
 // Rank 0's ncclUniqueId (128 bytes) for CreateNcclCollective.
 Result<std::vector<uint8_t>> NcclUniqueId();
 bool NcclAvailable(std::string* why);

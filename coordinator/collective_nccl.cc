@@ -27,7 +27,7 @@
 
 #include "base/log.h"
 #include "coordinator/collective.h"
-#include "coordinator/collective_checks.h"
+#include "coordinator/collective_internal.h"
 
 namespace ztier::coordinator {
 namespace {

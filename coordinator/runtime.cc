@@ -34,14 +34,39 @@ RankRuntime::~RankRuntime() {
 
 namespace {
 
+bool UsesGlooStore(const RuntimeOptions& o) {
+  return !o.gloo.store_path.empty() || (o.gloo.store.set && o.gloo.store.get);
+}
+
+Result<std::unique_ptr<Collective>> MakeGlooCollective(const RuntimeOptions& o,
+                                                       tiering::DeviceBackend* device) {
+  if (!UsesGlooStore(o)) {
+    return Status::InvalidArgument(fmt::format(
+        "world size {} with the gloo collective needs a store through which the ranks "
+        "find each other (a directory every rank sees, or store callbacks)",
+        o.world_size));
+  }
+  GlooOptions g = o.gloo;
+  g.rank = o.rank;
+  g.world_size = o.world_size;
+  g.timeout = std::chrono::seconds(o.config.comm.timeout);
+  return CreateGlooCollective(g, device);
+}
+
 Result<std::unique_ptr<tiering::DeviceBackend>> MakeDevice(const RuntimeOptions& o) {
-  const bool local = o.config.comm.backend == tiering::CommBackend::kLocal;
+  // Ranks over host memory: local (threads) and gloo (processes).
+  const auto backend = o.config.comm.backend;
+  const bool local = backend == tiering::CommBackend::kLocal ||
+                     backend == tiering::CommBackend::kGloo ||
+                     (backend == tiering::CommBackend::kAuto && o.world_size > 1 &&
+                      (o.local_group != nullptr || UsesGlooStore(o)));
   DeviceKind kind = o.device;
   if (kind == DeviceKind::kAuto) {
     std::string why;
     kind = (!local && tiering::CudaDeviceAvailable(&why)) ? DeviceKind::kCuda : DeviceKind::kHost;
     if (kind == DeviceKind::kHost) {
-      Log(LogLevel::kDebug, "device: host emulation ({})", local ? "comm.backend local" : why);
+      Log(LogLevel::kDebug, "device: host emulation ({})",
+          local ? "ranks over host memory" : why);
     }
   }
   if (kind == DeviceKind::kCuda) return tiering::CreateCudaDeviceBackend(o.cuda_device);
@@ -82,9 +107,14 @@ Result<std::unique_ptr<Collective>> MakeCollective(const RuntimeOptions& o,
     return CreateNcclCollective(o.nccl_unique_id.data(), o.nccl_unique_id.size(), o.rank,
                                 o.world_size, device);
   }
+  if (backend == tiering::CommBackend::kGloo ||
+      (backend == tiering::CommBackend::kAuto && o.local_group == nullptr && UsesGlooStore(o))) {
+    return MakeGlooCollective(o, device);
+  }
   if (o.local_group == nullptr) {
     return Status::InvalidArgument(fmt::format(
-        "world size {} with the local collective needs a LocalGroup shared by the ranks",
+        "world size {} with the local collective needs a LocalGroup shared by the ranks "
+        "(ranks in separate processes: comm.backend gloo, with a store)",
         o.world_size));
   }
   return o.local_group->Join(o.rank, device);

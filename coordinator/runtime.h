@@ -39,6 +39,10 @@ struct RuntimeOptions {
   // existing ncclComm_t (not owned; it must outlive the runtime).
   std::vector<uint8_t> nccl_unique_id;
   void* nccl_comm = nullptr;
+  // world_size > 1 with gloo (ranks as processes): how they find each other
+  // (GlooOptions: a store directory, or store callbacks, and a key prefix).
+  // Rank, world size and timeout come from the fields above and the config.
+  GlooOptions gloo;
   // auto: CUDA when a device is present and the comm backend is not local.
   DeviceKind device = DeviceKind::kAuto;
   int cuda_device = 0;

@@ -38,7 +38,7 @@ constexpr std::string_view kCoordinatorKeys[] = {
     "prefetch_bucket_size",        "max_reuse_distance",
     "param_persistence_threshold", "model_persistence_threshold",
     "max_ongoing_fetch_events",    "nvme_lookahead"};
-constexpr std::string_view kCommKeys[] = {"backend"};
+constexpr std::string_view kCommKeys[] = {"backend", "timeout"};
 constexpr std::string_view kIntegrityKeys[] = {"checksum"};
 constexpr std::string_view kOptimizerKeys[] = {
     "tier", "paths", "buffer_count", "sub_group_size", "threads", "isa"};
@@ -78,6 +78,8 @@ constexpr Limits kParamPersistLimits{0, kMaxElements, false};
 constexpr Limits kModelPersistLimits{0, kMaxElements, true};
 constexpr Limits kFetchEventsLimits{1, 1024, false};
 constexpr Limits kLookaheadLimits{0, kMaxElements, false};
+// Seconds: at least one (a zero timeout fails every wait), at most a day.
+constexpr Limits kCommTimeoutLimits{1, 86400, false};
 // Optimizer: a sub-group of 1e10 elements is 120 GB of state per buffer (ten
 // times DeepSpeed's default sub-group), and 64 such buffers are 7.7 TB, so
 // buffer_count * sub_group_size * 12 stays far within 64 bits.
@@ -106,7 +108,8 @@ constexpr EnumName<io::BackendKind> kIoBackendNames[] = {
     {"psync", io::BackendKind::kPsync}};
 constexpr EnumName<CommBackend> kCommNames[] = {{"auto", CommBackend::kAuto},
                                                 {"nccl", CommBackend::kNccl},
-                                                {"local", CommBackend::kLocal}};
+                                                {"local", CommBackend::kLocal},
+                                                {"gloo", CommBackend::kGloo}};
 constexpr EnumName<Checksum> kChecksumNames[] = {{"crc32c", Checksum::kCrc32c},
                                                  {"none", Checksum::kNone}};
 constexpr EnumName<OptimizerTier> kOptimizerTierNames[] = {
@@ -682,6 +685,7 @@ Result<Config> Loader::Run(std::string_view yaml) {
 
     Entries comm = sub(top, "", "comm");
     Enum(comm, "comm", "backend", kCommNames, &c.comm.backend);
+    Count(comm, "comm", "timeout", kCommTimeoutLimits, &c.comm.timeout);
     Entries integrity = sub(top, "", "integrity");
     Enum(integrity, "integrity", "checksum", kChecksumNames,
          &c.integrity.checksum);
@@ -943,8 +947,9 @@ Status ValidateConfig(const Config& c, const LoadOptions& options) {
         kFetchEventsLimits);
   if (cc.nvme_lookahead)
     count("coordinator.nvme_lookahead", *cc.nvme_lookahead, kLookaheadLimits);
-  if (c.comm.backend > CommBackend::kLocal)
+  if (c.comm.backend > CommBackend::kGloo)
     errors.push_back("comm.backend: not a valid backend");
+  count("comm.timeout", c.comm.timeout, kCommTimeoutLimits);
   if (c.integrity.checksum > Checksum::kNone) {
     errors.push_back("integrity.checksum: not a valid checksum");
   }
@@ -1047,7 +1052,8 @@ std::string ConfigToYaml(const Config& c) {
 
   y << Key << "comm" << Value << BeginMap;
   y << Key << "backend" << Value << std::string(CommBackendName(c.comm.backend))
-    << Comment("auto | nccl | local");
+    << Comment("auto | nccl | local | gloo");
+  y << Key << "timeout" << Value << std::to_string(c.comm.timeout) << Comment("seconds");
   y << EndMap;
   y << Key << "integrity" << Value << BeginMap;
   y << Key << "checksum" << Value
@@ -1130,7 +1136,8 @@ std::string SummarizeConfig(const Config& c) {
     << (cc.nvme_lookahead ? FormatElementCount(*cc.nvme_lookahead) + " elements"
                           : std::string("auto"))
     << "\n";
-  o << "comm         backend " << CommBackendName(c.comm.backend) << "\n";
+  o << "comm         backend " << CommBackendName(c.comm.backend) << ", timeout "
+    << c.comm.timeout << " s\n";
   o << "integrity    checksum " << ChecksumName(c.integrity.checksum) << "\n";
   const OptimizerConfig& oc = c.optimizer;
   std::string threads =

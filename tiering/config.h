@@ -47,7 +47,7 @@ enum class GradTier : uint8_t {
               // optimizer state; host memory holds only staging
 };
 
-enum class CommBackend : uint8_t { kAuto = 0, kNccl, kLocal };
+enum class CommBackend : uint8_t { kAuto = 0, kNccl, kLocal, kGloo };
 
 enum class Checksum : uint8_t { kCrc32c = 0, kNone };
 
@@ -68,7 +68,7 @@ enum class OptimizerIsa : uint8_t {
 
 std::string_view ParamTierName(ParamTier t);          // "nvme", "host"
 std::string_view GradTierName(GradTier t);            // "host", "nvme"
-std::string_view CommBackendName(CommBackend b);      // "auto", "nccl", "local"
+std::string_view CommBackendName(CommBackend b);  // "auto", "nccl", "local", "gloo"
 std::string_view ChecksumName(Checksum c);            // "crc32c", "none"
 std::string_view OptimizerTierName(OptimizerTier t);  // "nvme", "host"
 // "auto", "avx512", "avx2", "scalar".
@@ -174,7 +174,10 @@ struct CoordinatorConfig {
 
 struct CommConfig {
   CommBackend backend =
-      CommBackend::kAuto;  // auto: nccl if built and world > 1
+      CommBackend::kAuto;  // auto: nccl on CUDA, local with a local group, else gloo
+  // Seconds a rank waits for another in one collective (gloo) before it fails
+  // naming that rank; a rank whose process died is reported at once.
+  uint32_t timeout = 60;
 
   bool operator==(const CommConfig&) const = default;
 };

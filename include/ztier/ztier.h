@@ -114,8 +114,10 @@ typedef enum ztier_comm_kind {
   ZTIER_COMM_NONE = 0,            /* world size 1 */
   ZTIER_COMM_LOCAL_GROUP = 1,     /* ranks are threads of this process */
   ZTIER_COMM_NCCL_UNIQUE_ID = 2,  /* NCCL from rank 0's ncclUniqueId bytes */
-  ZTIER_COMM_NCCL_COMM = 3        /* an existing ncclComm_t (not owned; it
+  ZTIER_COMM_NCCL_COMM = 3,       /* an existing ncclComm_t (not owned; it
                                      must outlive the engine) */
+  ZTIER_COMM_GLOO = 4             /* ranks are processes (CPU, host memory),
+                                     on one machine or many: gloo over TCP */
 } ztier_comm_kind_t;
 
 typedef enum ztier_device_kind {
@@ -140,6 +142,25 @@ ZTIER_API ztier_status_t ztier_local_group_create(uint32_t world_size,
 /* NULL is a no-op. Engines keep what they need; destroy may precede them. */
 ZTIER_API ztier_status_t ztier_local_group_destroy(ztier_local_group_t* group);
 
+/* ------------------------------------------------------------- store */
+
+/* A key-value store every rank reaches (ZTIER_COMM_GLOO): each rank publishes
+ * its TCP address under a key and reads the others'. Any store works:
+ * torch.distributed's (ztier.torch passes it), Redis, a database. Called only
+ * inside ztier_engine_create, from the calling thread. */
+typedef struct ztier_store {
+  void* context; /* passed back to both calls */
+  /* Stores `bytes` bytes at `value` under `key` (NUL-terminated), replacing
+   * any value. Returns 0, or nonzero on failure. */
+  int (*set)(void* context, const char* key, const void* value, size_t bytes);
+  /* Waits up to `timeout_ms` for `key` to exist. Then copies min(capacity,
+   * size) bytes of its value to `value`, sets `*bytes` to its size and
+   * returns 0 (ztier calls again with a larger buffer when *bytes >
+   * capacity). Returns 1 if the wait timed out, another value on failure. */
+  int (*get)(void* context, const char* key, void* value, size_t capacity, size_t* bytes,
+             uint32_t timeout_ms);
+} ztier_store_t;
+
 /* ------------------------------------------------------------- engine */
 
 typedef struct ztier_engine_options {
@@ -156,6 +177,13 @@ typedef struct ztier_engine_options {
   void* nccl_comm;                  /* ZTIER_COMM_NCCL_COMM: an ncclComm_t */
   ztier_device_kind_t device;
   int32_t cuda_device; /* ordinal, ZTIER_DEVICE_CUDA / AUTO */
+  /* ZTIER_COMM_GLOO: how the ranks find each other, exactly one of:
+   * a directory every rank sees (one host, or a filesystem shared by the
+   * hosts) that no earlier group used with the same prefix (its keys stay
+   * there), or a store (above). The timeout is the config's comm.timeout. */
+  const char* gloo_store_path;
+  const ztier_store_t* gloo_store;
+  const char* gloo_prefix; /* prepended to every key; NULL: "ztier" */
 } ztier_engine_options_t;
 
 /* Sets `size` and the defaults (world 1, rank 0, no comm, device auto).
