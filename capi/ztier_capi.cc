@@ -460,16 +460,25 @@ co::KeyValueStore StoreCallbacks(const ztier_store_t& st) {
   return kv;
 }
 
-ztier_status_t ztier_engine_options_init(ztier_engine_options_t* options) {
-  if (options == nullptr) {
-    return Fail(ZTIER_STATUS_INVALID_ARGUMENT, "ztier_engine_options_init", "options is NULL");
+ztier_status_t ztier_engine_options_init_sized(ztier_engine_options_t* options, size_t size) {
+  constexpr const char* fn = "ztier_engine_options_init";
+  if (options == nullptr) return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn, "options is NULL");
+  if (size != sizeof(*options) && size != kEngineOptionsSizeV1) {
+    return Fail(ZTIER_STATUS_BAD_STRUCT_SIZE, fn,
+                fmt::format("the options struct is {} bytes, this library knows {} and {}",
+                            size, kEngineOptionsSizeV1, sizeof(*options)));
   }
-  memset(options, 0, sizeof(*options));
-  options->size = sizeof(*options);
+  // Only the caller's bytes: a struct from an earlier header is shorter.
+  memset(options, 0, size);
+  options->size = size;
   options->world_size = 1;
   options->comm = ZTIER_COMM_NONE;
   options->device = ZTIER_DEVICE_AUTO;
   return ZTIER_STATUS_OK;
+}
+
+ztier_status_t(ztier_engine_options_init)(ztier_engine_options_t* options) {
+  return ztier_engine_options_init_sized(options, kEngineOptionsSizeV1);
 }
 
 ztier_status_t ztier_engine_create(const ztier_engine_options_t* o, ztier_engine_t** out) {
@@ -486,7 +495,7 @@ ztier_status_t ztier_engine_create(const ztier_engine_options_t* o, ztier_engine
     }
     // A caller built against the header without the gloo fields.
     ztier_engine_options_t opts;
-    ztier_engine_options_init(&opts);
+    (void)ztier_engine_options_init_sized(&opts, sizeof(opts));
     std::memcpy(&opts, o, o->size);
     o = &opts;
     if ((o->config_path == nullptr) == (o->config_text == nullptr)) {

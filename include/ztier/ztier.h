@@ -187,8 +187,16 @@ typedef struct ztier_engine_options {
 } ztier_engine_options_t;
 
 /* Sets `size` and the defaults (world 1, rank 0, no comm, device auto).
- * NULL is ZTIER_STATUS_INVALID_ARGUMENT. Thread-safe. */
-ZTIER_API ztier_status_t ztier_engine_options_init(ztier_engine_options_t* options);
+ * NULL is ZTIER_STATUS_INVALID_ARGUMENT. Thread-safe. A macro: it passes
+ * the size of the struct the caller was compiled with, so a program built
+ * against an earlier header (without the gloo fields) keeps working. */
+ZTIER_API ztier_status_t ztier_engine_options_init_sized(ztier_engine_options_t* options,
+                                                         size_t size);
+#define ztier_engine_options_init(options) \
+  ztier_engine_options_init_sized((options), sizeof(*(options)))
+/* The exported function programs built against the earlier header call:
+ * it fills only the fields that header had. */
+ZTIER_API ztier_status_t(ztier_engine_options_init)(ztier_engine_options_t* options);
 
 /* Builds one rank's engine from the config: device backend, collective,
  * swap buffers, I/O engine, NVMe store. Ranks of one group create their

@@ -216,7 +216,7 @@ _SIGNATURES = {
     "ztier_version_string": (_c.c_char_p, []),
     "ztier_local_group_create": (_c.c_int, [_c.c_uint32, _c.POINTER(_VP)]),
     "ztier_local_group_destroy": (_c.c_int, [_VP]),
-    "ztier_engine_options_init": (_c.c_int, [_c.POINTER(_EngineOptions)]),
+    "ztier_engine_options_init_sized": (_c.c_int, [_c.POINTER(_EngineOptions), _c.c_size_t]),
     "ztier_engine_create": (_c.c_int, [_c.POINTER(_EngineOptions), _c.POINTER(_VP)]),
     "ztier_engine_destroy": (_c.c_int, [_VP]),
     "ztier_param_register": (_c.c_int, [_VP, _U64, _U64, _c.c_int, _VP]),
@@ -442,7 +442,8 @@ class Engine:
         self._lib = load_library()
         self._handle = ctypes.c_void_p()
         opts = _EngineOptions()
-        _check(self._lib.ztier_engine_options_init(ctypes.byref(opts)))
+        _check(self._lib.ztier_engine_options_init_sized(ctypes.byref(opts),
+                                                         ctypes.sizeof(opts)))
         opts.config_path = config_path.encode() if config_path is not None else None
         opts.config_text = config_text.encode() if config_text is not None else None
         opts.rank = rank

@@ -329,7 +329,7 @@ TEST(ConfigErrors, KeyInTheWrongSectionNamesWhereItBelongs) {
 TEST(ConfigErrors, UnknownKeyFarFromAnyListsTheValidKeys) {
   EXPECT_EQ(
       Errors("comm: {world: 8}"),
-      "t.yaml:1:8: comm.world: unknown key (valid keys in comm: backend)");
+      "t.yaml:1:8: comm.world: unknown key (valid keys in comm: backend, timeout)");
   EXPECT_EQ(Errors("scheduler: {}"),
             "t.yaml:1:1: scheduler: unknown key (valid keys: tiers, io, "
             "coordinator, comm, integrity, optimizer)");
@@ -370,7 +370,7 @@ TEST(ConfigErrors, BadEnumValueSuggests) {
             "psync, got "
             "'io-uring' (did you mean 'io_uring'?)");
   EXPECT_EQ(Errors("comm: {backend: mpi}"),
-            "t.yaml:1:17: comm.backend: expected one of auto, nccl, local, got "
+            "t.yaml:1:17: comm.backend: expected one of auto, nccl, local, gloo, got "
             "'mpi'");
   EXPECT_EQ(Errors("integrity: {checksum: crc32}"),
             "t.yaml:1:23: integrity.checksum: expected one of crc32c, none, "
