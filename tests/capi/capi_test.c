@@ -1,5 +1,6 @@
 /* The C API from C: one engine through whole training steps (world 1), two
- * ranks as threads of one process (local group), every misuse we know of
+ * ranks as threads of one process (local group), two ranks as processes
+ * (gloo, through a store directory and through store callbacks), every misuse we know of
  * (each must return its status with a message, never crash), and a failed
  * background read (a corrupted swap file). Compiled as C99, linked against
  * libztier.so only.
@@ -15,6 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "ztier/ztier.h"
@@ -64,12 +67,58 @@ static void MakeConfig(char* out, size_t n, const char* sub) {
            path);
 }
 
-static ztier_engine_t* CreateEngine(const char* sub, uint32_t rank, uint32_t world,
-                                    ztier_local_group_t* group) {
-  char yaml[1024];
+/* ---- a store as callbacks: one file per key in a directory (what a
+ * trainer would do with its own key-value store) ---- */
+
+static void KeyPath(char* out, size_t n, const char* dir, const char* key) {
+  snprintf(out, n, "%s/", dir);
+  size_t len = strlen(out);
+  for (const char* k = key; *k && len + 1 < n; ++k) out[len++] = *k == '/' ? '_' : *k;
+  out[len] = '\0';
+}
+
+static int FileStoreSet(void* context, const char* key, const void* value, size_t bytes) {
+  char path[1024], tmp[1100];
+  KeyPath(path, sizeof(path), context, key);
+  snprintf(tmp, sizeof(tmp), "%s.tmp%d", path, (int)getpid());
+  FILE* f = fopen(tmp, "wb");
+  if (!f) return 2;
+  const int ok = fwrite(value, 1, bytes, f) == bytes;
+  if (fclose(f) != 0 || !ok) return 2;
+  return rename(tmp, path) == 0 ? 0 : 2; /* readers never see half a value */
+}
+
+static int FileStoreGet(void* context, const char* key, void* value, size_t capacity,
+                        size_t* bytes, uint32_t timeout_ms) {
+  char path[1024];
+  KeyPath(path, sizeof(path), context, key);
+  const struct timespec ms = {0, 1000000};
+  for (uint32_t waited = 0;; ++waited) {
+    FILE* f = fopen(path, "rb");
+    if (f) {
+      fseek(f, 0, SEEK_END);
+      *bytes = (size_t)ftell(f);
+      fseek(f, 0, SEEK_SET);
+      const size_t n = *bytes < capacity ? *bytes : capacity;
+      const int ok = fread(value, 1, n, f) == n;
+      fclose(f);
+      return ok ? 0 : 2;
+    }
+    if (waited >= timeout_ms) return 1;
+    nanosleep(&ms, NULL);
+  }
+}
+
+enum Comm { kCommLocal, kCommGlooPath, kCommGlooStore };
+
+static ztier_engine_t* CreateEngineWith(const char* sub, uint32_t rank, uint32_t world,
+                                        ztier_local_group_t* group, enum Comm comm) {
+  char yaml[1024], store_dir[700];
   ztier_engine_options_t o;
   ztier_engine_t* e = NULL;
+  ztier_store_t store;
   MakeConfig(yaml, sizeof(yaml), sub);
+  snprintf(store_dir, sizeof(store_dir), "%s/%s_store", g_dir, sub);
   OK(ztier_engine_options_init(&o));
   o.config_text = yaml;
   o.rank = rank;
@@ -78,9 +127,24 @@ static ztier_engine_t* CreateEngine(const char* sub, uint32_t rank, uint32_t wor
   if (group) {
     o.comm = ZTIER_COMM_LOCAL_GROUP;
     o.local_group = group;
+  } else if (comm == kCommGlooPath) {
+    o.comm = ZTIER_COMM_GLOO;
+    o.gloo_store_path = store_dir;
+  } else if (comm == kCommGlooStore) {
+    store.context = store_dir;
+    store.set = FileStoreSet;
+    store.get = FileStoreGet;
+    o.comm = ZTIER_COMM_GLOO;
+    o.gloo_store = &store;
+    o.gloo_prefix = "capi_test";
   }
   OK(ztier_engine_create(&o, &e));
   return e;
+}
+
+static ztier_engine_t* CreateEngine(const char* sub, uint32_t rank, uint32_t world,
+                                    ztier_local_group_t* group) {
+  return CreateEngineWith(sub, rank, world, group, kCommLocal);
 }
 
 /* Three parameters (numel 1000, 3000, 17: 17 is odd, so world 2 pads) and
@@ -250,6 +314,29 @@ static void TestMisuse(void) {
   o.comm = ZTIER_COMM_NCCL_COMM;
   EXPECT_STATUS(ZTIER_STATUS_INVALID_ARGUMENT, ztier_engine_create(&o, &e),
                 "nccl comm kind without an ncclComm_t");
+  o.comm = ZTIER_COMM_GLOO;
+  EXPECT_STATUS(ZTIER_STATUS_INVALID_ARGUMENT, ztier_engine_create(&o, &e),
+                "gloo without a store");
+  {
+    ztier_store_t half = {NULL, FileStoreSet, NULL};
+    o.gloo_store = &half;
+    EXPECT_STATUS(ZTIER_STATUS_INVALID_ARGUMENT, ztier_engine_create(&o, &e),
+                  "gloo store without get");
+    o.gloo_store_path = "/tmp";
+    EXPECT_STATUS(ZTIER_STATUS_INVALID_ARGUMENT, ztier_engine_create(&o, &e),
+                  "gloo with both a store path and a store");
+    o.gloo_store = NULL;
+    o.gloo_store_path = NULL;
+  }
+  /* A caller built against the header before the gloo fields. */
+  OK(ztier_engine_options_init_sized(&o, offsetof(ztier_engine_options_t, gloo_store_path)));
+  CHECK(o.size == offsetof(ztier_engine_options_t, gloo_store_path));
+  o.config_text = "{}";
+  OK(ztier_engine_create(&o, &e));
+  OK(ztier_engine_destroy(e));
+  e = NULL;
+  EXPECT_STATUS(ZTIER_STATUS_BAD_STRUCT_SIZE, ztier_engine_options_init_sized(&o, 12),
+                "options init with an unknown size");
   CHECK(ztier_status_string((ztier_status_t)999)[0] != '\0');
   CHECK(strcmp(ztier_status_string(ZTIER_STATUS_NOT_FOUND), "ZTIER_STATUS_NOT_FOUND") == 0);
 
@@ -408,11 +495,13 @@ static void TestBackgroundReadFailure(void) {
 struct RankArgs {
   ztier_local_group_t* group;
   uint32_t rank;
+  enum Comm comm;
 };
 
 static void* RankMain(void* arg) {
   struct RankArgs* a = arg;
-  ztier_engine_t* e = CreateEngine("world2", a->rank, 2, a->group);
+  const char* subs[] = {"world2", "world2_gloo_path", "world2_gloo_store"};
+  ztier_engine_t* e = CreateEngineWith(subs[a->comm], a->rank, 2, a->group, a->comm);
   float* init[kParams];
   if (!e) return NULL;
   Register(e, init);
@@ -462,10 +551,40 @@ static void TestTwoRanks(void) {
   for (uint32_t r = 0; r < 2; ++r) {
     args[r].group = group;
     args[r].rank = r;
+    args[r].comm = kCommLocal;
     CHECK(pthread_create(&threads[r], NULL, RankMain, &args[r]) == 0);
   }
   for (int r = 0; r < 2; ++r) pthread_join(threads[r], NULL);
   OK(ztier_local_group_destroy(group));
+}
+
+/* The same two ranks as processes over gloo: every check runs in the child
+ * and its exit status carries the outcome. The store's directory must exist
+ * and be fresh (created here, under this run's directory). */
+static void TestTwoProcesses(enum Comm comm) {
+  const char* subs[] = {"world2", "world2_gloo_path", "world2_gloo_store"};
+  char store_dir[700];
+  pid_t pids[2];
+  snprintf(store_dir, sizeof(store_dir), "%s/%s_store", g_dir, subs[comm]);
+  mkdir(store_dir, 0700);
+  fflush(stdout);
+  for (uint32_t r = 0; r < 2; ++r) {
+    pids[r] = fork();
+    if (pids[r] == 0) {
+      struct RankArgs a = {NULL, r, comm};
+      RankMain(&a);
+      fflush(stdout);
+      _exit(g_failures ? 1 : 0);
+    }
+  }
+  for (int r = 0; r < 2; ++r) {
+    int status = 0;
+    CHECK(waitpid(pids[r], &status, 0) == pids[r]);
+    if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
+      fprintf(stderr, "gloo rank %d (%s) failed: status %d\n", r, subs[comm], status);
+      ++g_failures;
+    }
+  }
 }
 
 static int RemoveEntry(const char* path, const struct stat* sb, int flag, struct FTW* ftw) {
@@ -788,6 +907,9 @@ int main(void) {
   CHECK(strcmp(ztier_version_string(), ZTIER_VERSION_STRING) == 0);
   printf("ztier %s (header %s)\n", ztier_version_string(), ZTIER_VERSION_STRING);
 
+  /* Processes first: fork before this process has started any threads. */
+  TestTwoProcesses(kCommGlooPath);
+  TestTwoProcesses(kCommGlooStore);
   TestMisuse();
   TestSingleRank();
   TestTwoRanks();
