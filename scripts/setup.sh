@@ -6,7 +6,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake ninja-build pkg-config git
-  liburing-dev libaio-dev libyaml-cpp-dev
+  liburing-dev libaio-dev libyaml-cpp-dev libgloo-dev
   libgtest-dev libgmock-dev googletest libbenchmark-dev
   libcli11-dev nlohmann-json3-dev libfmt-dev
   fio time
