@@ -390,6 +390,8 @@ class LocalCollective final : public Collective {
     return Issue(c, stream);
   }
 
+  Status Health() override { return group_->Failure(); }
+
   Result<std::vector<uint64_t>> AllGatherHost(uint64_t value) override {
     std::lock_guard<std::mutex> lock(issue_mu_);
     ZTIER_RETURN_IF_ERROR(group_->Failure());

@@ -57,6 +57,11 @@ class Collective {
   // Host-side, blocking: every rank's `value`, in rank order. Used to check
   // that all ranks recorded the same trace.
   virtual Result<std::vector<uint64_t>> AllGatherHost(uint64_t value) = 0;
+
+  // The failure of a collective that already ran on a stream (a lost rank,
+  // ranks that disagreed), or OK. A stream's events complete either way, so
+  // a waiter on an event checks this before using the result.
+  virtual Status Health() { return Status::Ok(); }
 };
 
 // World size 1: AllGather is a device copy when part != full, else nothing.

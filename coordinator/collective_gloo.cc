@@ -503,6 +503,8 @@ class GlooCollective final : public Collective {
     });
   }
 
+  Status Health() override { return group_->Failure(); }
+
   Result<std::vector<uint64_t>> AllGatherHost(uint64_t value) override {
     uint64_t seq = 0;
     {
@@ -528,7 +530,7 @@ class GlooCollective final : public Collective {
     ZTIER_RETURN_IF_ERROR(group_->Failure());
     const uint64_t seq = group_->TakeSeq();
     // A stream callback has no way to return an error: a failed exchange
-    // fails the group, and the coordinator sees it at its next call. The
+    // fails the group, which Health() and every later call report. The
     // buffers stay valid until the stream moves past the callback.
     return device_->LaunchHostFunc(stream, [group = group_, seq, exchange] {
       (void)group->RunInOrder(seq, [&] { return exchange(*group, seq); });

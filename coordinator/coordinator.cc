@@ -582,6 +582,7 @@ Status Coordinator::ReduceScatterGradient(uint64_t id, const void* full_grad,
   // Waits outside the lock: copy-stream callbacks ahead of it take mu_.
   if (s.ok()) {
     s = d.EventSynchronize(*ev);
+    if (s.ok() && deps_.collective) s = deps_.collective->Health();
   } else {
     (void)d.StreamSynchronize(coll_stream_);  // what was enqueued ends first
   }
@@ -905,6 +906,8 @@ Status Coordinator::WaitAvailable(std::unique_lock<std::mutex>& lock, Param& p,
   tiering::EventHandle ready = p.ready;
   lock.unlock();
   Status s = deps_.device->EventSynchronize(ready);
+  // The gather's event completes even when the collective failed.
+  if (s.ok() && deps_.collective) s = deps_.collective->Health();
   lock.lock();
   stats_.stall_device_s += Seconds(t1, Clock::now());
   if (!s.ok()) return s.WithContext(fmt::format("gather of parameter {}", p.id));

@@ -402,6 +402,43 @@ TEST_P(CoordinatorPropertyTest, RandomTracesAndLimits) {
 
 }
 
+// A gather whose collective fails (here: the ranks disagree on the size,
+// as after registering different models) fails the fetch on every rank; the
+// event it waits on completes either way, so the fetch must not hand out a
+// parameter that was never gathered.
+TEST_F(CoordinatorTest, FailedGatherFailsTheFetchOnEveryRank) {
+  std::shared_ptr<LocalGroup> group = LocalGroup::Create(2);
+  RankConfig cfg;
+  cfg.options.param_persistence_threshold = 0;
+  std::vector<std::unique_ptr<Rank>> ranks(2);
+  for (uint32_t r = 0; r < 2; ++r) ranks[r] = MakeRank(dir_.path(), r, 2, group.get(), cfg);
+  std::vector<std::string> errors(2);
+  std::vector<std::thread> threads;
+  for (uint32_t r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] {
+      Coordinator& c = *ranks[r]->coordinator;
+      const uint64_t numel = r == 0 ? 4096 : 2048;  // the disagreement
+      if (!c.RegisterParam(1, numel, DType::kFloat16, ParamTier::kNvme).ok() ||
+          !c.RegisterModule(7, "m", {1}).ok() || !c.Finalize().ok()) {
+        errors[r] = "set-up failed";
+        return;
+      }
+      auto bytes = testing::ParamBytes(1, numel);
+      if (!c.SetParamData(1, bytes.data()).ok()) {
+        errors[r] = "set-up failed";
+        return;
+      }
+      Status s = c.Fetch(7, true);
+      errors[r] = s.ok() ? "the fetch succeeded" : s.ToString();
+      if (s.ok()) (void)c.Release(7, false);
+    });
+  }
+  for (auto& th : threads) th.join();
+  for (uint32_t r = 0; r < 2; ++r) {
+    EXPECT_NE(errors[r].find("disagree"), std::string::npos) << "rank " << r << ": " << errors[r];
+  }
+}
+
 TEST_F(CoordinatorTest, NvmeReadsStartInTraceOrder) {
   // Forward only, each param used once per step: read k must be param k.
   TraceFile t = Chain(12, 2, 9000);
