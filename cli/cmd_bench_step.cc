@@ -14,6 +14,15 @@
 // TFLOP/s (backward counts twice), or "balanced": the step's I/O time
 // (bytes read / device bandwidth, from a calibration run) spread over the
 // module fetches by the bytes each one swaps in, so compute equals I/O.
+//
+// Ranks (--world-size > 1): threads of this process over the local
+// collective (--ranks threads), or child processes forked from this one,
+// connected with the gloo collective through a fresh store directory
+// (--ranks processes); each child runs one rank exactly as a thread would and
+// sends its figures back in a file. Either way every rank's collective time
+// (the coordinator's all-gather spans) is measured per step.
+#include <signal.h>
+#include <stdlib.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -39,6 +48,7 @@
 #include "cli/commands.h"
 #include "cli/step_util.h"
 #include "cli/timeline.h"
+#include "coordinator/collective.h"
 #include "coordinator/trace_runner.h"
 #include "tiering/plan.h"
 #include "tiering/units.h"
@@ -73,6 +83,8 @@ struct StepArgs {
   std::string bench_size;
   bool serial_compute = false;
   uint32_t launch_lead = 2;
+  std::string ranks = "threads";  // threads | processes
+  int fail_rank = -1;             // testing: this rank's process kills itself in step 1
 };
 
 enum class ComputeMode { kNone, kFixed, kBalanced, kFlops };
@@ -122,7 +134,129 @@ struct StepFigures {
   double stall_nvme_s = 0, stall_device_s = 0;  // rank 0
   double hit_rate = 1;                          // rank 0
   double compute_s = 0;                         // rank 0, emulated
+  // Collective spans (all-gathers: copy done .. gather seen complete), mean
+  // over ranks: their durations summed, and the time covered by at least
+  // one (the collective stream busy or waiting for a peer).
+  double collective_sum_s = 0, collective_busy_s = 0;
 };
+
+using TimePoint = Clock::time_point;
+
+// The collective spans of each rank, forwarded to `inner` (the timeline)
+// when there is one.
+class CollectiveMeter : public coordinator::TimelineSink {
+ public:
+  CollectiveMeter(uint32_t world, coordinator::TimelineSink* inner)
+      : spans_(world), inner_(inner) {}
+  void Span(uint32_t rank, coordinator::TimelineStage stage, uint64_t id, TimePoint begin,
+            TimePoint end) override {
+    if (stage == coordinator::TimelineStage::kCollective && rank < spans_.size()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      spans_[rank].emplace_back(begin, end);
+    }
+    if (inner_) inner_->Span(rank, stage, id, begin, end);
+  }
+  // Per step of `rank` (step s starts at starts[s]; a span counts in the
+  // step in which it ends, one ending before the first step in step 0):
+  // the sum of the span durations and their union, in seconds.
+  void PerStep(uint32_t rank, const std::vector<TimePoint>& starts, std::vector<double>* sum,
+               std::vector<double>* busy) const {
+    sum->assign(starts.size(), 0.0);
+    busy->assign(starts.size(), 0.0);
+    if (starts.empty()) return;
+    std::vector<std::vector<std::pair<TimePoint, TimePoint>>> by_step(starts.size());
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (const auto& sp : spans_[rank]) {
+        const size_t s = static_cast<size_t>(
+            std::upper_bound(starts.begin(), starts.end(), sp.second) - starts.begin());
+        by_step[s == 0 ? 0 : s - 1].push_back(sp);
+      }
+    }
+    for (size_t s = 0; s < by_step.size(); ++s) {
+      auto& v = by_step[s];
+      std::sort(v.begin(), v.end());
+      TimePoint covered_to = TimePoint::min();
+      for (const auto& [b, e] : v) {
+        (*sum)[s] += std::chrono::duration<double>(e - b).count();
+        const TimePoint from = std::max(b, covered_to);
+        if (e > from) {
+          (*busy)[s] += std::chrono::duration<double>(e - from).count();
+          covered_to = e;
+        }
+      }
+    }
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<std::vector<std::pair<TimePoint, TimePoint>>> spans_;
+  coordinator::TimelineSink* inner_;
+};
+
+// A child process's timeline spans and steps, sent to the parent and
+// replayed into its TimelineRecorder (steady_clock is one clock for all
+// processes of the machine).
+class SpanBuffer : public coordinator::TimelineSink {
+ public:
+  void Span(uint32_t rank, coordinator::TimelineStage stage, uint64_t id, TimePoint begin,
+            TimePoint end) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    j_.push_back({rank, static_cast<int>(stage), id, begin.time_since_epoch().count(),
+                  end.time_since_epoch().count()});
+  }
+  void Step(uint32_t rank, uint64_t step, TimePoint begin, TimePoint end) {
+    std::lock_guard<std::mutex> lock(mu_);
+    j_.push_back({rank, -1, step, begin.time_since_epoch().count(),
+                  end.time_since_epoch().count()});
+  }
+  nlohmann::json Take() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return std::move(j_);
+  }
+  static void Replay(const nlohmann::json& spans, TimelineRecorder* to) {
+    for (const auto& r : spans) {
+      const TimePoint b{Clock::duration(r[3].get<int64_t>())};
+      const TimePoint e{Clock::duration(r[4].get<int64_t>())};
+      const int stage = r[1].get<int>();
+      if (stage < 0) {
+        to->Step(r[0].get<uint32_t>(), r[2].get<uint64_t>(), b, e);
+      } else {
+        to->Span(r[0].get<uint32_t>(), static_cast<coordinator::TimelineStage>(stage),
+                 r[2].get<uint64_t>(), b, e);
+      }
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  nlohmann::json j_ = nlohmann::json::array();
+};
+
+nlohmann::json StatsToJson(const coordinator::CoordinatorStats& s) {
+  return {s.steps,           s.fetch_calls,        s.fetch_calls_with_demand,
+          s.params_fetched,  s.demand_gathers,     s.prefetch_gathers,
+          s.prefetch_hits,   s.waits,              s.releases,
+          s.nvme_reads,      s.nvme_read_reclaims, s.trace_invalidations,
+          s.peak_live_numel, s.peak_swap_buffers,  s.stall_nvme_s,
+          s.stall_device_s,  s.live_numel};
+}
+
+coordinator::CoordinatorStats StatsFromJson(const nlohmann::json& j) {
+  coordinator::CoordinatorStats s;
+  size_t i = 0;
+  for (uint64_t* f : {&s.steps, &s.fetch_calls, &s.fetch_calls_with_demand, &s.params_fetched,
+                      &s.demand_gathers, &s.prefetch_gathers, &s.prefetch_hits, &s.waits,
+                      &s.releases, &s.nvme_reads, &s.nvme_read_reclaims,
+                      &s.trace_invalidations, &s.peak_live_numel}) {
+    *f = j.at(i++).get<uint64_t>();
+  }
+  s.peak_swap_buffers = j.at(i++).get<uint32_t>();
+  s.stall_nvme_s = j.at(i++).get<double>();
+  s.stall_device_s = j.at(i++).get<double>();
+  s.live_numel = j.at(i++).get<uint64_t>();
+  return s;
+}
 
 struct RunOutput {
   std::vector<coordinator::RankResult> ranks;
@@ -165,6 +299,15 @@ class StepBench {
 
 Status StepBench::Prepare() {
   if (a_.steps == 0) return Status::InvalidArgument("--steps must be at least 1");
+  if (a_.ranks != "threads" && a_.ranks != "processes") {
+    return Status::InvalidArgument(
+        fmt::format("--ranks '{}' is not threads or processes", a_.ranks));
+  }
+  if (a_.fail_rank >= 0 && (a_.ranks != "processes" ||
+                            static_cast<uint32_t>(a_.fail_rank) >= a_.world_size)) {
+    return Status::InvalidArgument(
+        "--fail-rank needs --ranks processes and a rank below --world-size");
+  }
   if (a_.world_size == 0) return Status::InvalidArgument("--world-size must be at least 1");
   if (!(a_.scale >= 1.0)) {
     return Status::InvalidArgument(fmt::format(
@@ -201,10 +344,26 @@ Status StepBench::Prepare() {
     notes_.push_back("tiers.params is host: no NVMe traffic, the bound is compute alone");
   }
   if (a_.allow_unpinned) config_.tiers.host.allow_unpinned = true;
-  if (a_.world_size > 1 && config_.comm.backend != tiering::CommBackend::kLocal) {
-    // Ranks are threads of this process: the local collective joins them.
-    config_.comm.backend = tiering::CommBackend::kLocal;
-    notes_.push_back("world size > 1: ranks are threads here, comm.backend set to local");
+  if (a_.ranks == "threads") {
+    if (a_.world_size > 1 && config_.comm.backend != tiering::CommBackend::kLocal) {
+      // Ranks are threads of this process: the local collective joins them.
+      config_.comm.backend = tiering::CommBackend::kLocal;
+      notes_.push_back("world size > 1: ranks are threads here, comm.backend set to local");
+    }
+  } else if (a_.world_size > 1) {
+    std::string why;
+    if (!coordinator::GlooAvailable(&why)) {
+      return Status::Unavailable(
+          fmt::format("--ranks processes needs the gloo collective: {}", why));
+    }
+    if (config_.comm.backend != tiering::CommBackend::kGloo) {
+      config_.comm.backend = tiering::CommBackend::kGloo;
+      notes_.push_back(
+          "world size > 1: ranks are processes here, comm.backend set to gloo (a fresh file "
+          "store under the first NVMe path per run)");
+    }
+  } else {
+    notes_.push_back("world size 1: one child process, no collective");
   }
   if (a_.scale != 1.0) {
     ScaleThresholds(a_.scale, &config_);
@@ -329,7 +488,6 @@ Result<RunOutput> StepBench::RunSteps(uint32_t steps, bool emulate, TimelineReco
   coordinator::RunOptions ro;
   ro.runtime.config = config_;
   ro.runtime.buffer_elements_override = buffer_elements_;
-  ro.runtime.timeline = timeline;
   ro.world_size = a_.world_size;
   const bool moe = trace_.steps.size() > 1;
   ro.repeat = moe ? 1 : steps;
@@ -337,8 +495,20 @@ Result<RunOutput> StepBench::RunSteps(uint32_t steps, bool emulate, TimelineReco
   if (moe) trace.steps.resize(std::min<size_t>(trace.steps.size(), steps));
 
   const uint32_t world = a_.world_size;
+  const bool processes = a_.ranks == "processes";
+  // Where the hooks draw (the recorder, or a child's span buffer) and the
+  // collective meter in front of it for the coordinator's spans.
+  coordinator::TimelineSink* sink = timeline;
+  std::function<void(uint32_t, uint64_t, TimePoint, TimePoint)> mark_step;
+  if (timeline) {
+    mark_step = [timeline](uint32_t rank, uint64_t step, TimePoint b, TimePoint e) {
+      timeline->Step(rank, step, b, e);
+    };
+  }
   std::vector<Clock::time_point> fetch_begin(world);
   std::vector<Clock::time_point> step_begin(world);
+  // step_starts[rank][step]: when the step's first fetch began.
+  std::vector<std::vector<Clock::time_point>> step_starts(world);
   // The emulated device's compute stream, per rank: when its last queued
   // module compute ends.
   std::vector<Clock::time_point> device_free(world);
@@ -348,6 +518,8 @@ Result<RunOutput> StepBench::RunSteps(uint32_t steps, bool emulate, TimelineReco
   std::vector<std::vector<double>> step_s(world, std::vector<double>(steps + 1, 0.0));
   // compute_s[rank][step]: emulated seconds.
   std::vector<std::vector<double>> compute_s(world, std::vector<double>(steps + 1, 0.0));
+  // Collective seconds per rank and step: span sum, and busy (union).
+  std::vector<std::vector<double>> coll_sum(world), coll_busy(world);
   std::vector<uint8_t> started(world, 0);
   coordinator::RunHooks hooks;
   hooks.before_fetch = [&](uint32_t rank, uint64_t step, const coordinator::TraceEvent&) {
@@ -355,15 +527,21 @@ Result<RunOutput> StepBench::RunSteps(uint32_t steps, bool emulate, TimelineReco
     fetch_begin[rank] = now;
     if (!started[rank]) {
       step_begin[rank] = now;
+      step_starts[rank].push_back(now);
       started[rank] = 1;
     }
-    (void)step;
+    if (processes && a_.fail_rank >= 0 && rank == static_cast<uint32_t>(a_.fail_rank) &&
+        step == 1) {
+      fmt::print(stderr, "ztier bench step: rank {}: --fail-rank: killing this process\n",
+                 rank);
+      fflush(stderr);
+      raise(SIGKILL);
+    }
   };
   hooks.after_fetch = [&](uint32_t rank, uint64_t step, const coordinator::TraceEvent& e) {
     const auto t0 = Clock::now();
-    if (timeline) {
-      timeline->Span(rank, coordinator::TimelineStage::kFetchStall, e.module, fetch_begin[rank],
-                     t0);
+    if (sink) {
+      sink->Span(rank, coordinator::TimelineStage::kFetchStall, e.module, fetch_begin[rank], t0);
     }
     const double c = emulate ? ComputeFor(e) : 0.0;
     if (c <= 0) return;
@@ -371,8 +549,8 @@ Result<RunOutput> StepBench::RunSteps(uint32_t steps, bool emulate, TimelineReco
     if (step < compute_s[rank].size()) compute_s[rank][step] += c;
     if (a_.serial_compute) {
       WaitUntil(t0 + dur);
-      if (timeline) {
-        timeline->Span(rank, coordinator::TimelineStage::kCompute, e.module, t0, Clock::now());
+      if (sink) {
+        sink->Span(rank, coordinator::TimelineStage::kCompute, e.module, t0, Clock::now());
       }
       return;
     }
@@ -391,8 +569,8 @@ Result<RunOutput> StepBench::RunSteps(uint32_t steps, bool emulate, TimelineReco
       WaitUntil(q.front(), /*spin=*/false);
       q.pop_front();
     }
-    if (timeline) {
-      timeline->Span(rank, coordinator::TimelineStage::kCompute, e.module, begin, begin + dur);
+    if (sink) {
+      sink->Span(rank, coordinator::TimelineStage::kCompute, e.module, begin, begin + dur);
     }
   };
   hooks.before_reset = [&](uint32_t rank, uint64_t step) {
@@ -404,7 +582,7 @@ Result<RunOutput> StepBench::RunSteps(uint32_t steps, bool emulate, TimelineReco
     if (step < step_s[rank].size()) {
       step_s[rank][step] = std::chrono::duration<double>(end - step_begin[rank]).count();
     }
-    if (timeline) timeline->Step(rank, step, step_begin[rank], end);
+    if (mark_step) mark_step(rank, step, step_begin[rank], end);
     started[rank] = 0;
   };
   Progress progress("ztier bench step:", steps, !a_.json || isatty(STDERR_FILENO));
@@ -414,11 +592,98 @@ Result<RunOutput> StepBench::RunSteps(uint32_t steps, bool emulate, TimelineReco
     progress.Update(step + 1, fmt::format("step {}{}: {:.3f} s", step,
                                           step == 0 ? " (records the trace)" : "", seconds));
   };
-  auto result = coordinator::RunTrace(trace, ro, hooks);
-  progress.Finish();
-  if (!result.ok()) return result.status();
   RunOutput out;
-  out.ranks = std::move(result).value();
+  if (!processes) {
+    std::unique_ptr<CollectiveMeter> meter;
+    if (world > 1) meter = std::make_unique<CollectiveMeter>(world, timeline);
+    ro.runtime.timeline = meter ? meter.get() : static_cast<coordinator::TimelineSink*>(timeline);
+    auto result = coordinator::RunTrace(trace, ro, hooks);
+    progress.Finish();
+    if (!result.ok()) return result.status();
+    out.ranks = std::move(result).value();
+    for (uint32_t rank = 0; rank < world; ++rank) {
+      if (meter) meter->PerStep(rank, step_starts[rank], &coll_sum[rank], &coll_busy[rank]);
+    }
+  } else {
+    // A fresh directory for the gloo store and the children's results.
+    std::string base = config_.tiers.nvme.paths.front();
+    std::error_code ec;
+    std::filesystem::create_directories(base, ec);
+    std::string tmpl = base + "/bench_step_ranks.XXXXXX";
+    if (mkdtemp(tmpl.data()) == nullptr) {
+      return Status::FromErrno(errno, fmt::format("creating a directory like {}", tmpl));
+    }
+    const std::string run_dir = tmpl;
+    const std::string store_dir = run_dir + "/gloo_store";
+    std::filesystem::create_directories(store_dir, ec);
+    if (ec) return Status::IoError(fmt::format("creating {}: {}", store_dir, ec.message()));
+    ro.runtime.gloo.store_path = store_dir;
+    // Past comm.timeout every rank of a broken group has failed on its own.
+    const auto grace = std::chrono::milliseconds(1000ull * config_.comm.timeout + 10'000);
+    auto payloads = RunInChildProcesses(
+        world, run_dir, grace, [&](uint32_t rank) -> Result<std::string> {
+          SpanBuffer buffer;
+          if (timeline) {
+            sink = &buffer;
+            mark_step = [&buffer](uint32_t r, uint64_t s, TimePoint b, TimePoint e) {
+              buffer.Step(r, s, b, e);
+            };
+          }
+          std::unique_ptr<CollectiveMeter> meter;
+          if (world > 1) meter = std::make_unique<CollectiveMeter>(world, sink);
+          coordinator::RunOptions mine = ro;
+          mine.runtime.timeline = meter ? meter.get() : sink;
+          coordinator::RankResult rr;
+          Status s = coordinator::RunTraceRank(trace, mine, hooks, rank, nullptr, &rr);
+          if (rank == 0) progress.Finish();
+          if (!s.ok()) return s;
+          std::vector<double> sum, busy;
+          if (meter) meter->PerStep(rank, step_starts[rank], &sum, &busy);
+          nlohmann::json st = nlohmann::json::array();
+          for (const auto& x : rr.steps) {
+            st.push_back({x.seconds, x.stall_nvme_s, x.stall_device_s, x.fetch_calls,
+                          x.fetch_calls_with_demand, x.bytes_read, x.bytes_written});
+          }
+          nlohmann::json j = {{"description", rr.description},
+                              {"stats", StatsToJson(rr.stats)},
+                              {"steps", st},
+                              {"step_s", step_s[rank]},
+                              {"compute_s", compute_s[rank]},
+                              {"collective_sum_s", sum},
+                              {"collective_busy_s", busy},
+                              {"timeline", timeline ? buffer.Take() : nlohmann::json::array()}};
+          return j.dump();
+        });
+    std::filesystem::remove_all(run_dir, ec);
+    if (!payloads.ok()) return payloads.status();
+    out.ranks.resize(world);
+    for (uint32_t rank = 0; rank < world; ++rank) {
+      try {
+        const auto j = nlohmann::json::parse((*payloads)[rank]);
+        auto& rr = out.ranks[rank];
+        rr.description = j.at("description").get<std::string>();
+        rr.stats = StatsFromJson(j.at("stats"));
+        for (const auto& x : j.at("steps")) {
+          coordinator::StepTiming t;
+          t.seconds = x[0].get<double>();
+          t.stall_nvme_s = x[1].get<double>();
+          t.stall_device_s = x[2].get<double>();
+          t.fetch_calls = x[3].get<uint64_t>();
+          t.fetch_calls_with_demand = x[4].get<uint64_t>();
+          t.bytes_read = x[5].get<uint64_t>();
+          t.bytes_written = x[6].get<uint64_t>();
+          rr.steps.push_back(t);
+        }
+        step_s[rank] = j.at("step_s").get<std::vector<double>>();
+        compute_s[rank] = j.at("compute_s").get<std::vector<double>>();
+        coll_sum[rank] = j.at("collective_sum_s").get<std::vector<double>>();
+        coll_busy[rank] = j.at("collective_busy_s").get<std::vector<double>>();
+        if (timeline) SpanBuffer::Replay(j.at("timeline"), timeline);
+      } catch (const std::exception& e) {
+        return Status::Internal(fmt::format("rank {}'s result: {}", rank, e.what()));
+      }
+    }
+  }
   const size_t n = out.ranks[0].steps.size();
   for (size_t s = 0; s < n; ++s) {
     StepFigures f;
@@ -428,6 +693,8 @@ Result<RunOutput> StepBench::RunSteps(uint32_t steps, bool emulate, TimelineReco
       f.seconds = std::max(f.seconds, s < step_s[rank].size() ? step_s[rank][s] : 0.0);
       f.bytes_read += r.steps[s].bytes_read;
       f.bytes_written += r.steps[s].bytes_written;
+      if (s < coll_sum[rank].size()) f.collective_sum_s += coll_sum[rank][s] / world;
+      if (s < coll_busy[rank].size()) f.collective_busy_s += coll_busy[rank][s] / world;
     }
     const auto& st = out.ranks[0].steps[s];
     f.stall_nvme_s = st.stall_nvme_s;
@@ -467,6 +734,8 @@ void StepBench::Report(const RunOutput& out) {
   const double stall_nvme = med([](const StepFigures& f) { return f.stall_nvme_s; });
   const double stall_dev = med([](const StepFigures& f) { return f.stall_device_s; });
   const double hit = med([](const StepFigures& f) { return f.hit_rate; });
+  const double coll_sum = med([](const StepFigures& f) { return f.collective_sum_s; });
+  const double coll_busy = med([](const StepFigures& f) { return f.collective_busy_s; });
   const auto& r0 = out.ranks[0];
   const uint64_t elem = config_.tiers.nvme.buffer_element_bytes;
   const uint64_t buffer_bytes =
@@ -492,11 +761,14 @@ void StepBench::Report(const RunOutput& out) {
                           {"bytes_written", f.bytes_written},
                           {"stall_nvme_seconds", f.stall_nvme_s},
                           {"stall_device_seconds", f.stall_device_s},
-                          {"prefetch_hit_rate", f.hit_rate}});
+                          {"prefetch_hit_rate", f.hit_rate},
+                          {"collective_seconds_per_rank", f.collective_sum_s},
+                          {"collective_busy_seconds_per_rank", f.collective_busy_s}});
     }
     nlohmann::json j = {
         {"model", shape_.name},
         {"world_size", a_.world_size},
+        {"ranks", a_.ranks},
         {"scale", a_.scale},
         {"steps", m.size()},
         {"compute", mode_name},
@@ -512,6 +784,8 @@ void StepBench::Report(const RunOutput& out) {
         {"device_bw_measured", measured_bw_},
         {"prefetch_hit_rate", hit},
         {"stall_seconds", {{"nvme", stall_nvme}, {"h2d_collective", stall_dev}}},
+        {"collective_seconds_per_rank", coll_sum},
+        {"collective_busy_seconds_per_rank", coll_busy},
         {"peak_pinned_bytes", peak_pinned},
         {"pinned_pool_bytes", pool_bytes},
         {"peak_device_bytes", peak_device},
@@ -540,10 +814,10 @@ void StepBench::Report(const RunOutput& out) {
     std::cout << j.dump(2) << std::endl;
     return;
   }
-  fmt::print("ztier bench step: {}{}, world size {}, {} measured steps after 1 recording step, "
-             "compute {}{}\n",
+  fmt::print("ztier bench step: {}{}, world size {} ({}), {} measured steps after 1 recording "
+             "step, compute {}{}\n",
              shape_.name, a_.scale != 1.0 ? fmt::format(" (scale 1/{})", a_.scale) : "",
-             a_.world_size, m.size(), mode_name,
+             a_.world_size, a_.ranks, m.size(), mode_name,
              mode_ == ComputeMode::kFixed   ? fmt::format(" ({} s per module)", fixed_s_)
              : mode_ == ComputeMode::kFlops ? fmt::format(" ({} TFLOP/s)", a_.tflops)
                                             : "");
@@ -577,6 +851,10 @@ void StepBench::Report(const RunOutput& out) {
   row("stall nvme (rank 0)", fmt::format("{:.4f} s", stall_nvme));
   row("stall h2d+collective", fmt::format("{:.4f} s", stall_dev));
   row("prefetch hit rate", fmt::format("{:.4f}", hit));
+  if (a_.world_size > 1) {
+    row("collective / rank", fmt::format("{:.4f} s", coll_sum));
+    row("collective busy / rank", fmt::format("{:.4f} s", coll_busy));
+  }
   row("peak pinned in use", tiering::HumanBytes(peak_pinned));
   row("pinned pool", tiering::HumanBytes(pool_bytes));
   row("peak device (params)", tiering::HumanBytes(peak_device));
@@ -693,6 +971,13 @@ previous module is done; the host runs on (as with kernels queued on a GPU)
 and waits only when --launch-lead module computes are queued; the step ends
 when the last compute does. --serial-compute makes the host wait out every
 module.
+--ranks threads (default): the ranks are threads of this process over the
+local collective. --ranks processes: one forked child process per rank, the
+same work, connected by the gloo collective (TCP) through a fresh store
+directory under the first NVMe path; a failing rank fails the run with its
+error (the others within comm.timeout). World size > 1 reports the collective
+time per rank and step: the coordinator's all-gather spans (copy done ..
+gather seen complete) summed, and "busy": the time covered by at least one.
 --timeline FILE writes a Chrome trace-event JSON (Perfetto): per rank, tracks
 for step, fetch stall, compute, nvme read, h2d, collective.
 Progress goes to stderr (a bar on a terminal, a line per step otherwise).)";
@@ -707,8 +992,15 @@ void RegisterBenchStep(CLI::App& bench, int* exit_code) {
   cmd->add_option("--model", a->model, "Model shape: file or name in configs/models/")
       ->capture_default_str();
   cmd->add_option("--config", a->config, "ztier YAML config (default: built-in defaults)");
-  cmd->add_option("--world-size", a->world_size, "Ranks (threads of this process)")
-      ->capture_default_str();
+  cmd->add_option("--world-size", a->world_size, "Ranks")->capture_default_str();
+  cmd->add_option("--ranks", a->ranks,
+                  "threads: ranks are threads of this process (local collective); processes: "
+                  "forked child processes (gloo collective)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"threads", "processes"}));
+  cmd->add_option("--fail-rank", a->fail_rank,
+                  "Testing: this rank's process kills itself in step 1 (--ranks processes)")
+      ->group("");
   cmd->add_option("--scale", a->scale, "Divide every tensor's element count by this")
       ->capture_default_str();
   cmd->add_option("--steps", a->steps, "Measured steps (after the recording step)")

@@ -1,11 +1,19 @@
 #include "cli/step_util.h"
 
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
+#include <sstream>
+#include <thread>
 #include <vector>
 
 #include <fmt/format.h>
@@ -142,6 +150,160 @@ void Progress::Finish() {
     fflush(stderr);
     shown_ = false;
   }
+}
+
+uint32_t ThreadCount() {
+  std::error_code ec;
+  uint32_t n = 0;
+  for (const auto& e : fs::directory_iterator("/proc/self/task", ec)) {
+    (void)e;
+    ++n;
+  }
+  return ec ? 0 : n;
+}
+
+namespace {
+
+// Writes `text` to `path` through a temporary name, so that the parent never
+// reads half a file.
+bool WriteWhole(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    if (!f) return false;
+    f.write(text.data(), static_cast<std::streamsize>(text.size()));
+    f.flush();
+    if (!f) return false;
+  }
+  return std::rename(tmp.c_str(), path.c_str()) == 0;
+}
+
+std::string ReadWhole(const std::string& path, bool* found) {
+  std::ifstream f(path, std::ios::binary);
+  *found = static_cast<bool>(f);
+  if (!f) return {};
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+[[noreturn]] void ChildMain(uint32_t rank, pid_t parent, const std::string& dir,
+                            const std::function<Result<std::string>(uint32_t)>& fn) {
+  // Die with the parent; it may have died before the prctl.
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (getppid() != parent) _exit(125);
+  const std::string base = fmt::format("{}/rank{}", dir, rank);
+  int code = 0;
+  try {
+    Result<std::string> r = fn(rank);
+    if (r.ok()) {
+      if (!WriteWhole(base + ".out", *r)) {
+        WriteWhole(base + ".err", fmt::format("writing {}.out: {}", base, strerror(errno)));
+        code = 1;
+      }
+    } else {
+      WriteWhole(base + ".err", r.status().ToString());
+      code = 1;
+    }
+  } catch (const std::exception& e) {
+    WriteWhole(base + ".err", fmt::format("exception: {}", e.what()));
+    code = 1;
+  }
+  fflush(stdout);
+  fflush(stderr);
+  _exit(code);
+}
+
+}  // namespace
+
+Result<std::vector<std::string>> RunInChildProcesses(
+    uint32_t n, const std::string& dir, std::chrono::milliseconds grace,
+    const std::function<Result<std::string>(uint32_t)>& fn) {
+  if (const uint32_t threads = ThreadCount(); threads > 1) {
+    return Status::FailedPrecondition(fmt::format(
+        "cannot fork ranks: this process already runs {} threads (fork before starting "
+        "any)",
+        threads));
+  }
+  fflush(stdout);
+  fflush(stderr);
+  const pid_t self = getpid();
+  std::vector<pid_t> pids(n, -1);
+  for (uint32_t r = 0; r < n; ++r) {
+    const pid_t pid = fork();
+    if (pid == 0) ChildMain(r, self, dir, fn);
+    if (pid < 0) {
+      const int err = errno;
+      for (uint32_t k = 0; k < r; ++k) kill(pids[k], SIGKILL);
+      for (uint32_t k = 0; k < r; ++k) waitpid(pids[k], nullptr, 0);
+      return Status::IoError(fmt::format("fork for rank {}: {}", r, strerror(err)));
+    }
+    pids[r] = pid;
+  }
+
+  using Clock = std::chrono::steady_clock;
+  std::vector<uint8_t> done(n, 0);
+  std::vector<std::string> failures;  // in the order the children exited
+  std::vector<uint8_t> killed(n, 0);
+  uint32_t left = n;
+  Clock::time_point deadline = Clock::time_point::max();
+  while (left > 0) {
+    bool reaped = false;
+    for (uint32_t r = 0; r < n; ++r) {
+      if (done[r]) continue;
+      int st = 0;
+      const pid_t got = waitpid(pids[r], &st, WNOHANG);
+      if (got == 0) continue;
+      done[r] = 1;
+      --left;
+      reaped = true;
+      if (got < 0) {
+        failures.push_back(fmt::format("rank {} (pid {}): waitpid: {}", r, pids[r],
+                                       strerror(errno)));
+      } else if (WIFEXITED(st) && WEXITSTATUS(st) == 0) {
+        continue;
+      } else {
+        bool found = false;
+        std::string err = ReadWhole(fmt::format("{}/rank{}.err", dir, r), &found);
+        if (WIFSIGNALED(st)) {
+          const int sig = WTERMSIG(st);
+          err = killed[r] ? fmt::format("killed (SIGKILL) {} ms after another rank failed",
+                                        grace.count())
+                          : fmt::format("killed by signal {} ({})", sig, strsignal(sig));
+        } else if (!found) {
+          err = fmt::format("exited with status {} without a result", WEXITSTATUS(st));
+        }
+        failures.push_back(fmt::format("rank {} (pid {}): {}", r, pids[r], err));
+      }
+      if (!failures.empty() && deadline == Clock::time_point::max()) {
+        deadline = Clock::now() + grace;
+      }
+    }
+    if (left == 0) break;
+    if (Clock::now() >= deadline) {
+      for (uint32_t r = 0; r < n; ++r) {
+        if (!done[r] && !killed[r]) {
+          kill(pids[r], SIGKILL);
+          killed[r] = 1;
+        }
+      }
+    }
+    if (!reaped) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  if (!failures.empty()) {
+    std::string msg = failures.front();
+    for (size_t i = 1; i < failures.size(); ++i) msg += "; then " + failures[i];
+    return Status::Internal(msg);
+  }
+  std::vector<std::string> out(n);
+  for (uint32_t r = 0; r < n; ++r) {
+    bool found = false;
+    out[r] = ReadWhole(fmt::format("{}/rank{}.out", dir, r), &found);
+    if (!found) {
+      return Status::Internal(fmt::format("rank {} exited 0 but left no result in {}", r, dir));
+    }
+  }
+  return out;
 }
 
 }  // namespace ztier::cli

@@ -1,15 +1,17 @@
 // Helpers shared by `ztier bench step`, `ztier bench sweep` and `ztier plan`:
 // finding a model shape by name, loading a config (or the defaults), the
-// planner's model numbers from a generated trace, durations ("2ms"), and a
-// progress bar on stderr.
+// planner's model numbers from a generated trace, durations ("2ms"), a
+// progress bar on stderr, and running ranks as child processes.
 //
 // Plain functions and a single-threaded Progress object.
 #pragma once
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "base/status.h"
 #include "coordinator/trace_file.h"
@@ -52,5 +54,25 @@ class Progress {
   bool tty_;
   bool shown_ = false;
 };
+
+// Runs `fn(rank)` for rank 0 .. n-1, each in a child process forked from
+// this one, and returns their payloads in rank order. Fork before this
+// process starts threads (the children get only the calling thread); the
+// function refuses with FailedPrecondition when it has more than one.
+// Each child writes its payload (or its error) to a file in `dir` (an
+// existing, empty directory) and leaves with _exit, so no destructor or
+// atexit handler of the parent's state runs twice; a child dies with the
+// parent (PR_SET_PDEATHSIG). Stdio is flushed before forking.
+//
+// Fails when any child fails: with the error of the first child to fail
+// (in the order they exited), the others' after it. Once one child failed,
+// the others get `grace` to exit on their own (they should fail too, a lost
+// peer being an error) and are killed (SIGKILL) after it: never a hang.
+Result<std::vector<std::string>> RunInChildProcesses(
+    uint32_t n, const std::string& dir, std::chrono::milliseconds grace,
+    const std::function<Result<std::string>(uint32_t rank)>& fn);
+
+// Threads of this process (/proc/self/task), 0 when unknown.
+uint32_t ThreadCount();
 
 }  // namespace ztier::cli

@@ -210,62 +210,38 @@ class GlooGroup {
 
   // ---- the exchanges (run by RunInOrder) ----
 
-  // Sends `mine` to every rank and checks theirs against it. Fills
-  // `values[r]` with rank r's count (AllGatherHost's values).
+  // The header alone (AllGatherHost): every rank's value, in rank order.
   Status ExchangeHeaders(const Header& mine, std::vector<uint64_t>* values) {
     Round round(*this, mine);
-    header_out_ = mine;
-    header_in_.assign(world_, Header{});
-    const uint64_t slot = SlotOf(mine.seq, kHeaderSlot);
-    std::vector<gloo::transport::UnboundBuffer*> in(world_), out(world_);
-    for (uint32_t p : round.peers()) {
-      in[p] = Buffer(&header_in_[p], sizeof(Header));
-      out[p] = Buffer(&header_out_, sizeof(Header));
-      round.Post(p, [&] {
-        in[p]->recv(static_cast<int>(p), slot);
-        out[p]->send(static_cast<int>(p), slot);
-      });
-    }
-    for (uint32_t p : round.peers()) round.Wait(*in[p], p, /*recv=*/true);
-    for (uint32_t p : round.peers()) round.Wait(*out[p], p, /*recv=*/false);
-    ZTIER_RETURN_IF_ERROR(round.Outcome());
-    header_in_[rank_] = mine;
-    for (uint32_t p : round.peers()) {
-      const Header& h = header_in_[p];
-      const bool same = h.seq == mine.seq && h.op == mine.op &&
-                        (mine.op == static_cast<uint8_t>(Op::kAllGatherHost) ||
-                         (h.count == mine.count && h.dtype == mine.dtype));
-      if (!same) {
-        return Status::InvalidArgument(fmt::format(
-            "gloo collective #{}: ranks disagree: rank {} issued {}, rank {} issued {} "
-            "(its #{}); nothing was exchanged (every rank must issue the same "
-            "collectives, with the same sizes, in the same order: the same trace)",
-            mine.seq, rank_, Describe(mine), p, Describe(h), h.seq));
-      }
-    }
-    if (values) {
-      values->resize(world_);
-      for (uint32_t r = 0; r < world_; ++r) (*values)[r] = header_in_[r].count;
-    }
+    PostHeaders(round, mine);
+    ZTIER_RETURN_IF_ERROR(CheckHeaders(round, mine));
+    values->resize(world_);
+    for (uint32_t r = 0; r < world_; ++r) (*values)[r] = header_in_[r].count;
     return Status::Ok();
   }
 
   Status AllGather(uint64_t seq, const uint8_t* part, uint8_t* full, uint64_t bytes) {
     const Header h{seq, bytes, static_cast<uint8_t>(Op::kAllGather), 0, {}};
-    ZTIER_RETURN_IF_ERROR(ExchangeHeaders(h, nullptr));
-    if (bytes == 0) return Status::Ok();
-    uint8_t* const own = full + rank_ * bytes;
-    if (part != own) std::memcpy(own, part, bytes);
     Round round(*this, h);
+    PostHeaders(round, h);
+    uint8_t* const own = full + rank_ * bytes;
+    if (bytes != 0 && part != own) std::memcpy(own, part, bytes);
+    // The data is sent with the header, before the headers are checked (one
+    // round trip instead of two); receives are posted only after the check:
+    // gloo ends the process when a message is longer than its receive.
     const uint64_t slot = DataSlot(seq, 0);
     std::vector<gloo::transport::UnboundBuffer*> in(world_), out(world_);
+    if (bytes != 0) {
+      for (uint32_t p : round.peers()) {
+        out[p] = Buffer(own, bytes);
+        round.Post(p, [&] { out[p]->send(static_cast<int>(p), slot); });
+      }
+    }
+    ZTIER_RETURN_IF_ERROR(CheckHeaders(round, h));
+    if (bytes == 0) return Status::Ok();
     for (uint32_t p : round.peers()) {
       in[p] = Buffer(full + p * bytes, bytes);
-      out[p] = Buffer(own, bytes);
-      round.Post(p, [&] {
-        in[p]->recv(static_cast<int>(p), slot);
-        out[p]->send(static_cast<int>(p), slot);
-      });
+      round.Post(p, [&] { in[p]->recv(static_cast<int>(p), slot); });
     }
     for (uint32_t p : round.peers()) round.Wait(*in[p], p, /*recv=*/true);
     for (uint32_t p : round.peers()) round.Wait(*out[p], p, /*recv=*/false);
@@ -276,8 +252,9 @@ class GlooGroup {
                            DType dtype) {
     const Header h{seq, elems, static_cast<uint8_t>(Op::kReduceScatterMean),
                    static_cast<uint8_t>(dtype), {}};
-    ZTIER_RETURN_IF_ERROR(ExchangeHeaders(h, nullptr));
-    if (elems == 0) return Status::Ok();
+    Round round(*this, h);
+    PostHeaders(round, h);
+    if (elems == 0) return CheckHeaders(round, h);
     const uint64_t esize = DTypeBytes(dtype);
     const uint64_t bytes = elems * esize;  // checked when issued
     // Chunks of whole elements, at most kReduceChunkBytes.
@@ -292,7 +269,6 @@ class GlooGroup {
     auto chunk_bytes = [&](uint64_t c) {
       return std::min(chunk_elems, elems - c * chunk_elems) * esize;
     };
-    Round round(*this, h);
     // Every slice this rank sends, posted up front; gloo sends each once the
     // receiving rank has posted its receive.
     std::vector<gloo::transport::UnboundBuffer*> out(world_);
@@ -325,6 +301,9 @@ class GlooGroup {
         });
       }
     };
+    // As in AllGather: the slices went out with the header; receives wait
+    // for the headers to agree.
+    ZTIER_RETURN_IF_ERROR(CheckHeaders(round, h));
     post(0);
     if (chunks > 1) post(1);
     std::vector<const uint8_t*> srcs(world_);
@@ -348,6 +327,46 @@ class GlooGroup {
   }
 
  private:
+  class Round;
+
+  // Sends `mine` to every rank and posts the receives of theirs.
+  void PostHeaders(Round& round, const Header& mine) {
+    header_out_ = mine;
+    header_in_.assign(world_, Header{});
+    header_bufs_.assign(2 * world_, nullptr);
+    const uint64_t slot = SlotOf(mine.seq, kHeaderSlot);
+    for (uint32_t p : round.peers()) {
+      auto* in = header_bufs_[p] = Buffer(&header_in_[p], sizeof(Header));
+      auto* out = header_bufs_[world_ + p] = Buffer(&header_out_, sizeof(Header));
+      round.Post(p, [&] {
+        in->recv(static_cast<int>(p), slot);
+        out->send(static_cast<int>(p), slot);
+      });
+    }
+  }
+
+  // Waits for the headers and checks every rank's against `mine`.
+  Status CheckHeaders(Round& round, const Header& mine) {
+    for (uint32_t p : round.peers()) round.Wait(*header_bufs_[p], p, /*recv=*/true);
+    for (uint32_t p : round.peers()) round.Wait(*header_bufs_[world_ + p], p, /*recv=*/false);
+    ZTIER_RETURN_IF_ERROR(round.Outcome());
+    header_in_[rank_] = mine;
+    for (uint32_t p : round.peers()) {
+      const Header& h = header_in_[p];
+      const bool same = h.seq == mine.seq && h.op == mine.op &&
+                        (mine.op == static_cast<uint8_t>(Op::kAllGatherHost) ||
+                         (h.count == mine.count && h.dtype == mine.dtype));
+      if (!same) {
+        return Status::InvalidArgument(fmt::format(
+            "gloo collective #{}: ranks disagree: rank {} issued {}, rank {} issued {} "
+            "(its #{}); nothing was received (every rank must issue the same "
+            "collectives, with the same sizes, in the same order: the same trace)",
+            mine.seq, rank_, Describe(mine), p, Describe(h), h.seq));
+      }
+    }
+    return Status::Ok();
+  }
+
   // One exchange's bookkeeping per peer. A rank whose connection fails (or
   // that does not answer by the deadline) is marked and skipped; the
   // exchange goes on with the others, so that every rank still working
@@ -468,6 +487,7 @@ class GlooGroup {
   std::vector<std::unique_ptr<gloo::transport::UnboundBuffer>> buffers_;
   Header header_out_;
   std::vector<Header> header_in_;
+  std::vector<gloo::transport::UnboundBuffer*> header_bufs_;  // receives, then sends
   std::vector<uint8_t> scratch_;  // reduce-scatter receive areas
 };
 

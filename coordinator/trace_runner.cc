@@ -19,8 +19,10 @@ ParamTier TierFor(const TraceParam& p, const tiering::Config& c) {
   return p.tier;
 }
 
-Status RunRank(const TraceFile& t, const RunOptions& o, const RunHooks& hooks, uint32_t rank,
-               LocalGroup* group, RankResult* out) {
+}  // namespace
+
+Status RunTraceRank(const TraceFile& t, const RunOptions& o, const RunHooks& hooks,
+                    uint32_t rank, LocalGroup* group, RankResult* out) {
   RuntimeOptions ro = o.runtime;
   ro.rank = rank;
   ro.world_size = o.world_size;
@@ -85,8 +87,6 @@ Status RunRank(const TraceFile& t, const RunOptions& o, const RunHooks& hooks, u
   return Status::Ok();
 }
 
-}  // namespace
-
 Result<std::vector<RankResult>> RunTrace(const TraceFile& trace, const RunOptions& options,
                                          const RunHooks& hooks) {
   const uint32_t world = std::max<uint32_t>(1, options.world_size);
@@ -96,7 +96,7 @@ Result<std::vector<RankResult>> RunTrace(const TraceFile& trace, const RunOption
   std::vector<std::thread> threads;
   for (uint32_t r = 0; r < world; ++r) {
     threads.emplace_back([&, r] {
-      status[r] = RunRank(trace, options, hooks, r, group.get(), &results[r]);
+      status[r] = RunTraceRank(trace, options, hooks, r, group.get(), &results[r]);
       // A failed rank issues no more collectives: release the others.
       if (!status[r].ok() && group) group->Abort(r);
     });

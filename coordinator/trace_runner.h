@@ -1,7 +1,7 @@
 // TraceRunner: plays a ztier-trace-v1 file through real ranks (RankRuntime:
 // coordinator, swapper, io engine, device, collective), one thread per rank
-// over a LocalGroup, and reports per-step timings and counters. Used by
-// `ztier replay` and `ztier bench step`.
+// over a LocalGroup (or one rank per process, RunTraceRank), and reports
+// per-step timings and counters. Used by `ztier replay` and `ztier bench step`.
 //
 // Thread-safety: RunTrace blocks until every rank is done; the hooks are
 // called on the rank threads.
@@ -55,5 +55,11 @@ struct RankResult {
 
 Result<std::vector<RankResult>> RunTrace(const TraceFile& trace, const RunOptions& options,
                                          const RunHooks& hooks = {});
+
+// One rank of RunTrace on the calling thread. `group`: the LocalGroup of
+// ranks as threads; null takes the collective options.runtime gives (gloo,
+// for ranks as processes, each calling this for its own rank).
+Status RunTraceRank(const TraceFile& trace, const RunOptions& options, const RunHooks& hooks,
+                    uint32_t rank, LocalGroup* group, RankResult* out);
 
 }  // namespace ztier::coordinator

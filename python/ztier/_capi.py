@@ -14,9 +14,11 @@ memoryview, array). Sizes are elements unless a name ends in _bytes.
 from __future__ import annotations
 
 import ctypes
+import datetime
 import enum
 import glob
 import os
+import sys
 from typing import Iterable, NamedTuple, Optional, Sequence
 
 __all__ = [
@@ -57,6 +59,7 @@ class CommKind(enum.IntEnum):
     LOCAL_GROUP = 1
     NCCL_UNIQUE_ID = 2
     NCCL_COMM = 3
+    GLOO = 4
 
 
 class DeviceKind(enum.IntEnum):
@@ -98,6 +101,24 @@ class _EngineOptions(ctypes.Structure):
         ("nccl_comm", ctypes.c_void_p),
         ("device", ctypes.c_int),
         ("cuda_device", ctypes.c_int32),
+        # ZTIER_COMM_GLOO (a later header; the library is told the size)
+        ("gloo_store_path", ctypes.c_char_p),
+        ("gloo_store", ctypes.c_void_p),
+        ("gloo_prefix", ctypes.c_char_p),
+    ]
+
+
+_STORE_SET = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p,
+                              ctypes.c_size_t)
+_STORE_GET = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p,
+                              ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint32)
+
+
+class _Store(ctypes.Structure):
+    _fields_ = [
+        ("context", ctypes.c_void_p),
+        ("set", _STORE_SET),
+        ("get", _STORE_GET),
     ]
 
 
@@ -411,6 +432,65 @@ def _nbytes(buf) -> Optional[int]:
         return None
 
 
+def _is_timeout(e: BaseException) -> bool:
+    """Whether a store's get gave up waiting (torch raises a RuntimeError,
+    DistStoreError from 2.x, that says so; others TimeoutError)."""
+    if isinstance(e, TimeoutError):
+        return True
+    text = str(e).lower()
+    return "timeout" in text or "timed out" in text
+
+
+class _StoreAdapter:
+    """A Python key-value store (set(key, value), blocking get(key)) as a
+    ztier_store_t: the callbacks live as long as this object."""
+
+    def __init__(self, store):
+        if not (callable(getattr(store, "set", None)) and callable(getattr(store, "get", None))):
+            raise TypeError("gloo_store needs set(key: str, value: bytes) and "
+                            "get(key: str) -> bytes methods (as torch.distributed.Store)")
+        self.store = store
+        # A torch.distributed.Store waits as long as ztier asks (its wait());
+        # any other store's get decides alone how long it waits.
+        dist = sys.modules.get("torch.distributed")
+        kind = getattr(dist, "Store", None)
+        self._wait = store.wait if isinstance(kind, type) and isinstance(store, kind) else None
+        self.error: Optional[BaseException] = None  # the last exception the store raised
+        self._last = (None, b"")  # a value too large: its retry does not ask again
+        self._set = _STORE_SET(self._on_set)
+        self._get = _STORE_GET(self._on_get)
+        self.struct = _Store(None, self._set, self._get)
+
+    def _on_set(self, _ctx, key, value, nbytes) -> int:
+        try:
+            self.store.set(key.decode(), ctypes.string_at(value, nbytes) if nbytes else b"")
+            return 0
+        except BaseException as e:  # never across the C frames
+            self.error = e
+            return 2
+
+    def _on_get(self, _ctx, key, value, capacity, nbytes, timeout_ms) -> int:
+        try:
+            name = key.decode()
+            last, self._last = self._last, (None, b"")
+            if last[0] == name and capacity >= len(last[1]):
+                data = last[1]  # the retry of a value that did not fit
+            else:
+                if self._wait is not None:
+                    self._wait([name], datetime.timedelta(milliseconds=timeout_ms))
+                data = bytes(self.store.get(name))
+                if len(data) > capacity:
+                    self._last = (name, data)
+            n = min(capacity, len(data))
+            if n:
+                ctypes.memmove(value, data, n)
+            nbytes[0] = len(data)
+            return 0
+        except BaseException as e:  # never across the C frames
+            self.error = e
+            return 1 if _is_timeout(e) else 2
+
+
 class LocalGroup:
     """`world_size` ranks as threads of this process (the local collective)."""
 
@@ -438,7 +518,15 @@ class Engine:
     def __init__(self, config_path: Optional[str] = None, config_text: Optional[str] = None,
                  rank: int = 0, world_size: int = 1, local_group: Optional[LocalGroup] = None,
                  nccl_unique_id: Optional[bytes] = None, device: str = "auto",
-                 cuda_device: int = 0):
+                 cuda_device: int = 0, gloo_store_path: Optional[str] = None,
+                 gloo_store=None, gloo_prefix: Optional[str] = None):
+        """Ranks as processes (the gloo collective, on CPUs): pass
+        `gloo_store_path`, a directory every rank sees and no earlier group
+        used with the same prefix, or `gloo_store`, any object with
+        set(key: str, value: bytes) and get(key: str) -> bytes that blocks
+        until the key exists (a torch.distributed.Store: it waits up to
+        comm.timeout, through its wait(); another object's get decides how
+        long it waits). `gloo_prefix` starts every key (None: "ztier")."""
         self._lib = load_library()
         self._handle = ctypes.c_void_p()
         opts = _EngineOptions()
@@ -458,10 +546,29 @@ class Engine:
             opts.comm = CommKind.NCCL_UNIQUE_ID
             opts.nccl_unique_id = ctypes.addressof(self._uid)
             opts.nccl_unique_id_bytes = len(nccl_unique_id)
+        store = None
+        if gloo_store_path is not None or gloo_store is not None:
+            if local_group is not None or nccl_unique_id is not None:
+                raise ValueError("pass one of local_group, nccl_unique_id and a gloo store")
+            if gloo_store_path is not None and gloo_store is not None:
+                raise ValueError("pass one of gloo_store_path and gloo_store, not both")
+            opts.comm = CommKind.GLOO
+            if gloo_store_path is not None:
+                opts.gloo_store_path = os.fsencode(gloo_store_path)
+            else:
+                store = _StoreAdapter(gloo_store)
+                opts.gloo_store = ctypes.addressof(store.struct)
+            opts.gloo_prefix = gloo_prefix.encode() if gloo_prefix is not None else None
         opts.device = {"auto": DeviceKind.AUTO, "host": DeviceKind.HOST,
                        "cuda": DeviceKind.CUDA}[device]
         opts.cuda_device = cuda_device
-        _check(self._lib.ztier_engine_create(ctypes.byref(opts), ctypes.byref(self._handle)))
+        status = self._lib.ztier_engine_create(ctypes.byref(opts), ctypes.byref(self._handle))
+        if status != 0 and store is not None and store.error is not None:
+            # What the store raised says more than the library can.
+            message = self._lib.ztier_last_error().decode(errors="replace")
+            raise ZtierError(status, f"{message} (the store raised: {store.error!r})")
+        _check(status)
+        del store  # used only inside ztier_engine_create
         self.rank = rank
         self.world_size = world_size
 

@@ -188,6 +188,97 @@ class BindingTest(unittest.TestCase):
                     again.optimizer_step_begin(OptimizerKind.ADAMW, groups[:1])
                 self.assertEqual(cm.exception.status, Status.INVALID_ARGUMENT)
 
+    # ---- gloo: ranks as processes; here two threads, each its own engine
+    def gloo_ranks(self, make_kwargs, world=2):
+        """Runs a fetch / release / exchange on `world` gloo ranks (threads);
+        returns what each saw, or raises the first rank's error."""
+        import threading
+        out, errors = [None] * world, []
+
+        def rank_main(rank):
+            try:
+                with ztier.Engine(config_text=config_text(os.path.join(self.dir, str(rank))),
+                                  rank=rank, world_size=world, device="host",
+                                  **make_kwargs(rank)) as e:
+                    w = array.array("f", [float(i) for i in range(100)])
+                    e.register_param(0, 100, DType.FLOAT32, w)
+                    e.register_module(0, "m", [0])
+                    e.fetch(0)
+                    full = bytes((ztier._capi.ctypes.c_char * 400).from_address(e.param_data(0)))
+                    e.release(0)
+                    out[rank] = (full == w.tobytes(), e.exchange_u64(10 + rank), e.describe())
+            except BaseException as err:
+                errors.append(err)
+        for k in range(world):
+            os.makedirs(os.path.join(self.dir, str(k)), exist_ok=True)
+        threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        if errors:
+            if isinstance(errors[0], ZtierError) and "gloo" in errors[0].message and \
+                    errors[0].status == Status.UNAVAILABLE:
+                self.skipTest(f"libztier without gloo: {errors[0].message}")
+            raise errors[0]
+        return out
+
+    def test_gloo_store_path_and_python_store(self):
+        store_dir = os.path.join(self.dir, "store")
+        os.makedirs(store_dir)
+        for how, kwargs in (("path", lambda r: dict(gloo_store_path=store_dir)),
+                            ("store", lambda r: dict(gloo_store=shared, gloo_prefix="t"))):
+            with self.subTest(how):
+                shared = _DictStore()
+                out = self.gloo_ranks(kwargs)
+                for rank, (same, exchanged, described) in enumerate(out):
+                    self.assertTrue(same)
+                    self.assertEqual(exchanged, [10, 11])
+                    self.assertIn(f"rank {rank}/2", described)
+                if how == "store":
+                    self.assertTrue(shared.keys, "the store was not used")
+                    self.assertTrue(all(k.startswith("t/") for k in shared.keys), shared.keys)
+
+    def test_gloo_store_errors_reach_the_caller(self):
+        class Broken(_DictStore):
+            def get(self, key):
+                raise ValueError("no such table")
+        with self.assertRaises(ZtierError) as cm:
+            ztier.Engine(config_text=config_text(self.dir), rank=0, world_size=2,
+                         device="host", gloo_store=Broken())
+        if cm.exception.status == Status.UNAVAILABLE and "gloo" in cm.exception.message:
+            self.skipTest(f"libztier without gloo: {cm.exception.message}")
+        self.assertIn("no such table", str(cm.exception))
+        with self.assertRaises(TypeError):
+            ztier.Engine(config_text=config_text(self.dir), rank=0, world_size=2,
+                         gloo_store=object())
+        with self.assertRaises(ValueError):
+            ztier.Engine(config_text=config_text(self.dir), rank=0, world_size=2,
+                         gloo_store=_DictStore(), gloo_store_path=self.dir)
+
+
+class _DictStore:
+    """A key-value store shared by threads: get blocks until the key is set
+    (a TimeoutError after 30 s), as torch.distributed.Store's."""
+
+    def __init__(self):
+        import threading
+        self._cv = threading.Condition()
+        self._data = {}
+        self.keys = []
+
+    def set(self, key, value):
+        with self._cv:
+            self._data[key] = bytes(value)
+            self.keys.append(key)
+            self._cv.notify_all()
+
+    def get(self, key):
+        with self._cv:
+            if not self._cv.wait_for(lambda: key in self._data, timeout=30):
+                raise TimeoutError(f"{key} not set within 30 s")
+            return self._data[key]
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -38,6 +38,11 @@ What offload() does:
     torch optimizer can update this rank's partitions instead, its state in
     host memory (off.optimizer).
 
+Under torchrun (torch.distributed initialised with more than one rank)
+each process is a rank: offload() takes rank, world size and the store from
+the process group and broadcasts rank 0's initial parameters (docs/torch.md,
+Many processes).
+
 off.save_checkpoint(path, opt, extra=...) saves the training state (the
 engine's partitions, gradients and optimizer state, and the Python side:
 param_groups, RNG states, buffers, `extra`) as a directory that appears

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import inspect
+import os
 import weakref
 from typing import Dict, List, Optional
 
@@ -159,14 +160,28 @@ class _ParamRef:
 
 
 class Offload:
-    """The parameters of `model` on ztier; see the package docstring."""
+    """The parameters of `model` on ztier; see the package docstring.
 
-    def __init__(self, model: nn.Module, config: str, *, rank: int = 0, world_size: int = 1,
+    Ranks: `rank`, `world_size` and `local_group` (threads) as given; else,
+    with torch.distributed initialised at world size > 1, the process
+    group's ranks as processes (docs/torch.md, Many processes): the ranks
+    meet through `store` (default: torchrun's, at $MASTER_ADDR:$MASTER_PORT)
+    and, with `broadcast`, start from rank 0's parameters."""
+
+    def __init__(self, model: nn.Module, config: str, *, rank: Optional[int] = None,
+                 world_size: Optional[int] = None,
                  local_group: Optional[ztier.LocalGroup] = None, device: str = "auto",
-                 dtype: Optional[torch.dtype] = None, init=None, weights=None):
+                 dtype: Optional[torch.dtype] = None, init=None, weights=None, store=None,
+                 broadcast: bool = True):
         text = config if "\n" in config or config.lstrip().startswith("{") else None
-        self.engine = Engine(config_path=None if text else config, config_text=text, rank=rank,
-                             world_size=world_size, local_group=local_group, device=device)
+        comm = _comm_options(rank, world_size, local_group, device, store)
+        rank, world_size = comm["rank"], comm["world_size"]
+        # Ranks that are processes of a torch.distributed group start from
+        # rank 0's parameters (as DDP): each is broadcast before registering.
+        self._broadcast = _broadcast_device(device) if comm.pop("process_group") and \
+            broadcast else None
+        self.engine = Engine(config_path=None if text else config, config_text=text,
+                             device=device, **comm)
         self.model = model
         self.rank, self.world_size = rank, world_size
         kind, ordinal = self.engine.device()
@@ -243,6 +258,13 @@ class Offload:
                             "parameters are float32, float16 or bfloat16 (or pass dtype=)")
         slot = _Slot(len(self._slots), p, name, self)
         data = p.detach().to("cpu").contiguous()
+        if self._broadcast is not None:  # rank 0's value, on every rank
+            if data.data_ptr() == p.data_ptr():
+                data = data.clone()  # the model's own memory stays the caller's
+            buf = data if self._broadcast.type == "cpu" else data.to(self._broadcast)
+            torch.distributed.broadcast(buf, src=0)
+            if buf is not data:
+                data.copy_(buf)
         self.engine.register_param(slot.pid, slot.numel, _DTYPES[p.dtype], data)
         del data
         # Its qualified name and shape, for checkpoints and their export.
@@ -774,6 +796,95 @@ class Offload:
                 slot.param.__dict__.pop("_ztier_slot", None)
                 slot.offload = None
         self.engine.close()
+
+
+_engines_made = 0  # Offloads made over torch.distributed's group in this process
+
+
+def _comm_options(rank, world_size, local_group, device: str, store) -> dict:
+    """The Engine's rank, world size and collective: as given, else from
+    torch.distributed's default process group when one is initialised with
+    more than one rank (ranks as processes), else world size 1.
+    "process_group": whether the group's ranks are this engine's."""
+    global _engines_made
+    if rank is not None or world_size is not None or local_group is not None:
+        out = dict(rank=rank or 0, world_size=world_size or 1, local_group=local_group,
+                   process_group=False)
+        if store is not None and local_group is None and out["world_size"] > 1:
+            # Processes that meet through the caller's store, without a
+            # process group (no initial broadcast: the caller's weights).
+            out.update(gloo_store=store, gloo_prefix=f"ztier/{_engines_made}")
+            _engines_made += 1
+        return out
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return dict(rank=0, world_size=1, process_group=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # Offloads made over the group, counted alike on every rank: the n-th
+    # engine's keys in the store are "ztier/<n>/...".
+    prefix = f"ztier/{_engines_made}"
+    _engines_made += 1
+    out = dict(rank=rank, world_size=world, process_group=True)
+    if _uses_cuda(device):
+        # NCCL: rank 0 makes the unique id, the process group carries it.
+        uid = [_nccl_unique_id() if rank == 0 else None]
+        dist.broadcast_object_list(uid, src=0, device=_broadcast_device(device))
+        out.update(nccl_unique_id=uid[0], cuda_device=torch.cuda.current_device())
+        return out
+    out.update(gloo_store=store if store is not None else _env_store(world),
+               gloo_prefix=prefix)
+    return out
+
+
+def _uses_cuda(device: str) -> bool:
+    """Whether the ranks run on CUDA (then NCCL): device "cuda", or "auto"
+    over an NCCL process group with a GPU present."""
+    if device == "cuda":
+        return True
+    if device != "auto" or not torch.cuda.is_available():
+        return False
+    return "nccl" in str(torch.distributed.get_backend()).lower()
+
+
+def _broadcast_device(device: str) -> torch.device:
+    """Where tensors go for torch.distributed's collectives: the current GPU
+    over NCCL, else the CPU (gloo)."""
+    if "nccl" in str(torch.distributed.get_backend()).lower() and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _nccl_unique_id() -> bytes:
+    nccl = getattr(torch.cuda, "nccl", None)
+    make = getattr(nccl, "unique_id", None)
+    if make is None:
+        raise RuntimeError("ztier.torch: this torch build cannot make an NCCL unique id "
+                           "(torch.cuda.nccl.unique_id); pass rank=, world_size= and run "
+                           "ztier.Engine with nccl_unique_id yourself")
+    return bytes(make())
+
+
+def _env_store(world_size: int):
+    """A client of the store torchrun (or init_process_group's env://) serves
+    at $MASTER_ADDR:$MASTER_PORT."""
+    import datetime
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        raise RuntimeError(
+            "ztier.torch: torch.distributed is initialised with world size "
+            f"{world_size}, so ztier's ranks are its processes, but ztier finds no store "
+            "through which they meet: MASTER_ADDR and MASTER_PORT are not set (torchrun "
+            "sets them). Pass the store the process group was made with: "
+            "ztier.torch.offload(model, config, store=store), or launch with torchrun "
+            "(or set them to the address and port of a TCPStore server), or pass "
+            "world_size=1 to keep this process to itself")
+    return torch.distributed.TCPStore(addr, int(port), world_size=world_size, is_master=False,
+                                      timeout=datetime.timedelta(seconds=_STORE_TIMEOUT_S))
+
+
+# The client's own timeout (connecting, a get); ztier's waits for the other
+# ranks' keys are bounded by comm.timeout (through the store's wait()).
+_STORE_TIMEOUT_S = 300
 
 
 def offload(model: nn.Module, config: str, **kwargs) -> Offload:
