@@ -17,7 +17,10 @@ other ranks start from other values: the broadcast fixes them).
   - a rank stopped (SIGSTOP) after step 1: the other fails after
     comm.timeout (5 s), naming it;
   - rank 1 running its modules in another order on step 2: every rank fails
-    with a ztier error, none hangs.
+    with a ztier error, none hangs;
+  - rank 1 running its blocks in another order from the first step, where
+    every gather still has the same size on both ranks: the step end's
+    trace comparison fails every rank, naming the ranks that differ.
 
 Every process runs this file (`worker` mode) under a timeout. Skips, saying
 why, without torch or torch.distributed.
@@ -179,7 +182,7 @@ def worker(case, out_dir, path):
                 opt.zero_grad()
                 result["losses"].append(loss.item())
             off.close()
-        elif case in ("kill", "hang", "mismatch"):
+        elif case in ("kill", "hang", "mismatch", "trace"):
             model = OrderedGPT(gpt_init(seed=0))
             timeout = 5 if case == "hang" else 30
             off = worker.off = ztier.torch.offload(model, training_config(path).replace(
@@ -194,7 +197,8 @@ def worker(case, out_dir, path):
                     with open(os.path.join(out_dir, "killed_at"), "w") as f:
                         f.write(repr(time.time()))
                     os.kill(os.getpid(), signal.SIGSTOP)  # alive, silent: the test kills it
-                model.reverse = case == "mismatch" and step == 2 and rank == 1
+                model.reverse = rank == 1 and ((case == "mismatch" and step == 2) or
+                                               case == "trace")
                 loss = tiny_gpt.loss_of(model, shard(x, rank, world), shard(y, rank, world))
                 loss.backward()
                 opt.step()
@@ -433,6 +437,17 @@ class DistTest(unittest.TestCase):
             self.assertIn("closed_in", r)
             print(f"\nrank {rank} ({seconds:.1f} s): {r['error']}; engine closed in "
                   f"{r['closed_in']:.2f} s ({r.get('close_error', 'no error')})")
+
+    def test_a_different_trace_is_named_at_step_end_on_every_rank(self):
+        results, procs_out, seconds = self.spawn("trace", 2)
+        for rank, (r, (code, err)) in enumerate(zip(results, procs_out)):
+            self.assertEqual(code, 0, f"rank {rank}: {err[-3000:]}")
+            self.assertIsNotNone(r, f"rank {rank} left no result: {err[-3000:]}")
+            self.assertIn("error", r, f"rank {rank} did not fail")
+            self.assertTrue(r["ztier_error"], r["error"])
+            self.assertIn("differs from rank", r["error"])
+            self.assertLessEqual(len(r["losses"]), 1, r["error"])
+            print(f"\nrank {rank} ({seconds:.1f} s): {r['error']}")
 
 
 if __name__ == "__main__":
