@@ -445,8 +445,10 @@ co::KeyValueStore StoreCallbacks(const ztier_store_t& st) {
       size_t bytes = 0;
       const int rc = st.get(st.context, key.c_str(), value.data(), value.size(), &bytes, ms);
       if (rc == 1) {
-        return Status::FromErrno(ETIMEDOUT, fmt::format("the store has no key '{}' after {} ms",
-                                                        key, ms));
+        return Status::FromErrno(
+            ETIMEDOUT, fmt::format("the store's get timed out on key '{}' (asked to wait up "
+                                   "to {} ms)",
+                                   key, ms));
       }
       if (rc != 0) return Status::IoError(fmt::format("the store's get failed for key '{}'", key));
       if (bytes <= value.size()) {
