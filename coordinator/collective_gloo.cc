@@ -19,15 +19,17 @@
 // each rank j and receives theirs. Each rank sends as many bytes as in a ring,
 // and when a rank is lost every rank that waits for it is waiting on that
 // rank's own connection, so the error names the lost rank, not a neighbour.
-// Each exchange starts with a header (operation, sizes) sent to every rank:
-// ranks that disagree (a different trace order) fail on every rank with both
-// sides named, before any data moves.
+// Each exchange sends a header (operation, sizes) to every rank, the data
+// right behind it, and posts its receives once every rank's header matched
+// its own: ranks that disagree (a different trace order) fail on every rank
+// with both sides named, before any data is received.
 //
 // Failure: a rank whose process died closes its connections, and the ranks
 // waiting for it fail at once (SIGPIPE is ignored, where it was at its
 // default, so that writing to such a rank fails instead of ending this
-// process); a rank that does not answer within the
-// timeout fails the wait. After any failure this rank closes all its
+// process); a rank that does not answer within the timeout fails the wait.
+// The exchange still completes with the other ranks, so that each of them
+// names the lost rank itself. After any failure this rank closes all its
 // connections (so that no late message lands in a buffer that was freed,
 // and the other ranks stop waiting for it too) and every later call returns
 // the error.
