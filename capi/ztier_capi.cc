@@ -722,14 +722,6 @@ ztier_status_t ztier_param_data(ztier_engine_t* engine, uint64_t id, void** out)
 
 namespace {
 
-ztier::optim::DType ToOptimDType(co::DType d) {
-  switch (d) {
-    case co::DType::kFloat16: return ztier::optim::DType::kF16;
-    case co::DType::kBFloat16: return ztier::optim::DType::kBF16;
-    default: return ztier::optim::DType::kF32;
-  }
-}
-
 // The gradient store of tiers.gradients: nvme (the optimizer's), else null.
 ztier::swapper::GradStore* GradStoreOf(ztier_engine& e) {
   auto* opt = e.rt->optimizer();
@@ -776,7 +768,7 @@ Status HandInGradient(ztier_engine& e, uint64_t id, const void* full_grad, bool 
   // trainer accumulates over another backward): that step is void.
   if (e.early != nullptr && e.early->IsReady(id)) CancelEarly(e);
   const uint64_t bytes = p->part_numel * co::DTypeBytes(p->dtype);
-  const auto type = ToOptimDType(p->dtype);
+  const auto type = co::ElementType(p->dtype);
   if (GradsOnNvme(e)) {
     ZTIER_ASSIGN_OR_RETURN(auto* store, StoreFor(e, *p, id));
     // One rank on the host emulation with an unpadded partition: the full
@@ -965,7 +957,7 @@ Status ReadGradPartition(ztier_engine& e, ztier_engine::Param& p, uint64_t id, v
 
 Status WriteGradPartition(ztier_engine& e, ztier_engine::Param& p, uint64_t id, const void* in) {
   if (e.early != nullptr && e.early->IsReady(id)) CancelEarly(e);
-  const auto type = ToOptimDType(p.dtype);
+  const auto type = co::ElementType(p.dtype);
   if (GradsOnNvme(e)) {
     ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
     ZTIER_ASSIGN_OR_RETURN(auto* store, StoreFor(e, p, id));
@@ -1217,7 +1209,7 @@ ztier_status_t ztier_optimizer_create(ztier_engine_t* engine,
     for (uint64_t id : e.param_order) {
       const ztier_engine::Param& p = e.params.at(id);
       if (p.dtype == co::DType::kUInt8) continue;
-      segments.push_back({id, p.part_numel, ToOptimDType(p.dtype), 0});
+      segments.push_back({id, p.part_numel, co::ElementType(p.dtype), 0});
     }
     return CreateOptimizer(e, {h}, std::move(segments));
   });
@@ -1255,7 +1247,7 @@ ztier_status_t ztier_optimizer_create_groups(ztier_engine_t* engine,
       auto it = group_of.find(id);
       if (it == group_of.end()) continue;
       const ztier_engine::Param& p = e.params.at(id);
-      segments.push_back({id, p.part_numel, ToOptimDType(p.dtype), it->second});
+      segments.push_back({id, p.part_numel, co::ElementType(p.dtype), it->second});
     }
     return CreateOptimizer(e, std::move(hypers), std::move(segments));
   });

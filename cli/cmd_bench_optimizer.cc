@@ -410,7 +410,8 @@ int OptimizerBench::Report(const std::vector<RunFigures>& runs) {
   return 0;
 }
 
-// Resident memory now (VmRSS) and resetting the peak (VmHWM) to it.
+// A field of /proc/self/status in bytes: "VmRSS:" (resident now) or
+// "VmHWM:" (its peak).
 uint64_t ResidentBytes(const char* field) {
   FILE* f = fopen("/proc/self/status", "r");
   if (f == nullptr) return 0;
@@ -428,6 +429,19 @@ void ResetPeakResident() {
     fputs("5", f);  // resets VmHWM to the current resident size (Linux >= 4.0)
     fclose(f);
   }
+}
+
+// Runs `call`: its seconds, and the resident memory it added at its peak.
+template <typename F>
+Status Measure(F&& call, double* seconds, uint64_t* growth) {
+  ResetPeakResident();
+  const uint64_t before = ResidentBytes("VmRSS:");
+  const auto t0 = Clock::now();
+  ZTIER_RETURN_IF_ERROR(call());
+  *seconds = Since(t0);
+  const uint64_t peak = ResidentBytes("VmHWM:");
+  *growth = peak - std::min(before, peak);
+  return Status::Ok();
 }
 
 checkpoint::RankAccess OptimizerBench::Access() {
@@ -449,14 +463,8 @@ Result<CheckpointFigures> OptimizerBench::RunCheckpoint(const std::string& dir) 
   ZTIER_ASSIGN_OR_RETURN(f.read_bw, PlainIo("read"));
   ZTIER_ASSIGN_OR_RETURN(f.write_bw, PlainIo("write"));
   const checkpoint::RankAccess a = Access();
-  ResetPeakResident();
-  uint64_t before = ResidentBytes("VmRSS:");
-  auto t0 = Clock::now();
-  ZTIER_RETURN_IF_ERROR(checkpoint::Save(a, dir, {}));
-  f.save_s = Since(t0);
-  f.save_rss = ResidentBytes("VmHWM:") - std::min(before, ResidentBytes("VmHWM:"));
-  ZTIER_ASSIGN_OR_RETURN(checkpoint::Manifest m, checkpoint::ReadManifest(dir));
-  (void)m;
+  ZTIER_RETURN_IF_ERROR(
+      Measure([&] { return checkpoint::Save(a, dir, {}); }, &f.save_s, &f.save_rss));
   const uint32_t eb = optim::DTypeBytes(dtype_);
   // Save reads the parameters and the state slots, writes the data file;
   // load reads the data file, writes the parameters and the state slots.
@@ -466,12 +474,8 @@ Result<CheckpointFigures> OptimizerBench::RunCheckpoint(const std::string& dir) 
                    static_cast<double>(f.data_bytes) / f.write_bw;
   f.load_bound_s = static_cast<double>(f.data_bytes) / f.read_bw +
                    static_cast<double>(elements_ * eb + state) / f.write_bw;
-  ResetPeakResident();
-  before = ResidentBytes("VmRSS:");
-  t0 = Clock::now();
-  ZTIER_RETURN_IF_ERROR(checkpoint::Load(a, dir).status());
-  f.load_s = Since(t0);
-  f.load_rss = ResidentBytes("VmHWM:") - std::min(before, ResidentBytes("VmHWM:"));
+  ZTIER_RETURN_IF_ERROR(
+      Measure([&] { return checkpoint::Load(a, dir).status(); }, &f.load_s, &f.load_rss));
   return f;
 }
 

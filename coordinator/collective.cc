@@ -481,15 +481,9 @@ bool NcclAvailable(std::string* why) {
 
 namespace {
 
-// The coordinator's dtype as the optimizer's element type.
-template <DType kT>
-constexpr optim::DType kElement = kT == DType::kFloat32   ? optim::DType::kF32
-                                  : kT == DType::kFloat16 ? optim::DType::kF16
-                                                          : optim::DType::kBF16;
-
 template <DType kT>
 void MeanOf(const std::vector<const uint8_t*>& srcs, uint8_t* dst, uint64_t elems) {
-  constexpr optim::DType kE = kElement<kT>;
+  constexpr optim::DType kE = ElementType(kT);
   constexpr uint64_t kChunk = 1024;  // elements: the accumulator stays in L1
   std::array<float, kChunk> acc{};
   const auto ranks = static_cast<float>(srcs.size());

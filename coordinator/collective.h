@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "base/status.h"
+#include "optim/adam.h"
 #include "tiering/device.h"
 
 namespace ztier::coordinator {
@@ -36,6 +37,13 @@ enum class DType : uint8_t { kFloat32 = 0, kFloat16, kBFloat16, kUInt8 };
 uint32_t DTypeBytes(DType t);
 std::string_view DTypeName(DType t);
 Result<DType> ParseDType(std::string_view name);
+// The element type optim/ reads and writes for `t` (uint8 has no arithmetic:
+// float32, never used for it).
+constexpr optim::DType ElementType(DType t) {
+  return t == DType::kFloat16    ? optim::DType::kF16
+         : t == DType::kBFloat16 ? optim::DType::kBF16
+                                 : optim::DType::kF32;
+}
 
 class Collective {
  public:

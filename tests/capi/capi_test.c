@@ -110,6 +110,8 @@ static int FileStoreGet(void* context, const char* key, void* value, size_t capa
 }
 
 enum Comm { kCommLocal, kCommGlooPath, kCommGlooStore };
+/* Each way of meeting runs its two ranks in its own directory. */
+static const char* const kCommSub[] = {"world2", "world2_gloo_path", "world2_gloo_store"};
 
 static ztier_engine_t* CreateEngineWith(const char* sub, uint32_t rank, uint32_t world,
                                         ztier_local_group_t* group, enum Comm comm) {
@@ -500,8 +502,7 @@ struct RankArgs {
 
 static void* RankMain(void* arg) {
   struct RankArgs* a = arg;
-  const char* subs[] = {"world2", "world2_gloo_path", "world2_gloo_store"};
-  ztier_engine_t* e = CreateEngineWith(subs[a->comm], a->rank, 2, a->group, a->comm);
+  ztier_engine_t* e = CreateEngineWith(kCommSub[a->comm], a->rank, 2, a->group, a->comm);
   float* init[kParams];
   if (!e) return NULL;
   Register(e, init);
@@ -562,10 +563,9 @@ static void TestTwoRanks(void) {
  * and its exit status carries the outcome. The store's directory must exist
  * and be fresh (created here, under this run's directory). */
 static void TestTwoProcesses(enum Comm comm) {
-  const char* subs[] = {"world2", "world2_gloo_path", "world2_gloo_store"};
   char store_dir[700];
   pid_t pids[2];
-  snprintf(store_dir, sizeof(store_dir), "%s/%s_store", g_dir, subs[comm]);
+  snprintf(store_dir, sizeof(store_dir), "%s/%s_store", g_dir, kCommSub[comm]);
   mkdir(store_dir, 0700);
   fflush(stdout);
   for (uint32_t r = 0; r < 2; ++r) {
@@ -581,7 +581,7 @@ static void TestTwoProcesses(enum Comm comm) {
     int status = 0;
     CHECK(waitpid(pids[r], &status, 0) == pids[r]);
     if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
-      fprintf(stderr, "gloo rank %d (%s) failed: status %d\n", r, subs[comm], status);
+      fprintf(stderr, "gloo rank %d (%s) failed: status %d\n", r, kCommSub[comm], status);
       ++g_failures;
     }
   }

@@ -219,12 +219,10 @@ std::string CheckExchanges(uint32_t rank, uint32_t world, const std::string& sto
   return "";
 }
 
-bool Skip(std::string* why) { return !GlooAvailable(why); }
-
 #define SKIP_WITHOUT_GLOO()                                   \
   do {                                                        \
     std::string _why;                                         \
-    if (Skip(&_why)) GTEST_SKIP() << _why;                    \
+    if (!GlooAvailable(&_why)) GTEST_SKIP() << _why;          \
   } while (0)
 
 class GlooCollectiveTest : public ::testing::TestWithParam<uint32_t> {};
