@@ -281,6 +281,14 @@ class DistTest(unittest.TestCase):
             self.assertIsNotNone(r, f"rank {rank} left no result: {err[-3000:]}")
             self.assertNotIn("error", r, f"rank {rank}: {r.get('error')}")
 
+    def assertAllFailed(self, results, procs_out):
+        """Every rank exited by itself, leaving a result with a ztier error."""
+        for rank, (r, (code, err)) in enumerate(zip(results, procs_out)):
+            self.assertEqual(code, 0, f"rank {rank}: {err[-3000:]}")
+            self.assertIsNotNone(r, f"rank {rank} left no result: {err[-3000:]}")
+            self.assertIn("error", r, f"rank {rank} did not fail")
+            self.assertTrue(r["ztier_error"], r["error"])
+
     # ---- the tiny GPT
     @classmethod
     def setUpClass(cls):
@@ -428,11 +436,8 @@ class DistTest(unittest.TestCase):
 
     def test_modules_in_another_order_fail_every_rank(self):
         results, procs_out, seconds = self.spawn("mismatch", 2)
-        for rank, (r, (code, err)) in enumerate(zip(results, procs_out)):
-            self.assertEqual(code, 0, f"rank {rank}: {err[-3000:]}")
-            self.assertIsNotNone(r, f"rank {rank} left no result: {err[-3000:]}")
-            self.assertIn("error", r, f"rank {rank} did not fail")
-            self.assertTrue(r["ztier_error"], r["error"])
+        self.assertAllFailed(results, procs_out)
+        for rank, r in enumerate(results):
             self.assertEqual(len(r["losses"]), 2, r["error"])  # steps 0 and 1 ran
             self.assertIn("closed_in", r)
             print(f"\nrank {rank} ({seconds:.1f} s): {r['error']}; engine closed in "
@@ -440,11 +445,8 @@ class DistTest(unittest.TestCase):
 
     def test_a_different_trace_is_named_at_step_end_on_every_rank(self):
         results, procs_out, seconds = self.spawn("trace", 2)
-        for rank, (r, (code, err)) in enumerate(zip(results, procs_out)):
-            self.assertEqual(code, 0, f"rank {rank}: {err[-3000:]}")
-            self.assertIsNotNone(r, f"rank {rank} left no result: {err[-3000:]}")
-            self.assertIn("error", r, f"rank {rank} did not fail")
-            self.assertTrue(r["ztier_error"], r["error"])
+        self.assertAllFailed(results, procs_out)
+        for rank, r in enumerate(results):
             self.assertIn("differs from rank", r["error"])
             self.assertLessEqual(len(r["losses"]), 1, r["error"])
             print(f"\nrank {rank} ({seconds:.1f} s): {r['error']}")

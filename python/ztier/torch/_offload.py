@@ -178,7 +178,7 @@ class Offload:
         rank, world_size = comm["rank"], comm["world_size"]
         # Ranks that are processes of a torch.distributed group start from
         # rank 0's parameters (as DDP): each is broadcast before registering.
-        self._broadcast = _broadcast_device(device) if comm.pop("process_group") and \
+        self._broadcast = _broadcast_device() if comm.pop("process_group") and \
             broadcast else None
         self.engine = Engine(config_path=None if text else config, config_text=text,
                              device=device, **comm)
@@ -828,7 +828,7 @@ def _comm_options(rank, world_size, local_group, device: str, store) -> dict:
     if _uses_cuda(device):
         # NCCL: rank 0 makes the unique id, the process group carries it.
         uid = [_nccl_unique_id() if rank == 0 else None]
-        dist.broadcast_object_list(uid, src=0, device=_broadcast_device(device))
+        dist.broadcast_object_list(uid, src=0, device=_broadcast_device())
         out.update(nccl_unique_id=uid[0], cuda_device=torch.cuda.current_device())
         return out
     out.update(gloo_store=store if store is not None else _env_store(world),
@@ -846,7 +846,7 @@ def _uses_cuda(device: str) -> bool:
     return "nccl" in str(torch.distributed.get_backend()).lower()
 
 
-def _broadcast_device(device: str) -> torch.device:
+def _broadcast_device() -> torch.device:
     """Where tensors go for torch.distributed's collectives: the current GPU
     over NCCL, else the CPU (gloo)."""
     if "nccl" in str(torch.distributed.get_backend()).lower() and torch.cuda.is_available():
