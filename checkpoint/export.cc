@@ -10,6 +10,7 @@
 
 #include "checkpoint/checkpoint.h"
 #include "checkpoint/reader.h"
+#include "coordinator/collective.h"
 #include "optim/element.h"
 
 namespace ztier::checkpoint {
@@ -199,13 +200,11 @@ Status ExportTorch(const std::string& dir, const std::string& out_path) {
       in.resize(n * eb);
       status = ck->ReadRange(p, it.kind, lo, lo + n, in.data());
       if (!status.ok()) break;
-      if (it.out_dtype == DType::kUInt8 || (it.kind == Kind::kParam && p.dtype == DType::kFloat32) ||
-          it.kind == Kind::kMaster) {
-        status = put(in.data(), in.size());
+      if (eb == 4 || it.out_dtype == DType::kUInt8) {
+        status = put(in.data(), in.size());  // float32 (or the master) and uint8 as they are
       } else {
-        // float16 or bfloat16 (float32 and uint8 are written as they are).
-        const optim::DType t =
-            p.dtype == DType::kFloat16 ? optim::DType::kF16 : optim::DType::kBF16;
+        // float16 or bfloat16.
+        const optim::DType t = coordinator::ElementType(p.dtype);
         conv.resize(n);
         for (uint64_t i = 0; i < n; ++i) conv[i] = optim::ElementToFloat(in.data(), i, t);
         status = put(conv.data(), n * 4);

@@ -60,9 +60,11 @@ Status CheckpointReader::ReadRange(const ParamMeta& p, Kind kind, uint64_t lo, u
       if (e.start + e.count <= next) continue;
       if (e.start > next) break;  // a gap: reported below
       const uint64_t end = std::min(hi, e.start + e.count);
-      ZTIER_ASSIGN_OR_RETURN(ShardReader * rd, Reader(ref.rank));
-      ZTIER_RETURN_IF_ERROR(rd->Read(e.offset + (next - e.start) * eb, (end - next) * eb,
-                                     out + (next - lo) * eb));
+      if (out != nullptr) {
+        ZTIER_ASSIGN_OR_RETURN(ShardReader * rd, Reader(ref.rank));
+        ZTIER_RETURN_IF_ERROR(rd->Read(e.offset + (next - e.start) * eb, (end - next) * eb,
+                                       out + (next - lo) * eb));
+      }
       next = end;
     }
   }

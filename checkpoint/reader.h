@@ -38,7 +38,8 @@ class CheckpointReader {
   const Manifest& manifest() const { return m_; }
   const std::vector<ShardIndex>& shards() const { return shards_; }
   // Copies elements [lo, hi) of (param, kind) into `out`, which must be
-  // fully covered by saved extents.
+  // fully covered by saved extents. With `out` null: only checks that they
+  // are (nothing is read).
   Status ReadRange(const ParamMeta& p, Kind kind, uint64_t lo, uint64_t hi, uint8_t* out);
   // Rank r's data file, opened on first use. At most kOpenReaders are open
   // at once (each holds two read windows), whatever the saved world size:

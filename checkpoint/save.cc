@@ -81,7 +81,7 @@ std::string UtcNow() {
 
 class ShardSaver {
  public:
-  ShardSaver(const RankAccess& a, Fs& fsys, std::string dir, std::span<const uint8_t> user)
+  ShardSaver(const RankAccess& a, Fs& fsys, std::string dir, const std::string& user)
       : a_(a), fs_(fsys), dir_(std::move(dir)), user_(user) {}
 
   // The parameter and gradient partitions (what training changes first).
@@ -102,9 +102,8 @@ class ShardSaver {
     index_.chunk_bytes = kChunkBytes;
     index_.crc32c = writer_->chunk_crcs();
     // This rank's user data, pinned by its index.
-    const std::string user(reinterpret_cast<const char*>(user_.data()), user_.size());
-    index_.user = {UserFileName(a_.rank), user.size(), Crc32c(user.data(), user.size())};
-    ZTIER_RETURN_IF_ERROR(WriteSmallFile(fs_, dir_ + "/" + index_.user.name, user));
+    index_.user = {UserFileName(a_.rank), user_.size(), Crc32c(user_.data(), user_.size())};
+    ZTIER_RETURN_IF_ERROR(WriteSmallFile(fs_, dir_ + "/" + index_.user.name, user_));
     return WriteSmallFile(fs_, dir_ + "/" + IndexFileName(a_.rank), ShardToJson(index_));
   }
   const ShardIndex& index() const { return index_; }
@@ -192,7 +191,7 @@ class ShardSaver {
   Fs& fs_;
   std::string dir_;
   std::unique_ptr<ShardWriter> writer_;
-  std::span<const uint8_t> user_;  // owned by the SaveJob
+  const std::string& user_;  // owned by the SaveJob
   ShardIndex index_;
 };
 
@@ -297,7 +296,7 @@ struct SaveJob::Impl {
   RankAccess a;
   Fs* fs = nullptr;
   std::string dir;
-  std::vector<uint8_t> user;
+  std::string user;
   Result<Target> target = Status::Internal("unset");
   std::string tmp;
   Status local;  // this rank's first error so far
@@ -324,7 +323,7 @@ Result<std::unique_ptr<SaveJob>> SaveJob::Begin(const RankAccess& a, const std::
   j.a = a;
   j.fs = &fsys;
   j.dir = dir;
-  j.user.assign(user.begin(), user.end());
+  j.user.assign(reinterpret_cast<const char*>(user.data()), user.size());
   j.manifest = BuildManifest(a);
   j.target = ResolveTarget(dir);
   // 1. Rank 0 makes the temporary directory; its nonce (0: failed) goes to all.

@@ -130,8 +130,8 @@ Status ShardWriter::Append(const void* data, uint64_t bytes) {
   const auto* p = static_cast<const uint8_t*>(data);
   while (bytes > 0) {
     if (current_.bytes == buffer_bytes_) ZTIER_RETURN_IF_ERROR(Submit());
-    // Copy up to the end of the buffer and of the chunk, so that the CRC
-    // of a chunk is finished exactly at its boundary.
+    // Copy up to the end of the buffer (whole chunks: the writer threads
+    // take each chunk's CRC32C).
     const uint64_t n = std::min(bytes, buffer_bytes_ - current_.bytes);
     memcpy(current_.data + current_.bytes, p, n);
     current_.bytes += n;

@@ -39,6 +39,7 @@
 #include <gtest/gtest.h>
 
 #include "base/float16.h"
+#include "coordinator/collective.h"
 #include "io/async_engine.h"
 #include "io/backend.h"
 #include "io/engine.h"
@@ -100,14 +101,6 @@ std::vector<optim::AdamHyper> Hypers() {
   plain.lr = 3e-3;
   plain.adamw = false;
   return {decay, plain};
-}
-
-optim::DType OptimDType(DType t) {
-  switch (t) {
-    case DType::kFloat16: return optim::DType::kF16;
-    case DType::kBFloat16: return optim::DType::kBF16;
-    default: return optim::DType::kF32;
-  }
 }
 
 uint64_t Mix(uint64_t x) {  // splitmix64
@@ -202,7 +195,7 @@ class RankModel {
       segment_[p.id] = -1;
       if (p.has_state) {
         segment_[p.id] = static_cast<int64_t>(segs.size());
-        segs.push_back({p.id, Part(p), OptimDType(p.dtype), p.group});
+        segs.push_back({p.id, Part(p), coordinator::ElementType(p.dtype), p.group});
       }
     }
     ZTIER_ASSIGN_OR_RETURN(engine_, MakeEngine());
@@ -399,21 +392,32 @@ std::span<const uint8_t> Bytes(const std::string& s) {
   return {reinterpret_cast<const uint8_t*>(s.data()), s.size()};
 }
 
-// Save on every rank at once, one thread per rank; the first error of any.
-Status SaveWorld(World& w, const std::string& dir, const std::string& user, Fs& fsys = Fs::Posix()) {
-  if (w.size() == 1) return Save(w[0]->Access(), dir, Bytes(user), fsys);
-  AllGather gather(static_cast<uint32_t>(w.size()));
-  std::vector<Status> results(w.size());
+// `save(r, exchange)` on every rank at once, one thread per rank, the ranks
+// exchanging through one AllGather; each rank's result.
+std::vector<Status> OnEveryRank(uint32_t world,
+                                const std::function<Status(uint32_t, const Exchange&)>& save) {
+  AllGather gather(world);
+  std::vector<Status> results(world);
   std::vector<std::thread> threads;
-  for (uint32_t r = 0; r < w.size(); ++r) {
+  for (uint32_t r = 0; r < world; ++r) {
     threads.emplace_back([&, r] {
       Exchange ex = [&gather, r](uint64_t v) -> Result<std::vector<uint64_t>> { return gather.Run(r, v); };
-      // Each rank's own user data: the user text, then its rank after rank 0.
-      const std::string mine = r == 0 ? user : user + "@" + std::to_string(r);
-      results[r] = Save(w[r]->Access(ex), dir, Bytes(mine), fsys);
+      results[r] = save(r, ex);
     });
   }
   for (auto& t : threads) t.join();
+  return results;
+}
+
+// Save on every rank at once; the first error of any.
+Status SaveWorld(World& w, const std::string& dir, const std::string& user, Fs& fsys = Fs::Posix()) {
+  if (w.size() == 1) return Save(w[0]->Access(), dir, Bytes(user), fsys);
+  const std::vector<Status> results =
+      OnEveryRank(static_cast<uint32_t>(w.size()), [&](uint32_t r, const Exchange& ex) {
+        // Each rank's own user data: the user text, then its rank after rank 0.
+        const std::string mine = r == 0 ? user : user + "@" + std::to_string(r);
+        return Save(w[r]->Access(ex), dir, Bytes(mine), fsys);
+      });
   for (uint32_t r = 0; r < w.size(); ++r) {
     if (!results[r].ok()) return results[r].WithContext("rank " + std::to_string(r));
   }
@@ -837,18 +841,11 @@ TEST_F(CheckpointTest, AFailureOnOneRankFailsTheSaveOnAll) {
   const std::string dir = Path("ckpt");
   ASSERT_OK(SaveWorld(*run, dir, "state 1"));
   ASSERT_OK(Train(*run, 2, 2));
-  AllGather gather(2);
   CountingFs ok_fs;
   CountingFs failing(1);  // rank 1's op 1: the first write of its data file (writer thread)
-  std::vector<Status> results(2);
-  std::vector<std::thread> threads;
-  for (uint32_t r = 0; r < 2; ++r) {
-    threads.emplace_back([&, r] {
-      Exchange ex = [&gather, r](uint64_t v) -> Result<std::vector<uint64_t>> { return gather.Run(r, v); };
-      results[r] = Save((*run)[r]->Access(ex), dir, Bytes("state 2"), r == 1 ? failing : ok_fs);
-    });
-  }
-  for (auto& t : threads) t.join();
+  std::vector<Status> results = OnEveryRank(2, [&](uint32_t r, const Exchange& ex) {
+    return Save((*run)[r]->Access(ex), dir, Bytes("state 2"), r == 1 ? failing : ok_fs);
+  });
   EXPECT_FALSE(results[0].ok());
   EXPECT_EQ(results[0].code(), StatusCode::kCancelled) << results[0].ToString();
   EXPECT_FALSE(results[1].ok());
@@ -859,16 +856,10 @@ TEST_F(CheckpointTest, AFailureOnOneRankFailsTheSaveOnAll) {
 
   // A rank that refuses to save (its own reason) fails it on every rank
   // before anything is written, rather than leaving the others waiting.
-  AllGather gather2(2);
-  threads.clear();
-  for (uint32_t r = 0; r < 2; ++r) {
-    threads.emplace_back([&, r] {
-      Exchange ex = [&gather2, r](uint64_t v) -> Result<std::vector<uint64_t>> { return gather2.Run(r, v); };
-      results[r] = Save((*run)[r]->Access(ex), dir, Bytes("state 2"), ok_fs,
-                        r == 1 ? Status::FailedPrecondition("rank 1 is busy") : Status::Ok());
-    });
-  }
-  for (auto& t : threads) t.join();
+  results = OnEveryRank(2, [&](uint32_t r, const Exchange& ex) {
+    return Save((*run)[r]->Access(ex), dir, Bytes("state 2"), ok_fs,
+                r == 1 ? Status::FailedPrecondition("rank 1 is busy") : Status::Ok());
+  });
   EXPECT_EQ(results[0].code(), StatusCode::kCancelled) << results[0].ToString();
   EXPECT_EQ(results[1].code(), StatusCode::kFailedPrecondition) << results[1].ToString();
   EXPECT_TRUE(Contains(results[1].message(), "rank 1 is busy")) << results[1].ToString();
