@@ -16,8 +16,47 @@ namespace {
 // Members of a pack start at multiples of this many bytes, so each partition's
 // host copy is aligned well enough for vectorised and DMA copies.
 constexpr uint64_t kPackMemberAlignment = 256;
+// Extents are whole multiples of this many bytes (direct I/O).
+constexpr uint64_t kExtentAlignment = 4096;
+// Pool buffers Repack() holds at most: one to read old packs into and one to
+// assemble a new pack in, and, when free, one more of each (a second old
+// pack cached, a second write in flight).
+constexpr uint32_t kRepackMaxBuffers = 4;
 
 uint64_t AlignUp(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+// Bytes of one repack region: room for any packing of the small partitions
+// `sizes`. A pack of members m takes AlignUp(fill, 4096) bytes, and its fill
+// (each member at the next 256-byte boundary) is at most the sum of
+// AlignUp(m, 4096), so any packing fits in that sum over all members, which
+// is what every member in a pack of its own takes (`alone` groups of one
+// partition each do that). It is at most the 256-byte-aligned sum plus 4096
+// per member; the next-fit bound of 2 x ceil(total / buffer) + 1 packs does
+// not hold, since each `alone` group closes packs early and there may be as
+// many such groups as members.
+Result<uint64_t> RepackRegionBytes(std::span<const uint64_t> sizes) {
+  uint64_t total = 0;
+  for (uint64_t bytes : sizes) {
+    // bytes <= one buffer, so the alignment itself cannot overflow.
+    if (__builtin_add_overflow(total, AlignUp(bytes, kExtentAlignment), &total)) {
+      return Status::InvalidArgument(
+          fmt::format("the packed partitions' repack region overflows 64 bits ({} partitions)",
+                      sizes.size()));
+    }
+  }
+  return total;
+}
+
+// One pool buffer, waiting for it as Read() does: the pool may be shared,
+// and buffers others hold come back.
+Result<tiering::BufferSpan> AcquireOneBuffer(tiering::PinnedPool& pool) {
+  for (;;) {
+    auto got = pool.AcquireUntil(
+        1, std::chrono::steady_clock::now() + std::chrono::milliseconds(100));
+    if (!got.ok()) return got.status();
+    if (*got) return **got;
+  }
+}
 
 }  // namespace
 
@@ -69,14 +108,19 @@ Status ParamSwapper::Seal() {
   if (sealed_) return Status::FailedPrecondition("Seal() was already called");
   const uint64_t buffer_bytes = pool_->buffer_bytes();
   const uint64_t pack_limit = std::min(options_.pack_threshold_bytes, buffer_bytes);
-  // Lay out extents in the order partitions were added.
+  // Lay out extents in the order partitions were added. Until Repack()
+  // knows the order of use, neighbours in registration order may be used far
+  // apart (an MoE layer's experts, of which a step runs two), and a pack is
+  // read whole for any one member: so a pack holds at most pack_limit bytes,
+  // the most a lone small partition's read may cost.
   int open_pack = -1;
   uint64_t pack_fill = 0;
   for (uint32_t i = 0; i < members_.size(); ++i) {
     Member& m = members_[i];
     const bool small = pack_limit > 0 && m.bytes <= pack_limit;
+    m.packed = small;
     if (small && open_pack >= 0 &&
-        AlignUp(pack_fill, kPackMemberAlignment) + m.bytes <= buffer_bytes) {
+        AlignUp(pack_fill, kPackMemberAlignment) + m.bytes <= pack_limit) {
       m.offset = AlignUp(pack_fill, kPackMemberAlignment);
       m.extent = static_cast<uint32_t>(open_pack);
       pack_fill = m.offset + m.bytes;
@@ -101,10 +145,13 @@ Status ParamSwapper::Seal() {
   }
   // Every extent must fit in the pool, or swap-in could never finish.
   uint64_t capacity = 0;
-  const uint64_t align = 4096;
   for (ExtentState& e : extents_) {
-    e.where.bytes = AlignUp(e.where.bytes, align);
+    // Checked before aligning: a size near 2^64 would wrap to a small one.
     e.buffers = pool_->BuffersFor(e.where.bytes);
+    if (e.buffers <= pool_->buffer_count()) {
+      e.where.bytes = AlignUp(e.where.bytes, kExtentAlignment);
+      e.buffers = pool_->BuffersFor(e.where.bytes);
+    }
     if (e.buffers > pool_->buffer_count()) {
       const Member& m = members_[e.members.front()];
       return Status::InvalidArgument(fmt::format(
@@ -114,12 +161,31 @@ Status ParamSwapper::Seal() {
           m.id, m.bytes, e.buffers, buffer_bytes, pool_->buffer_count(), e.buffers,
           m.bytes));
     }
-    capacity += e.where.bytes;
+    if (__builtin_add_overflow(capacity, e.where.bytes, &capacity)) {
+      return Status::InvalidArgument(fmt::format(
+          "the swap store for {} partitions overflows 64 bits", members_.size()));
+    }
+  }
+  // Two repack regions after the extents, for Repack() to alternate between.
+  std::vector<uint64_t> small_sizes;
+  for (const Member& m : members_) {
+    if (m.packed) small_sizes.push_back(m.bytes);
+  }
+  ZTIER_ASSIGN_OR_RETURN(const uint64_t region_bytes, RepackRegionBytes(small_sizes));
+  if (__builtin_add_overflow(capacity, region_bytes, &capacity) ||
+      __builtin_add_overflow(capacity, region_bytes, &capacity)) {
+    return Status::InvalidArgument(fmt::format(
+        "the swap store for {} partitions overflows 64 bits", members_.size()));
   }
   ZTIER_ASSIGN_OR_RETURN(store_, NvmeStore::Create(options_.store, capacity));
   for (ExtentState& e : extents_) {
     ZTIER_ASSIGN_OR_RETURN(Extent where, store_->Allocate(e.where.bytes));
     e.where = where;
+  }
+  if (region_bytes > 0) {
+    for (Extent& region : repack_region_) {
+      ZTIER_ASSIGN_OR_RETURN(region, store_->Allocate(region_bytes));
+    }
   }
   stats_.extents = extents_.size();
   sealed_ = true;
@@ -203,6 +269,7 @@ Status ParamSwapper::WriteMany(std::span<const uint64_t> ids,
   size_t k = 0;
   while (k < ids.size() && first.ok()) {
     std::unique_lock<std::mutex> lock(mu_);
+    WaitNotRepacking(lock);  // none of ours is in flight then: Repack needs that
     auto found = Find(ids[k]);
     if (!found.ok()) {
       first = found.status();
@@ -290,6 +357,7 @@ Status ParamSwapper::WriteMany(std::span<const uint64_t> ids,
 
 Status ParamSwapper::Read(uint64_t id, void* dst) {
   std::unique_lock<std::mutex> lock(mu_);
+  WaitNotRepacking(lock);
   ZTIER_ASSIGN_OR_RETURN(Member * m, Find(id));
   if (!m->written) {
     return Status::FailedPrecondition(fmt::format(
@@ -304,14 +372,19 @@ Status ParamSwapper::Read(uint64_t id, void* dst) {
         PartitionStateName(e.state)));
   }
   // A private copy: the extent stays ON_NVME (no hold, no state change), so
-  // nothing the swap-in path tracks is touched.
+  // nothing the swap-in path tracks is touched. Counted, so that Repack()
+  // does not move the extent while this reads it.
+  ++private_reads_;
   std::optional<tiering::BufferSpan> span;
   while (!span) {
     lock.unlock();
     auto got = pool_->AcquireUntil(e.buffers, std::chrono::steady_clock::now() +
                                                   std::chrono::milliseconds(100));
     lock.lock();
-    if (!got.ok()) return got.status();
+    if (!got.ok()) {
+      --private_reads_;
+      return got.status();
+    }
     span = *got;
   }
   const Extent where = e.where;
@@ -324,6 +397,7 @@ Status ParamSwapper::Read(uint64_t id, void* dst) {
   if (s.ok()) memcpy(dst, span->data + copy.offset, copy.bytes);
   Status released = pool_->Release(*span);
   lock.lock();
+  --private_reads_;
   if (s.ok()) {
     stats_.bytes_read += where.bytes;
     ++stats_.reads;
@@ -338,7 +412,8 @@ Result<size_t> ParamSwapper::SwapIn(std::span<const uint64_t> ids,
     return Status::InvalidArgument(fmt::format(
         "SwapIn: {} ids but {} entries for their states", ids.size(), observed.size()));
   }
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
+  WaitNotRepacking(lock);
   size_t covered = 0;
   for (uint64_t id : ids) {
     ZTIER_ASSIGN_OR_RETURN(Member * m, Find(id));
@@ -648,6 +723,374 @@ void ParamSwapper::OnWriteDone(uint32_t extent_index, const Status& status) {
     }
   }
   cv_.notify_all();
+}
+
+// Old packs held in read buffers while new packs are assembled. The whole
+// sequence of uses is known in advance, so the pack evicted is the one used
+// again farthest ahead (Belady): each old pack is read as few times as the
+// buffers allow.
+class ParamSwapper::PackCache {
+ public:
+  static constexpr uint32_t kNone = UINT32_MAX;
+
+  // `uses[x]`: the new packs (ascending) that draw from old extent x.
+  PackCache(std::span<const tiering::BufferSpan> slots, std::vector<std::vector<size_t>> uses)
+      : slots_(slots.begin(), slots.end()), held_(slots.size(), kNone), uses_(std::move(uses)) {}
+
+  // The slot holding old extent `x`, or -1.
+  int Find(uint32_t x) const {
+    auto it = std::find(held_.begin(), held_.end(), x);
+    return it == held_.end() ? -1 : static_cast<int>(it - held_.begin());
+  }
+  // The slot to read into while assembling new pack `p` (the packs `p` draws
+  // from that are cached were copied first, so only later uses count).
+  int Victim(size_t p) const {
+    int best = 0;
+    size_t best_next = 0;
+    for (size_t i = 0; i < held_.size(); ++i) {
+      const size_t next = held_[i] == kNone ? SIZE_MAX : NextUse(held_[i], p);
+      if (i == 0 || next > best_next) {
+        best = static_cast<int>(i);
+        best_next = next;
+      }
+    }
+    return best;
+  }
+  void Hold(int slot, uint32_t x) { held_[slot] = x; }
+  uint8_t* data(int slot) const { return slots_[slot].data; }
+
+ private:
+  size_t NextUse(uint32_t x, size_t p) const {
+    auto it = std::upper_bound(uses_[x].begin(), uses_[x].end(), p);
+    return it == uses_[x].end() ? SIZE_MAX : *it;
+  }
+
+  std::vector<tiering::BufferSpan> slots_;
+  std::vector<uint32_t> held_;  // old extent index per slot, or kNone
+  std::vector<std::vector<size_t>> uses_;
+};
+
+void ParamSwapper::WaitNotRepacking(std::unique_lock<std::mutex>& lock) {
+  cv_.wait(lock, [&] { return !repacking_; });
+}
+
+Status ParamSwapper::Repack(std::span<const PackGroup> groups) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!sealed_) return Status::FailedPrecondition("call Seal() before Repack()");
+  WaitNotRepacking(lock);  // another Repack
+  ZTIER_RETURN_IF_ERROR(CheckQuiet());
+  ZTIER_ASSIGN_OR_RETURN(std::vector<Pack> packs, PlanRepack(groups));
+  if (packs == CurrentPacks()) return Status::Ok();  // same layout: no I/O
+  // The region not in force: the old layout stays intact until the switch.
+  const int region = region_in_force_ == 0 ? 1 : 0;
+  ZTIER_ASSIGN_OR_RETURN(std::vector<PlacedPack> placed,
+                         Place(std::move(packs), repack_region_[region]));
+  repacking_ = true;
+  lock.unlock();
+  SwapperStats traffic;
+  Status s = CopyPacks(placed, &traffic);
+  lock.lock();
+  stats_.bytes_read += traffic.bytes_read;
+  stats_.reads += traffic.reads;
+  stats_.bytes_written += traffic.bytes_written;
+  stats_.writes += traffic.writes;
+  stats_.checksum_failures += traffic.checksum_failures;
+  if (s.ok()) {
+    SwitchLayout(std::move(placed));
+    region_in_force_ = region;
+    ++stats_.repacks;
+    stats_.bytes_repacked += traffic.bytes_written;
+  }
+  repacking_ = false;
+  cv_.notify_all();
+  return s;
+}
+
+Status ParamSwapper::CheckQuiet() const {
+  for (const Member& m : members_) {
+    const ExtentState& e = extents_[m.extent];
+    if (e.state == PartitionState::kOnNvme && !m.held) continue;
+    // A pack mate may be the one swapped in: name it too.
+    std::string why = m.held ? " and swapped in" : "";
+    for (uint32_t mi : e.members) {
+      if (!m.held && members_[mi].held) {
+        why = fmt::format(" (its pack is swapped in for partition {})", members_[mi].id);
+        break;
+      }
+    }
+    return Status::FailedPrecondition(fmt::format(
+        "partition {} is {}{}: Repack needs every partition ON_NVME with no hold "
+        "(release or swap it out, and WaitAll(), first)",
+        m.id, PartitionStateName(e.state), why));
+  }
+  if (in_flight_ > 0 || private_reads_ > 0) {
+    return Status::FailedPrecondition(fmt::format(
+        "{} transfer(s) of the swapper are still completing: Repack needs nothing in "
+        "flight (WaitAll() first)",
+        in_flight_ + private_reads_));
+  }
+  return Status::Ok();
+}
+
+std::vector<ParamSwapper::Pack> ParamSwapper::CurrentPacks() const {
+  std::vector<Pack> packs;
+  for (const ExtentState& e : extents_) {
+    if (members_[e.members.front()].packed) packs.push_back(e.members);
+  }
+  return packs;
+}
+
+Result<std::vector<ParamSwapper::Pack>> ParamSwapper::PlanRepack(
+    std::span<const PackGroup> groups) const {
+  std::vector<uint32_t> order;  // packed members, new order
+  std::vector<bool> breaks;     // breaks[k]: a pack starts at order[k]
+  std::vector<bool> placed(members_.size(), false);
+  bool closed = false;  // the open pack belongs to an `alone` group
+  // Appends the members named by `ids` not yet placed; false if none was.
+  auto place = [&](const std::vector<uint32_t>& ids, bool alone) -> bool {
+    const size_t first = order.size();
+    for (uint32_t mi : ids) {
+      if (!members_[mi].packed || placed[mi]) continue;
+      placed[mi] = true;
+      order.push_back(mi);
+      breaks.push_back(false);
+    }
+    if (order.size() == first) return false;  // adds nothing, closes nothing
+    breaks[first] = alone || closed;
+    closed = alone;
+    return true;
+  };
+  std::vector<uint32_t> named;
+  for (const PackGroup& g : groups) {
+    named.clear();
+    for (uint64_t id : g.ids) {
+      auto it = index_.find(id);
+      if (it == index_.end()) {
+        return Status::NotFound(fmt::format(
+            "Repack: partition {} is not registered with the swapper", id));
+      }
+      named.push_back(it->second);
+    }
+    place(named, g.alone);
+  }
+  // The rest, in their current order, after the last group.
+  for (const Pack& pack : CurrentPacks()) place(pack, false);
+  return PackInOrder(order, breaks);
+}
+
+std::vector<ParamSwapper::Pack> ParamSwapper::PackInOrder(
+    std::span<const uint32_t> order, const std::vector<bool>& breaks) const {
+  // The rule Seal() packs by: next-fit into one buffer, members at 256-byte
+  // boundaries.
+  const uint64_t buffer_bytes = pool_->buffer_bytes();
+  std::vector<Pack> packs;
+  uint64_t fill = 0;  // bytes of the open pack
+  for (size_t k = 0; k < order.size(); ++k) {
+    const uint64_t bytes = members_[order[k]].bytes;  // <= buffer_bytes: packed
+    uint64_t offset = AlignUp(fill, kPackMemberAlignment);
+    if (packs.empty() || breaks[k] || offset + bytes > buffer_bytes) {
+      packs.emplace_back();
+      offset = 0;
+    }
+    packs.back().push_back(order[k]);
+    fill = offset + bytes;
+  }
+  return packs;
+}
+
+Result<std::vector<ParamSwapper::PlacedPack>> ParamSwapper::Place(std::vector<Pack> packs,
+                                                                  const Extent& region) const {
+  std::vector<PlacedPack> placed;
+  uint64_t used = 0;  // bytes of the region taken
+  for (Pack& pack : packs) {
+    PlacedPack p;
+    uint64_t fill = 0;
+    for (uint32_t mi : pack) {
+      const uint64_t offset = AlignUp(fill, kPackMemberAlignment);
+      p.offsets.push_back(offset);
+      fill = offset + members_[mi].bytes;  // < one buffer (PackInOrder)
+    }
+    p.members = std::move(pack);
+    p.where = {region.offset + used, AlignUp(fill, kExtentAlignment)};
+    used += p.where.bytes;  // <= region.bytes, checked below
+    if (used > region.bytes) {
+      // RepackRegionBytes() bounds every packing: this is a bug.
+      return Status::Internal(fmt::format(
+          "Repack: the new packs need more than the {} bytes of the repack region",
+          region.bytes));
+    }
+    placed.push_back(std::move(p));
+  }
+  return placed;
+}
+
+Status ParamSwapper::CopyPacks(const std::vector<PlacedPack>& packs, SwapperStats* traffic) {
+  // A few single buffers (every pack fits in one), never the whole packed
+  // set. The first is waited for, as Read() waits; the others are taken only
+  // when free, so this never waits while holding one.
+  ZTIER_ASSIGN_OR_RETURN(const tiering::BufferSpan first, AcquireOneBuffer(*pool_));
+  std::vector<tiering::BufferSpan> spans = {first};
+  while (spans.size() < kRepackMaxBuffers) {
+    auto got = pool_->TryAcquire(1);
+    if (!got.ok() || !*got) break;  // the extra buffers are only for speed
+    spans.push_back(**got);
+  }
+  // With one pool buffer (buffer_count 1, or the rest in use), new packs are
+  // assembled in one host buffer of the same size: the only host memory this
+  // takes, and only then.
+  std::unique_ptr<void, decltype(&free)> host(nullptr, &free);
+  std::vector<tiering::BufferSpan> slots = spans;
+  Status s;
+  if (slots.size() < 2) {
+    void* p = nullptr;
+    const uint64_t align = std::max<uint64_t>(store_->alignment(), kExtentAlignment);
+    if (posix_memalign(&p, align, pool_->buffer_bytes()) == 0) {
+      host.reset(p);
+      slots.push_back({.data = static_cast<uint8_t*>(p), .bytes = pool_->buffer_bytes()});
+    } else {
+      s = Status::ResourceExhausted(fmt::format(
+          "Repack: allocate a {}-byte host buffer to assemble packs in", pool_->buffer_bytes()));
+    }
+  }
+  if (s.ok()) s = CopyThrough(packs, slots, traffic);
+  for (const tiering::BufferSpan& span : spans) {
+    Status released = pool_->Release(span);
+    (void)released;  // spans this call took are always valid to give back
+  }
+  return s;
+}
+
+Status ParamSwapper::CopyThrough(const std::vector<PlacedPack>& packs,
+                                 std::span<const tiering::BufferSpan> slots,
+                                 SwapperStats* traffic) {
+  Status s;
+  const size_t writers = slots.size() >= 4 ? 2 : 1;
+  std::vector<std::vector<size_t>> uses(extents_.size());  // old extent -> new packs
+  for (size_t p = 0; p < packs.size(); ++p) {
+    for (uint32_t mi : packs[p].members) {
+      std::vector<size_t>& u = uses[members_[mi].extent];
+      if (members_[mi].written && (u.empty() || u.back() != p)) u.push_back(p);
+    }
+  }
+  PackCache cache(slots.subspan(writers), std::move(uses));
+  std::vector<tiering::BufferSpan> out(slots.begin(), slots.begin() + writers);
+  // One new pack's write in flight.
+  struct Pending {
+    size_t pack = 0;
+    tiering::BufferSpan span;
+    std::future<Status> done;
+  };
+  std::deque<Pending> pending;
+  auto finish_oldest = [&] {
+    Pending w = std::move(pending.front());
+    pending.pop_front();
+    const Status st = w.done.get();
+    const PlacedPack& pk = packs[w.pack];
+    if (st.ok()) {
+      traffic->bytes_written += pk.where.bytes;
+      ++traffic->writes;
+    } else if (s.ok()) {
+      s = st.WithContext(fmt::format(
+          "repack: write the new pack of partition {} at {} (the old layout stays in force)",
+          members_[pk.members.front()].id, store_->Locate(pk.where.offset)));
+    }
+    out.push_back(w.span);
+  };
+  for (size_t p = 0; p < packs.size() && s.ok(); ++p) {
+    const PlacedPack& pk = packs[p];
+    // A pack of members never written stays unwritten: nothing to copy.
+    if (std::none_of(pk.members.begin(), pk.members.end(),
+                     [&](uint32_t mi) { return members_[mi].written; })) {
+      continue;
+    }
+    if (out.empty()) {
+      finish_oldest();
+      if (!s.ok()) break;
+    }
+    Pending w{.pack = p, .span = out.back()};
+    out.pop_back();
+    s = AssemblePack(packs, p, cache, w.span.data, traffic);
+    if (!s.ok()) {
+      out.push_back(w.span);
+      break;
+    }
+    auto promise = std::make_shared<std::promise<Status>>();
+    w.done = promise->get_future();
+    Status submitted = engine_->Submit(
+        {io::Op::kWrite, &store_->file(), pk.where.offset, pk.where.bytes, w.span.data,
+         [promise](const Status& st) { promise->set_value(st); }});
+    if (!submitted.ok()) promise->set_value(submitted);
+    pending.push_back(std::move(w));
+  }
+  while (!pending.empty()) finish_oldest();  // the buffers are written from
+  return s;
+}
+
+Status ParamSwapper::AssemblePack(const std::vector<PlacedPack>& packs, size_t p,
+                                  PackCache& cache, uint8_t* out, SwapperStats* traffic) {
+  const PlacedPack& pk = packs[p];
+  memset(out, 0, pk.where.bytes);  // padding and unwritten members: zeros
+  // The old packs this one draws from, those already cached first.
+  std::vector<uint32_t> sources;
+  for (uint32_t mi : pk.members) {
+    const uint32_t x = members_[mi].extent;
+    if (members_[mi].written && std::find(sources.begin(), sources.end(), x) == sources.end()) {
+      sources.push_back(x);
+    }
+  }
+  std::stable_partition(sources.begin(), sources.end(),
+                        [&](uint32_t x) { return cache.Find(x) >= 0; });
+  for (uint32_t x : sources) {
+    int slot = cache.Find(x);
+    if (slot < 0) {
+      slot = cache.Victim(p);
+      cache.Hold(slot, PackCache::kNone);  // until the read has succeeded
+      const Extent from = extents_[x].where;
+      Status s = engine_->Run(
+          {io::Op::kRead, &store_->file(), from.offset, from.bytes, cache.data(slot), nullptr});
+      if (!s.ok()) {
+        return s.WithContext(
+            fmt::format("repack: read {}", Describe(members_[extents_[x].members.front()])));
+      }
+      cache.Hold(slot, x);
+      traffic->bytes_read += from.bytes;
+      ++traffic->reads;
+    }
+    for (size_t k = 0; k < pk.members.size(); ++k) {
+      const Member& m = members_[pk.members[k]];
+      if (!m.written || m.extent != x) continue;
+      // Never carry bad data into the new layout under its old checksum.
+      Status ok = VerifyMember(m, cache.data(slot));
+      if (!ok.ok()) {
+        ++traffic->checksum_failures;
+        return ok.WithContext("repack");
+      }
+      memcpy(out + pk.offsets[k], cache.data(slot) + m.offset, m.bytes);
+    }
+  }
+  return Status::Ok();
+}
+
+// Makes the placed packs the layout in force: large extents keep their
+// places, the packs follow in their new order. Nothing is held or in flight.
+void ParamSwapper::SwitchLayout(std::vector<PlacedPack> packs) {
+  std::vector<ExtentState> next;
+  for (ExtentState& e : extents_) {
+    if (!members_[e.members.front()].packed) next.push_back(std::move(e));
+  }
+  for (PlacedPack& pk : packs) {
+    ExtentState e;
+    e.where = pk.where;
+    e.buffers = pool_->BuffersFor(pk.where.bytes);
+    for (size_t k = 0; k < pk.members.size(); ++k) members_[pk.members[k]].offset = pk.offsets[k];
+    e.members = std::move(pk.members);
+    next.push_back(std::move(e));
+  }
+  extents_ = std::move(next);
+  for (uint32_t i = 0; i < extents_.size(); ++i) {
+    for (uint32_t mi : extents_[i].members) members_[mi].extent = i;
+  }
+  stats_.extents = extents_.size();
 }
 
 void ParamSwapper::SetReadCallback(ReadCallback cb) {

@@ -8,9 +8,15 @@
 // Layout: partitions are laid out in the order they are added. A partition
 // larger than one buffer takes several adjacent buffers; partitions of at
 // most `pack_threshold_bytes` are packed, in order, into shared extents of at
-// most one buffer, read and written as a unit (one buffer for many small
-// partitions instead of one each). Packing and states are per extent; the
-// per-partition API hides it.
+// most `pack_threshold_bytes`, read and written as a unit (one read for many
+// small partitions instead of one each). Packing and states are per extent;
+// the per-partition API hides it. Repack() lays the packed partitions out
+// again in the order they are used (groups from the trace), into packs of up
+// to one buffer, so that one read brings in partitions used together; large
+// partitions never move. Seal() reserves
+// two repack regions for it (docs/swap_format.md): each repack writes the new
+// packs into the region not in force and switches only when every write has
+// completed, so a failed repack leaves the old layout readable.
 //
 // SwapIn never waits for buffers: it starts reads in the order given while
 // free buffers last and returns how many partitions it covered; the caller
@@ -57,6 +63,17 @@ struct SwapperStats {
   uint64_t reads = 0, writes = 0;              // extent transfers completed
   uint64_t checksum_failures = 0;
   uint64_t packed_partitions = 0, extents = 0;
+  // Repack(): layouts changed, and the device bytes their writes took (also
+  // counted in bytes_written/writes; their reads in bytes_read/reads).
+  uint64_t repacks = 0, bytes_repacked = 0;
+};
+
+// One group of Repack(): partitions used together.
+struct PackGroup {
+  std::vector<uint64_t> ids;  // partitions used together, in use order
+  // Its small partitions share no pack with other groups' (e.g. one MoE
+  // expert, fetched only when routed to).
+  bool alone = false;
 };
 
 class ParamSwapper {
@@ -125,6 +142,25 @@ class ParamSwapper {
   // returns the buffer when the write completes. Wait with WaitAll().
   Status SwapOut(uint64_t id);
 
+  // Lays the packed (small) partitions out again in `groups` order:
+  // consecutive groups share packs (a pack never exceeds one buffer), a group
+  // marked `alone` starts a new pack and no later group joins that pack. Ids
+  // of partitions that are not packed (larger than the threshold) are
+  // skipped; an id named twice keeps its first place; small partitions no
+  // group names follow, in their current order. An unknown id is NotFound.
+  // Data, checksums and written/unwritten state are kept bit-exact (each
+  // member's CRC32C is checked as it is copied). Needs every partition
+  // ON_NVME with no hold and nothing in flight (FailedPrecondition naming the
+  // first one that is not; a read is in flight until its callback has run, so
+  // call WaitAll() first). It holds up to 4 pool buffers, waiting only for
+  // the first (with only one, new packs are assembled in a host buffer of the
+  // same size). If the new layout equals the current one, nothing is read or
+  // written. On any I/O error the old layout stays in force and still reads
+  // back intact; the error names the file and offset. SwapIn, Write,
+  // WriteMany and Read called while a repack runs wait for it to finish. Not
+  // from the read callback (it waits for I/O).
+  Status Repack(std::span<const PackGroup> groups);
+
   void SetReadCallback(ReadCallback cb);
 
   PartitionState state(uint64_t id) const;
@@ -147,6 +183,7 @@ class ParamSwapper {
     bool held = false;      // asked for by SwapIn and not released
     bool write_failed = false;  // good data only in the buffer after a failed write
     bool verified = true;   // the host copy passed its checksum since the read
+    bool packed = false;    // small: shares packs, moved by Repack
     Status error;           // a failed read or write, reported once
   };
   struct ExtentState {
@@ -158,8 +195,40 @@ class ParamSwapper {
     uint32_t holders = 0;              // members held
   };
 
+  // A pack of a layout Repack() computes: members_ indices in offset order.
+  using Pack = std::vector<uint32_t>;
+  // A pack placed in a repack region: its members' offsets and its extent.
+  struct PlacedPack {
+    Pack members;
+    std::vector<uint64_t> offsets;  // bytes into `where`, one per member
+    Extent where;
+  };
+
   ParamSwapper(const SwapperOptions& options, tiering::PinnedPool* pool,
                io::AsyncEngine* engine);
+  // Repack() in steps. All but CopyPacks need mu_; CopyPacks runs without it
+  // while repacking_ is set, when members_ and extents_ cannot change.
+  Status CheckQuiet() const;
+  std::vector<Pack> CurrentPacks() const;
+  Result<std::vector<Pack>> PlanRepack(std::span<const PackGroup> groups) const;
+  // Next-fit packing of `order` (members_ indices); breaks[k]: a new pack
+  // starts at order[k].
+  std::vector<Pack> PackInOrder(std::span<const uint32_t> order,
+                                const std::vector<bool>& breaks) const;
+  Result<std::vector<PlacedPack>> Place(std::vector<Pack> packs, const Extent& region) const;
+  // Writes `packs` from the old packs' data through pool buffers; adds the
+  // I/O to `traffic`. Returns when no write is in flight.
+  Status CopyPacks(const std::vector<PlacedPack>& packs, SwapperStats* traffic);
+  // CopyPacks() through `slots` (>= 2 buffers of one pool buffer's bytes).
+  Status CopyThrough(const std::vector<PlacedPack>& packs,
+                     std::span<const tiering::BufferSpan> slots, SwapperStats* traffic);
+  class PackCache;  // old packs held in read buffers (param_swapper.cc)
+  // Fills `out` with new pack `packs[p]`, reading old packs through `cache`.
+  Status AssemblePack(const std::vector<PlacedPack>& packs, size_t p, PackCache& cache,
+                      uint8_t* out, SwapperStats* traffic);
+  void SwitchLayout(std::vector<PlacedPack> packs);
+  // Waits until no Repack() is moving data (`lock` holds mu_).
+  void WaitNotRepacking(std::unique_lock<std::mutex>& lock);
   Result<Member*> Find(uint64_t id);
   const Member* Find(uint64_t id) const;
   Status StartRead(ExtentState& e, uint32_t extent_index);  // needs mu_
@@ -186,6 +255,13 @@ class ParamSwapper {
   Status first_error_;       // for WaitAll
   ReadCallback read_cb_;
   SwapperStats stats_;
+  // Repack regions (docs/swap_format.md), empty when nothing is packed; the
+  // packs in force live in region `region_in_force_` (-1: where Seal() put
+  // them).
+  Extent repack_region_[2];
+  int region_in_force_ = -1;
+  bool repacking_ = false;     // Repack() is moving data: transfers wait
+  uint32_t private_reads_ = 0;  // Read() calls reading an extent without a state
 };
 
 }  // namespace ztier::swapper

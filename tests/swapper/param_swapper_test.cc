@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
@@ -159,6 +160,26 @@ TEST_P(SwapperTest, SmallPartitionsShareOneBuffer) {
   EXPECT_EQ(pool_->stats().buffers_in_use, 1u);  // 11 still holds the pack
   ASSERT_TRUE(swapper_->ReleaseBuffer(11).ok());
   EXPECT_EQ(pool_->stats().buffers_in_use, 0u);
+  ExpectAllIntact(sizes.size());
+}
+
+TEST_P(SwapperTest, SealedPacksHoldAtMostThePackThreshold) {
+  // Before Repack() knows the order of use, a pack is read whole for any one
+  // member: it is kept to pack_threshold bytes, not a whole buffer.
+  SwapperOptions so;
+  so.pack_threshold_bytes = 64 * kKiB;
+  Build(2, kMiB, 1, {}, so);
+  std::vector<uint64_t> sizes(40, 10 * kKiB);  // 6 fit in 64 KiB, 7 do not
+  AddAndWrite(sizes);
+  EXPECT_EQ(swapper_->stats().packed_partitions, 40u);
+  EXPECT_EQ(swapper_->stats().extents, 7u);  // ceil(40 / 6)
+  const uint64_t before = swapper_->stats().bytes_read;
+  const uint64_t one[] = {20};
+  auto got = swapper_->SwapIn(one);
+  ASSERT_TRUE(got.ok() && *got == 1u);
+  ASSERT_TRUE(swapper_->Wait(20).ok());
+  EXPECT_LE(swapper_->stats().bytes_read - before, 64 * kKiB);
+  ASSERT_TRUE(swapper_->ReleaseBuffer(20).ok());
   ExpectAllIntact(sizes.size());
 }
 
@@ -487,6 +508,292 @@ TEST_P(SwapperTest, ConcurrentSwapInAndSwapOut) {
   ASSERT_TRUE(swapper_->WaitAll().ok());
   ExpectAllIntact(sizes.size(), 1100);
 }
+
+// Repack(): 20 small partitions (ids 0..19, 3000..4900 bytes, so 12 or more
+// fit in one 64 KiB buffer) added interleaved with two large ones (100, 101),
+// which split Seal()'s packs into three runs.
+class RepackTest : public SwapperTest {
+ protected:
+  static constexpr uint64_t kBuffer = 64 * kKiB;
+  static uint64_t SizeOf(uint64_t id) {
+    return id == 100 ? 100 * kKiB : id == 101 ? 70000 : 3000 + 100 * id;
+  }
+  static std::vector<uint64_t> AddOrder() {
+    return {0, 10, 1, 11, 2, 12, 100, 3, 13, 4, 14, 5, 15, 6, 16, 101, 7, 17, 8, 18, 9, 19};
+  }
+  // Seal()'s layout as groups: each run between large partitions alone.
+  static std::vector<PackGroup> SealLayout() {
+    return {PackGroup{{0, 10, 1, 11, 2, 12}, true}, PackGroup{{3, 13, 4, 14, 5, 15, 6, 16}, true},
+            PackGroup{{7, 17, 8, 18, 9, 19}, true}};
+  }
+  // A learned order: 100 (large) is skipped, 3 named twice keeps its first
+  // place, the group of 12 is alone; the rest follow the last group.
+  static std::vector<PackGroup> TraceGroups() {
+    return {PackGroup{{3, 17, 8, 100}}, PackGroup{{12, 0, 5, 19}, true},
+            PackGroup{{1, 14, 9, 3}}, PackGroup{{6, 15}}};
+  }
+
+  // Builds a 4 x 64 KiB pool, adds AddOrder(), seals and writes every id but
+  // those in `skip` with pattern 100 + id.
+  void SetUpLayout(std::vector<io::Fault> faults = {}, std::vector<uint64_t> skip = {}) {
+    Build(4, kBuffer, 1, std::move(faults));
+    for (uint64_t id : AddOrder()) ASSERT_TRUE(swapper_->Add(id, SizeOf(id)).ok());
+    ASSERT_TRUE(swapper_->Seal().ok());
+    ASSERT_EQ(swapper_->stats().extents, 5u);  // three packs, two large
+    for (uint64_t id : AddOrder()) {
+      if (std::find(skip.begin(), skip.end(), id) != skip.end()) continue;
+      std::vector<uint8_t> data(SizeOf(id));
+      FillPattern(data.data(), data.size(), 100 + id);
+      Status s = swapper_->Write(id, data.data());
+      ASSERT_TRUE(s.ok()) << s.ToString();
+    }
+  }
+
+  // Every id of AddOrder() but `skip` reads back bit-exact through Read()
+  // and through SwapIn/Wait/Data.
+  void ExpectIntact(std::vector<uint64_t> skip = {}) {
+    for (uint64_t id : AddOrder()) {
+      if (std::find(skip.begin(), skip.end(), id) != skip.end()) continue;
+      std::vector<uint8_t> out(SizeOf(id));
+      Status s = swapper_->Read(id, out.data());
+      ASSERT_TRUE(s.ok()) << "id " << id << ": " << s.ToString();
+      EXPECT_EQ(FirstMismatch(out.data(), out.size(), 100 + id), -1) << "Read id " << id;
+      const uint64_t one[] = {id};
+      auto got = swapper_->SwapIn(one);
+      ASSERT_TRUE(got.ok() && *got == 1u) << "id " << id;
+      ASSERT_TRUE(swapper_->Wait(id).ok()) << "id " << id;
+      auto data = swapper_->Data(id);
+      ASSERT_TRUE(data.ok());
+      EXPECT_EQ(FirstMismatch(*data, SizeOf(id), 100 + id), -1) << "SwapIn id " << id;
+      ASSERT_TRUE(swapper_->ReleaseBuffer(id).ok());
+    }
+    // A read counts as done only after its callback ran: Repack() needs that.
+    ASSERT_TRUE(swapper_->WaitAll().ok());
+  }
+
+  Status Repack(const std::vector<PackGroup>& groups) { return swapper_->Repack(groups); }
+};
+
+TEST_P(RepackTest, FollowsTheGroupsAndKeepsEveryByte) {
+  SetUpLayout();
+  const SwapperStats before = swapper_->stats();
+  Status s = Repack(TraceGroups());
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  const SwapperStats after = swapper_->stats();
+  EXPECT_EQ(after.repacks, 1u);
+  EXPECT_GT(after.bytes_repacked, 0u);
+  EXPECT_EQ(after.bytes_written - before.bytes_written, after.bytes_repacked);
+  EXPECT_EQ(after.packed_partitions, 20u);
+  ExpectIntact();
+}
+
+// One read brings in a whole group; an alone group shares its pack with no
+// other group; consecutive groups share packs.
+TEST_P(RepackTest, AGroupComesInWithOneRead) {
+  SetUpLayout();
+  ASSERT_TRUE(Repack(TraceGroups()).ok());
+  // Swaps in the first of `ids` (one read), then the others: IN_HOST already.
+  auto expect_one_read = [&](std::vector<uint64_t> ids) {
+    const uint64_t reads = swapper_->stats().reads;
+    PartitionState seen[1] = {PartitionState::kOnNvme};
+    auto got = swapper_->SwapIn(std::span<const uint64_t>(ids).first(1), seen);
+    ASSERT_TRUE(got.ok() && *got == 1u);
+    EXPECT_EQ(seen[0], PartitionState::kReading);
+    ASSERT_TRUE(swapper_->Wait(ids[0]).ok());
+    for (size_t k = 1; k < ids.size(); ++k) {
+      got = swapper_->SwapIn(std::span<const uint64_t>(ids).subspan(k, 1), seen);
+      ASSERT_TRUE(got.ok() && *got == 1u);
+      EXPECT_EQ(seen[0], PartitionState::kInHost) << "id " << ids[k];
+      auto data = swapper_->Data(ids[k]);
+      ASSERT_TRUE(data.ok()) << data.status().ToString();
+      EXPECT_EQ(FirstMismatch(*data, SizeOf(ids[k]), 100 + ids[k]), -1) << "id " << ids[k];
+    }
+    EXPECT_EQ(swapper_->stats().reads, reads + 1);
+  };
+  auto release = [&](std::vector<uint64_t> ids) {
+    for (uint64_t id : ids) ASSERT_TRUE(swapper_->ReleaseBuffer(id).ok()) << id;
+    ASSERT_TRUE(swapper_->WaitAll().ok());
+  };
+  expect_one_read({3, 17, 8});
+  EXPECT_EQ(swapper_->BuffersNeeded(12), 1u);  // the alone group: another pack
+  release({3, 17, 8});
+  expect_one_read({12, 0, 5, 19});
+  for (uint64_t other : {3, 1, 6, 10, 18}) EXPECT_EQ(swapper_->BuffersNeeded(other), 1u) << other;
+  release({12, 0, 5, 19});
+  // The groups after the alone one share a pack, and the rest follow them.
+  expect_one_read({1, 14, 9, 6, 15, 10});
+  EXPECT_EQ(swapper_->BuffersNeeded(12), 1u);
+  release({1, 14, 9, 6, 15, 10});
+  EXPECT_EQ(pool_->stats().buffers_in_use, 0u);
+}
+
+TEST_P(RepackTest, AlternatesRegionsAndGoesBack) {
+  SetUpLayout();
+  const uint64_t capacity = swapper_->store().capacity(), used = swapper_->store().used();
+  ASSERT_TRUE(Repack(TraceGroups()).ok());
+  std::vector<uint64_t> reversed;
+  for (uint64_t id = 20; id-- > 0;) reversed.push_back(id);
+  ASSERT_TRUE(Repack({PackGroup{reversed}}).ok());
+  ExpectIntact();
+  Status s = Repack(SealLayout());  // back where Seal() put them
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(swapper_->stats().repacks, 3u);
+  EXPECT_EQ(swapper_->stats().extents, 5u);
+  ExpectIntact();
+  EXPECT_EQ(swapper_->store().capacity(), capacity);
+  EXPECT_EQ(swapper_->store().used(), used);
+}
+
+TEST_P(RepackTest, TheSameLayoutMovesNothing) {
+  SetUpLayout();
+  SwapperStats before = swapper_->stats();
+  ASSERT_TRUE(Repack(SealLayout()).ok());  // what Seal() laid out
+  SwapperStats after = swapper_->stats();
+  EXPECT_EQ(after.repacks, 0u);
+  EXPECT_EQ(after.bytes_read, before.bytes_read);
+  EXPECT_EQ(after.bytes_written, before.bytes_written);
+  ASSERT_TRUE(Repack(TraceGroups()).ok());
+  before = swapper_->stats();
+  ASSERT_TRUE(Repack(TraceGroups()).ok());  // learned again: the same
+  after = swapper_->stats();
+  EXPECT_EQ(after.repacks, 1u);
+  EXPECT_EQ(after.bytes_read, before.bytes_read);
+  EXPECT_EQ(after.bytes_written, before.bytes_written);
+  EXPECT_EQ(after.bytes_repacked, before.bytes_repacked);
+}
+
+TEST_P(RepackTest, NeedsEveryPartitionOnNvmeAndUnheld) {
+  SetUpLayout();
+  const uint64_t held[] = {5};
+  ASSERT_EQ(*swapper_->SwapIn(held), 1u);
+  ASSERT_TRUE(swapper_->Wait(5).ok());
+  const SwapperStats before = swapper_->stats();
+  Status s = Repack(TraceGroups());
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s.ToString();
+  // 3 comes first in registration order and shares 5's pack.
+  EXPECT_NE(s.message().find("partition 3 is IN_HOST (its pack is swapped in for partition 5)"),
+            std::string_view::npos)
+      << s.ToString();
+  EXPECT_EQ(swapper_->stats().repacks, 0u);
+  EXPECT_EQ(swapper_->stats().bytes_written, before.bytes_written);
+  ASSERT_TRUE(swapper_->ReleaseBuffer(5).ok());
+  // Still Seal()'s layout: 5 shares its pack with 3, not with 12.
+  ASSERT_EQ(*swapper_->SwapIn(held), 1u);
+  EXPECT_EQ(swapper_->BuffersNeeded(3), 0u);
+  EXPECT_EQ(swapper_->BuffersNeeded(12), 1u);
+  ASSERT_TRUE(swapper_->Wait(5).ok());
+  ASSERT_TRUE(swapper_->ReleaseBuffer(5).ok());
+  ExpectIntact();
+}
+
+TEST_P(RepackTest, MisuseIsAnErrorAndOneBufferIsEnough) {
+  Build(1, kBuffer);
+  const std::vector<PackGroup> groups = {PackGroup{{1, 0}}};
+  EXPECT_EQ(swapper_->Repack(groups).code(), StatusCode::kFailedPrecondition);  // before Seal
+  ASSERT_TRUE(swapper_->Add(0, 1000).ok());
+  ASSERT_TRUE(swapper_->Add(1, 3000).ok());
+  ASSERT_TRUE(swapper_->Seal().ok());
+  EXPECT_EQ(swapper_->Repack(std::vector<PackGroup>{PackGroup{{7}}}).code(),
+            StatusCode::kNotFound);
+  EXPECT_TRUE(swapper_->Repack({}).ok());  // the same layout
+  EXPECT_EQ(swapper_->stats().repacks, 0u);
+  for (uint64_t id : {0, 1}) {
+    std::vector<uint8_t> data(swapper_->bytes(id));
+    FillPattern(data.data(), data.size(), 100 + id);
+    ASSERT_TRUE(swapper_->Write(id, data.data()).ok());
+  }
+  // A pool of one buffer: the new pack is assembled in a host buffer.
+  Status s = swapper_->Repack(groups);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(swapper_->stats().repacks, 1u);
+  for (uint64_t id : {0, 1}) {
+    std::vector<uint8_t> out(swapper_->bytes(id));
+    ASSERT_TRUE(swapper_->Read(id, out.data()).ok());
+    EXPECT_EQ(FirstMismatch(out.data(), out.size(), 100 + id), -1) << id;
+  }
+}
+
+TEST_P(RepackTest, UnwrittenPartitionsStayUnwritten) {
+  // 12, 0, 5, 19 (the alone group) are never written: their new pack is not
+  // written at all; 4 and 13 are unwritten members of written packs.
+  const std::vector<uint64_t> skip = {12, 0, 5, 19, 4, 13};
+  SetUpLayout({}, skip);
+  ASSERT_TRUE(Repack(TraceGroups()).ok());
+  std::vector<uint8_t> out(kBuffer);
+  for (uint64_t id : skip) {
+    EXPECT_EQ(swapper_->Read(id, out.data()).code(), StatusCode::kFailedPrecondition) << id;
+    EXPECT_EQ(swapper_->SwapIn(std::vector<uint64_t>{id}).status().code(),
+              StatusCode::kFailedPrecondition)
+        << id;
+  }
+  ExpectIntact(skip);
+  for (uint64_t id : skip) {  // writable in the new layout
+    std::vector<uint8_t> data(SizeOf(id));
+    FillPattern(data.data(), data.size(), 100 + id);
+    ASSERT_TRUE(swapper_->Write(id, data.data()).ok()) << id;
+  }
+  ExpectIntact();
+}
+
+// An I/O error in a repack leaves the old layout in force, readable; a
+// retry succeeds.
+TEST_P(RepackTest, AFailedRepackKeepsTheOldLayout) {
+  SetUpLayout();
+  ASSERT_TRUE(Repack(TraceGroups()).ok());  // the old layout is in a repack region
+  std::vector<uint64_t> reversed;
+  for (uint64_t id = 20; id-- > 0;) reversed.push_back(id);
+  const std::vector<PackGroup> next = {PackGroup{reversed}};
+  // The second pack's write fails (after the first one went through).
+  fault_->AddFault(io::Fault{io::FaultKind::kEio, fault_->ops_seen(io::Op::kWrite) + 1, 1,
+                             io::Op::kWrite});
+  Status s = Repack(next);
+  ASSERT_EQ(s.code(), StatusCode::kIoError) << s.ToString();
+  EXPECT_NE(s.message().find("repack: write"), std::string_view::npos) << s.ToString();
+  EXPECT_NE(s.message().find(".swp at offset"), std::string_view::npos) << s.ToString();
+  EXPECT_EQ(swapper_->stats().repacks, 1u);
+  ExpectIntact();
+  // A failed read of an old pack.
+  fault_->AddFault(io::Fault{io::FaultKind::kEio, fault_->ops_seen(io::Op::kRead), 1,
+                             io::Op::kRead});
+  s = Repack(next);
+  ASSERT_EQ(s.code(), StatusCode::kIoError) << s.ToString();
+  EXPECT_NE(s.message().find("repack: read partition"), std::string_view::npos) << s.ToString();
+  EXPECT_NE(s.message().find(".swp at offset"), std::string_view::npos) << s.ToString();
+  EXPECT_EQ(swapper_->stats().repacks, 1u);
+  ExpectIntact();
+  EXPECT_EQ(pool_->stats().buffers_in_use, 0u);
+  s = Repack(next);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(swapper_->stats().repacks, 2u);
+  ExpectIntact();
+}
+
+// A partition altered on disk is not carried into the new layout.
+TEST_P(RepackTest, ACorruptedPackFailsTheRepack) {
+  SetUpLayout();
+  const auto& file = swapper_->store().file();
+  auto loc = file.Map(0, 4096);  // the first pack: 0, 10, 1, ...
+  int fd = open(file.file(loc.file_index).path().c_str(), O_WRONLY);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(pwrite(fd, "garbage!", 8, static_cast<off_t>(loc.offset + 10)), 8);
+  fsync(fd);
+  close(fd);
+  Status s = Repack(TraceGroups());
+  ASSERT_EQ(s.code(), StatusCode::kCorruption) << s.ToString();
+  EXPECT_NE(s.message().find("partition 0"), std::string_view::npos) << s.ToString();
+  EXPECT_EQ(swapper_->stats().repacks, 0u);
+  EXPECT_EQ(pool_->stats().buffers_in_use, 0u);
+  std::vector<uint8_t> out(SizeOf(10));
+  ASSERT_TRUE(swapper_->Read(10, out.data()).ok());  // its pack mates still read
+  EXPECT_EQ(FirstMismatch(out.data(), out.size(), 110), -1);
+}
+
+INSTANTIATE_TEST_SUITE_P(AllBackends, RepackTest,
+                         ::testing::Values(io::BackendKind::kIoUring, io::BackendKind::kLibaio,
+                                           io::BackendKind::kPsync),
+                         [](const auto& info) {
+                           return std::string(io::BackendKindName(info.param));
+                         });
 
 INSTANTIATE_TEST_SUITE_P(AllBackends, SwapperTest,
                          ::testing::Values(io::BackendKind::kIoUring, io::BackendKind::kLibaio,
