@@ -4,6 +4,7 @@
 #include <benchmark/benchmark.h>
 
 #include <string>
+#include <vector>
 
 #include "coordinator/coordinator.h"
 #include "coordinator/trace_file.h"
@@ -11,20 +12,31 @@
 namespace ztier::coordinator {
 namespace {
 
-TraceFile MakeTrace(const std::string& model, bool checkpointing) {
-  auto shape = LoadModelShape(std::string(ZTIER_SOURCE_DIR) + "/configs/models/" + model + ".yaml");
+struct TraceSpec {
+  std::string model;
+  bool checkpointing = false;
+  uint32_t steps = 1;  // > 1: a trace that changes between steps (MoE routing)
+  bool hints = false;  // router hints in it
+};
+
+TraceFile MakeTrace(const TraceSpec& spec) {
+  auto shape =
+      LoadModelShape(std::string(ZTIER_SOURCE_DIR) + "/configs/models/" + spec.model + ".yaml");
   if (!shape.ok()) return {};
   TraceGenOptions o;
-  o.steps = 1;
-  o.checkpointing = checkpointing;
+  o.steps = spec.steps;
+  o.checkpointing = spec.checkpointing;
+  o.hints = spec.hints;
   auto t = GenerateTrace(*shape, o);
   return t.ok() ? std::move(t).value() : TraceFile{};
 }
 
 // One iteration = one whole training step of the trace (forward + backward)
-// after the recording step, with DeepSpeed's default limits.
-void BM_CoordinatorStep(benchmark::State& state, const std::string& model, bool ckpt) {
-  const TraceFile t = MakeTrace(model, ckpt);
+// after the recording step, with DeepSpeed's default limits. A trace of
+// several steps is played in turn, so every iteration follows, matches and
+// predicts a step that differs from the one before.
+void BM_CoordinatorStep(benchmark::State& state, const TraceSpec& spec) {
+  const TraceFile t = MakeTrace(spec);
   if (t.steps.empty()) {
     state.SkipWithError("cannot load the model shape");
     return;
@@ -38,42 +50,61 @@ void BM_CoordinatorStep(benchmark::State& state, const std::string& model, bool 
   for (const auto& m : t.modules) (void)(*c)->RegisterModule(m.id, m.name, m.params);
   (void)(*c)->Finalize();
   for (const auto& p : t.params) (void)(*c)->SetParamData(p.id, nullptr);
-  auto run_step = [&] {
-    for (const TraceEvent& e : t.steps[0]) {
+  std::vector<uint64_t> hinted;
+  auto run_step = [&](const std::vector<TraceEvent>& events) {
+    for (const TraceEvent& e : events) {
       if (e.op == TraceOp::kFetch) {
         benchmark::DoNotOptimize((*c)->Fetch(e.module, e.forward));
-      } else {
+      } else if (e.op == TraceOp::kRelease) {
         benchmark::DoNotOptimize((*c)->Release(e.module, e.backward));
+      } else {
+        hinted.assign(1, e.module);
+        benchmark::DoNotOptimize((*c)->Hint(hinted));
       }
     }
     (void)(*c)->ResetStep();
   };
-  run_step();  // records the trace
+  run_step(t.steps[0]);  // records the trace
+  // Module calls and parameter decisions per step, over the steps played.
   uint64_t calls = 0, params = 0;
-  for (const TraceEvent& e : t.steps[0]) {
-    if (e.op != TraceOp::kFetch) continue;
-    ++calls;
-    params += t.modules[e.module].params.size();
+  for (const auto& events : t.steps) {
+    for (const TraceEvent& e : events) {
+      if (e.op != TraceOp::kFetch) continue;
+      ++calls;
+      params += t.modules[e.module].params.size();
+    }
   }
-  for (auto _ : state) run_step();
-  state.counters["module_calls"] = static_cast<double>(calls);
-  state.counters["param_decisions"] = static_cast<double>(params);
+  const double per_step = 1.0 / static_cast<double>(t.steps.size());
+  size_t next = t.steps.size() > 1 ? 1 : 0;
+  for (auto _ : state) {
+    run_step(t.steps[next]);
+    next = (next + 1) % t.steps.size();
+  }
+  const double step_calls = static_cast<double>(calls) * per_step;
+  const double step_params = static_cast<double>(params) * per_step;
+  state.counters["module_calls"] = step_calls;
+  state.counters["param_decisions"] = step_params;
   state.counters["ns_per_fetch_release"] = benchmark::Counter(
-      static_cast<double>(calls) * state.iterations(),
+      step_calls * static_cast<double>(state.iterations()),
       benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
   state.counters["ns_per_param"] = benchmark::Counter(
-      static_cast<double>(params) * state.iterations(),
+      step_params * static_cast<double>(state.iterations()),
       benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
-  state.SetItemsProcessed(static_cast<int64_t>(params) * state.iterations());
+  state.SetItemsProcessed(static_cast<int64_t>(step_params * static_cast<double>(state.iterations())));
 }
 
-BENCHMARK_CAPTURE(BM_CoordinatorStep, gpt2_xl, std::string("gpt2-xl"), false)
+BENCHMARK_CAPTURE(BM_CoordinatorStep, gpt2_xl, TraceSpec{"gpt2-xl"})
     ->Unit(benchmark::kMicrosecond)->MinTime(0.5);
-BENCHMARK_CAPTURE(BM_CoordinatorStep, llama2_7b, std::string("llama2-7b"), false)
+BENCHMARK_CAPTURE(BM_CoordinatorStep, llama2_7b, TraceSpec{"llama2-7b"})
     ->Unit(benchmark::kMicrosecond)->MinTime(0.5);
-BENCHMARK_CAPTURE(BM_CoordinatorStep, llama2_7b_checkpointing, std::string("llama2-7b"), true)
+BENCHMARK_CAPTURE(BM_CoordinatorStep, llama2_7b_checkpointing, TraceSpec{"llama2-7b", true})
     ->Unit(benchmark::kMicrosecond)->MinTime(0.5);
-BENCHMARK_CAPTURE(BM_CoordinatorStep, llama2_70b, std::string("llama2-70b"), false)
+BENCHMARK_CAPTURE(BM_CoordinatorStep, llama2_70b, TraceSpec{"llama2-70b"})
+    ->Unit(benchmark::kMicrosecond)->MinTime(0.5);
+// Routing that changes every step: choice slots, guesses, hints.
+BENCHMARK_CAPTURE(BM_CoordinatorStep, moe_small_routed, TraceSpec{"moe-small", false, 16})
+    ->Unit(benchmark::kMicrosecond)->MinTime(0.5);
+BENCHMARK_CAPTURE(BM_CoordinatorStep, moe_small_hinted, TraceSpec{"moe-small", false, 16, true})
     ->Unit(benchmark::kMicrosecond)->MinTime(0.5);
 
 }  // namespace

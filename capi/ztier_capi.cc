@@ -697,6 +697,14 @@ ztier_status_t ztier_module_fetch(ztier_engine_t* engine, uint64_t id, int forwa
   });
 }
 
+ztier_status_t ztier_module_hint(ztier_engine_t* engine, const uint64_t* ids, size_t count) {
+  return WithEngine(engine, "ztier_module_hint", [&](ztier_engine& e) -> Status {
+    if (ids == nullptr && count > 0) return Status::InvalidArgument("ids is NULL");
+    ZTIER_RETURN_IF_ERROR(EnsureFinalized(e));
+    return e.rt->coordinator().Hint(std::span<const uint64_t>(ids, count));
+  });
+}
+
 ztier_status_t ztier_module_release(ztier_engine_t* engine, uint64_t id, int backward) {
   return WithEngine(engine, "ztier_module_release", [&](ztier_engine& e) -> Status {
     if (!e.finalized) {
@@ -1419,11 +1427,14 @@ ztier_status_t ztier_engine_stats(ztier_engine_t* engine, ztier_stats_t* stats) 
   return Guard(fn, [&]() -> ztier_status_t {
     if (ztier_status_t h = CheckHandle(engine, fn); h != ZTIER_STATUS_OK) return h;
     if (stats == nullptr) return Fail(ZTIER_STATUS_INVALID_ARGUMENT, fn, "stats is NULL");
-    if (stats->size != sizeof(ztier_stats_t)) {
+    // The struct before the trace counters ended at stall_device_s.
+    constexpr size_t kV1 = offsetof(ztier_stats_t, fetch_calls_with_demand);
+    if (stats->size != sizeof(ztier_stats_t) && stats->size != kV1) {
       return Fail(ZTIER_STATUS_BAD_STRUCT_SIZE, fn,
-                  fmt::format("stats->size is {}, this library knows {}", stats->size,
-                              sizeof(ztier_stats_t)));
+                  fmt::format("stats->size is {}, this library knows {} (and {})", stats->size,
+                              sizeof(ztier_stats_t), kV1));
     }
+    const size_t caller_size = stats->size;
     const co::CoordinatorStats c = engine->rt->coordinator().stats();
     ztier_stats_t s;
     memset(&s, 0, sizeof(s));
@@ -1446,7 +1457,20 @@ ztier_status_t ztier_engine_stats(ztier_engine_t* engine, ztier_stats_t* stats) 
     s.trace_mode = static_cast<uint32_t>(engine->rt->coordinator().trace_mode());
     s.stall_nvme_s = c.stall_nvme_s;
     s.stall_device_s = c.stall_device_s;
-    *stats = s;
+    s.fetch_calls_with_demand = c.fetch_calls_with_demand;
+    s.trace_orders = c.trace_orders;
+    s.trace_switches = c.trace_switches;
+    s.trace_resyncs = c.trace_resyncs;
+    s.trace_off = c.trace_off;
+    s.hints = c.hints;
+    s.hint_gathers = c.hint_gathers;
+    s.speculative_gathers = c.speculative_gathers;
+    s.speculation_hits = c.speculation_hits;
+    s.speculation_misses = c.speculation_misses;
+    s.speculation_wasted = c.speculation_wasted;
+    s.repacks = c.repacks;
+    s.size = caller_size;
+    memcpy(stats, &s, caller_size);
     return ZTIER_STATUS_OK;
   });
 }

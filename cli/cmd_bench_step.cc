@@ -131,6 +131,7 @@ void ScaleThresholds(double scale, tiering::Config* c) {
 struct StepFigures {
   double seconds = 0;  // slowest rank
   uint64_t bytes_read = 0, bytes_written = 0;
+  uint64_t bytes_needed = 0;  // partition bytes the step's fetches used, once per pass
   double stall_nvme_s = 0, stall_device_s = 0;  // rank 0
   double hit_rate = 1;                          // rank 0
   double compute_s = 0;                         // rank 0, emulated
@@ -642,7 +643,8 @@ Result<RunOutput> StepBench::RunSteps(uint32_t steps, bool emulate, TimelineReco
           nlohmann::json st = nlohmann::json::array();
           for (const auto& x : rr.steps) {
             st.push_back({x.seconds, x.stall_nvme_s, x.stall_device_s, x.fetch_calls,
-                          x.fetch_calls_with_demand, x.bytes_read, x.bytes_written});
+                          x.fetch_calls_with_demand, x.bytes_read, x.bytes_written,
+                          x.bytes_needed});
           }
           nlohmann::json j = {{"description", rr.description},
                               {"stats", StatsToJson(rr.stats)},
@@ -672,6 +674,7 @@ Result<RunOutput> StepBench::RunSteps(uint32_t steps, bool emulate, TimelineReco
           t.fetch_calls_with_demand = x[4].get<uint64_t>();
           t.bytes_read = x[5].get<uint64_t>();
           t.bytes_written = x[6].get<uint64_t>();
+          t.bytes_needed = x[7].get<uint64_t>();
           rr.steps.push_back(t);
         }
         step_s[rank] = j.at("step_s").get<std::vector<double>>();
@@ -693,6 +696,7 @@ Result<RunOutput> StepBench::RunSteps(uint32_t steps, bool emulate, TimelineReco
       f.seconds = std::max(f.seconds, s < step_s[rank].size() ? step_s[rank][s] : 0.0);
       f.bytes_read += r.steps[s].bytes_read;
       f.bytes_written += r.steps[s].bytes_written;
+      f.bytes_needed += r.steps[s].bytes_needed;
       if (s < coll_sum[rank].size()) f.collective_sum_s += coll_sum[rank][s] / world;
       if (s < coll_busy[rank].size()) f.collective_busy_s += coll_busy[rank][s] / world;
     }
@@ -728,6 +732,11 @@ void StepBench::Report(const RunOutput& out) {
   const double compute_s = med([](const StepFigures& f) { return f.compute_s; });
   const double read = med([](const StepFigures& f) { return f.bytes_read; });
   const double written = med([](const StepFigures& f) { return f.bytes_written; });
+  const double needed = med([](const StepFigures& f) { return f.bytes_needed; });
+  // Read overhead: bytes read over bytes the step's fetches used.
+  const double read_over_needed = med([](const StepFigures& f) {
+    return f.bytes_needed ? static_cast<double>(f.bytes_read) / f.bytes_needed : 0.0;
+  });
   const double eff_bw = med([](const StepFigures& f) {
     return f.seconds > 0 ? static_cast<double>(f.bytes_read) / f.seconds : 0.0;
   });
@@ -759,6 +768,7 @@ void StepBench::Report(const RunOutput& out) {
                           {"compute_seconds", f.compute_s},
                           {"bytes_read", f.bytes_read},
                           {"bytes_written", f.bytes_written},
+                          {"bytes_needed", f.bytes_needed},
                           {"stall_nvme_seconds", f.stall_nvme_s},
                           {"stall_device_seconds", f.stall_device_s},
                           {"prefetch_hit_rate", f.hit_rate},
@@ -778,6 +788,8 @@ void StepBench::Report(const RunOutput& out) {
         {"compute_seconds", compute_s},
         {"bytes_read", read},
         {"bytes_written", written},
+        {"bytes_needed", needed},
+        {"read_over_needed", read_over_needed},
         {"effective_read_bw_bytes_per_s", eff_bw},
         {"device_read_bw_bytes_per_s", device_bw_},
         {"effective_over_device_bw", device_bw_ > 0 ? eff_bw / device_bw_ : 0.0},
@@ -845,6 +857,8 @@ void StepBench::Report(const RunOutput& out) {
   row("step / bound", fmt::format("{:.3f}", bound_s > 0 ? step_s / bound_s : 0.0));
   row("compute", fmt::format("{:.4f} s", compute_s));
   row("bytes read", tiering::HumanBytes(static_cast<uint64_t>(read)));
+  row("bytes needed", tiering::HumanBytes(static_cast<uint64_t>(needed)));
+  row("read / needed", fmt::format("{:.3f}", read_over_needed));
   row("bytes written", tiering::HumanBytes(static_cast<uint64_t>(written)));
   row("effective read bw", fmt::format("{:.3f} GB/s", eff_bw / 1e9));
   if (device_bw_ > 0) row("effective / device bw", fmt::format("{:.3f}", eff_bw / device_bw_));

@@ -19,8 +19,10 @@ struct ReplayArgs {
   bool null_io = false;
   uint32_t world_size = 0;
   uint32_t repeat = 1;
+  uint32_t warmup_steps = 1;  // steps left out of the hit rate
   std::string buffer_elements;
   std::string device = "host";
+  std::string trace_policy;  // overrides coordinator.trace_policy
 };
 
 // Applies the trace's "config" overrides ("coordinator.prefetch_bucket_size":
@@ -62,6 +64,10 @@ int RunReplay(const ReplayArgs& a) {
   if (Status s = ApplyOverrides(*trace, &config); !s.ok()) {
     fprintf(stderr, "ztier replay: %s\n", s.ToString().c_str());
     return 2;
+  }
+  if (!a.trace_policy.empty()) {
+    config.coordinator.trace_policy = a.trace_policy == "single" ? tiering::TracePolicy::kSingle
+                                                                 : tiering::TracePolicy::kAdaptive;
   }
   std::unique_ptr<coordinator::JsonLinesSink> sink;
   if (!a.events.empty()) {
@@ -115,20 +121,36 @@ int RunReplay(const ReplayArgs& a) {
   printf("releases %llu, nvme reads %llu (reclaimed %llu), trace invalidations %llu\n",
          (unsigned long long)s.releases, (unsigned long long)s.nvme_reads,
          (unsigned long long)s.nvme_read_reclaims, (unsigned long long)s.trace_invalidations);
+  printf("trace (%s): orders %llu, steps on one order %llu, switches %llu, resyncs %llu, "
+         "off-trace fetches %llu\n",
+         std::string(tiering::TracePolicyName(config.coordinator.trace_policy)).c_str(),
+         (unsigned long long)s.trace_orders, (unsigned long long)s.steps_on_order,
+         (unsigned long long)s.trace_switches, (unsigned long long)s.trace_resyncs,
+         (unsigned long long)s.trace_off);
+  printf("choices: hints %llu (params gathered %llu); guesses right %llu, wrong %llu "
+         "(params gathered %llu, wasted %llu); repacks %llu\n",
+         (unsigned long long)s.hints, (unsigned long long)s.hint_gathers,
+         (unsigned long long)s.speculation_hits, (unsigned long long)s.speculation_misses,
+         (unsigned long long)s.speculative_gathers, (unsigned long long)s.speculation_wasted,
+         (unsigned long long)s.repacks);
   printf("peak live %llu elements, peak swap buffers %u\n",
          (unsigned long long)s.peak_live_numel, s.peak_swap_buffers);
   printf("stall: nvme %.3f s, device %.3f s\n", s.stall_nvme_s, s.stall_device_s);
-  // Fetches after the first step that needed no demand gather.
+  // Fetches after the warm-up steps that needed no demand gather.
   uint64_t calls = 0, demand = 0;
-  for (size_t i = 1; i < r0.steps.size(); ++i) {
+  for (size_t i = a.warmup_steps; i < r0.steps.size(); ++i) {
     calls += r0.steps[i].fetch_calls;
     demand += r0.steps[i].fetch_calls_with_demand;
   }
-  if (calls) {
-    printf("prefetch hit rate after step 0: %.4f (%llu of %llu module fetches without a demand "
-           "gather)\n",
-           double(calls - demand) / calls, (unsigned long long)(calls - demand),
-           (unsigned long long)calls);
+  if (a.warmup_steps >= r0.steps.size()) {
+    printf("prefetch hit rate: no steps after the %u warm-up steps (the run played %zu); "
+           "lower --warmup-steps or raise --repeat\n",
+           a.warmup_steps, r0.steps.size());
+  } else if (calls) {
+    printf("prefetch hit rate after %u warm-up step%s: %.4f (%llu of %llu module fetches "
+           "without a demand gather)\n",
+           a.warmup_steps, a.warmup_steps == 1 ? "" : "s", double(calls - demand) / calls,
+           (unsigned long long)(calls - demand), (unsigned long long)calls);
   }
   if (!a.events.empty()) printf("events: %s\n", a.events.c_str());
   return 0;
@@ -145,9 +167,19 @@ void RegisterReplay(CLI::App& app, int* exit_code) {
   cmd->add_option("--events", args->events, "Write the event log (JSON lines) here");
   cmd->add_option("--config", args->config, "ztier YAML config (default: built-in defaults)");
   cmd->add_flag("--null-io", args->null_io, "Bookkeeping only: no NVMe I/O, no device copies");
+  cmd->add_option("--trace-policy", args->trace_policy,
+                  "adaptive (learn several orders, choices, re-synchronise) or single (one "
+                  "order, dropped at the first deviation: DeepSpeed's rule); default: the "
+                  "config's coordinator.trace_policy")
+      ->check(CLI::IsMember({"adaptive", "single"}));
   cmd->add_option("--world-size", args->world_size, "Ranks (threads); default: the trace's");
   cmd->add_option("--repeat", args->repeat, "Play the trace's steps this many times")
       ->check(CLI::Range(1u, 100000u));
+  cmd->add_option("--warmup-steps", args->warmup_steps,
+                  "Steps left out of the prefetch hit rate: the first ones, while the "
+                  "coordinator learns the orders (e.g. 9 for rounds of 8 decode steps and a "
+                  "training step)")
+      ->capture_default_str();
   cmd->add_option("--device", args->device,
                   "Device backend: host (emulation, default), cuda, or auto")
       ->check(CLI::IsMember({"host", "cuda", "auto"}));

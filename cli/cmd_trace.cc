@@ -53,13 +53,24 @@ std::string EventsPerStep(const coordinator::TraceFile& t) {
   return lo == hi ? fmt::format("{}", lo) : fmt::format("{}..{}", lo, hi);
 }
 
+// Steps with no backward event: the forward-only (decode) steps.
+size_t ForwardOnlySteps(const coordinator::TraceFile& t) {
+  return static_cast<size_t>(
+      std::count_if(t.steps.begin(), t.steps.end(), [](const auto& s) {
+        return std::none_of(s.begin(), s.end(),
+                            [](const auto& e) { return e.backward; });
+      }));
+}
+
 struct GenArgs {
   std::string model;
   uint32_t steps = 3;
+  uint32_t decode_steps = 0;
   uint32_t world_size = 1;
   double scale = 1.0;
   bool checkpointing = false;
   uint64_t seed = 1;
+  bool hints = false;
   std::string out;
 };
 
@@ -71,10 +82,12 @@ int RunGen(const GenArgs& a) {
   }
   coordinator::TraceGenOptions o;
   o.steps = a.steps;
+  o.decode_steps = a.decode_steps;
   o.world_size = a.world_size;
   o.scale = a.scale;
   o.checkpointing = a.checkpointing;
   o.seed = a.seed;
+  o.hints = a.hints;
   Result<coordinator::TraceFile> trace = coordinator::GenerateTrace(*shape, o);
   if (!trace.ok()) {
     PrintError(trace.status());
@@ -91,15 +104,20 @@ int RunGen(const GenArgs& a) {
     PrintError(s);
     return kExitIoError;
   }
+  // Said only when there are any, so the default line stays as it was.
+  const size_t forward_only = ForwardOnlySteps(*trace);
+  const std::string forward_only_text =
+      forward_only == 0 ? ""
+                        : fmt::format(" ({} forward-only)", forward_only);
   fprintf(
       stderr,
       "ztier: trace gen: %s: %zu params, %llu elements (%.3g), %zu modules, "
-      "%s events per step, %zu step%s%s%s\n",
+      "%s events per step, %zu step%s%s%s%s\n",
       trace->model.c_str(), trace->params.size(),
       static_cast<unsigned long long>(TotalNumel(*trace)),
       static_cast<double>(TotalNumel(*trace)), trace->modules.size(),
       EventsPerStep(*trace).c_str(), trace->steps.size(),
-      trace->steps.size() == 1 ? "" : "s",
+      trace->steps.size() == 1 ? "" : "s", forward_only_text.c_str(),
       a.out.empty() || a.out == "-" ? "" : " -> ",
       a.out == "-" ? "" : a.out.c_str());
   return 0;
@@ -221,6 +239,13 @@ void RegisterTraceCommands(CLI::App& app, int* exit_code) {
   gen->add_option("--steps", gen_args->steps, "Training steps to record")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  gen->add_option(
+         "--decode-steps", gen_args->decode_steps,
+         fmt::format("Forward-only (generation) steps before each training "
+                     "step, as in RL training; the file holds steps x "
+                     "(N + 1) steps (N at most {})",
+                     coordinator::kMaxDecodeSteps))
+      ->capture_default_str();
   gen->add_option("--world-size", gen_args->world_size,
                   "Ranks the trace is for")
       ->capture_default_str()
@@ -235,6 +260,10 @@ void RegisterTraceCommands(CLI::App& app, int* exit_code) {
       "Activation checkpointing: each layer's forward runs again in backward");
   gen->add_option("--seed", gen_args->seed, "MoE routing seed")
       ->capture_default_str();
+  gen->add_flag("--hints", gen_args->hints,
+                "MoE: after each router, hint events naming the experts it chose "
+                "(what a trainer passes to ztier_module_hint); replay gives them "
+                "to the coordinator");
   gen->add_option("-o,--output", gen_args->out,
                   "Output file (default: standard output)");
   gen->callback([gen_args, exit_code] { *exit_code = RunGen(*gen_args); });

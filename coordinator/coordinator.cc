@@ -13,6 +13,15 @@ namespace ztier::coordinator {
 using Clock = std::chrono::steady_clock;
 
 namespace {
+// A choice slot's module, when none is predicted.
+constexpr uint32_t kNoModule = UINT32_MAX;
+// Speculation guesses a choice slot's most frequent module only when it ran
+// there in at least this share of the steps, and at least this many times (a
+// module that ran in 2 of 3 steps is no evidence of a favourite: under
+// uniform top-2-of-8 routing that happens often by chance).
+constexpr double kSpeculateShare = 0.5;
+constexpr uint64_t kSpeculateMinRuns = 4;
+
 double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
@@ -47,8 +56,10 @@ struct Coordinator::Param {
   std::vector<uint8_t> host_part;  // host tier: the partition
   tiering::EventHandle copied, ready;
   std::vector<uint64_t> active;    // ids of active modules using it
-  int64_t fetched_for = -1;        // most recent step id it was fetched for
-  std::vector<uint64_t> uses;      // module-trace positions using it (complete trace)
+  int64_t fetched_for = -1;        // slot of the followed order it was last fetched for
+  // Last use counted in nvme_bytes_needed: step x 2 + (0 forward, 1 backward).
+  uint64_t used_in_step = UINT64_MAX;
+  std::vector<uint64_t> uses;      // slots of the followed order using it, ascending
   Clock::time_point read_started;  // for the timeline (deps_.timeline set)
 };
 
@@ -69,7 +80,10 @@ std::string_view TraceModeName(TraceMode m) {
 }
 
 Coordinator::Coordinator(const CoordinatorOptions& options, const CoordinatorDeps& deps)
-    : options_(options), deps_(deps) {
+    : options_(options),
+      deps_(deps),
+      book_(options.trace_policy == TracePolicy::kSingle ? 1 : options.trace_orders,
+            options.trace_policy != TracePolicy::kSingle) {
   if (deps.collective) {
     rank_ = deps.collective->rank();
     world_ = deps.collective->world_size();
@@ -260,23 +274,30 @@ bool Coordinator::OnNvme(const Param& p) const {
   return p.tier == ParamTier::kNvme && !options_.null_io;
 }
 
-void Coordinator::Emit(EventKind kind, int64_t module, const std::vector<uint64_t>& ids) {
-  const uint64_t seq = seq_++;
-  if (deps_.events == nullptr) return;
+std::optional<CoordEvent> Coordinator::NextEvent(EventKind kind, int64_t module) {
+  const uint64_t seq = seq_++;  // numbered whether or not a sink listens
+  if (deps_.events == nullptr) return std::nullopt;
   CoordEvent e;
   e.step = step_;
   e.seq = seq;
   e.module = module;
   e.kind = kind;
-  e.params = ids;
-  for (uint64_t id : ids) e.numel += params_[param_index_.at(id)]->numel;
-  deps_.events->OnEvent(e);
+  return e;
+}
+
+void Coordinator::Emit(EventKind kind, int64_t module, const std::vector<uint64_t>& ids) {
+  std::optional<CoordEvent> e = NextEvent(kind, module);
+  if (!e) return;
+  e->params = ids;
+  for (uint64_t id : ids) e->numel += params_[param_index_.at(id)]->numel;
+  deps_.events->OnEvent(*e);
 }
 
 // ---------------------------------------------------------------- hooks
 
 Status Coordinator::Fetch(uint64_t module, bool forward) {
-  (void)forward;  // the rules are the same for both passes
+  // The gather rules are the same for both passes; `forward` only tells
+  // nvme_bytes_needed which use this is.
   std::unique_lock<std::mutex> lock(mu_);
   if (!finalized_) return Status::FailedPrecondition("call Finalize() before the first fetch");
   if (!async_error_.ok()) {
@@ -296,19 +317,21 @@ Status Coordinator::Fetch(uint64_t module, bool forward) {
     p.active.push_back(module);
   }
 
-  // Trace: record, or check the module is the one the trace expects.
-  if (mode_ == TraceMode::kRecord) {
-    RecordFetch(mi);
-  } else if (mode_ == TraceMode::kComplete &&
-             (step_id_ >= module_order_.size() || module_order_[step_id_] != mi)) {
-    InvalidateTrace(lock, module);
-  }
+  // Trace: place the fetch in the followed order (or record it).
+  std::vector<uint32_t> wasted;  // params a wrong guess gathered
+  FollowFetch(lock, mi, module, &wasted);
 
   // Demand fetch: gathers for the module's params not yet requested.
   std::vector<uint64_t> demand;
   for (uint32_t pi : m->params) {
     Param& p = *params_[pi];
     ++stats_.params_fetched;
+    const uint64_t use = step_ * 2 + (forward ? 0 : 1);
+    if (p.used_in_step != use) {
+      p.used_in_step = use;
+      const bool kept = p.persistent && p.status == ParamStatus::kAvailable;
+      if (p.tier == ParamTier::kNvme && !kept) stats_.nvme_bytes_needed += p.part_bytes;
+    }
     if (p.status != ParamStatus::kNotAvailable) {
       ++stats_.prefetch_hits;
       continue;
@@ -324,74 +347,15 @@ Status Coordinator::Fetch(uint64_t module, bool forward) {
     cv_.notify_all();
   }
 
-  // With a complete trace, pop the module's params off the queue front.
-  Status tracing_error;
-  if (mode_ == TraceMode::kComplete) {
-    std::vector<uint32_t> expected;  // not already fetched for this step
-    for (uint32_t pi : m->params) {
-      if (params_[pi]->fetched_for < static_cast<int64_t>(step_id_)) expected.push_back(pi);
-    }
-    std::vector<uint32_t> popped;
-    while (queue_head_ < param_order_.size() && popped.size() < expected.size()) {
-      const QueueEntry& e = param_order_[queue_head_++];
-      params_[e.param]->fetched_for = static_cast<int64_t>(e.step_id);
-      popped.push_back(e.param);
-    }
-    if (SortedUnique(popped) != SortedUnique(expected)) {
-      auto ids = [&](const std::vector<uint32_t>& v) {
-        std::string s;
-        for (uint32_t pi : v) s += (s.empty() ? "" : ", ") + std::to_string(params_[pi]->id);
-        return "[" + s + "]";
-      };
-      tracing_error = Status::FailedPrecondition(fmt::format(
-          "tracing error at step {}, fetch {}: module {} ({}) uses params {} but the "
-          "trace's next params are {}; the trace is invalidated and re-recorded",
-          step_, step_id_, module, m->name, ids(expected), ids(popped)));
-    }
-  }
-
   // Wait for the module's params.
   for (uint32_t pi : m->params) {
     Status s = WaitAvailable(lock, *params_[pi], module);
     if (!s.ok()) return s.WithContext(fmt::format("fetch of module {} ({})", module, m->name));
   }
-  if (!tracing_error.ok()) {
-    InvalidateTrace(lock, module);
-    ++step_id_;
-    return tracing_error;
-  }
-
-  // Prefetch the next params in trace order, within the bucket and budget.
-  if (mode_ == TraceMode::kComplete) {
-    const uint64_t budget = options_.max_live_parameters > live_numel_
-                                ? options_.max_live_parameters - live_numel_
-                                : 0;
-    const uint64_t limit = std::min(budget, options_.prefetch_bucket_size);
-    uint64_t prefetching = 0;
-    std::vector<uint64_t> prefetched;
-    while (queue_head_ < param_order_.size() && prefetching < limit) {
-      const QueueEntry& e = param_order_[queue_head_];
-      Param& p = *params_[e.param];
-      // Unlike a plain bucket check, never go past max_live_parameters.
-      if (p.status == ParamStatus::kNotAvailable &&
-          live_numel_ + p.numel > options_.max_live_parameters) {
-        break;
-      }
-      ++queue_head_;
-      p.fetched_for = static_cast<int64_t>(e.step_id);
-      if (p.status == ParamStatus::kNotAvailable) {
-        RequestGather(p);
-        prefetching += p.numel;
-        prefetched.push_back(p.id);
-      }
-    }
-    if (!prefetched.empty()) {
-      stats_.prefetch_gathers += prefetched.size();
-      Emit(EventKind::kPrefetch, static_cast<int64_t>(module), prefetched);
-      cv_.notify_all();
-    }
-    IssueReads();
-  }
+  // A wrong guess: what it gathered goes, after the demand gathers queued
+  // behind it (a gather cannot be taken back once issued).
+  if (!wasted.empty()) ReleaseUnneeded(lock, static_cast<int64_t>(module), &wasted, true);
+  Prefetch(static_cast<int64_t>(module));
   ++step_id_;
   return Status::Ok();
 }
@@ -417,10 +381,10 @@ Status Coordinator::Release(uint64_t module, bool backward) {
   for (uint32_t pi : m->params) {
     Param& p = *params_[pi];
     if (p.persistent || p.status != ParamStatus::kAvailable || !p.active.empty()) continue;
-    if (mode_ == TraceMode::kComplete) {
+    if (mode_ == TraceMode::kComplete && following_) {
       // Prefetched for a later use, or used again soon: keep it.
-      if (p.fetched_for > static_cast<int64_t>(step_id_)) continue;
-      if (ReusedSoon(p, step_id_)) continue;
+      if (p.fetched_for > static_cast<int64_t>(pos_)) continue;
+      if (ReusedSoon(p, pos_)) continue;
     }
     ReleaseParam(p);
     released.push_back(p.id);
@@ -430,8 +394,8 @@ Status Coordinator::Release(uint64_t module, bool backward) {
 }
 
 bool Coordinator::ReusedSoon(const Param& p, uint64_t from) const {
-  // First use of p at module position >= from; kept if the elements of the
-  // modules before it (from `from`) are below max_reuse_distance.
+  // First use of p at slot >= from; kept if the elements of the slots
+  // before it (from `from`) are below max_reuse_distance.
   auto it = std::lower_bound(p.uses.begin(), p.uses.end(), from);
   if (it == p.uses.end()) return false;
   return module_prefix_[*it] - module_prefix_[from] < options_.max_reuse_distance;
@@ -441,43 +405,48 @@ Status Coordinator::ResetStep() {
   std::unique_lock<std::mutex> lock(mu_);
   ZTIER_RETURN_IF_ERROR(Drain(lock));
   Status result;
-  if (mode_ == TraceMode::kRecord) {
-    // All ranks must have recorded the same module and parameter order.
-    uint64_t h = 1469598103934665603ull;
-    auto mix = [&h](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
-    for (uint32_t mi : module_order_) mix(modules_[mi]->id);
-    for (const QueueEntry& e : param_order_) mix(params_[e.param]->id);
-    if (deps_.collective && world_ > 1 && !options_.null_io) {
-      lock.unlock();
-      auto all = deps_.collective->AllGatherHost(h);
-      lock.lock();
-      if (!all.ok()) return all.status();
-      for (uint32_t r = 0; r < all->size(); ++r) {
-        if ((*all)[r] != h) {
-          result = Status::FailedPrecondition(fmt::format(
-              "trace of rank {} differs from rank {}'s (module order hash {:#x} vs "
-              "{:#x}): every rank must run the same modules in the same order",
-              rank_, r, h, (*all)[r]));
-        }
+  if (options_.trace_policy == TracePolicy::kSingle) {
+    if (mode_ == TraceMode::kRecord) {
+      result = LearnStep(lock);
+      if (result.ok() && book_.size() > 0) {
+        mode_ = TraceMode::kComplete;
+        Emit(EventKind::kTraceComplete, -1, {});
       }
+    } else if (mode_ == TraceMode::kInvalid) {
+      mode_ = TraceMode::kRecord;  // DeepSpeed's rule: the next step records
     }
-    if (result.ok()) {
+  } else {
+    result = LearnStep(lock);
+    if (mode_ == TraceMode::kRecord && book_.size() > 0) {
       mode_ = TraceMode::kComplete;
       Emit(EventKind::kTraceComplete, -1, {});
-    } else {
-      module_order_.clear();
-      param_order_.clear();
     }
-  } else if (mode_ == TraceMode::kInvalid) {
-    mode_ = TraceMode::kRecord;
-    module_order_.clear();
-    param_order_.clear();
   }
+  // What a step that ended differently from its prediction left gathered.
+  std::vector<uint64_t> released;
+  for (auto& p : params_) {
+    if (p->status == ParamStatus::kAvailable && !p->persistent && p->active.empty()) {
+      ReleaseParam(*p);
+      released.push_back(p->id);
+    }
+  }
+  if (!released.empty()) Emit(EventKind::kRelease, -1, released);
   step_id_ = 0;
   ++step_;
   ++stats_.steps;
   for (auto& p : params_) p->fetched_for = -1;
-  if (mode_ == TraceMode::kComplete) BuildParamQueue();
+  step_seq_.clear();
+  substituted_ = -1;
+  aligned_ = true;
+  step_deviated_ = false;
+  lost_reported_ = false;
+  following_ = false;
+  if (mode_ == TraceMode::kComplete) {
+    if (const TraceBook::Order* o = book_.MostRecent()) {
+      Follow(o, 0);
+      EmitTrace(EventKind::kTraceFollow, -1, o->id, 0, {});
+    }
+  }
   return result;
 }
 
@@ -784,27 +753,479 @@ CoordinatorStats Coordinator::stats() const {
 
 // ---------------------------------------------------------------- trace
 
-void Coordinator::RecordFetch(uint32_t module_index) {
-  module_order_.push_back(module_index);
-  for (uint32_t pi : modules_[module_index]->params) {
-    param_order_.push_back({pi, step_id_});
+void Coordinator::EmitTrace(EventKind kind, int64_t module, uint32_t order, int64_t slot,
+                            std::string note) {
+  std::optional<CoordEvent> e = NextEvent(kind, module);
+  if (!e) return;
+  e->order = order;
+  e->slot = slot;
+  e->note = std::move(note);
+  deps_.events->OnEvent(*e);
+}
+
+void Coordinator::FollowFetch(std::unique_lock<std::mutex>& lock, uint32_t mi,
+                              uint64_t module, std::vector<uint32_t>* wasted) {
+  step_seq_.push_back(mi);
+  if (mode_ != TraceMode::kComplete || !following_) return;
+  const std::vector<TraceBook::Slot>& slots = follow_->slots;
+  const int64_t substituted = substituted_;
+  substituted_ = -1;
+  if (pos_ < slots.size() && TraceBook::Accepts(slots[pos_], mi)) {
+    MatchSlot(pos_, mi, wasted);
+    return;
+  }
+  // The module before this one was unknown and took this module's slot:
+  // it was an insertion, not a substitution. The slot is this module's.
+  if (substituted >= 0 && TraceBook::Accepts(slots[static_cast<size_t>(substituted)], mi)) {
+    MatchSlot(static_cast<size_t>(substituted), mi, wasted);
+    return;
+  }
+  if (options_.trace_policy == TracePolicy::kSingle) {
+    InvalidateTrace(lock, module);
+    return;
+  }
+  step_deviated_ = true;
+  // 1. Another known order that ran exactly this step so far: its slots
+  //    line up with the fetches, so it takes over where this one left off.
+  if (aligned_) {
+    if (const TraceBook::Order* o = FindSwitch()) {
+      ++stats_.trace_switches;
+      const size_t at = step_seq_.size() - 1;
+      Follow(o, at);
+      EmitTrace(EventKind::kTraceSwitch, static_cast<int64_t>(module), o->id,
+                static_cast<int64_t>(at), {});
+      ReleaseUnneeded(lock, static_cast<int64_t>(module), nullptr, false);
+      MatchSlot(at, mi, wasted);
+      return;
+    }
+  }
+  // 2. Re-synchronise at the next slot that accepts it. At a choice slot a
+  //    module never seen there (a new expert) takes the slot, unless a
+  //    fixed slot ahead names it (the choice was skipped).
+  const TraceBook::Order* order = nullptr;
+  size_t at = 0;
+  const bool found = FindResync(mi, &order, &at);
+  const bool at_choice = pos_ < slots.size() && slots[pos_].choice();
+  if (at_choice && (!found || order != follow_ || order->slots[at].choice())) {
+    MatchSlot(pos_, mi, wasted);
+    return;
+  }
+  if (found) {
+    ++stats_.trace_resyncs;
+    aligned_ = false;
+    if (order != follow_) {
+      Follow(order, at);
+    } else {
+      pos_ = at;
+    }
+    EmitTrace(EventKind::kTraceResync, static_cast<int64_t>(module), order->id,
+              static_cast<int64_t>(at), {});
+    MatchSlot(at, mi, wasted);
+    ReleaseUnneeded(lock, static_cast<int64_t>(module), nullptr, false);
+    return;
+  }
+  // 3. No known order has a place for it: a demand fetch. It takes the
+  //    expected slot (a module replaced by another keeps the positions
+  //    after it in line); if the next module claims that slot back, it
+  //    was an insertion instead (above).
+  ++stats_.trace_off;
+  if (!lost_reported_) {
+    lost_reported_ = true;
+    EmitTrace(EventKind::kTraceOff, static_cast<int64_t>(module), follow_->id,
+              static_cast<int64_t>(pos_), {});
+  }
+  if (pos_ < slots.size()) {
+    substituted_ = static_cast<int64_t>(pos_);
+    MatchSlot(pos_, mi, wasted);
   }
 }
 
-void Coordinator::BuildParamQueue() {
-  queue_head_ = 0;
-  read_cursor_ = 0;
-  param_prefix_.assign(param_order_.size() + 1, 0);
-  for (size_t k = 0; k < param_order_.size(); ++k) {
-    param_prefix_[k + 1] = param_prefix_[k] + params_[param_order_[k].param]->numel;
+void Coordinator::MatchSlot(size_t j, uint32_t mi, std::vector<uint32_t>* wasted) {
+  const TraceBook::Slot& slot = follow_->slots[j];
+  matched_[j] = mi;
+  if (slot_module_[j] != mi) {
+    // A wrong guess (nothing to undo when nothing was guessed).
+    const uint32_t guessed = slot_module_[j];
+    if (guessed != kNoModule) {
+      if (slot_source_[j] == SlotSource::kSpeculation) ++stats_.speculation_misses;
+      // The hint named the right modules in another order: the later slot
+      // hinted with this one takes this slot's hint instead.
+      if (hinted_[j] >= 0) {
+        for (size_t k = j + 1; k < hinted_.size(); ++k) {
+          if (hinted_[k] == static_cast<int64_t>(mi)) {
+            hinted_[k] = hinted_[j];
+            break;
+          }
+        }
+      }
+      const auto& real = modules_[mi]->params;
+      for (uint32_t pi : modules_[guessed]->params) {
+        if (std::find(real.begin(), real.end(), pi) == real.end()) wasted->push_back(pi);
+      }
+    }
+    RebuildFrom(j);
+  } else if (slot.choice() && slot_source_[j] == SlotSource::kSpeculation) {
+    ++stats_.speculation_hits;
   }
-  module_prefix_.assign(module_order_.size() + 1, 0);
-  for (auto& p : params_) p->uses.clear();
-  for (size_t k = 0; k < module_order_.size(); ++k) {
-    const Module& m = *modules_[module_order_[k]];
-    module_prefix_[k + 1] = module_prefix_[k] + m.numel;
-    for (uint32_t pi : m.params) params_[pi]->uses.push_back(k);
+  pos_ = j + 1;
+  while (queue_head_ < param_order_.size() && param_order_[queue_head_].slot <= j) {
+    const QueueEntry& e = param_order_[queue_head_++];
+    params_[e.param]->fetched_for = static_cast<int64_t>(e.slot);
   }
+}
+
+const TraceBook::Order* Coordinator::FindSwitch() const {
+  const TraceBook::Order* best = nullptr;
+  for (const TraceBook::Order& o : book_.orders()) {
+    if (&o == follow_ || !TraceBook::AcceptsPrefix(o, step_seq_)) continue;
+    if (best == nullptr || o.last_step > best->last_step) best = &o;
+  }
+  return best;
+}
+
+bool Coordinator::FindResync(uint32_t mi, const TraceBook::Order** order, size_t* slot) const {
+  // The followed order first, forward from the expected slot.
+  for (size_t k = pos_ + 1; k < follow_->slots.size(); ++k) {
+    if (TraceBook::Accepts(follow_->slots[k], mi)) {
+      *order = follow_;
+      *slot = k;
+      return true;
+    }
+  }
+  // Else the slot of another order nearest to this step's position.
+  const size_t here = step_seq_.size() - 1;
+  bool found = false;
+  size_t best_dist = SIZE_MAX;
+  for (const TraceBook::Order& o : book_.orders()) {
+    if (&o == follow_) continue;
+    for (size_t k = 0; k < o.slots.size(); ++k) {
+      if (!TraceBook::Accepts(o.slots[k], mi)) continue;
+      const size_t dist = k > here ? k - here : here - k;
+      if (dist < best_dist) {
+        best_dist = dist;
+        *order = &o;
+        *slot = k;
+        found = true;
+      }
+    }
+  }
+  return found;
+}
+
+void Coordinator::Follow(const TraceBook::Order* order, size_t slot) {
+  follow_ = order;
+  following_ = true;
+  const size_t n = order->slots.size();
+  slot_module_.assign(n, 0);
+  slot_source_.assign(n, SlotSource::kFixed);
+  matched_.assign(n, -1);
+  hinted_.assign(n, -1);
+  // Slots before `slot` ran what this step ran there when positions line
+  // up (a switch), so mirrors of them are known.
+  if (aligned_) {
+    for (size_t k = 0; k < std::min(slot, step_seq_.size()); ++k) matched_[k] = step_seq_[k];
+  }
+  for (auto& p : params_) {
+    p->uses.clear();
+    p->fetched_for = -1;
+  }
+  param_order_.clear();
+  param_prefix_.assign(1, 0);
+  module_prefix_.assign(1, 0);
+  queue_head_ = read_cursor_ = 0;
+  RebuildFrom(0);
+  pos_ = slot;
+  while (queue_head_ < param_order_.size() && param_order_[queue_head_].slot < slot) {
+    ++queue_head_;
+  }
+  read_cursor_ = queue_head_;
+}
+
+void Coordinator::RebuildFrom(size_t s) {
+  const std::vector<TraceBook::Slot>& slots = follow_->slots;
+  // Entries of slots >= s go, with their uses.
+  const size_t first = static_cast<size_t>(
+      std::lower_bound(param_order_.begin(), param_order_.end(), s,
+                       [](const QueueEntry& e, size_t slot) { return e.slot < slot; }) -
+      param_order_.begin());
+  for (size_t e = first; e < param_order_.size(); ++e) {
+    auto& uses = params_[param_order_[e].param]->uses;
+    while (!uses.empty() && uses.back() >= s) uses.pop_back();
+  }
+  param_order_.resize(first);
+  param_prefix_.resize(first + 1);
+  module_prefix_.resize(std::min(s, module_prefix_.size() - 1) + 1);
+  for (size_t k = s; k < slots.size(); ++k) {
+    const TraceBook::Slot& sl = slots[k];
+    uint32_t mi = sl.module;
+    SlotSource src = SlotSource::kFixed;
+    if (matched_[k] >= 0) {
+      mi = static_cast<uint32_t>(matched_[k]);
+      src = slot_source_[k];
+    } else if (!sl.choice()) {
+      // fixed
+    } else if (sl.mirror >= 0 && matched_[sl.mirror] >= 0) {
+      mi = static_cast<uint32_t>(matched_[sl.mirror]);
+      src = SlotSource::kMirror;
+    } else if (hinted_[k] >= 0) {
+      mi = static_cast<uint32_t>(hinted_[k]);
+      src = SlotSource::kHint;
+    } else if (sl.mirror >= 0) {
+      mi = slot_module_[sl.mirror];
+      src = slot_source_[sl.mirror];
+    } else {
+      // Guess only a module that ran at least half the time here, over
+      // enough steps: a wrong guess costs its reads, which an NVMe-bound
+      // step pays in time.
+      double share = 0;
+      uint64_t runs = 0;
+      mi = TraceBook::MostFrequent(sl, &share, &runs);
+      src = SlotSource::kSpeculation;
+      if (share < kSpeculateShare || runs < kSpeculateMinRuns) {
+        mi = kNoModule;
+        src = SlotSource::kNone;
+      }
+    }
+    slot_module_[k] = mi;
+    slot_source_[k] = src;
+    if (mi == kNoModule) {
+      module_prefix_.push_back(module_prefix_.back());
+      continue;
+    }
+    const Module& m = *modules_[mi];
+    module_prefix_.push_back(module_prefix_.back() + m.numel);
+    for (uint32_t pi : m.params) {
+      param_order_.push_back({pi, k});
+      param_prefix_.push_back(param_prefix_.back() + params_[pi]->numel);
+      params_[pi]->uses.push_back(k);
+    }
+  }
+  queue_head_ = std::min(queue_head_, first);
+  read_cursor_ = std::min(read_cursor_, first);
+}
+
+void Coordinator::ReleaseUnneeded(std::unique_lock<std::mutex>& lock, int64_t module,
+                                  const std::vector<uint32_t>* only, bool speculation) {
+  std::vector<uint32_t> candidates;
+  if (only != nullptr) {
+    candidates = SortedUnique(*only);
+  } else {
+    for (auto& p : params_) candidates.push_back(p->index);
+  }
+  std::vector<uint64_t> released;
+  for (uint32_t pi : candidates) {
+    Param& p = *params_[pi];
+    if (p.status == ParamStatus::kNotAvailable || p.persistent || !p.active.empty()) continue;
+    if (std::lower_bound(p.uses.begin(), p.uses.end(), pos_) != p.uses.end()) continue;
+    if (p.status == ParamStatus::kInflight && !options_.null_io) {
+      // Not yet issued, one rank: take the request back (with more ranks
+      // the others may have issued it already, so it runs and is freed).
+      auto it = std::find(gather_queue_.begin(), gather_queue_.end(), p.index);
+      if (world_ == 1 && !p.enqueued && it != gather_queue_.end() &&
+          it != gather_queue_.begin()) {
+        gather_queue_.erase(it);
+        p.status = ParamStatus::kNotAvailable;
+        live_numel_ -= p.numel;
+        ++stats_.releases;
+        released.push_back(p.id);
+        continue;
+      }
+      Status s = WaitAvailable(lock, p, UINT64_MAX);
+      if (!s.ok()) {
+        if (async_error_.ok()) async_error_ = s;
+        continue;
+      }
+      if (p.status != ParamStatus::kAvailable || !p.active.empty()) continue;
+    }
+    ReleaseParam(p);
+    released.push_back(p.id);
+  }
+  if (released.empty()) return;
+  if (speculation) stats_.speculation_wasted += released.size();
+  Emit(speculation ? EventKind::kSpeculationWasted : EventKind::kRelease, module, released);
+}
+
+void Coordinator::Prefetch(int64_t module) {
+  if (mode_ != TraceMode::kComplete || !following_) return;
+  const uint64_t budget = options_.max_live_parameters > live_numel_
+                              ? options_.max_live_parameters - live_numel_
+                              : 0;
+  const uint64_t limit = std::min(budget, options_.prefetch_bucket_size);
+  uint64_t prefetching = 0;
+  std::vector<uint64_t> ahead, hinted, guessed;
+  while (queue_head_ < param_order_.size() && prefetching < limit) {
+    const QueueEntry& e = param_order_[queue_head_];
+    Param& p = *params_[e.param];
+    // Unlike a plain bucket check, never go past max_live_parameters.
+    if (p.status == ParamStatus::kNotAvailable &&
+        live_numel_ + p.numel > options_.max_live_parameters) {
+      break;
+    }
+    ++queue_head_;
+    p.fetched_for = static_cast<int64_t>(e.slot);
+    if (p.status != ParamStatus::kNotAvailable) continue;
+    RequestGather(p);
+    prefetching += p.numel;
+    switch (slot_source_[e.slot]) {
+      case SlotSource::kHint: hinted.push_back(p.id); break;
+      case SlotSource::kSpeculation: guessed.push_back(p.id); break;
+      default: ahead.push_back(p.id); break;
+    }
+  }
+  stats_.prefetch_gathers += ahead.size() + hinted.size() + guessed.size();
+  stats_.hint_gathers += hinted.size();
+  stats_.speculative_gathers += guessed.size();
+  if (!ahead.empty()) Emit(EventKind::kPrefetch, module, ahead);
+  if (!hinted.empty()) Emit(EventKind::kHintPrefetch, module, hinted);
+  if (!guessed.empty()) Emit(EventKind::kSpeculate, module, guessed);
+  if (prefetching > 0) cv_.notify_all();
+  IssueReads();
+}
+
+Status Coordinator::Hint(std::span<const uint64_t> modules) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!finalized_) return Status::FailedPrecondition("call Finalize() before Hint()");
+  std::vector<uint32_t> named;
+  for (uint64_t id : modules) {
+    auto it = module_index_.find(id);
+    if (it == module_index_.end()) {
+      return Status::NotFound(fmt::format("hint names module {}, which is not registered", id));
+    }
+    named.push_back(it->second);
+  }
+  stats_.hints += named.size();
+  if (mode_ != TraceMode::kComplete || !following_ ||
+      options_.trace_policy == TracePolicy::kSingle) {
+    return Status::Ok();
+  }
+  // Each named module takes the next open choice slot that no earlier slot
+  // decides (a mirror's module comes from its source).
+  const std::vector<TraceBook::Slot>& slots = follow_->slots;
+  size_t from = pos_, first = SIZE_MAX;
+  std::vector<uint32_t> wasted;
+  for (uint32_t mi : named) {
+    size_t k = from;
+    while (k < slots.size() && !(slots[k].choice() && slots[k].mirror < 0 && matched_[k] < 0 &&
+                                  hinted_[k] < 0)) {
+      ++k;
+    }
+    if (k == slots.size()) break;  // no choice ahead: nothing to place
+    hinted_[k] = mi;
+    from = k + 1;
+    if (slot_module_[k] == mi) {
+      slot_source_[k] = SlotSource::kHint;
+      continue;
+    }
+    const auto& real = modules_[mi]->params;
+    if (slot_module_[k] == kNoModule) {
+      first = std::min(first, k);
+      continue;
+    }
+    for (uint32_t pi : modules_[slot_module_[k]]->params) {
+      if (std::find(real.begin(), real.end(), pi) == real.end()) wasted.push_back(pi);
+    }
+    first = std::min(first, k);
+  }
+  if (first != SIZE_MAX) RebuildFrom(first);
+  if (!wasted.empty()) ReleaseUnneeded(lock, -1, &wasted, true);
+  Prefetch(-1);
+  return Status::Ok();
+}
+
+Status Coordinator::LearnStep(std::unique_lock<std::mutex>& lock) {
+  if (step_seq_.empty()) return Status::Ok();
+  if (following_ && !step_deviated_ && pos_ == follow_->slots.size() &&
+      step_seq_.size() == pos_) {
+    ++stats_.steps_on_order;
+  }
+  following_ = false;  // Learn may move or drop the followed order
+  follow_ = nullptr;
+  // Every rank must have run the same modules in the same order: checked
+  // whenever a step teaches something new (the same on every rank then).
+  const TraceBook::LearnResult r = book_.Learn(step_seq_, step_);
+  stats_.trace_orders = book_.size();
+  EmitTrace(EventKind::kTraceLearned, -1, r.order_id, -1,
+            r.created ? "new" : r.changed ? "merged" : "same");
+  if (!r.changed) return Status::Ok();
+  if (deps_.collective && world_ > 1 && !options_.null_io) {
+    uint64_t h = 1469598103934665603ull;
+    for (uint32_t mi : step_seq_) h = (h ^ modules_[mi]->id) * 1099511628211ull;
+    lock.unlock();
+    auto all = deps_.collective->AllGatherHost(h);
+    lock.lock();
+    if (!all.ok()) return all.status();
+    for (uint32_t r2 = 0; r2 < all->size(); ++r2) {
+      if ((*all)[r2] != h) {
+        book_.Clear();
+        stats_.trace_orders = 0;
+        return Status::FailedPrecondition(fmt::format(
+            "trace of rank {} differs from rank {}'s (module order hash {:#x} vs {:#x}): "
+            "every rank must run the same modules in the same order",
+            rank_, r2, h, (*all)[r2]));
+      }
+    }
+  }
+  return RepackToTrace(lock);
+}
+
+Status Coordinator::RepackToTrace(std::unique_lock<std::mutex>& lock) {
+  if (options_.null_io || deps_.swapper == nullptr ||
+      options_.trace_policy == TracePolicy::kSingle) {
+    return Status::Ok();
+  }
+  const TraceBook::Order* o = book_.MostFollowed();
+  if (o == nullptr) return Status::Ok();
+  // Persistent params first (read once, then they stay: they must not
+  // share packs with params read every step); then one group per fixed
+  // slot, in order; then every other module alone (the candidates of
+  // choice slots, modules not run yet): reading one expert never reads
+  // another's bytes, and an expert seen later does not move the others.
+  std::vector<swapper::PackGroup> groups;
+  std::vector<bool> placed(params_.size(), false);
+  uint64_t h = 1469598103934665603ull;
+  auto add = [&](const std::vector<uint32_t>& params, bool alone, bool persistent) {
+    swapper::PackGroup g;
+    g.alone = alone;
+    for (uint32_t pi : params) {
+      const Param& p = *params_[pi];
+      if (placed[pi] || !OnNvme(p) || p.persistent != persistent) continue;
+      placed[pi] = true;
+      g.ids.push_back(p.id);
+      h = (h ^ p.id) * 1099511628211ull;
+    }
+    if (g.ids.empty()) return;
+    h = (h ^ (alone ? 2 : 1)) * 1099511628211ull;
+    groups.push_back(std::move(g));
+  };
+  std::vector<uint32_t> persistent;
+  for (const TraceBook::Slot& sl : o->slots) {
+    for (uint32_t pi : modules_[sl.module]->params) persistent.push_back(pi);
+  }
+  for (const auto& p : params_) persistent.push_back(p->index);
+  add(persistent, true, true);
+  for (const TraceBook::Slot& sl : o->slots) {
+    if (!sl.choice()) add(modules_[sl.module]->params, false, false);
+  }
+  for (const auto& m : modules_) add(m->params, true, false);
+  if (h == packed_for_) return Status::Ok();
+  const uint64_t before = deps_.swapper->stats().repacks;
+  ++partition_io_;  // no read-ahead while the packs move
+  lock.unlock();
+  // Completions the coordinator has seen may still be finishing in the
+  // swapper; their errors were reported through the read callback.
+  (void)deps_.swapper->WaitAll();
+  Status s = deps_.swapper->Repack(groups);
+  lock.lock();
+  --partition_io_;
+  packed_for_ = h;  // tried: not again until the order changes
+  if (s.code() == StatusCode::kFailedPrecondition) {
+    // Not possible here (a one-buffer pool): the layout is only slower.
+    Log(LogLevel::kInfo, "packs stay in registration order: {}", s.message());
+    return Status::Ok();
+  }
+  if (!s.ok()) return s.WithContext("lay the NVMe packs out in trace order");
+  stats_.repacks += deps_.swapper->stats().repacks - before;
+  return Status::Ok();
 }
 
 void Coordinator::InvalidateTrace(std::unique_lock<std::mutex>& lock, uint64_t module) {
@@ -813,8 +1234,7 @@ void Coordinator::InvalidateTrace(std::unique_lock<std::mutex>& lock, uint64_t m
   Emit(EventKind::kTraceInvalidated, static_cast<int64_t>(module), {});
   // Stop prefetching, finish what is in flight (every rank issues the same
   // collectives), then free what was fetched for an order that did not come.
-  queue_head_ = param_order_.size();
-  read_cursor_ = param_order_.size();
+  following_ = false;
   Status drained = Drain(lock);
   if (!drained.ok() && async_error_.ok()) async_error_ = drained;
   std::vector<uint64_t> released;
@@ -825,7 +1245,8 @@ void Coordinator::InvalidateTrace(std::unique_lock<std::mutex>& lock, uint64_t m
     }
   }
   if (!released.empty()) Emit(EventKind::kRelease, static_cast<int64_t>(module), released);
-  module_order_.clear();
+  follow_ = nullptr;
+  book_.Clear();
   param_order_.clear();
   queue_head_ = read_cursor_ = 0;
 }
@@ -943,7 +1364,7 @@ void Coordinator::IssueReads() {
     if (!started) return;  // keep trace order
   }
   // 2. Read-ahead in trace order, while free buffers last, within the window.
-  if (mode_ != TraceMode::kComplete) return;
+  if (mode_ != TraceMode::kComplete || !following_) return;
   const uint64_t window = options_.nvme_lookahead ? options_.nvme_lookahead
                                                   : options_.max_live_parameters;
   read_cursor_ = std::max(read_cursor_, queue_head_);

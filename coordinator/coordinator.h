@@ -7,12 +7,19 @@
 //
 // Each stage starts as soon as its input is ready and its resource is free
 // (swap buffers, live-parameter budget, fetch-event throttle). The rules are
-// DeepSpeed ZeRO-3's (docs/design.md "Coordinator rules"): trace RECORD / COMPLETE
-// / INVALID, demand fetch, prefetch bucket, max live parameters, max reuse
-// distance, persistence, fetch-event throttle. Where ztier does better (the
-// device prefetch does not stop at a parameter still on NVMe; reads run ahead
-// as far as buffers allow; a swap buffer goes back as soon as its copy is
-// done) docs/impl.md says so.
+// DeepSpeed ZeRO-3's (docs/design.md "Coordinator rules"): demand fetch,
+// prefetch bucket, max live parameters, max reuse distance, persistence,
+// fetch-event throttle. Where ztier does better (the device prefetch does not
+// stop at a parameter still on NVMe; reads run ahead as far as buffers allow;
+// a swap buffer goes back as soon as its copy is done) docs/impl.md says so.
+//
+// The trace: with the adaptive policy (default) every step is learned into a
+// TraceBook of module orders with choice slots; a step follows one order,
+// switches to another that fits what ran so far, re-synchronises at the next
+// module that matches, and predicts choice slots from mirrors, the trainer's
+// hints (Hint) or the most frequent module (speculation). The single policy
+// is DeepSpeed's: one order, RECORD / COMPLETE / INVALID, dropped at the
+// first deviation and re-recorded (docs/design.md "Dynamic traces").
 //
 // Threads: Fetch/Release/ResetStep/ReleaseAll/ParamData are called from the
 // training thread (one at a time). A pipeline thread issues all device work
@@ -30,6 +37,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <thread>
@@ -40,11 +48,14 @@
 #include "coordinator/collective.h"
 #include "coordinator/event_log.h"
 #include "coordinator/timeline_sink.h"
+#include "coordinator/trace_book.h"
 #include "coordinator/trace_file.h"
 #include "swapper/param_swapper.h"
 #include "tiering/device.h"
 
 namespace ztier::coordinator {
+
+enum class TracePolicy : uint8_t { kAdaptive, kSingle };
 
 struct CoordinatorOptions {
   // All counts are elements (numel), as DeepSpeed's stage3_* keys.
@@ -60,6 +71,8 @@ struct CoordinatorOptions {
   // Bookkeeping only: no device work, no NVMe I/O (replay --null-io and the
   // overhead benchmark); decisions and events are the same.
   bool null_io = false;
+  TracePolicy trace_policy = TracePolicy::kAdaptive;
+  uint32_t trace_orders = 8;  // adaptive: module orders kept at once
 };
 
 enum class TraceMode : uint8_t { kRecord, kComplete, kInvalid };
@@ -79,7 +92,27 @@ struct CoordinatorStats {
   uint64_t releases = 0;
   uint64_t nvme_reads = 0;               // partitions swapped in
   uint64_t nvme_read_reclaims = 0;       // read-ahead buffers given back unused
-  uint64_t trace_invalidations = 0;
+  // Bytes of the NVMe partitions each step's fetches used, each once per
+  // pass (forward, backward) of a step, persistent ones only until they stay
+  // gathered: what a layout that packs by use reads when nothing stays in
+  // memory from forward to backward (a model larger than the buffers). The
+  // swapper's bytes_read over this is the read overhead; below 1 when the
+  // coordinator keeps parameters from forward to backward.
+  uint64_t nvme_bytes_needed = 0;
+  uint64_t trace_invalidations = 0;     // single policy: orders dropped
+  // Adaptive policy (docs/design.md "Dynamic traces").
+  uint64_t trace_orders = 0;            // module orders known now
+  uint64_t trace_switches = 0;          // a step moved to another known order
+  uint64_t trace_resyncs = 0;           // skipped ahead to the next matching slot
+  uint64_t trace_off = 0;               // fetches no known order had a place for
+  uint64_t steps_on_order = 0;          // steps that ran one known order exactly
+  uint64_t hints = 0;                   // modules named by Hint()
+  uint64_t hint_gathers = 0;            // params gathered ahead because of a hint
+  uint64_t speculative_gathers = 0;     // params gathered for a guessed choice
+  uint64_t speculation_hits = 0;        // choice slots guessed right
+  uint64_t speculation_misses = 0;      // choice slots guessed wrong
+  uint64_t speculation_wasted = 0;      // params gathered for a wrong guess, released unused
+  uint64_t repacks = 0;                 // NVMe packs laid out again in trace order
   uint64_t peak_live_numel = 0;          // elements of full params on device
   uint32_t peak_swap_buffers = 0;        // swap buffers in use at once
   double stall_nvme_s = 0;       // fetch waited for a read to finish
@@ -127,6 +160,12 @@ class Coordinator {
   Status Fetch(uint64_t module, bool forward = true);
   Status Release(uint64_t module, bool backward = false);
   Status ResetStep();
+  // The trainer knows which modules come next (the experts a router chose):
+  // their choice slots ahead in the followed order take them, and their
+  // params are prefetched now, within the usual budgets. Modules with no
+  // choice slot ahead are ignored. Like fetches, hints must be the same on
+  // every rank. A hint with no order to follow yet does nothing.
+  Status Hint(std::span<const uint64_t> modules);
   // Frees every non-persistent full parameter (and, with `persistent`, those too).
   Status ReleaseAll(bool persistent = false);
 
@@ -176,9 +215,11 @@ class Coordinator {
   struct Param;
   struct Module;
   struct QueueEntry {
-    uint32_t param;    // index into params_
-    uint64_t step_id;  // fetch index (module position) at which it is used
+    uint32_t param;  // index into params_
+    uint64_t slot;   // slot of the followed order (module position) that uses it
   };
+  // Where a slot's predicted module comes from.
+  enum class SlotSource : uint8_t { kFixed, kMirror, kHint, kSpeculation, kNone };
   enum class ReadState : uint8_t { kNone, kReading, kInHost };
 
   Coordinator(const CoordinatorOptions& options, const CoordinatorDeps& deps);
@@ -191,13 +232,39 @@ class Coordinator {
   Status ReadPartitionUnlocked(const Param& p, void* out_host);
   Result<Module*> FindModule(uint64_t id);
 
-  // --- trace ---
-  void RecordFetch(uint32_t module_index);  // needs mu_
+  // --- trace (all need mu_) ---
+  // Places the fetch of module `mi` in the followed order: match, switch,
+  // re-synchronise or off the trace. Params a wrong prediction gathered go
+  // to `wasted`.
+  void FollowFetch(std::unique_lock<std::mutex>& lock, uint32_t mi, uint64_t module,
+                   std::vector<uint32_t>* wasted);
+  // Module `mi` ran at slot `j`: records it, re-predicts after a wrong guess
+  // and pops the queue up to j.
+  void MatchSlot(size_t j, uint32_t mi, std::vector<uint32_t>* wasted);
+  // Another known order whose slots accept this step's sequence so far.
+  const TraceBook::Order* FindSwitch() const;
+  // The nearest slot accepting `mi` after pos_ in the followed order, or
+  // (order, slot) in another one; false if none.
+  bool FindResync(uint32_t mi, const TraceBook::Order** order, size_t* slot) const;
+  // Starts following `order` at `slot` (step start, switch, resync).
+  void Follow(const TraceBook::Order* order, size_t slot);
+  // Re-predicts slots [s, end) and rebuilds their queue entries and uses.
+  void RebuildFrom(size_t s);
+  // Releases (or, unissued at world size 1, cancels) live params no longer
+  // used in the followed order from pos_, as a wrong guess or a jump made
+  // them useless. `only`: restrict to these params.
+  void ReleaseUnneeded(std::unique_lock<std::mutex>& lock, int64_t module,
+                       const std::vector<uint32_t>* only, bool speculation);
+  // Gathers the next params of the queue within the bucket and budget.
+  void Prefetch(int64_t module);
+  // End of a step: learn its sequence, check ranks agree, repack.
+  Status LearnStep(std::unique_lock<std::mutex>& lock);
+  // Lays the NVMe packs out in the most followed order (when it changed).
+  Status RepackToTrace(std::unique_lock<std::mutex>& lock);
   void InvalidateTrace(std::unique_lock<std::mutex>& lock, uint64_t module);
-  void BuildParamQueue();                   // needs mu_
   // True if `p` is used again within max_reuse_distance elements of the
-  // module trace from position `from`.
-  bool ReusedSoon(const Param& p, uint64_t from) const;  // needs mu_
+  // followed order from slot `from`.
+  bool ReusedSoon(const Param& p, uint64_t from) const;
   // Waits until nothing is requested, enqueued or read; all requested
   // params end AVAILABLE and read-ahead buffers are given back.
   Status Drain(std::unique_lock<std::mutex>& lock);
@@ -219,7 +286,12 @@ class Coordinator {
   Status EnqueueGather(Param& p);                                // needs mu_
   // Queues the host functions that report p's copy/gather spans.
   Status TimelineSpans(const Param& p, std::chrono::steady_clock::time_point enqueued);
+  // The next decision's event (step, seq, module, kind set); nullopt when
+  // no sink listens. Needs mu_.
+  std::optional<CoordEvent> NextEvent(EventKind kind, int64_t module);
   void Emit(EventKind kind, int64_t module, const std::vector<uint64_t>& params);  // needs mu_
+  void EmitTrace(EventKind kind, int64_t module, uint32_t order, int64_t slot,
+                 std::string note);                                             // needs mu_
   bool OnNvme(const Param& p) const;
 
   CoordinatorOptions options_;
@@ -238,12 +310,27 @@ class Coordinator {
   TraceMode mode_ = TraceMode::kRecord;
   uint64_t step_id_ = 0;  // module fetches so far in this step
   uint64_t step_ = 0;     // ResetStep count
-  std::vector<uint32_t> module_order_;   // recorded module sequence
-  std::vector<uint64_t> module_prefix_;  // elements of modules [0, k) of it
-  std::vector<QueueEntry> param_order_;  // params in trace order, with step ids
+  TraceBook book_;
+  std::vector<uint32_t> step_seq_;  // modules fetched in this step, in order
+  // The order followed (in book_: valid until the next Learn) and the slot
+  // expected next.
+  const TraceBook::Order* follow_ = nullptr;
+  bool following_ = false;
+  size_t pos_ = 0;
+  bool aligned_ = true;         // step_seq_[k] ran at slot k so far (no resync)
+  bool step_deviated_ = false;  // switched, re-synchronised or off the trace
+  bool lost_reported_ = false;  // a trace_off event was logged this step
+  int64_t substituted_ = -1;    // slot an unknown module took at the last fetch
+  std::vector<uint32_t> slot_module_;   // per slot: predicted (or seen) module
+  std::vector<SlotSource> slot_source_;
+  std::vector<int64_t> matched_;        // per slot: module that ran there, or -1
+  std::vector<int64_t> hinted_;         // per slot: module a hint put there, or -1
+  std::vector<uint64_t> module_prefix_;  // elements of slots [0, k)
+  std::vector<QueueEntry> param_order_;  // params in slot order
   size_t queue_head_ = 0;   // param_order_[queue_head_..] is left to prefetch
   size_t read_cursor_ = 0;  // param_order_ entries below were read-ahead candidates
   std::vector<uint64_t> param_prefix_;   // elements of param_order_[0, k)
+  uint64_t packed_for_ = 0;  // hash of the pack groups last laid out
 
   // Pipeline.
   std::deque<uint32_t> gather_queue_;  // requested, not yet enqueued, in order

@@ -16,6 +16,14 @@ std::string_view EventKindName(EventKind kind) {
     case EventKind::kRelease: return "release";
     case EventKind::kTraceComplete: return "trace_complete";
     case EventKind::kTraceInvalidated: return "trace_invalidated";
+    case EventKind::kTraceFollow: return "trace_follow";
+    case EventKind::kTraceSwitch: return "trace_switch";
+    case EventKind::kTraceResync: return "trace_resync";
+    case EventKind::kTraceOff: return "trace_off";
+    case EventKind::kTraceLearned: return "trace_learned";
+    case EventKind::kHintPrefetch: return "hint_prefetch";
+    case EventKind::kSpeculate: return "speculate";
+    case EventKind::kSpeculationWasted: return "speculation_wasted";
   }
   return "?";
 }
@@ -27,7 +35,11 @@ std::string EventToJson(const CoordEvent& e) {
     if (i) s += ", ";
     s += std::to_string(e.params[i]);
   }
-  s += fmt::format(R"(], "numel": {}}})", e.numel);
+  s += fmt::format(R"(], "numel": {})", e.numel);
+  if (e.order >= 0) s += fmt::format(R"(, "order": {})", e.order);
+  if (e.slot >= 0) s += fmt::format(R"(, "slot": {})", e.slot);
+  if (!e.note.empty()) s += fmt::format(R"(, "note": "{}")", e.note);
+  s += "}";
   return s;
 }
 

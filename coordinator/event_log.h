@@ -4,6 +4,8 @@
 //
 //   {"step": 1, "seq": 17, "module": 3, "event": "fetch", "params": [7, 8], "numel": 8192}
 //
+// Trace events add "order", "slot" and "note" where they have them.
+//
 // Thread-safety: the coordinator calls its sink with its own lock held, from
 // the thread that took the decision; sinks must not call back into it.
 #pragma once
@@ -27,7 +29,16 @@ enum class EventKind : uint8_t {
   kNvmeWrite,         // write-back started
   kRelease,           // full param freed
   kTraceComplete,     // RECORD -> COMPLETE at reset_step
-  kTraceInvalidated,  // module out of order: prefetch stops, re-record
+  kTraceInvalidated,  // single policy: module out of order, prefetch stops, re-record
+  // Adaptive policy (docs/design.md "Dynamic traces"); `order` and `slot` say where.
+  kTraceFollow,        // a step starts following a known order
+  kTraceSwitch,        // ... moves to another order that fits the step so far
+  kTraceResync,        // ... skips ahead to the next slot that matches
+  kTraceOff,           // a module no known order has a place for (first per step)
+  kTraceLearned,       // step end: learned into `order` (note: new, merged, same)
+  kHintPrefetch,       // all-gather ahead of use, for a hinted choice
+  kSpeculate,          // all-gather ahead of use, for a guessed choice
+  kSpeculationWasted,  // params a wrong guess gathered, freed unused
 };
 std::string_view EventKindName(EventKind kind);
 
@@ -38,6 +49,9 @@ struct CoordEvent {
   EventKind kind = EventKind::kFetch;
   std::vector<uint64_t> params;  // in issue order
   uint64_t numel = 0;            // elements of `params` (full parameters)
+  int64_t order = -1;            // trace events: the order's number
+  int64_t slot = -1;             // trace events: the slot (module position) in it
+  std::string note;              // trace_learned: new, merged or same
 };
 
 class EventSink {

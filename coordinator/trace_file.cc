@@ -507,10 +507,12 @@ void ParseSteps(const Json& arr, Reader& r, TraceFile& t) {
             op = TraceOp::kFetch;
           } else if (*v == "release") {
             op = TraceOp::kRelease;
+          } else if (*v == "hint") {
+            op = TraceOp::kHint;
           } else {
             r.errors().Add(
                 Join(path, "op"),
-                fmt::format("unknown op '{}' (use fetch or release)", *v));
+                fmt::format("unknown op '{}' (use fetch, release or hint)", *v));
           }
         }
       }
@@ -526,6 +528,16 @@ void ParseSteps(const Json& arr, Reader& r, TraceFile& t) {
         }
       }
       if (!op) continue;
+      if (*op == TraceOp::kHint) {
+        // A hint names a module and nothing else: a flag would be ignored.
+        for (std::string_view flag : {"forward", "backward"}) {
+          if (ev.contains(flag)) {
+            r.errors().Add(Join(path, flag), "not valid on a hint event (it takes only 'module')");
+          }
+        }
+        if (module) events.push_back(TraceEvent{TraceOp::kHint, *module, true, false});
+        continue;
+      }
       // Each op carries only its own flag; the other one would be ignored,
       // so it is a mistake in the file.
       std::string_view own = *op == TraceOp::kFetch ? "forward" : "backward";
@@ -897,6 +909,10 @@ ModelModules BuildLlama(const ModelShape& s, TraceBuilder& b) {
 // One step's fetch/release calls, in the order the module hooks fire.
 class StepWriter {
  public:
+  StepWriter() = default;
+  // With hints, each router in `routers` is followed by hint events naming
+  // the calls after it in its layer (the experts it chose).
+  explicit StepWriter(std::vector<uint64_t> routers) : routers_(std::move(routers)) {}
   void Fetch(uint64_t m, bool forward) {
     events_.push_back(TraceEvent{TraceOp::kFetch, m, forward, !forward});
   }
@@ -911,18 +927,46 @@ class StepWriter {
     Fetch(m, false);
     Release(m, true);
   }
+  void Hint(uint64_t m) { events_.push_back(TraceEvent{TraceOp::kHint, m, true, false}); }
+  bool HintsAfter(uint64_t m) const {
+    return std::find(routers_.begin(), routers_.end(), m) != routers_.end();
+  }
   std::vector<TraceEvent> Take() { return std::move(events_); }
 
  private:
   std::vector<TraceEvent> events_;
+  std::vector<uint64_t> routers_;
 };
 
-std::vector<TraceEvent> GenerateStep(const ModelModules& m,
-                                     const TraceGenOptions& o, uint32_t step) {
-  // The leaf modules each layer calls this step, in forward order.
-  std::vector<std::vector<uint64_t>> calls(m.layers.size());
-  uint64_t rng =
-      o.seed ^ (0xD1B54A32D192ED03ULL * (static_cast<uint64_t>(step) + 1));
+// The writer of one step: with options.hints, one that hints after routers.
+StepWriter WriterFor(const ModelModules& m, const TraceGenOptions& o) {
+  std::vector<uint64_t> routers;
+  if (o.hints) {
+    for (const LayerModules& l : m.layers) {
+      if (l.router) routers.push_back(*l.router);
+    }
+  }
+  return StepWriter(std::move(routers));
+}
+
+// The leaf modules each layer calls in one step, in forward order.
+using LayerCalls = std::vector<std::vector<uint64_t>>;
+
+// The routing state of one step. A training step keeps the key it had before
+// decode steps existed, so its routing does not depend on decode_steps;
+// decode step `decode` (1-based) before it mixes that number in, so each
+// decode step routes to experts of its own.
+uint64_t RoutingSeed(const TraceGenOptions& o, uint32_t train_step,
+                     uint32_t decode) {
+  return o.seed ^
+         (0xD1B54A32D192ED03ULL * (static_cast<uint64_t>(train_step) + 1)) ^
+         (0xA0761D6478BD642FULL * decode);
+}
+
+// Every layer's leaf calls; an MoE layer adds its router and the experts the
+// step's tokens go to (drawn from `rng`).
+LayerCalls RouteStep(const ModelModules& m, uint64_t rng) {
+  LayerCalls calls(m.layers.size());
   for (size_t i = 0; i < m.layers.size(); ++i) {
     const LayerModules& l = m.layers[i];
     calls[i] = l.children;
@@ -939,32 +983,43 @@ std::vector<TraceEvent> GenerateStep(const ModelModules& m,
     std::sort(chosen.begin(), chosen.end());
     for (uint64_t e : chosen) calls[i].push_back(l.experts[e]);
   }
+  return calls;
+}
 
-  StepWriter w;
-  // Forward: every module's pre-forward hook fires on entry and its
-  // post-forward hook on exit, so containers wrap their children.
+// One layer's forward: the container wraps its children's calls.
+void WriteLayerForward(StepWriter& w, uint64_t layer,
+                       const std::vector<uint64_t>& calls) {
+  w.Fetch(layer, true);
+  for (size_t k = 0; k < calls.size(); ++k) {
+    w.Forward(calls[k]);
+    if (!w.HintsAfter(calls[k])) continue;
+    for (size_t later = k + 1; later < calls.size(); ++later) w.Hint(calls[later]);
+  }
+  w.Release(layer, false);
+}
+
+// Forward: every module's pre-forward hook fires on entry and its
+// post-forward hook on exit, so containers wrap their children.
+void WriteForward(StepWriter& w, const ModelModules& m,
+                  const LayerCalls& calls) {
   w.Fetch(m.root, true);
   w.Forward(m.embed);
-  for (size_t i = 0; i < m.layers.size(); ++i) {
-    w.Fetch(m.layers[i].layer, true);
-    for (uint64_t c : calls[i]) w.Forward(c);
-    w.Release(m.layers[i].layer, false);
-  }
+  for (size_t i = 0; i < m.layers.size(); ++i)
+    WriteLayerForward(w, m.layers[i].layer, calls[i]);
   w.Forward(m.final_norm);
   w.Forward(m.head);  // a tied head fetches the embedding's weight again
   w.Release(m.root, false);
+}
 
-  // Backward: the same nesting, in reverse order.
+// Backward: the same nesting, in reverse order.
+void WriteBackward(StepWriter& w, const ModelModules& m,
+                   const LayerCalls& calls, bool checkpointing) {
   w.Fetch(m.root, false);
   w.Backward(m.head);
   w.Backward(m.final_norm);
   for (size_t i = m.layers.size(); i-- > 0;) {
-    if (o.checkpointing) {
-      // The layer's activations were dropped: its forward runs again first.
-      w.Fetch(m.layers[i].layer, true);
-      for (uint64_t c : calls[i]) w.Forward(c);
-      w.Release(m.layers[i].layer, false);
-    }
+    // The layer's activations were dropped: its forward runs again first.
+    if (checkpointing) WriteLayerForward(w, m.layers[i].layer, calls[i]);
     w.Fetch(m.layers[i].layer, false);
     for (auto it = calls[i].rbegin(); it != calls[i].rend(); ++it)
       w.Backward(*it);
@@ -972,7 +1027,49 @@ std::vector<TraceEvent> GenerateStep(const ModelModules& m,
   }
   w.Backward(m.embed);
   w.Release(m.root, true);
+}
+
+std::vector<TraceEvent> GenerateTrainingStep(const ModelModules& m,
+                                             const TraceGenOptions& o,
+                                             uint32_t step) {
+  const LayerCalls calls = RouteStep(m, RoutingSeed(o, step, 0));
+  StepWriter w = WriterFor(m, o);
+  WriteForward(w, m, calls);
+  WriteBackward(w, m, calls, o.checkpointing);
   return w.Take();
+}
+
+// Decode step `decode` (1-based) before training step `step`. Generation
+// keeps no activations for a backward, so with checkpointing too there is
+// nothing to recompute: the forward alone.
+std::vector<TraceEvent> GenerateDecodeStep(const ModelModules& m,
+                                           const TraceGenOptions& o,
+                                           uint32_t step, uint32_t decode) {
+  StepWriter w = WriterFor(m, o);
+  WriteForward(w, m, RouteStep(m, RoutingSeed(o, step, decode)));
+  return w.Take();
+}
+
+// Problems with the step counts, as "option: message" lines.
+void StepCountProblems(const TraceGenOptions& o,
+                       std::vector<std::string>& problems) {
+  if (o.steps == 0) problems.push_back("steps: must be at least 1");
+  if (o.decode_steps > kMaxDecodeSteps) {
+    problems.push_back(fmt::format(
+        "decode_steps: {} is more than the limit of {} forward-only steps "
+        "per training step",
+        o.decode_steps, kMaxDecodeSteps));
+  }
+  // steps < 2^32 and decode_steps + 1 <= 2^32: the product fits in 64 bits.
+  const uint64_t total = static_cast<uint64_t>(o.steps) *
+                         (static_cast<uint64_t>(o.decode_steps) + 1);
+  if (total > kMaxGeneratedSteps) {
+    problems.push_back(fmt::format(
+        "steps x (decode_steps + 1) = {} x {} = {} steps, more than the limit "
+        "of {} in one trace; use fewer steps or decode_steps",
+        o.steps, static_cast<uint64_t>(o.decode_steps) + 1, total,
+        kMaxGeneratedSteps));
+  }
 }
 
 }  // namespace
@@ -1106,6 +1203,8 @@ std::string TraceToJson(const TraceFile& trace) {
       if (ev.op == TraceOp::kFetch) {
         out += fmt::format("{{\"op\":\"fetch\",\"module\":{},\"forward\":{}}}",
                            ev.module, ev.forward);
+      } else if (ev.op == TraceOp::kHint) {
+        out += fmt::format("{{\"op\":\"hint\",\"module\":{}}}", ev.module);
       } else {
         out +=
             fmt::format("{{\"op\":\"release\",\"module\":{},\"backward\":{}}}",
@@ -1292,7 +1391,13 @@ Result<TraceFile> GenerateTrace(const ModelShape& shape,
     problems.push_back(fmt::format(
         "scale: must be a finite number >= 1, got {}", options.scale));
   }
-  if (options.steps == 0) problems.push_back("steps: must be at least 1");
+  StepCountProblems(options, problems);
+  if (options.hints && (shape.family != "moe" || shape.experts == 0)) {
+    problems.push_back(fmt::format(
+        "hints: family '{}' has no router to hint after; hints need an MoE shape "
+        "(family: moe, experts > 0)",
+        shape.family));
+  }
   if (options.world_size == 0)
     problems.push_back("world_size: must be at least 1");
   if (!problems.empty()) {
@@ -1306,8 +1411,12 @@ Result<TraceFile> GenerateTrace(const ModelShape& shape,
   TraceFile& t = b.trace();
   t.world_size = options.world_size;
   t.model = shape.name;
+  t.steps.reserve(static_cast<size_t>(options.steps) *
+                  (static_cast<size_t>(options.decode_steps) + 1));
   for (uint32_t s = 0; s < options.steps; ++s) {
-    t.steps.push_back(GenerateStep(modules, options, s));
+    for (uint32_t d = 1; d <= options.decode_steps; ++d)
+      t.steps.push_back(GenerateDecodeStep(modules, options, s, d));
+    t.steps.push_back(GenerateTrainingStep(modules, options, s));
   }
   return std::move(t);
 }

@@ -41,11 +41,14 @@ struct TraceModule {
   friend bool operator==(const TraceModule&, const TraceModule&) = default;
 };
 
-enum class TraceOp : uint8_t { kFetch = 0, kRelease };
+// kHint: the trainer named `module` as one that runs soon (an MoE router's
+// chosen expert); consecutive hint events are one Coordinator::Hint call.
+enum class TraceOp : uint8_t { kFetch = 0, kRelease, kHint };
 
 // The file stores `forward` on a fetch and `backward` on a release;
 // ParseTrace and GenerateTrace set the other field to its complement
-// (backward == !forward), so either may be read for either op.
+// (backward == !forward), so either may be read for either op. A hint
+// carries neither (forward = true, backward = false).
 struct TraceEvent {
   TraceOp op = TraceOp::kFetch;
   uint64_t module = 0;
@@ -96,7 +99,12 @@ struct ModelShape {
 Result<ModelShape> LoadModelShape(const std::string& path);
 
 struct TraceGenOptions {
-  uint32_t steps = 3;
+  uint32_t steps = 3;  // training steps (forward then backward)
+  // RL-style generation: before each training step, this many forward-only
+  // steps (a decode pass: every module fetched and released with
+  // forward=true, no backward). The file holds steps x (decode_steps + 1)
+  // steps. At most kMaxDecodeSteps; the total at most kMaxGeneratedSteps.
+  uint32_t decode_steps = 0;
   uint32_t world_size = 1;
   // Divides every tensor's element count (rounded up, at least 1), keeping
   // the structure (layers, modules, order): a 70B shape on a small disk.
@@ -106,13 +114,24 @@ struct TraceGenOptions {
   // start of its backward.
   bool checkpointing = false;
   uint64_t seed = 1;  // moe: which experts each step routes to
+  // moe: right after each router's forward call, hint events naming the
+  // experts it chose, as a trainer calling ztier_module_hint would.
+  bool hints = false;
 };
+
+// Bounds of TraceGenOptions: a trace is held in memory and written as one
+// JSON file, so a mistyped count fails with a message instead of filling
+// memory or disk.
+inline constexpr uint32_t kMaxDecodeSteps = 1000;
+inline constexpr uint64_t kMaxGeneratedSteps = 1'000'000;
 
 // Builds the module tree (embeddings, per layer attention and MLP modules,
 // final norm, head; tied head uses the embedding's weight), and for each
-// step: forward fetch/release in order, then backward in reverse order. An
-// MoE model routes each step's tokens to different experts, so the module
-// order changes between steps (exercises trace invalidation).
+// training step: options.decode_steps forward-only steps, then forward
+// fetch/release in order, then backward in reverse order. An MoE model
+// routes each step's tokens (decode steps' too) to different experts, so the
+// module order changes between steps (exercises trace invalidation); a
+// training step routes the same whatever decode_steps is.
 Result<TraceFile> GenerateTrace(const ModelShape& shape, const TraceGenOptions& options);
 
 }  // namespace ztier::coordinator

@@ -52,8 +52,16 @@ Status RunTraceRank(const TraceFile& t, const RunOptions& o, const RunHooks& hoo
       const swapper::SwapperStats sw_before =
           rt->swapper() ? rt->swapper()->stats() : swapper::SwapperStats{};
       const auto t0 = Clock::now();
-      for (const TraceEvent& e : events) {
-        if (e.op == TraceOp::kFetch) {
+      std::vector<uint64_t> hinted;  // a run of hint events: one Hint call
+      for (size_t k = 0; k < events.size(); ++k) {
+        const TraceEvent& e = events[k];
+        if (e.op == TraceOp::kHint) {
+          hinted.push_back(e.module);
+          if (k + 1 < events.size() && events[k + 1].op == TraceOp::kHint) continue;
+          Status s = c.Hint(hinted);
+          hinted.clear();
+          if (!s.ok()) return s.WithContext(fmt::format("rank {} step {}", rank, step));
+        } else if (e.op == TraceOp::kFetch) {
           if (hooks.before_fetch) hooks.before_fetch(rank, step, e);
           Status s = c.Fetch(e.module, e.forward);
           if (!s.ok()) return s.WithContext(fmt::format("rank {} step {}", rank, step));
@@ -73,6 +81,7 @@ Status RunTraceRank(const TraceFile& t, const RunOptions& o, const RunHooks& hoo
       st.stall_device_s = after.stall_device_s - before.stall_device_s;
       st.fetch_calls = after.fetch_calls - before.fetch_calls;
       st.fetch_calls_with_demand = after.fetch_calls_with_demand - before.fetch_calls_with_demand;
+      st.bytes_needed = after.nvme_bytes_needed - before.nvme_bytes_needed;
       if (rt->swapper()) {
         const auto sw = rt->swapper()->stats();
         st.bytes_read = sw.bytes_read - sw_before.bytes_read;

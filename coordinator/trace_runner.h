@@ -44,6 +44,7 @@ struct StepTiming {
   uint64_t fetch_calls = 0;
   uint64_t fetch_calls_with_demand = 0;
   uint64_t bytes_read = 0;     // swapper bytes read in the step (rank 0)
+  uint64_t bytes_needed = 0;   // bytes of the partitions the step used (once per pass)
   uint64_t bytes_written = 0;
 };
 

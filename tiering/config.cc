@@ -37,7 +37,8 @@ constexpr std::string_view kIoKeys[] = {
 constexpr std::string_view kCoordinatorKeys[] = {
     "prefetch_bucket_size",        "max_reuse_distance",
     "param_persistence_threshold", "model_persistence_threshold",
-    "max_ongoing_fetch_events",    "nvme_lookahead"};
+    "max_ongoing_fetch_events",    "nvme_lookahead",
+    "trace_policy",                "trace_orders"};
 constexpr std::string_view kCommKeys[] = {"backend", "timeout"};
 constexpr std::string_view kIntegrityKeys[] = {"checksum"};
 constexpr std::string_view kOptimizerKeys[] = {
@@ -80,6 +81,7 @@ constexpr Limits kFetchEventsLimits{1, 1024, false};
 constexpr Limits kLookaheadLimits{0, kMaxElements, false};
 // Seconds: at least one (a zero timeout fails every wait), at most a day.
 constexpr Limits kCommTimeoutLimits{1, 86400, false};
+constexpr Limits kTraceOrdersLimits{1, 64, false};
 // Optimizer: a sub-group of 1e10 elements is 120 GB of state per buffer (ten
 // times DeepSpeed's default sub-group), and 64 such buffers are 7.7 TB, so
 // buffer_count * sub_group_size * 12 stays far within 64 bits.
@@ -110,6 +112,8 @@ constexpr EnumName<CommBackend> kCommNames[] = {{"auto", CommBackend::kAuto},
                                                 {"nccl", CommBackend::kNccl},
                                                 {"local", CommBackend::kLocal},
                                                 {"gloo", CommBackend::kGloo}};
+constexpr EnumName<TracePolicy> kTracePolicyNames[] = {
+    {"adaptive", TracePolicy::kAdaptive}, {"single", TracePolicy::kSingle}};
 constexpr EnumName<Checksum> kChecksumNames[] = {{"crc32c", Checksum::kCrc32c},
                                                  {"none", Checksum::kNone}};
 constexpr EnumName<OptimizerTier> kOptimizerTierNames[] = {
@@ -682,6 +686,8 @@ Result<Config> Loader::Run(std::string_view yaml) {
     Count(co, "coordinator", "max_ongoing_fetch_events", kFetchEventsLimits,
           &cc.max_ongoing_fetch_events);
     Lookahead(co, &cc.nvme_lookahead);
+    Enum(co, "coordinator", "trace_policy", kTracePolicyNames, &cc.trace_policy);
+    Count(co, "coordinator", "trace_orders", kTraceOrdersLimits, &cc.trace_orders);
 
     Entries comm = sub(top, "", "comm");
     Enum(comm, "comm", "backend", kCommNames, &c.comm.backend);
@@ -758,6 +764,7 @@ std::string_view CommBackendName(CommBackend b) {
   return NameOf(kCommNames, b);
 }
 std::string_view ChecksumName(Checksum c) { return NameOf(kChecksumNames, c); }
+std::string_view TracePolicyName(TracePolicy p) { return NameOf(kTracePolicyNames, p); }
 std::string_view IoBackendConfigName(io::BackendKind k) {
   return NameOf(kIoBackendNames, k);
 }
@@ -947,6 +954,9 @@ Status ValidateConfig(const Config& c, const LoadOptions& options) {
         kFetchEventsLimits);
   if (cc.nvme_lookahead)
     count("coordinator.nvme_lookahead", *cc.nvme_lookahead, kLookaheadLimits);
+  if (cc.trace_policy > TracePolicy::kSingle)
+    errors.push_back("coordinator.trace_policy: not a valid policy");
+  count("coordinator.trace_orders", cc.trace_orders, kTraceOrdersLimits);
   if (c.comm.backend > CommBackend::kGloo)
     errors.push_back("comm.backend: not a valid backend");
   count("comm.timeout", c.comm.timeout, kCommTimeoutLimits);
@@ -1048,6 +1058,9 @@ std::string ConfigToYaml(const Config& c) {
     << (cc.nvme_lookahead ? FormatElementCount(*cc.nvme_lookahead)
                           : std::string("auto"))
     << Comment("elements, or auto");
+  y << Key << "trace_policy" << Value << std::string(TracePolicyName(cc.trace_policy))
+    << Comment("adaptive | single");
+  y << Key << "trace_orders" << Value << std::to_string(cc.trace_orders);
   y << EndMap;
 
   y << Key << "comm" << Value << BeginMap;
@@ -1136,6 +1149,8 @@ std::string SummarizeConfig(const Config& c) {
     << (cc.nvme_lookahead ? FormatElementCount(*cc.nvme_lookahead) + " elements"
                           : std::string("auto"))
     << "\n";
+  o << "             trace_policy " << TracePolicyName(cc.trace_policy) << ", trace_orders "
+    << cc.trace_orders << "\n";
   o << "comm         backend " << CommBackendName(c.comm.backend) << ", timeout "
     << c.comm.timeout << " s\n";
   o << "integrity    checksum " << ChecksumName(c.integrity.checksum) << "\n";

@@ -51,6 +51,11 @@ enum class CommBackend : uint8_t { kAuto = 0, kNccl, kLocal, kGloo };
 
 enum class Checksum : uint8_t { kCrc32c = 0, kNone };
 
+// How the coordinator follows module orders that change between steps:
+// adaptive learns several orders with choice slots; single keeps one and
+// drops it at the first deviation (DeepSpeed's rule).
+enum class TracePolicy : uint8_t { kAdaptive = 0, kSingle };
+
 // Where the optimizer state (fp32 master weights and Adam's two moments: 12
 // bytes per parameter element) lives between optimizer steps.
 enum class OptimizerTier : uint8_t {
@@ -70,6 +75,7 @@ std::string_view ParamTierName(ParamTier t);          // "nvme", "host"
 std::string_view GradTierName(GradTier t);            // "host", "nvme"
 std::string_view CommBackendName(CommBackend b);  // "auto", "nccl", "local", "gloo"
 std::string_view ChecksumName(Checksum c);            // "crc32c", "none"
+std::string_view TracePolicyName(TracePolicy p);      // "adaptive", "single"
 std::string_view OptimizerTierName(OptimizerTier t);  // "nvme", "host"
 // "auto", "avx512", "avx2", "scalar".
 std::string_view OptimizerIsaName(OptimizerIsa i);
@@ -168,6 +174,9 @@ struct CoordinatorConfig {
   // Elements of NVMe reads issued ahead of use, in trace order. nullopt
   // ("auto"): as far as free swap buffers and max_live_parameters allow.
   std::optional<uint64_t> nvme_lookahead;
+  TracePolicy trace_policy = TracePolicy::kAdaptive;
+  // Module orders the adaptive policy keeps at once. 1 to 64.
+  uint32_t trace_orders = 8;
 
   bool operator==(const CoordinatorConfig&) const = default;
 };

@@ -54,9 +54,9 @@ extern "C" {
 
 /* Compile-time version of this header. */
 #define ZTIER_VERSION_MAJOR 0
-#define ZTIER_VERSION_MINOR 1
+#define ZTIER_VERSION_MINOR 2
 #define ZTIER_VERSION_PATCH 0
-#define ZTIER_VERSION_STRING "0.1.0"
+#define ZTIER_VERSION_STRING "0.2.0"
 /* MAJOR * 10000 + MINOR * 100 + PATCH */
 #define ZTIER_VERSION_NUMBER \
   (ZTIER_VERSION_MAJOR * 10000 + ZTIER_VERSION_MINOR * 100 + ZTIER_VERSION_PATCH)
@@ -95,7 +95,7 @@ ZTIER_API const char* ztier_last_error(void);
  * Thread-safe. */
 ZTIER_API ztier_status_t ztier_version(uint32_t* major, uint32_t* minor,
                                        uint32_t* patch);
-/* "0.1.0": the loaded library's version. Never NULL. Thread-safe. */
+/* "0.2.0": the loaded library's version. Never NULL. Thread-safe. */
 ZTIER_API const char* ztier_version_string(void);
 
 /* ------------------------------------------------------------- types */
@@ -246,6 +246,19 @@ ZTIER_API ztier_status_t ztier_module_register(ztier_engine_t* engine, uint64_t 
  * ztier_engine_async_error). Serialised per engine. */
 ZTIER_API ztier_status_t ztier_module_fetch(ztier_engine_t* engine, uint64_t id,
                                             int forward);
+
+/* The modules that run next, when the trainer knows them before the trace
+ * can: e.g. the experts a router chose, right after the router ran. They
+ * take the next choice slots of the learned trace (positions where steps
+ * ran different modules) and their parameters are prefetched now, within
+ * max_live_parameters and prefetch_bucket_size. Modules with no choice slot
+ * ahead, and hints before the first step has been learned, are ignored. A
+ * hint is a prediction only: a module fetched that was not hinted is
+ * fetched as usual. Every rank gives the same hints at the same place (they
+ * issue all-gathers). Unknown ids are ZTIER_STATUS_NOT_FOUND, and then no
+ * id of the call is taken. Serialised per engine. Since 0.2. */
+ZTIER_API ztier_status_t ztier_module_hint(ztier_engine_t* engine, const uint64_t* ids,
+                                           size_t count);
 
 /* After module `id` ran: its parameters that no other active module uses,
  * that are not persistent and not needed again soon are freed. A release
@@ -603,9 +616,25 @@ typedef struct ztier_stats {
   uint32_t trace_mode;       /* 0 record, 1 complete, 2 invalid */
   double stall_nvme_s;       /* seconds fetches waited for reads */
   double stall_device_s;     /* seconds fetches waited for copies + gathers */
+  /* Since 0.2 (docs/design.md "Dynamic traces"); a struct that ends above
+   * is still filled up to its size. */
+  uint64_t fetch_calls_with_demand; /* module fetches that gathered on demand */
+  uint64_t trace_orders;       /* module orders learned and kept */
+  uint64_t trace_switches;     /* steps moved to another known order */
+  uint64_t trace_resyncs;      /* skips ahead to the next matching module */
+  uint64_t trace_off;          /* fetches no known order had a place for */
+  uint64_t hints;              /* modules named by ztier_module_hint */
+  uint64_t hint_gathers;       /* params gathered ahead because of a hint */
+  uint64_t speculative_gathers; /* params gathered for a guessed choice */
+  uint64_t speculation_hits;   /* choices guessed right */
+  uint64_t speculation_misses; /* choices guessed wrong */
+  uint64_t speculation_wasted; /* params a wrong guess gathered, freed unused */
+  uint64_t repacks;            /* NVMe packs laid out again in trace order */
 } ztier_stats_t;
 
-/* Fills `stats` (set stats->size first). Any thread, any time. */
+/* Fills `stats` (set stats->size first: sizeof(ztier_stats_t), or the size
+ * of the struct before 0.2, which ends at stall_device_s). Any thread, any
+ * time. */
 ZTIER_API ztier_status_t ztier_engine_stats(ztier_engine_t* engine, ztier_stats_t* stats);
 
 /* The first error that happened on a background thread (a failed prefetch

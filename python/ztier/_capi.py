@@ -152,6 +152,18 @@ class _Stats(ctypes.Structure):
         ("trace_mode", ctypes.c_uint32),
         ("stall_nvme_s", ctypes.c_double),
         ("stall_device_s", ctypes.c_double),
+        ("fetch_calls_with_demand", ctypes.c_uint64),
+        ("trace_orders", ctypes.c_uint64),
+        ("trace_switches", ctypes.c_uint64),
+        ("trace_resyncs", ctypes.c_uint64),
+        ("trace_off", ctypes.c_uint64),
+        ("hints", ctypes.c_uint64),
+        ("hint_gathers", ctypes.c_uint64),
+        ("speculative_gathers", ctypes.c_uint64),
+        ("speculation_hits", ctypes.c_uint64),
+        ("speculation_misses", ctypes.c_uint64),
+        ("speculation_wasted", ctypes.c_uint64),
+        ("repacks", ctypes.c_uint64),
     ]
 
 
@@ -244,6 +256,7 @@ _SIGNATURES = {
     "ztier_module_register": (_c.c_int, [_VP, _U64, _c.c_char_p, _c.POINTER(_U64),
                                          _c.c_size_t, _c.c_int64]),
     "ztier_module_fetch": (_c.c_int, [_VP, _U64, _c.c_int]),
+    "ztier_module_hint": (_c.c_int, [_VP, _c.POINTER(_U64), _c.c_size_t]),
     "ztier_module_release": (_c.c_int, [_VP, _U64, _c.c_int]),
     "ztier_param_data": (_c.c_int, [_VP, _U64, _c.POINTER(_VP)]),
     "ztier_param_grad_reduce": (_c.c_int, [_VP, _U64, _VP]),
@@ -604,6 +617,11 @@ class Engine:
     # ---- hooks ----
     def fetch(self, mid: int, forward: bool = True) -> None:
         _check(self._lib.ztier_module_fetch(self._handle, mid, int(forward)))
+
+    def hint(self, mids: Sequence[int]) -> None:
+        """The modules that run next (e.g. the experts a router chose)."""
+        ids = (ctypes.c_uint64 * max(1, len(mids)))(*mids)
+        _check(self._lib.ztier_module_hint(self._handle, ids, len(mids)))
 
     def release(self, mid: int, backward: bool = False) -> None:
         _check(self._lib.ztier_module_release(self._handle, mid, int(backward)))

@@ -157,10 +157,11 @@ TEST_F(CoordinatorTest, ATiedParamUsedByTwoActiveModulesIsNotFreedEarly) {
   EXPECT_EQ(c.ParamData(0).status().code(), StatusCode::kFailedPrecondition);
 }
 
-TEST_F(CoordinatorTest, ModuleOrderChangeInvalidatesAndReRecords) {
+TEST_F(CoordinatorTest, SinglePolicyModuleOrderChangeInvalidatesAndReRecords) {
   TraceFile t = Chain(5, 2, 8000);
   RankConfig cfg;
   cfg.options.param_persistence_threshold = 0;
+  cfg.options.trace_policy = TracePolicy::kSingle;
   auto r = MakeRank(dir_.path(), 0, 1, nullptr, cfg);
   RegisterTrace(*r->coordinator, t);
   RunStep(*r, t, FwdBwd(5));
@@ -350,56 +351,32 @@ TEST_P(CoordinatorPropertyTest, RandomTracesAndLimits) {
   std::vector<TraceEvent> events = FwdBwd(modules);
 
   ScratchDir dir;
-  std::shared_ptr<LocalGroup> group = pc.world > 1 ? LocalGroup::Create(pc.world) : nullptr;
-  std::vector<std::unique_ptr<Rank>> ranks(pc.world);
-  for (uint32_t r = 0; r < pc.world; ++r) {
-    ranks[r] = MakeRank(dir.path(), r, pc.world, group.get(), cfg);
-  }
-  std::vector<std::string> failures(pc.world);
-  std::vector<std::thread> threads;
-  for (uint32_t r = 0; r < pc.world; ++r) {
-    threads.emplace_back([&, r] {
-      Rank& rank = *ranks[r];
-      Coordinator& c = *rank.coordinator;
-      for (const auto& p : t.params) {
-        if (!c.RegisterParam(p.id, p.numel, DType::kFloat16, p.tier).ok()) {
-          failures[r] = "register";
-          return;
-        }
-      }
-      for (const auto& m : t.modules) (void)c.RegisterModule(m.id, m.name, m.params);
-      Status f = c.Finalize();
-      if (!f.ok()) { failures[r] = f.ToString(); return; }
-      for (const auto& p : t.params) {
-        auto bytes = testing::ParamBytes(p.id, p.numel);
-        Status s = c.SetParamData(p.id, bytes.data());
-        if (!s.ok()) { failures[r] = s.ToString(); return; }
-      }
-      for (uint32_t step = 0; step < steps; ++step) {
-        for (const TraceEvent& e : events) {
-          Status s = e.op == TraceOp::kFetch ? c.Fetch(e.module, e.forward)
-                                             : c.Release(e.module, e.backward);
-          if (!s.ok()) { failures[r] = s.ToString(); return; }
-          if (e.op != TraceOp::kFetch) continue;
-          auto intact = ModuleDataIntact(c, t, e.module);
-          if (!intact) { failures[r] = intact.message(); return; }
-          if (cfg.options.max_reuse_distance == 0 &&
-              c.stats().live_numel >
-                  cfg.options.max_live_parameters + ModuleNumel(t, e.module)) {
-            failures[r] = "live numel over budget";
-            return;
+  testing::Ranks ranks(dir.path(), pc.world, cfg);
+  const std::vector<std::string> failures =
+      ranks.OnEveryRank([&](uint32_t, Rank& rank) -> std::string {
+        Coordinator& c = *rank.coordinator;
+        if (Status s = testing::SetUpTrace(c, t); !s.ok()) return s.ToString();
+        for (uint32_t step = 0; step < steps; ++step) {
+          for (const TraceEvent& e : events) {
+            Status s = e.op == TraceOp::kFetch ? c.Fetch(e.module, e.forward)
+                                               : c.Release(e.module, e.backward);
+            if (!s.ok()) return s.ToString();
+            if (e.op != TraceOp::kFetch) continue;
+            auto intact = ModuleDataIntact(c, t, e.module);
+            if (!intact) return intact.message();
+            if (cfg.options.max_reuse_distance == 0 &&
+                c.stats().live_numel >
+                    cfg.options.max_live_parameters + ModuleNumel(t, e.module)) {
+              return "live numel over budget";
+            }
           }
+          if (Status s = c.ResetStep(); !s.ok()) return s.ToString();
+          if (rank.pool->stats().buffers_in_use != 0) return "buffer held";
         }
-        Status s = c.ResetStep();
-        if (!s.ok()) { failures[r] = s.ToString(); return; }
-        if (rank.pool->stats().buffers_in_use != 0) { failures[r] = "buffer held"; return; }
-      }
-      if (rank.pool->stats().high_water_buffers > cfg.buffer_count) failures[r] = "over pool";
-    });
-  }
-  for (auto& th : threads) th.join();
+        if (rank.pool->stats().high_water_buffers > cfg.buffer_count) return "over pool";
+        return "";
+      });
   for (uint32_t r = 0; r < pc.world; ++r) EXPECT_EQ(failures[r], "") << "rank " << r;
-
 }
 
 // A gather whose collective fails (here: the ranks disagree on the size,

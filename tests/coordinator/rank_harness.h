@@ -6,6 +6,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -103,20 +104,49 @@ inline std::vector<uint8_t> ParamBytes(uint64_t id, uint64_t numel) {
 }
 
 // Registers a trace's params (all float16) and modules, finalizes, and sets
-// every param's data.
-inline void RegisterTrace(Coordinator& c, const TraceFile& t) {
+// every param's data. Returns the first error (safe on rank threads).
+inline Status SetUpTrace(Coordinator& c, const TraceFile& t) {
   for (const auto& p : t.params) {
-    ASSERT_TRUE(c.RegisterParam(p.id, p.numel, DType::kFloat16, p.tier, p.persist, p.name).ok());
+    ZTIER_RETURN_IF_ERROR(
+        c.RegisterParam(p.id, p.numel, DType::kFloat16, p.tier, p.persist, p.name));
   }
-  for (const auto& m : t.modules) ASSERT_TRUE(c.RegisterModule(m.id, m.name, m.params).ok());
-  Status f = c.Finalize();
-  ASSERT_TRUE(f.ok()) << f.ToString();
+  for (const auto& m : t.modules) ZTIER_RETURN_IF_ERROR(c.RegisterModule(m.id, m.name, m.params));
+  ZTIER_RETURN_IF_ERROR(c.Finalize());
   for (const auto& p : t.params) {
     auto bytes = ParamBytes(p.id, p.numel);
-    Status s = c.SetParamData(p.id, bytes.data());
-    ASSERT_TRUE(s.ok()) << s.ToString();
+    ZTIER_RETURN_IF_ERROR(c.SetParamData(p.id, bytes.data()));
   }
+  return Status::Ok();
 }
+
+inline void RegisterTrace(Coordinator& c, const TraceFile& t) {
+  Status s = SetUpTrace(c, t);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+}
+
+// `world` ranks over one LocalGroup (none for world 1), swap files in `dir`.
+struct Ranks {
+  std::shared_ptr<LocalGroup> group;
+  std::vector<std::unique_ptr<Rank>> ranks;
+
+  Ranks(const std::string& dir, uint32_t world, const RankConfig& cfg)
+      : group(world > 1 ? LocalGroup::Create(world) : nullptr), ranks(world) {
+    for (uint32_t r = 0; r < world; ++r) ranks[r] = MakeRank(dir, r, world, group.get(), cfg);
+  }
+
+  // Runs `body(rank index, rank)` on one thread per rank; returns each
+  // rank's failure ("" for none).
+  template <typename Body>
+  std::vector<std::string> OnEveryRank(Body body) {
+    std::vector<std::string> failures(ranks.size());
+    std::vector<std::thread> threads;
+    for (uint32_t r = 0; r < ranks.size(); ++r) {
+      threads.emplace_back([&, r] { failures[r] = body(r, *ranks[r]); });
+    }
+    for (auto& th : threads) th.join();
+    return failures;
+  }
+};
 
 // The `bytes` bytes at device pointer `p`, read back to the host (a plain
 // copy for the host emulation, a device-to-host copy on CUDA).

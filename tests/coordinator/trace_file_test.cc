@@ -10,6 +10,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <set>
 #include <sstream>
@@ -305,7 +306,11 @@ TEST(TraceValidation, EachErrorNamesItsPath) {
        kPM + R"("steps": [[], [{"op": "fetch", "module": 42}]])",
        "steps[1][0].module: unknown module 42"},
       {"unknown op", kPM + R"("steps": [[{"op": "gather", "module": 0}]])",
-       "steps[0][0].op: unknown op 'gather' (use fetch or release)"},
+       "steps[0][0].op: unknown op 'gather' (use fetch, release or hint)"},
+      {"flag on hint", kPM + R"("steps": [[{"op": "hint", "module": 0, "forward": true}]])",
+       "steps[0][0].forward: not valid on a hint event (it takes only 'module')"},
+      {"hint of unknown module", kPM + R"("steps": [[{"op": "hint", "module": 9}]])",
+       "steps[0][0].module: unknown module 9"},
       {"event key typo", kPM + R"("steps": [[{"op": "fetch", "modul": 0}]])",
        "steps[0][0].modul: unknown key (did you mean 'module'?)"},
       {"backward on fetch",
@@ -758,6 +763,57 @@ TEST(GenerateTrace, MoeStepsRouteToDifferentExperts) {
   EXPECT_NE(GenerateOrDie(shape, o).steps, t.steps);
 }
 
+TEST(GenerateTrace, HintsNameTheChosenExpertsRightAfterTheRouter) {
+  ModelShape shape = LoadShapeOrDie("moe-small");
+  TraceGenOptions o;
+  o.steps = 2;
+  o.decode_steps = 1;
+  o.checkpointing = true;
+  const TraceFile plain = GenerateOrDie(shape, o);
+  o.hints = true;
+  const TraceFile hinted = GenerateOrDie(shape, o);
+  ASSERT_EQ(hinted.steps.size(), plain.steps.size());
+  for (size_t s = 0; s < hinted.steps.size(); ++s) {
+    const std::vector<TraceEvent>& ev = hinted.steps[s];
+    std::vector<TraceEvent> rest;  // the step without its hints
+    size_t hints = 0;
+    for (size_t k = 0; k < ev.size(); ++k) {
+      if (ev[k].op != TraceOp::kHint) {
+        rest.push_back(ev[k]);
+        continue;
+      }
+      ++hints;
+      // Each run of hints follows a router's release and names, in order,
+      // the experts the layer fetches next.
+      if (k == 0 || ev[k - 1].op == TraceOp::kHint) continue;
+      ASSERT_EQ(ev[k - 1].op, TraceOp::kRelease);
+      EXPECT_NE(hinted.modules[ev[k - 1].module].name.find(".router"), std::string::npos);
+      std::vector<uint64_t> named, fetched;
+      for (size_t j = k; j < ev.size() && ev[j].op == TraceOp::kHint; ++j)
+        named.push_back(ev[j].module);
+      for (size_t j = k + named.size(); j < ev.size() && fetched.size() < named.size(); ++j) {
+        if (ev[j].op == TraceOp::kFetch) fetched.push_back(ev[j].module);
+      }
+      EXPECT_EQ(named, fetched) << "step " << s << " event " << k;
+    }
+    EXPECT_EQ(rest, plain.steps[s]) << "hints change nothing else, step " << s;
+    // 2 MoE layers x top-2, in forward; a training step recomputes each
+    // layer's forward (checkpointing), so its routers hint again.
+    const bool training = s % 2 == 1;
+    EXPECT_EQ(hints, training ? 8u : 4u) << "step " << s;
+  }
+  // The file keeps them.
+  Result<TraceFile> back = ParseTrace(TraceToJson(hinted), "hinted");
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(*back, hinted);
+  // A dense model has no router to hint after.
+  Result<TraceFile> dense = GenerateTrace(LoadShapeOrDie("tiny"), o);
+  ASSERT_FALSE(dense.ok());
+  EXPECT_NE(dense.status().message().find("hints: family 'gpt2' has no router"),
+            std::string::npos)
+      << dense.status().ToString();
+}
+
 TEST(GenerateTrace, ScaleKeepsTheStructure) {
   for (const char* name : {"tiny", "llama2-7b", "moe-small"}) {
     ModelShape shape = LoadShapeOrDie(name);
@@ -816,6 +872,134 @@ TEST(GenerateTrace, CheckpointingRunsEachLayersForwardAgainInBackward) {
                      "+layers.0.ln_1", "+layers.0.attn", "+layers.0.ln_2",
                      "+layers.0.mlp", "-layers.0.mlp", "-layers.0.ln_2",
                      "-layers.0.attn", "-layers.0.ln_1", "-embed"}));
+}
+
+// The expert modules a step fetches in forward, by name.
+std::vector<std::string> ExpertsOf(const TraceFile& t, size_t step) {
+  std::vector<std::string> out;
+  for (uint64_t m : LeafFetches(t, step, true)) {
+    if (t.modules[m].name.find(".experts.") != std::string::npos)
+      out.push_back(t.modules[m].name);
+  }
+  return out;
+}
+
+TEST(GenerateTrace, DecodeStepsAreForwardOnlyBeforeEachTrainingStep) {
+  for (const char* name : {"tiny", "llama-tiny", "moe-small"}) {
+    for (bool checkpointing : {false, true}) {
+      TraceGenOptions o;
+      o.steps = 3;
+      o.decode_steps = 4;
+      o.checkpointing = checkpointing;
+      TraceFile t = GenerateOrDie(LoadShapeOrDie(name), o);
+      ASSERT_EQ(t.steps.size(), 3u * 5u) << name;
+      ExpectWellNested(t);  // every fetch is released, hooks nest
+      for (size_t s = 0; s < t.steps.size(); ++s) {
+        const std::vector<TraceEvent>& ev = t.steps[s];
+        const bool training = s % 5 == 4;
+        const bool any_backward =
+            std::any_of(ev.begin(), ev.end(),
+                        [](const TraceEvent& e) { return e.backward; });
+        EXPECT_EQ(any_backward, training) << name << " step " << s;
+        if (training) continue;
+        // A decode step: each module once, fetched then released, forward
+        // (no recomputation even with checkpointing).
+        std::map<uint64_t, int> fetches;
+        for (const TraceEvent& e : ev) {
+          EXPECT_TRUE(e.forward) << name << " step " << s;
+          fetches[e.module] += e.op == TraceOp::kFetch;
+        }
+        for (const auto& [m, n] : fetches)
+          EXPECT_EQ(n, 1) << name << " step " << s << " module " << m;
+        // The forward of a training step (an MoE one routes elsewhere, but
+        // to as many experts).
+        const std::vector<TraceEvent>& train = t.steps[s - s % 5 + 4];
+        std::vector<TraceEvent> forward(
+            train.begin(),
+            std::find_if(train.begin(), train.end(),
+                         [](const TraceEvent& e) { return e.backward; }));
+        if (std::string(name) == "moe-small") {
+          EXPECT_EQ(ev.size(), forward.size());
+        } else {
+          EXPECT_EQ(ev, forward) << name << " step " << s;
+        }
+      }
+    }
+  }
+}
+
+TEST(GenerateTrace, TrainingStepsDoNotChangeWithDecodeSteps) {
+  for (const char* name : {"tiny", "llama-tiny", "moe-small"}) {
+    for (bool checkpointing : {false, true}) {
+      ModelShape shape = LoadShapeOrDie(name);
+      TraceGenOptions o;
+      o.steps = 3;
+      o.checkpointing = checkpointing;
+      TraceFile plain = GenerateOrDie(shape, o);
+      o.decode_steps = 2;
+      TraceFile rl = GenerateOrDie(shape, o);
+      ASSERT_EQ(rl.steps.size(), 9u);
+      EXPECT_EQ(rl.params, plain.params);
+      EXPECT_EQ(rl.modules, plain.modules);
+      for (size_t s = 0; s < 3; ++s)
+        EXPECT_EQ(rl.steps[3 * s + 2], plain.steps[s]) << name << " step " << s;
+    }
+  }
+}
+
+TEST(GenerateTrace, MoeDecodeStepsRouteToTheirOwnExperts) {
+  ModelShape shape = LoadShapeOrDie("moe-small");
+  TraceGenOptions o;
+  o.steps = 2;
+  o.decode_steps = 3;
+  TraceFile t = GenerateOrDie(shape, o);
+  ASSERT_EQ(t.steps.size(), 8u);
+  // Each step runs 2 experts in each of the 2 MoE layers; with 28 pairs per
+  // layer, 8 steps of this seed all differ.
+  std::set<std::vector<std::string>> routings;
+  for (size_t s = 0; s < t.steps.size(); ++s) {
+    EXPECT_EQ(ExpertsOf(t, s).size(), 4u) << "step " << s;
+    routings.insert(ExpertsOf(t, s));
+  }
+  EXPECT_EQ(routings.size(), t.steps.size());
+  EXPECT_NE(t.steps[0], t.steps[1]);
+  EXPECT_NE(t.steps[0], t.steps[4]);  // the next training step's decode
+  // The seed names the routing of decode steps too.
+  EXPECT_EQ(GenerateOrDie(shape, o), t);
+  o.seed = 2;
+  TraceFile other = GenerateOrDie(shape, o);
+  EXPECT_NE(other.steps[0], t.steps[0]);
+}
+
+TEST(GenerateTrace, RejectsTooManyDecodeSteps) {
+  ModelShape shape = LoadShapeOrDie("tiny");
+  TraceGenOptions o;
+  o.steps = 1;
+  o.decode_steps = kMaxDecodeSteps;
+  Result<TraceFile> t = GenerateTrace(shape, o);
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  EXPECT_EQ(t->steps.size(), kMaxDecodeSteps + 1u);
+
+  o.decode_steps = kMaxDecodeSteps + 1;
+  t = GenerateTrace(shape, o);
+  ASSERT_FALSE(t.ok());
+  EXPECT_THAT(std::string(t.status().message()),
+              HasSubstr("decode_steps: 1001 is more than the limit of 1000"));
+
+  // The total is checked in 64 bits: these would wrap in 32.
+  o.steps = std::numeric_limits<uint32_t>::max();
+  o.decode_steps = kMaxDecodeSteps;
+  t = GenerateTrace(shape, o);
+  ASSERT_FALSE(t.ok());
+  EXPECT_THAT(std::string(t.status().message()),
+              HasSubstr("steps x (decode_steps + 1) = 4294967295 x 1001 = "
+                        "4299262262295 steps, more than the limit of 1000000"));
+  o.steps = 1000;
+  o.decode_steps = 1000;  // 1001000 steps
+  t = GenerateTrace(shape, o);
+  ASSERT_FALSE(t.ok());
+  EXPECT_THAT(std::string(t.status().message()),
+              HasSubstr("= 1001000 steps, more than the limit of 1000000"));
 }
 
 TEST(GenerateTrace, RejectsBadShapesAndOptions) {

@@ -32,8 +32,8 @@ class BindingTest(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
 
     def test_version(self):
-        self.assertEqual(ztier.version(), (0, 1, 0))
-        self.assertEqual(ztier.version_string(), "0.1.0")
+        self.assertEqual(ztier.version(), (0, 2, 0))
+        self.assertEqual(ztier.version_string(), "0.2.0")
         self.assertEqual(ztier.status_string(Status.NOT_FOUND), "ZTIER_STATUS_NOT_FOUND")
 
     def test_bad_config_raises(self):

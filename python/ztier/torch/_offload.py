@@ -243,6 +243,7 @@ class Offload:
                 s.owners.append(mid)
             ids[id(m)] = mid
             self._mods.append(_Mod(mid, m, name or type(m).__name__, slots))
+        self._mod_of: Dict[int, _Mod] = {id(mod.module): mod for mod in self._mods}
         # From now on each parameter lives on ztier's tiers.
         with _no_torch_function():
             for slot in self._slots:
@@ -532,6 +533,75 @@ class Offload:
         if owner is not mod and owner.mid not in mod.declared:
             mod.declared.append(owner.mid)
 
+    # ------------------------------------------------------------ hints
+    def hint(self, modules) -> None:
+        """Tells ztier which modules of the model run next, when the trainer
+        knows before the learned trace can (an MoE router's chosen experts,
+        right after the router ran): their parameters are prefetched now.
+
+        `modules`: an nn.Module or an iterable of them, in the order they
+        will run. A module stands for every parameter fetch its call makes:
+        itself if it owns parameters, then its submodules that own
+        parameters in registration (named_modules) order, which is the order
+        a container such as nn.Sequential runs them, and the modules whose
+        parameters its forward was seen to use (register_external_parameter,
+        a parent reading a child's weight). So `self.experts[i]`, an MLP of
+        nn.Linear children, hints those Linears. A module of the model that
+        has nothing to fetch (nn.GELU, a parameter-free expert) is ignored: a
+        hint is a prediction and naming such a module predicts nothing. A
+        module that is not part of the offloaded model (another model, a
+        copy, a module added after offload()) is a ValueError naming it.
+
+        The engine places the hinted modules into the next choice slots of
+        the order it learned (positions where steps ran different modules);
+        before it has learned a step, or with nothing left to choose, a hint
+        does nothing. It never changes results: a module fetched that was not
+        hinted is fetched as usual. At world size > 1 every rank must give
+        the same hints at the same place (they start all-gathers)."""
+        if isinstance(modules, nn.Module):
+            modules = [modules]
+        try:
+            items = list(modules)
+        except TypeError:
+            raise TypeError("ztier.torch: hint() takes an nn.Module or an iterable of "
+                            f"nn.Modules, not {type(modules).__name__}") from None
+        mids: List[int] = []
+        for m in items:
+            mids.extend(self._hint_ids(m))
+        if mids:
+            self.engine.hint(mids)
+
+    def _hint_ids(self, module) -> List[int]:
+        """The ids of the modules whose fetches a call of `module` makes, in
+        the order it makes them (as far as registration order tells)."""
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"ztier.torch: hint() takes nn.Modules; got {type(module).__name__}")
+        top = self._mod_of.get(id(module))
+        if top is None or top.module is not module:
+            raise ValueError(
+                f"ztier.torch: hint() was given {_describe(module)}, which is "
+                "not a module of the model this Offload was made over (it was not in "
+                "model.named_modules() when offload() ran: another model, a copy, or a "
+                "module added later). Pass the model's own modules, e.g. "
+                "model.blocks[0].experts[3] or the list of experts a router chose")
+        out: List[int] = []
+        seen = set()
+
+        def add(mod: _Mod) -> None:
+            if mod.slots and mod.mid not in seen:
+                seen.add(mod.mid)
+                out.append(mod.mid)
+            for mid in mod.declared + mod.extras:
+                other = self._mods[mid]
+                if other.slots and mid not in seen:
+                    seen.add(mid)
+                    out.append(mid)
+        for sub in module.modules():  # pre-order, as registration
+            mod = self._mod_of.get(id(sub))
+            if mod is not None and mod.module is sub:
+                add(mod)
+        return out
+
     # ------------------------------------------------------------ saved tensors
     def _pack(self, t: torch.Tensor):
         slot = self._alias.get(_storage_ptr(t)) if self._alias else None
@@ -796,6 +866,16 @@ class Offload:
                 slot.param.__dict__.pop("_ztier_slot", None)
                 slot.offload = None
         self.engine.close()
+
+
+def _describe(module: nn.Module) -> str:
+    """A module on one line: Linear(in_features=4, ...), or a container's
+    children (Sequential(0: Linear, 1: GELU, 2: Linear))."""
+    children = list(module.named_children())
+    if not children:
+        return f"{type(module).__name__}({module.extra_repr()})"
+    inner = ", ".join(f"{n}: {type(c).__name__}" for n, c in children[:6])
+    return f"{type(module).__name__}({inner}{', ...' if len(children) > 6 else ''})"
 
 
 _engines_made = 0  # Offloads made over torch.distributed's group in this process
