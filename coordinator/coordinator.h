@@ -51,11 +51,13 @@
 #include "coordinator/trace_book.h"
 #include "coordinator/trace_file.h"
 #include "swapper/param_swapper.h"
+#include "tiering/config.h"
 #include "tiering/device.h"
 
 namespace ztier::coordinator {
 
-enum class TracePolicy : uint8_t { kAdaptive, kSingle };
+// The config's trace policy (tiering/config.h): adaptive or single.
+using TracePolicy = tiering::TracePolicy;
 
 struct CoordinatorOptions {
   // All counts are elements (numel), as DeepSpeed's stage3_* keys.

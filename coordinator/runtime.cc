@@ -18,9 +18,7 @@ CoordinatorOptions RankRuntime::CoordinatorOptionsFrom(const tiering::Config& c)
   o.model_persistence_threshold = c.coordinator.model_persistence_threshold;
   o.max_ongoing_fetch_events = c.coordinator.max_ongoing_fetch_events;
   o.nvme_lookahead = c.coordinator.nvme_lookahead.value_or(0);
-  o.trace_policy = c.coordinator.trace_policy == tiering::TracePolicy::kSingle
-                       ? TracePolicy::kSingle
-                       : TracePolicy::kAdaptive;
+  o.trace_policy = c.coordinator.trace_policy;
   o.trace_orders = c.coordinator.trace_orders;
   return o;
 }

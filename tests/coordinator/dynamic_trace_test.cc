@@ -405,7 +405,7 @@ TEST_F(DynamicTraceTest, ASkippedModuleResynchronisesAndKeepsPrefetching) {
 // Replays a generated moe-small trace (12 training steps, top-2 of 8 experts
 // changing every step) with the default config, bookkeeping only; returns
 // rank 0's result.
-RankResult ReplayMoe(bool hints, tiering::TracePolicy policy) {
+RankResult ReplayMoe(bool hints, TracePolicy policy) {
   Result<ModelShape> shape =
       LoadModelShape(std::string(ZTIER_SOURCE_DIR) + "/configs/models/moe-small.yaml");
   EXPECT_TRUE(shape.ok()) << shape.status().ToString();
@@ -432,9 +432,9 @@ double HitRateAfter(const RankResult& r, size_t warm) {
 }
 
 TEST(DynamicTraceReplay, HintEventsOfAGeneratedMoeTraceReachTheCoordinator) {
-  const RankResult plain = ReplayMoe(false, tiering::TracePolicy::kAdaptive);
-  const RankResult hinted = ReplayMoe(true, tiering::TracePolicy::kAdaptive);
-  const RankResult single = ReplayMoe(false, tiering::TracePolicy::kSingle);
+  const RankResult plain = ReplayMoe(false, TracePolicy::kAdaptive);
+  const RankResult hinted = ReplayMoe(true, TracePolicy::kAdaptive);
+  const RankResult single = ReplayMoe(false, TracePolicy::kSingle);
   ASSERT_EQ(hinted.steps.size(), 12u);
   EXPECT_EQ(plain.stats.hints, 0u);
   // 2 MoE layers x 2 experts, 12 steps: each run of hint events is one call
