@@ -52,14 +52,18 @@ void BM_CoordinatorStep(benchmark::State& state, const TraceSpec& spec) {
   for (const auto& p : t.params) (void)(*c)->SetParamData(p.id, nullptr);
   std::vector<uint64_t> hinted;
   auto run_step = [&](const std::vector<TraceEvent>& events) {
-    for (const TraceEvent& e : events) {
+    for (size_t k = 0; k < events.size(); ++k) {
+      const TraceEvent& e = events[k];
       if (e.op == TraceOp::kFetch) {
         benchmark::DoNotOptimize((*c)->Fetch(e.module, e.forward));
       } else if (e.op == TraceOp::kRelease) {
         benchmark::DoNotOptimize((*c)->Release(e.module, e.backward));
       } else {
-        hinted.assign(1, e.module);
+        // A run of hint events is one Hint call, as replay makes it.
+        hinted.push_back(e.module);
+        if (k + 1 < events.size() && events[k + 1].op == TraceOp::kHint) continue;
         benchmark::DoNotOptimize((*c)->Hint(hinted));
+        hinted.clear();
       }
     }
     (void)(*c)->ResetStep();

@@ -25,6 +25,12 @@ constexpr uint64_t kSpeculateMinRuns = 4;
 double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
+// 64-bit FNV-1a over a sequence of ids: what ranks compare, and what tells
+// a pack layout already laid out from a new one.
+struct Fnv1a {
+  uint64_t h = 1469598103934665603ull;
+  void Mix(uint64_t v) { h = (h ^ v) * 1099511628211ull; }
+};
 // Sorted-unique copy, for comparing sets of param indices.
 std::vector<uint32_t> SortedUnique(std::vector<uint32_t> v) {
   std::sort(v.begin(), v.end());
@@ -323,10 +329,10 @@ Status Coordinator::Fetch(uint64_t module, bool forward) {
 
   // Demand fetch: gathers for the module's params not yet requested.
   std::vector<uint64_t> demand;
+  const uint64_t use = step_ * 2 + (forward ? 0 : 1);  // this pass of this step
   for (uint32_t pi : m->params) {
     Param& p = *params_[pi];
     ++stats_.params_fetched;
-    const uint64_t use = step_ * 2 + (forward ? 0 : 1);
     if (p.used_in_step != use) {
       p.used_in_step = use;
       const bool kept = p.persistent && p.status == ParamStatus::kAvailable;
@@ -381,7 +387,7 @@ Status Coordinator::Release(uint64_t module, bool backward) {
   for (uint32_t pi : m->params) {
     Param& p = *params_[pi];
     if (p.persistent || p.status != ParamStatus::kAvailable || !p.active.empty()) continue;
-    if (mode_ == TraceMode::kComplete && following_) {
+    if (mode_ == TraceMode::kComplete && follow_ != nullptr) {
       // Prefetched for a later use, or used again soon: keep it.
       if (p.fetched_for > static_cast<int64_t>(pos_)) continue;
       if (ReusedSoon(p, pos_)) continue;
@@ -440,7 +446,7 @@ Status Coordinator::ResetStep() {
   aligned_ = true;
   step_deviated_ = false;
   lost_reported_ = false;
-  following_ = false;
+  follow_ = nullptr;
   if (mode_ == TraceMode::kComplete) {
     if (const TraceBook::Order* o = book_.MostRecent()) {
       Follow(o, 0);
@@ -747,6 +753,7 @@ CoordinatorStats Coordinator::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   CoordinatorStats s = stats_;
   s.live_numel = live_numel_;
+  s.trace_orders = book_.size();
   if (deps_.pool) s.peak_swap_buffers = deps_.pool->stats().high_water_buffers;
   return s;
 }
@@ -766,7 +773,7 @@ void Coordinator::EmitTrace(EventKind kind, int64_t module, uint32_t order, int6
 void Coordinator::FollowFetch(std::unique_lock<std::mutex>& lock, uint32_t mi,
                               uint64_t module, std::vector<uint32_t>* wasted) {
   step_seq_.push_back(mi);
-  if (mode_ != TraceMode::kComplete || !following_) return;
+  if (mode_ != TraceMode::kComplete || follow_ == nullptr) return;
   const std::vector<TraceBook::Slot>& slots = follow_->slots;
   const int64_t substituted = substituted_;
   substituted_ = -1;
@@ -858,10 +865,7 @@ void Coordinator::MatchSlot(size_t j, uint32_t mi, std::vector<uint32_t>* wasted
           }
         }
       }
-      const auto& real = modules_[mi]->params;
-      for (uint32_t pi : modules_[guessed]->params) {
-        if (std::find(real.begin(), real.end(), pi) == real.end()) wasted->push_back(pi);
-      }
+      AddWasted(guessed, mi, wasted);
     }
     RebuildFrom(j);
   } else if (slot.choice() && slot_source_[j] == SlotSource::kSpeculation) {
@@ -871,6 +875,14 @@ void Coordinator::MatchSlot(size_t j, uint32_t mi, std::vector<uint32_t>* wasted
   while (queue_head_ < param_order_.size() && param_order_[queue_head_].slot <= j) {
     const QueueEntry& e = param_order_[queue_head_++];
     params_[e.param]->fetched_for = static_cast<int64_t>(e.slot);
+  }
+}
+
+void Coordinator::AddWasted(uint32_t guessed, uint32_t actual,
+                            std::vector<uint32_t>* wasted) const {
+  const auto& real = modules_[actual]->params;
+  for (uint32_t pi : modules_[guessed]->params) {
+    if (std::find(real.begin(), real.end(), pi) == real.end()) wasted->push_back(pi);
   }
 }
 
@@ -914,7 +926,6 @@ bool Coordinator::FindResync(uint32_t mi, const TraceBook::Order** order, size_t
 
 void Coordinator::Follow(const TraceBook::Order* order, size_t slot) {
   follow_ = order;
-  following_ = true;
   const size_t n = order->slots.size();
   slot_module_.assign(n, 0);
   slot_source_.assign(n, SlotSource::kFixed);
@@ -1046,7 +1057,7 @@ void Coordinator::ReleaseUnneeded(std::unique_lock<std::mutex>& lock, int64_t mo
 }
 
 void Coordinator::Prefetch(int64_t module) {
-  if (mode_ != TraceMode::kComplete || !following_) return;
+  if (mode_ != TraceMode::kComplete || follow_ == nullptr) return;
   const uint64_t budget = options_.max_live_parameters > live_numel_
                               ? options_.max_live_parameters - live_numel_
                               : 0;
@@ -1094,7 +1105,7 @@ Status Coordinator::Hint(std::span<const uint64_t> modules) {
     named.push_back(it->second);
   }
   stats_.hints += named.size();
-  if (mode_ != TraceMode::kComplete || !following_ ||
+  if (mode_ != TraceMode::kComplete || follow_ == nullptr ||
       options_.trace_policy == TracePolicy::kSingle) {
     return Status::Ok();
   }
@@ -1116,14 +1127,7 @@ Status Coordinator::Hint(std::span<const uint64_t> modules) {
       slot_source_[k] = SlotSource::kHint;
       continue;
     }
-    const auto& real = modules_[mi]->params;
-    if (slot_module_[k] == kNoModule) {
-      first = std::min(first, k);
-      continue;
-    }
-    for (uint32_t pi : modules_[slot_module_[k]]->params) {
-      if (std::find(real.begin(), real.end(), pi) == real.end()) wasted.push_back(pi);
-    }
+    if (slot_module_[k] != kNoModule) AddWasted(slot_module_[k], mi, &wasted);
     first = std::min(first, k);
   }
   if (first != SIZE_MAX) RebuildFrom(first);
@@ -1134,22 +1138,22 @@ Status Coordinator::Hint(std::span<const uint64_t> modules) {
 
 Status Coordinator::LearnStep(std::unique_lock<std::mutex>& lock) {
   if (step_seq_.empty()) return Status::Ok();
-  if (following_ && !step_deviated_ && pos_ == follow_->slots.size() &&
+  if (follow_ != nullptr && !step_deviated_ && pos_ == follow_->slots.size() &&
       step_seq_.size() == pos_) {
     ++stats_.steps_on_order;
   }
-  following_ = false;  // Learn may move or drop the followed order
-  follow_ = nullptr;
+  follow_ = nullptr;  // Learn may move or drop the followed order
   // Every rank must have run the same modules in the same order: checked
   // whenever a step teaches something new (the same on every rank then).
   const TraceBook::LearnResult r = book_.Learn(step_seq_, step_);
-  stats_.trace_orders = book_.size();
   EmitTrace(EventKind::kTraceLearned, -1, r.order_id, -1,
             r.created ? "new" : r.changed ? "merged" : "same");
-  if (!r.changed) return Status::Ok();
-  if (deps_.collective && world_ > 1 && !options_.null_io) {
-    uint64_t h = 1469598103934665603ull;
-    for (uint32_t mi : step_seq_) h = (h ^ modules_[mi]->id) * 1099511628211ull;
+  // A step that taught nothing new needs no exchange, but may have made
+  // another order the most followed one: the repack below decides.
+  if (r.changed && deps_.collective && world_ > 1 && !options_.null_io) {
+    Fnv1a fnv;
+    for (uint32_t mi : step_seq_) fnv.Mix(modules_[mi]->id);
+    const uint64_t h = fnv.h;
     lock.unlock();
     auto all = deps_.collective->AllGatherHost(h);
     lock.lock();
@@ -1157,7 +1161,6 @@ Status Coordinator::LearnStep(std::unique_lock<std::mutex>& lock) {
     for (uint32_t r2 = 0; r2 < all->size(); ++r2) {
       if ((*all)[r2] != h) {
         book_.Clear();
-        stats_.trace_orders = 0;
         return Status::FailedPrecondition(fmt::format(
             "trace of rank {} differs from rank {}'s (module order hash {:#x} vs {:#x}): "
             "every rank must run the same modules in the same order",
@@ -1182,7 +1185,7 @@ Status Coordinator::RepackToTrace(std::unique_lock<std::mutex>& lock) {
   // another's bytes, and an expert seen later does not move the others.
   std::vector<swapper::PackGroup> groups;
   std::vector<bool> placed(params_.size(), false);
-  uint64_t h = 1469598103934665603ull;
+  Fnv1a layout;
   auto add = [&](const std::vector<uint32_t>& params, bool alone, bool persistent) {
     swapper::PackGroup g;
     g.alone = alone;
@@ -1191,10 +1194,10 @@ Status Coordinator::RepackToTrace(std::unique_lock<std::mutex>& lock) {
       if (placed[pi] || !OnNvme(p) || p.persistent != persistent) continue;
       placed[pi] = true;
       g.ids.push_back(p.id);
-      h = (h ^ p.id) * 1099511628211ull;
+      layout.Mix(p.id);
     }
     if (g.ids.empty()) return;
-    h = (h ^ (alone ? 2 : 1)) * 1099511628211ull;
+    layout.Mix(alone ? 2 : 1);
     groups.push_back(std::move(g));
   };
   std::vector<uint32_t> persistent;
@@ -1207,7 +1210,7 @@ Status Coordinator::RepackToTrace(std::unique_lock<std::mutex>& lock) {
     if (!sl.choice()) add(modules_[sl.module]->params, false, false);
   }
   for (const auto& m : modules_) add(m->params, true, false);
-  if (h == packed_for_) return Status::Ok();
+  if (layout.h == packed_for_) return Status::Ok();
   const uint64_t before = deps_.swapper->stats().repacks;
   ++partition_io_;  // no read-ahead while the packs move
   lock.unlock();
@@ -1217,13 +1220,14 @@ Status Coordinator::RepackToTrace(std::unique_lock<std::mutex>& lock) {
   Status s = deps_.swapper->Repack(groups);
   lock.lock();
   --partition_io_;
-  packed_for_ = h;  // tried: not again until the order changes
   if (s.code() == StatusCode::kFailedPrecondition) {
-    // Not possible here (a one-buffer pool): the layout is only slower.
-    Log(LogLevel::kInfo, "packs stay in registration order: {}", s.message());
+    // The swapper was not quiet (a partition held, a Read() beside the
+    // hooks): the layout in force stays, and the next step end tries again.
+    Log(LogLevel::kInfo, "packs keep their layout for now: {}", s.message());
     return Status::Ok();
   }
   if (!s.ok()) return s.WithContext("lay the NVMe packs out in trace order");
+  packed_for_ = layout.h;  // laid out: not again until the order changes
   stats_.repacks += deps_.swapper->stats().repacks - before;
   return Status::Ok();
 }
@@ -1234,7 +1238,7 @@ void Coordinator::InvalidateTrace(std::unique_lock<std::mutex>& lock, uint64_t m
   Emit(EventKind::kTraceInvalidated, static_cast<int64_t>(module), {});
   // Stop prefetching, finish what is in flight (every rank issues the same
   // collectives), then free what was fetched for an order that did not come.
-  following_ = false;
+  follow_ = nullptr;
   Status drained = Drain(lock);
   if (!drained.ok() && async_error_.ok()) async_error_ = drained;
   std::vector<uint64_t> released;
@@ -1245,7 +1249,6 @@ void Coordinator::InvalidateTrace(std::unique_lock<std::mutex>& lock, uint64_t m
     }
   }
   if (!released.empty()) Emit(EventKind::kRelease, static_cast<int64_t>(module), released);
-  follow_ = nullptr;
   book_.Clear();
   param_order_.clear();
   queue_head_ = read_cursor_ = 0;
@@ -1364,7 +1367,7 @@ void Coordinator::IssueReads() {
     if (!started) return;  // keep trace order
   }
   // 2. Read-ahead in trace order, while free buffers last, within the window.
-  if (mode_ != TraceMode::kComplete || !following_) return;
+  if (mode_ != TraceMode::kComplete || follow_ == nullptr) return;
   const uint64_t window = options_.nvme_lookahead ? options_.nvme_lookahead
                                                   : options_.max_live_parameters;
   read_cursor_ = std::max(read_cursor_, queue_head_);

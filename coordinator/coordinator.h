@@ -243,6 +243,9 @@ class Coordinator {
   // Module `mi` ran at slot `j`: records it, re-predicts after a wrong guess
   // and pops the queue up to j.
   void MatchSlot(size_t j, uint32_t mi, std::vector<uint32_t>* wasted);
+  // The params of module `guessed` that module `actual` does not use (what
+  // a wrong prediction gathered for nothing) go to `wasted`.
+  void AddWasted(uint32_t guessed, uint32_t actual, std::vector<uint32_t>* wasted) const;
   // Another known order whose slots accept this step's sequence so far.
   const TraceBook::Order* FindSwitch() const;
   // The nearest slot accepting `mi` after pos_ in the followed order, or
@@ -314,10 +317,9 @@ class Coordinator {
   uint64_t step_ = 0;     // ResetStep count
   TraceBook book_;
   std::vector<uint32_t> step_seq_;  // modules fetched in this step, in order
-  // The order followed (in book_: valid until the next Learn) and the slot
-  // expected next.
+  // The order followed (in book_: valid until the next Learn; null when
+  // none is) and the slot expected next.
   const TraceBook::Order* follow_ = nullptr;
-  bool following_ = false;
   size_t pos_ = 0;
   bool aligned_ = true;         // step_seq_[k] ran at slot k so far (no resync)
   bool step_deviated_ = false;  // switched, re-synchronised or off the trace

@@ -4,10 +4,18 @@
 
 namespace ztier::coordinator {
 
+namespace {
+// Where `module` is, or would go, among candidates sorted by module.
+template <typename Candidates>
+auto LowerCandidate(Candidates& candidates, uint32_t module) {
+  return std::lower_bound(candidates.begin(), candidates.end(), module,
+                          [](const auto& c, uint32_t m) { return c.module < m; });
+}
+}  // namespace
+
 bool TraceBook::Accepts(const Slot& slot, uint32_t module) {
   if (!slot.choice()) return slot.module == module;
-  auto it = std::lower_bound(slot.candidates.begin(), slot.candidates.end(), module,
-                             [](const Candidate& c, uint32_t m) { return c.module < m; });
+  auto it = LowerCandidate(slot.candidates, module);
   return it != slot.candidates.end() && it->module == module;
 }
 
@@ -74,8 +82,7 @@ bool TraceBook::Merge(Order& order, std::span<const uint32_t> seq) {
   for (size_t j = 0; j < slots.size(); ++j) {
     Slot& s = slots[j];
     if (s.choice() && s.mirror >= 0 && seq[j] != seq[static_cast<size_t>(s.mirror)]) {
-      s.mirror = -1;
-      s.mirror_broken = true;
+      s.mirror = -1;  // for good: only a slot turning into a choice gets a mirror
       changed = true;
     }
   }
@@ -106,8 +113,7 @@ bool TraceBook::Merge(Order& order, std::span<const uint32_t> seq) {
   for (size_t j = 0; j < slots.size(); ++j) {
     Slot& s = slots[j];
     if (!s.choice()) continue;
-    auto it = std::lower_bound(s.candidates.begin(), s.candidates.end(), seq[j],
-                               [](const Candidate& c, uint32_t m) { return c.module < m; });
+    auto it = LowerCandidate(s.candidates, seq[j]);
     if (it != s.candidates.end() && it->module == seq[j]) {
       ++it->count;
     } else {

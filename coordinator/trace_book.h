@@ -36,7 +36,6 @@ class TraceBook {
     uint32_t module = 0;               // fixed slot: its module; choice: the first seen
     std::vector<Candidate> candidates;  // empty for a fixed slot; sorted by module
     int64_t mirror = -1;               // choice slot: earlier slot it equals, or -1
-    bool mirror_broken = false;        // it once differed from every earlier slot
     bool choice() const { return !candidates.empty(); }
   };
   struct Order {

@@ -909,7 +909,6 @@ ModelModules BuildLlama(const ModelShape& s, TraceBuilder& b) {
 // One step's fetch/release calls, in the order the module hooks fire.
 class StepWriter {
  public:
-  StepWriter() = default;
   // With hints, each router in `routers` is followed by hint events naming
   // the calls after it in its layer (the experts it chose).
   explicit StepWriter(std::vector<uint64_t> routers) : routers_(std::move(routers)) {}

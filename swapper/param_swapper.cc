@@ -846,8 +846,8 @@ Result<std::vector<ParamSwapper::Pack>> ParamSwapper::PlanRepack(
   std::vector<bool> breaks;     // breaks[k]: a pack starts at order[k]
   std::vector<bool> placed(members_.size(), false);
   bool closed = false;  // the open pack belongs to an `alone` group
-  // Appends the members named by `ids` not yet placed; false if none was.
-  auto place = [&](const std::vector<uint32_t>& ids, bool alone) -> bool {
+  // Appends the members named by `ids` not yet placed.
+  auto place = [&](const std::vector<uint32_t>& ids, bool alone) {
     const size_t first = order.size();
     for (uint32_t mi : ids) {
       if (!members_[mi].packed || placed[mi]) continue;
@@ -855,10 +855,9 @@ Result<std::vector<ParamSwapper::Pack>> ParamSwapper::PlanRepack(
       order.push_back(mi);
       breaks.push_back(false);
     }
-    if (order.size() == first) return false;  // adds nothing, closes nothing
+    if (order.size() == first) return;  // adds nothing, closes nothing
     breaks[first] = alone || closed;
     closed = alone;
-    return true;
   };
   std::vector<uint32_t> named;
   for (const PackGroup& g : groups) {
@@ -880,8 +879,9 @@ Result<std::vector<ParamSwapper::Pack>> ParamSwapper::PlanRepack(
 
 std::vector<ParamSwapper::Pack> ParamSwapper::PackInOrder(
     std::span<const uint32_t> order, const std::vector<bool>& breaks) const {
-  // The rule Seal() packs by: next-fit into one buffer, members at 256-byte
-  // boundaries.
+  // Next-fit into one buffer, members at 256-byte boundaries: Seal()'s rule,
+  // except that Seal(), not knowing the order of use, stops a pack at
+  // pack_threshold bytes.
   const uint64_t buffer_bytes = pool_->buffer_bytes();
   std::vector<Pack> packs;
   uint64_t fill = 0;  // bytes of the open pack

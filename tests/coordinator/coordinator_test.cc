@@ -373,7 +373,6 @@ TEST_P(CoordinatorPropertyTest, RandomTracesAndLimits) {
           if (Status s = c.ResetStep(); !s.ok()) return s.ToString();
           if (rank.pool->stats().buffers_in_use != 0) return "buffer held";
         }
-        if (rank.pool->stats().high_water_buffers > cfg.buffer_count) return "over pool";
         return "";
       });
   for (uint32_t r = 0; r < pc.world; ++r) EXPECT_EQ(failures[r], "") << "rank " << r;
