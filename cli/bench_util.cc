@@ -3,44 +3,14 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include <fmt/format.h>
 
+#include "tiering/units.h"
+
 namespace ztier::cli {
-
-namespace {
-
-bool EqualsIgnoreCase(std::string_view a, std::string_view b) {
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (std::tolower(static_cast<unsigned char>(a[i])) !=
-        std::tolower(static_cast<unsigned char>(b[i]))) {
-      return false;
-    }
-  }
-  return true;
-}
-
-// Power of 1024 named by `suffix` ("" -> 0, "k"/"KB"/"KiB" -> 1, ...), or -1.
-int SuffixPower(std::string_view suffix) {
-  if (suffix.empty()) return 0;
-  static constexpr std::string_view kLetters = "kmgt";
-  const char first = static_cast<char>(
-      std::tolower(static_cast<unsigned char>(suffix.front())));
-  const size_t pos = kLetters.find(first);
-  if (pos == std::string_view::npos) {
-    return EqualsIgnoreCase(suffix, "b") ? 0 : -1;
-  }
-  const std::string_view rest = suffix.substr(1);
-  if (rest.empty() || EqualsIgnoreCase(rest, "b") ||
-      EqualsIgnoreCase(rest, "ib")) {
-    return static_cast<int>(pos) + 1;
-  }
-  return -1;
-}
-
-}  // namespace
 
 double Median(std::vector<double> v) {
   if (v.empty()) return 0;
@@ -50,45 +20,7 @@ double Median(std::vector<double> v) {
 }
 
 Result<uint64_t> ParseSize(std::string_view text) {
-  const std::string_view original = text;
-  while (!text.empty() &&
-         std::isspace(static_cast<unsigned char>(text.front()))) {
-    text.remove_prefix(1);
-  }
-  while (!text.empty() &&
-         std::isspace(static_cast<unsigned char>(text.back()))) {
-    text.remove_suffix(1);
-  }
-  size_t digits = 0;
-  while (digits < text.size() &&
-         std::isdigit(static_cast<unsigned char>(text[digits]))) {
-    ++digits;
-  }
-  auto bad = [&](std::string_view why) {
-    return Status::InvalidArgument(fmt::format(
-        "size '{}' {}: use bytes or an integer with k/m/g/t (KiB, MiB, GiB, "
-        "TiB; 1024-based), e.g. 4k, 1MiB, 2GiB",
-        original, why));
-  };
-  if (digits == 0) return bad("does not start with a number");
-  size_t suffix_begin = digits;
-  while (suffix_begin < text.size() &&
-         std::isspace(static_cast<unsigned char>(text[suffix_begin]))) {
-    ++suffix_begin;
-  }
-  const int power = SuffixPower(text.substr(suffix_begin));
-  if (power < 0) return bad("has an unknown unit");
-  uint64_t value = 0;
-  for (size_t i = 0; i < digits; ++i) {
-    const uint64_t d = static_cast<uint64_t>(text[i] - '0');
-    if (value > (UINT64_MAX - d) / 10) return bad("is too large");
-    value = value * 10 + d;
-  }
-  for (int i = 0; i < power; ++i) {
-    if (value > (UINT64_MAX >> 10)) return bad("is too large");
-    value <<= 10;
-  }
-  return value;
+  return tiering::ParseByteSize(text, {0, std::numeric_limits<uint64_t>::max(), false});
 }
 
 std::string FormatSize(uint64_t bytes) {

@@ -15,10 +15,9 @@
 
 namespace ztier::cli {
 
-// Parses a byte size: plain bytes ("4096") or an integer with a binary
-// suffix, case-insensitive: k/KB/KiB = 1024, m/MB/MiB = 1024^2, g/GB/GiB =
-// 1024^3, t/TB/TiB = 1024^4 (the storage-benchmark convention: "4k" is 4096
-// bytes). Errors name the text and say what is accepted.
+// Parses a byte size in ztier's one size grammar (tiering/units.h): "4096",
+// "4k" or "4KiB" (4096), "1MB" (1000000), "1.5GiB". Errors name the text and
+// the units accepted.
 Result<uint64_t> ParseSize(std::string_view text);
 
 // The median of `v`: its middle value, or the mean of the two middle values

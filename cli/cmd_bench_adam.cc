@@ -38,6 +38,7 @@
 #include "base/status.h"
 #include "cli/bench_util.h"
 #include "cli/commands.h"
+#include "cli/output.h"
 #include "optim/adam.h"
 #include "optim/worker_pool.h"
 #if defined(ZTIER_CLI_HAVE_TIERING)
@@ -49,7 +50,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-constexpr int kUsageError = 2;
 // Each array starts on a cache line (bytes).
 constexpr uint64_t kArrayAlign = 64;
 // The allocation is aligned for transparent huge pages (bytes).
@@ -244,7 +244,7 @@ struct UpdateResult {
 int RunBenchAdam(const AdamArgs& args) {
   auto fail = [](const Status& s) {
     fprintf(stderr, "ztier bench adam: %s\n", std::string(s.message()).c_str());
-    return kUsageError;
+    return ExitCodeFor(s);
   };
   const Result<uint64_t> n = ParseElements(args.elements);
   if (!n.ok()) return fail(n.status());
@@ -357,7 +357,7 @@ int RunBenchAdam(const AdamArgs& args) {
                               {"bytes_per_s", r.bytes_per_s},
                               {"roofline_fraction", r.roofline_fraction}});
     }
-    printf("%s\n", j.dump().c_str());
+    printf("%s\n", WithRunInfo(std::move(j)).dump().c_str());
     return 0;
   }
 

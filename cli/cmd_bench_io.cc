@@ -40,6 +40,7 @@
 #include "base/status.h"
 #include "cli/bench_util.h"
 #include "cli/commands.h"
+#include "cli/output.h"
 #include "io/backend.h"
 #include "io/engine.h"
 #include "io/file.h"
@@ -49,7 +50,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-constexpr int kUsageError = 2;
 // Buffers are page aligned: enough for any direct-I/O alignment up to 4 KiB
 // and what io_uring fixed buffers want.
 constexpr uint64_t kBufferAlign = 4096;
@@ -695,7 +695,7 @@ void PrintJson(const Config& c, const io::StripedFile& file, const Outcome& o) {
   } else {
     j["loops"] = c.loops;
   }
-  std::cout << j.dump(2) << std::endl;
+  std::cout << WithRunInfo(std::move(j)).dump(2) << std::endl;
 }
 
 // ---------------------------------------------------------------------------
@@ -809,7 +809,7 @@ int RunBenchIo(const Flags& flags) {
   auto config = MakeConfig(flags);
   if (!config.ok()) {
     PrintError(config.status().message());
-    return kUsageError;
+    return kExitUsage;
   }
   Config c = config.value();
   c.progress = !flags.json;
@@ -817,7 +817,7 @@ int RunBenchIo(const Flags& flags) {
   auto o = Measure(c, &file);
   if (!o.ok()) {
     PrintError(o.status().ToString());
-    return kUsageError;
+    return ExitCodeFor(o.status());
   }
   if (flags.json) {
     PrintJson(c, *file, *o);
@@ -828,7 +828,8 @@ int RunBenchIo(const Flags& flags) {
 }
 
 constexpr const char* kFooter = R"(
-Sizes: bytes or an integer with k/m/g/t (1024-based: 4k = 4KiB = 4096).
+Sizes: bytes or a number with a unit: 4k = 4K = 4KiB = 4096 (1024-based),
+1MB = 1000000 (1000-based); docs/config.md "Numbers and units" has the grammar.
 --file may be given several times: the run then stripes over the files
 round-robin in units of --bs rounded up to 4 KiB. Default file:
 ${ZTIER_NVME_PATH:-./ztier_nvme}/bench_io.dat (the directory is created 0700).
@@ -916,7 +917,7 @@ void RegisterBenchIo(CLI::App& bench, int* exit_code) {
   cmd->callback([flags, exit_code, time, loops] {
     if (time->count() > 0 && loops->count() > 0) {
       PrintError("--time and --loops exclude each other: give one");
-      *exit_code = kUsageError;
+      *exit_code = kExitUsage;
       return;
     }
     *exit_code = RunBenchIo(*flags);

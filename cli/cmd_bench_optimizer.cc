@@ -33,6 +33,7 @@
 #include "checkpoint/checkpoint.h"
 #include "cli/bench_util.h"
 #include "cli/commands.h"
+#include "cli/output.h"
 #include "cli/step_util.h"
 #include "coordinator/runtime.h"
 #include "coordinator/trace_file.h"
@@ -376,7 +377,7 @@ int OptimizerBench::Report(const std::vector<RunFigures>& runs) {
           {"drain_s", last.drain_s},
           {"peak_buffers", last.peak_buffers}}},
     };
-    printf("%s\n", j.dump().c_str());
+    printf("%s\n", WithRunInfo(std::move(j)).dump().c_str());
     return 0;
   }
   printf("optimizer bench: %s (scale 1/%g), %llu elements (%s parameters), AdamW, %s update, "
@@ -508,7 +509,7 @@ int OptimizerBench::ReportCheckpoint(const std::vector<CheckpointFigures>& runs)
                         {"load_over_bound", Median(load_ratio)},
                         {"save_rss_growth_bytes", Median(srss)},
                         {"load_rss_growth_bytes", Median(lrss)}};
-    printf("%s\n", j.dump().c_str());
+    printf("%s\n", WithRunInfo(std::move(j)).dump().c_str());
     return 0;
   }
   printf("checkpoint bench: %s (scale 1/%g), %llu elements (%s parameters) with AdamW state; "

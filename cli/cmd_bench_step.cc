@@ -46,6 +46,7 @@
 
 #include "cli/bench_util.h"
 #include "cli/commands.h"
+#include "cli/output.h"
 #include "cli/step_util.h"
 #include "cli/timeline.h"
 #include "coordinator/collective.h"
@@ -57,7 +58,6 @@ namespace ztier::cli {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-constexpr int kUsageError = 2;
 // The bandwidth measurement reads at least this much (bytes) so that it runs
 // long enough to be stable, and at most this much so that it stays short.
 constexpr uint64_t kMinBenchBytes = 256ull << 20;
@@ -823,7 +823,7 @@ void StepBench::Report(const RunOutput& out) {
                            {"file", device_.file}};
     }
     if (!a_.timeline.empty()) j["timeline"] = a_.timeline;
-    std::cout << j.dump(2) << std::endl;
+    std::cout << WithRunInfo(std::move(j)).dump(2) << std::endl;
     return;
   }
   fmt::print("ztier bench step: {}{}, world size {} ({}), {} measured steps after 1 recording "
@@ -881,19 +881,19 @@ void StepBench::Report(const RunOutput& out) {
 int StepBench::Run() {
   if (Status s = Prepare(); !s.ok()) {
     PrintError(s.ToString());
-    return kUsageError;
+    return ExitCodeFor(s);
   }
   if (!a_.device_bw.empty()) {
     auto bw = tiering::ParseByteSize(a_.device_bw, {1, tiering::kMaxElements, false});
     if (!bw.ok()) {
       PrintError(bw.status().WithContext("--device-bw (bytes per second)").ToString());
-      return kUsageError;
+      return kExitUsage;
     }
     device_bw_ = static_cast<double>(*bw);
   } else if (config_.tiers.params == tiering::ParamTier::kNvme) {
     if (Status s = MeasureDevice(&device_); !s.ok()) {
       PrintError(s.ToString());
-      return 1;
+      return ExitCodeFor(s);
     }
     device_bw_ = device_.bw_bytes_per_s;
     measured_bw_ = true;
@@ -901,7 +901,7 @@ int StepBench::Run() {
   if (mode_ == ComputeMode::kBalanced) {
     if (device_bw_ <= 0) {
       PrintError("--compute balanced needs the device bandwidth (params on NVMe or --device-bw)");
-      return kUsageError;
+      return kExitUsage;
     }
     // Calibration: the I/O time of a step, measured as the time of the
     // I/O-bound steps (no compute) after the recording one, averaged.
@@ -910,7 +910,7 @@ int StepBench::Run() {
     auto cal = RunSteps(kCalibrationSteps + 1, /*emulate=*/false, nullptr);
     if (!cal.ok()) {
       PrintError(cal.status().ToString());
-      return 1;
+      return ExitCodeFor(cal.status());
     }
     for (size_t i = 1; i < cal->steps.size(); ++i) {
       balanced_io_s_ += cal->steps[i].seconds / static_cast<double>(cal->steps.size() - 1);
@@ -930,7 +930,7 @@ int StepBench::Run() {
   auto out = RunSteps(a_.steps + 1, /*emulate=*/true, timeline.get());
   if (!out.ok()) {
     PrintError(out.status().ToString());
-    return 1;
+    return ExitCodeFor(out.status());
   }
   if (measured_bw_) {
     // Again after the steps: a shared drive drifts (seconds-scale swings of
@@ -938,7 +938,7 @@ int StepBench::Run() {
     // bracket the steps.
     if (Status s = MeasureDevice(&device_after_); !s.ok()) {
       PrintError(s.ToString());
-      return 1;
+      return ExitCodeFor(s);
     }
     device_bw_ = (device_.bw_bytes_per_s + device_after_.bw_bytes_per_s) / 2;
   }
@@ -955,7 +955,7 @@ int StepBench::Run() {
     };
     if (Status s = timeline->Write(a_.timeline, names); !s.ok()) {
       PrintError(s.ToString());
-      return 1;
+      return ExitCodeFor(s);
     }
   }
   Report(*out);

@@ -16,6 +16,7 @@
 
 #include "cli/bench_util.h"
 #include "cli/commands.h"
+#include "cli/output.h"
 #include "swapper/param_swapper.h"
 
 namespace ztier::cli {
@@ -150,7 +151,7 @@ int RunBenchSwap(const SwapArgs& args) {
   }
   if (Status s = b.Setup(); !s.ok()) {
     fprintf(stderr, "ztier bench swap: %s\n", s.ToString().c_str());
-    return 2;
+    return ExitCodeFor(s);
   }
   std::vector<RunResult> runs;
   for (uint32_t r = 0; r < b.a.runs; ++r) {
@@ -183,7 +184,7 @@ int RunBenchSwap(const SwapArgs& args) {
     for (const auto* st : {&io_read.status(), &in.status(), &out.status(), &io_write.status()}) {
       if (!st->ok()) {
         fprintf(stderr, "ztier bench swap: %s\n", st->ToString().c_str());
-        return 1;
+        return ExitCodeFor(*st);
       }
     }
     rr = {*io_read, *in, *io_write, *out};
@@ -191,7 +192,7 @@ int RunBenchSwap(const SwapArgs& args) {
     for (uint32_t i = 0; i < b.a.partitions; ++i) {
       if (Status s = b.swapper->Write(i, data.data()); !s.ok()) {
         fprintf(stderr, "ztier bench swap: %s\n", s.ToString().c_str());
-        return 1;
+        return ExitCodeFor(s);
       }
     }
     runs.push_back(rr);
@@ -223,7 +224,7 @@ int RunBenchSwap(const SwapArgs& args) {
         {"swap_in_ratio", Median(in_ratio)},
         {"io_write_bw_bytes_per_s", Median(io_w)}, {"swap_out_bw_bytes_per_s", Median(sout)},
         {"swap_out_ratio", Median(out_ratio)}};
-    printf("%s\n", j.dump().c_str());
+    printf("%s\n", WithRunInfo(std::move(j)).dump().c_str());
     return 0;
   }
   printf("swap bench: %u partitions x %s = %s on %s, bs %s, qd %u, %u buffers x %s, checksum %s\n",

@@ -19,6 +19,7 @@
 
 #include "cli/bench_util.h"
 #include "cli/commands.h"
+#include "cli/output.h"
 #include "cli/step_util.h"
 #include "io/backend.h"
 #include "tiering/units.h"
@@ -143,7 +144,7 @@ int RunSweep(const SweepArgs& a) {
   csv.close();
   nlohmann::json doc = {{"rw", a.rw}, {"file", file}, {"size", a.size}, {"points", points}};
   std::ofstream js(a.json);
-  js << doc.dump(2) << "\n";
+  js << WithRunInfo(std::move(doc)).dump(2) << "\n";
   if (!csv || !js) {
     PrintError(fmt::format("writing {} or {} failed", a.csv, a.json));
     return 1;

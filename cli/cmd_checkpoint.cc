@@ -11,22 +11,17 @@
 #include "checkpoint/checkpoint.h"
 #include "cli/bench_util.h"
 #include "cli/commands.h"
+#include "cli/output.h"
 
 namespace ztier::cli {
 namespace {
 
 namespace ck = ztier::checkpoint;
 
-// Exit codes: 0 valid / done, 1 damaged or failed, 2 bad input (no such
-// checkpoint, bad option).
-constexpr int kExitDamaged = 1;
-constexpr int kExitBadInput = 2;
 
 int Fail(const char* cmd, const Status& s) {
   fprintf(stderr, "ztier checkpoint %s: error: %s\n", cmd, s.ToString().c_str());
-  return s.code() == StatusCode::kNotFound || s.code() == StatusCode::kInvalidArgument
-             ? kExitBadInput
-             : kExitDamaged;
+  return ExitCodeFor(s);  // 1 damaged or failed, 2 no such checkpoint
 }
 
 int RunInfo(const std::string& dir, bool json) {
@@ -51,7 +46,7 @@ int RunInfo(const std::string& dir, bool json) {
                         {"params_with_pending_gradient", with_grad},
                         {"optimizer_groups", m->groups.size()},
                         {"user_bytes", m->user.bytes}};
-    printf("%s\n", j.dump().c_str());
+    printf("%s\n", WithRunInfo(std::move(j)).dump().c_str());
     return 0;
   }
   printf("checkpoint %s (%s)\n", dir.c_str(), ck::kManifestFormat);

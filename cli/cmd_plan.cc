@@ -18,6 +18,7 @@
 
 #include "cli/bench_util.h"
 #include "cli/commands.h"
+#include "cli/output.h"
 #include "cli/step_util.h"
 #include "coordinator/trace_file.h"
 #include "tiering/plan.h"
@@ -26,7 +27,6 @@
 namespace ztier::cli {
 namespace {
 
-constexpr int kUsageError = 2;
 
 struct PlanArgs {
   std::string model;
@@ -87,15 +87,15 @@ Result<IoBenchResult> Measure(const tiering::Config& c, const char* rw) {
 
 int RunPlan(const PlanArgs& a) {
   auto path = ResolveModelPath(a.model);
-  if (!path.ok()) return PrintError(path.status().ToString()), kUsageError;
+  if (!path.ok()) return PrintError(path.status().ToString()), kExitUsage;
   auto shape = coordinator::LoadModelShape(*path);
-  if (!shape.ok()) return PrintError(shape.status().ToString()), kUsageError;
+  if (!shape.ok()) return PrintError(shape.status().ToString()), kExitUsage;
   auto config = LoadConfigOrDefaults(a.config);
-  if (!config.ok()) return PrintError(config.status().ToString()), kUsageError;
+  if (!config.ok()) return PrintError(config.status().ToString()), kExitUsage;
   auto opt = tiering::ParseStateTier(a.optimizer);
-  if (!opt.ok()) return PrintError(opt.status().WithContext("--optimizer").ToString()), kUsageError;
-  if (a.world_size == 0) return PrintError("--world-size must be at least 1"), kUsageError;
-  if (!(a.scale >= 1.0)) return PrintError("--scale must be at least 1"), kUsageError;
+  if (!opt.ok()) return PrintError(opt.status().WithContext("--optimizer").ToString()), kExitUsage;
+  if (a.world_size == 0) return PrintError("--world-size must be at least 1"), kExitUsage;
+  if (!(a.scale >= 1.0)) return PrintError("--scale must be at least 1"), kExitUsage;
 
   coordinator::TraceGenOptions go;
   go.steps = 1;
@@ -120,7 +120,7 @@ int RunPlan(const PlanArgs& a) {
              {&a.pcie_bw, "--pcie-bw", &in.pcie_bw}};
   for (auto& b : bws) {
     auto v = OptionalBytes(*b.text, b.flag);
-    if (!v.ok()) return PrintError(v.status().ToString()), kUsageError;
+    if (!v.ok()) return PrintError(v.status().ToString()), kExitUsage;
     *b.out = static_cast<double>(*v);
   }
   std::string bw_source = in.nvme_read_bw > 0 ? "given" : "none";
@@ -142,7 +142,7 @@ int RunPlan(const PlanArgs& a) {
   auto host = OptionalBytes(a.host_memory, "--host-memory");
   auto nvme = OptionalBytes(a.nvme_capacity, "--nvme-capacity");
   for (const auto* r : {&dev, &host, &nvme}) {
-    if (!r->ok()) return PrintError(r->status().ToString()), kUsageError;
+    if (!r->ok()) return PrintError(r->status().ToString()), kExitUsage;
   }
   in.device_capacity = *dev;
   // This machine's memory and the NVMe path's free space, shared by the
@@ -153,7 +153,7 @@ int RunPlan(const PlanArgs& a) {
             : FreeBytes(config->tiers.nvme.paths.empty() ? "." : config->tiers.nvme.paths[0]) /
                   a.world_size;
   auto plan = tiering::MakePlan(in);
-  if (!plan.ok()) return PrintError(plan.status().ToString()), kUsageError;
+  if (!plan.ok()) return PrintError(plan.status().ToString()), kExitUsage;
   const tiering::Plan& p = *plan;
   const auto& r = p.recommend;
 
@@ -195,7 +195,7 @@ int RunPlan(const PlanArgs& a) {
                   {"compute_seconds", p.compute_seconds},
                   {"step_seconds", p.step_seconds}}},
     };
-    std::cout << j.dump(2) << std::endl;
+    std::cout << WithRunInfo(std::move(j)).dump(2) << std::endl;
     return 0;
   }
   using tiering::HumanBytes;

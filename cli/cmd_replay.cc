@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include "cli/commands.h"
+#include "cli/output.h"
 #include "cli/step_util.h"
 #include "coordinator/event_log.h"
 #include "coordinator/trace_runner.h"
@@ -53,17 +54,17 @@ int RunReplay(const ReplayArgs& a) {
   auto trace = coordinator::LoadTrace(a.trace);
   if (!trace.ok()) {
     fprintf(stderr, "ztier replay: %s\n", trace.status().ToString().c_str());
-    return 2;
+    return kExitUsage;
   }
   auto loaded = LoadConfigOrDefaults(a.config);
   if (!loaded.ok()) {
     fprintf(stderr, "ztier replay: %s\n", loaded.status().ToString().c_str());
-    return 2;
+    return kExitUsage;
   }
   tiering::Config config = *loaded;
   if (Status s = ApplyOverrides(*trace, &config); !s.ok()) {
     fprintf(stderr, "ztier replay: %s\n", s.ToString().c_str());
-    return 2;
+    return kExitUsage;
   }
   if (!a.trace_policy.empty()) {
     config.coordinator.trace_policy = a.trace_policy == "single" ? tiering::TracePolicy::kSingle
@@ -74,7 +75,7 @@ int RunReplay(const ReplayArgs& a) {
     auto s = coordinator::JsonLinesSink::Open(a.events);
     if (!s.ok()) {
       fprintf(stderr, "ztier replay: %s\n", s.status().ToString().c_str());
-      return 2;
+      return kExitUsage;
     }
     sink = std::move(s).value();
   }
@@ -93,7 +94,7 @@ int RunReplay(const ReplayArgs& a) {
     auto n = tiering::ParseElementCount(a.buffer_elements, {1, tiering::kMaxElements, false});
     if (!n.ok()) {
       fprintf(stderr, "ztier replay: --buffer-elements: %s\n", n.status().ToString().c_str());
-      return 2;
+      return kExitUsage;
     }
     ro.runtime.buffer_elements_override = *n;
   }
@@ -107,7 +108,7 @@ int RunReplay(const ReplayArgs& a) {
   if (sink) (void)sink->Close();
   if (!result.ok()) {
     fprintf(stderr, "ztier replay: %s\n", result.status().ToString().c_str());
-    return 1;
+    return ExitCodeFor(result.status());
   }
   const auto& r0 = (*result)[0];
   const auto& s = r0.stats;

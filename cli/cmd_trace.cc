@@ -12,15 +12,12 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "cli/output.h"
 #include "coordinator/trace_file.h"
 
 namespace ztier::cli {
 namespace {
 
-// Exit status of an input (shape, trace, option) that is not valid; 1 is for
-// a failure to write the output.
-constexpr int kExitBadInput = 2;
-constexpr int kExitIoError = 1;
 
 void PrintError(const Status& s) {
   // The library's messages are one error per line, already naming the file.
@@ -78,7 +75,7 @@ int RunGen(const GenArgs& a) {
   Result<coordinator::ModelShape> shape = coordinator::LoadModelShape(a.model);
   if (!shape.ok()) {
     PrintError(shape.status());
-    return kExitBadInput;
+    return kExitUsage;
   }
   coordinator::TraceGenOptions o;
   o.steps = a.steps;
@@ -91,18 +88,18 @@ int RunGen(const GenArgs& a) {
   Result<coordinator::TraceFile> trace = coordinator::GenerateTrace(*shape, o);
   if (!trace.ok()) {
     PrintError(trace.status());
-    return kExitBadInput;
+    return kExitUsage;
   }
   if (a.out.empty() || a.out == "-") {
     std::string json = coordinator::TraceToJson(*trace);
     if (fwrite(json.data(), 1, json.size(), stdout) != json.size() ||
         fflush(stdout) != 0) {
       fprintf(stderr, "ztier: trace gen: cannot write to standard output\n");
-      return kExitIoError;
+      return kExitFailure;
     }
   } else if (Status s = coordinator::SaveTrace(*trace, a.out); !s.ok()) {
     PrintError(s);
-    return kExitIoError;
+    return kExitFailure;
   }
   // Said only when there are any, so the default line stays as it was.
   const size_t forward_only = ForwardOnlySteps(*trace);
@@ -131,7 +128,7 @@ int RunInfo(const InfoArgs& a) {
   Result<coordinator::TraceFile> r = coordinator::LoadTrace(a.file);
   if (!r.ok()) {
     PrintError(r.status());
-    return kExitBadInput;
+    return kExitUsage;
   }
   const coordinator::TraceFile& t = *r;
 

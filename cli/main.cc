@@ -6,6 +6,7 @@
 
 #include "base/log.h"
 #include "cli/commands.h"
+#include "cli/output.h"
 
 namespace ztier::cli {
 
@@ -25,6 +26,10 @@ void InstallStderrLogSink(bool verbose) {
 int main(int argc, char** argv) {
   CLI::App app{"ztier: NVMe offload memory tiering engine"};
   app.require_subcommand(1);
+  app.set_version_flag("--version", ztier::cli::VersionLine(), "Print the version and exit");
+  app.footer(
+      "Exit status: 0 success, 1 run-time failure (I/O error, full disk, damaged data),\n"
+      "2 usage or bad input (bad option, missing or invalid file). docs/cli.md has more.");
   bool verbose = false;
   app.add_flag("-v,--verbose", verbose, "Print debug log messages");
   int exit_code = 0;
@@ -49,7 +54,9 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    // --help and --version end here with CLI11's code 0; every other parse
+    // error is a usage error, whatever number CLI11 gives it.
+    return app.exit(e) == 0 ? ztier::cli::kExitOk : ztier::cli::kExitUsage;
   }
   return exit_code;
 }

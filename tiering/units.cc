@@ -28,6 +28,12 @@ constexpr UnitDef kUnits[] = {
     {"MB", 1'000'000ULL},
     {"GB", 1'000'000'000ULL},
     {"TB", 1'000'000'000'000ULL},
+    // Single letters are binary, as dd, fio and the coreutils read them
+    // ("--bs 4k" is 4096 bytes); the two-letter forms above are SI.
+    {"K", 1ULL << 10},
+    {"M", 1ULL << 20},
+    {"G", 1ULL << 30},
+    {"T", 1ULL << 40},
 };
 constexpr int kBinaryUnits = 5;
 
@@ -40,6 +46,18 @@ struct Decimal {
 };
 
 bool IsDigit(char c) { return c >= '0' && c <= '9'; }
+
+char Lower(char c) { return c >= 'A' && c <= 'Z' ? static_cast<char>(c - 'A' + 'a') : c; }
+
+// Unit names match in any letter case: "kib", "KIB" and "KiB" are one unit,
+// while "KB" (1000) and "KiB" (1024) stay apart by their spelling.
+bool EqualsIgnoreCase(std::string_view a, std::string_view b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (Lower(a[i]) != Lower(b[i])) return false;
+  }
+  return true;
+}
 
 std::string_view Trim(std::string_view s) {
   while (!s.empty() && (s.front() == ' ' || s.front() == '\t'))
@@ -205,7 +223,8 @@ Result<uint64_t> Check(std::string_view text, const Decimal& d,
 }  // namespace
 
 std::string_view ByteUnitList() {
-  return "B, KiB, MiB, GiB, TiB, KB, MB, GB, TB";
+  return "B, K or KiB, M or MiB, G or GiB, T or TiB (1024-based), KB, MB, GB, "
+         "TB (1000-based), in any letter case";
 }
 
 Result<uint64_t> ParseElementCount(std::string_view raw, const Limits& limits) {
@@ -244,7 +263,7 @@ Result<uint64_t> ParseByteSize(std::string_view raw, const Limits& limits) {
   if (!unit.empty()) {
     bool found = false;
     for (const UnitDef& u : kUnits) {
-      if (u.name == unit) {
+      if (EqualsIgnoreCase(u.name, unit)) {
         multiplier = u.bytes;
         found = true;
         break;

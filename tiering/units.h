@@ -2,8 +2,13 @@
 //
 //   element count  "100000000", "1e8", "5e7", "1.5e6", "100_000" and, only
 //                  where a key allows it, "inf" (returned as kInfinite).
-//   byte size      "4096", "1e6", "4KiB", "1MiB", "1.5GiB", "1MB" (decimal),
-//                  "512B"; an optional space may sit between number and unit.
+//   byte size      "4096", "1e6", "4KiB", "1MiB", "1.5GiB", "512B"; binary
+//                  units KiB/MiB/GiB/TiB and their single letters K/M/G/T
+//                  ("4k" = 4096), decimal units KB/MB/GB/TB ("1MB" =
+//                  1000000); unit names in any letter case; an optional
+//                  space may sit between number and unit. This is the one
+//                  size grammar of ztier: YAML keys, command-line options
+//                  and the C API's config text all read sizes through it.
 //
 // Numbers are parsed exactly (no floating point): "1.5e6" is 1500000, and a
 // value that is not a whole number ("1.5e0", "0.1KiB") is an error, as is a

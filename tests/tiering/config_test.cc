@@ -158,6 +158,16 @@ TEST(Units, ByteSizes) {
       {"1MB", 1000000},
       {"1GB", 1000000000},
       {"1TB", 1000000000000ULL},
+      // Single letters are binary (dd, fio); names match in any case.
+      {"4k", 4096},
+      {"4K", 4096},
+      {"1m", 1 << 20},
+      {"2G", 2ULL << 30},
+      {"1t", 1ULL << 40},
+      {"1mib", 1 << 20},
+      {"1kb", 1000},
+      {"1Mb", 1000000},
+      {"8 b", 8},
       {"1e6", 1000000},
       {"1E6", 1000000},
       {"2.5e3", 2500},
@@ -179,12 +189,8 @@ TEST(Units, ByteSizeErrors) {
     EXPECT_FALSE(r.ok()) << text;
     return r.ok() ? std::string() : std::string(r.status().message());
   };
-  EXPECT_EQ(msg("1XiB"),
-            "unknown unit 'XiB' in '1XiB' (valid units: B, KiB, MiB, GiB, TiB, "
-            "KB, MB, GB, TB)");
-  EXPECT_EQ(msg("1mib"),
-            "unknown unit 'mib' in '1mib' (valid units: B, KiB, MiB, GiB, TiB, "
-            "KB, MB, GB, TB)");
+  EXPECT_EQ(msg("1XiB"), "unknown unit 'XiB' in '1XiB' (valid units: B, K or KiB, M or MiB, G or GiB, T or TiB (1024-based), KB, MB, GB, TB (1000-based), in any letter case)");
+  EXPECT_EQ(msg("1Kb2"), "unknown unit 'Kb2' in '1Kb2' (valid units: B, K or KiB, M or MiB, G or GiB, T or TiB (1024-based), KB, MB, GB, TB (1000-based), in any letter case)");
   EXPECT_EQ(msg("0.1KiB"), "'0.1KiB' is not a whole number of bytes");
   EXPECT_EQ(msg("-1MiB"), "'-1MiB' is out of range (allowed: 4KiB to 256MiB)");
   EXPECT_EQ(msg("1GiB"), "'1GiB' is out of range (allowed: 4KiB to 256MiB)");
@@ -431,8 +437,7 @@ TEST(ConfigErrors, OutOfRange) {
 TEST(ConfigErrors, BadUnit) {
   EXPECT_EQ(Errors("io:\n  block_size: 1XiB\n"),
             "t.yaml:2:15: io.block_size: unknown unit 'XiB' in '1XiB' (valid "
-            "units: B, KiB, "
-            "MiB, GiB, TiB, KB, MB, GB, TB)");
+            "units: B, K or KiB, M or MiB, G or GiB, T or TiB (1024-based), KB, MB, GB, TB (1000-based), in any letter case)");
   EXPECT_EQ(
       Errors("coordinator: {prefetch_bucket_size: 1MiB}"),
       "t.yaml:1:37: coordinator.prefetch_bucket_size: expected a whole number "
@@ -533,8 +538,7 @@ TEST(ConfigErrors, AllErrorsAreReportedInLineOrder) {
       msg,
       "t.yaml:2:16: io.queue_depth: '0' is out of range (allowed: 1 to 4096)\n"
       "t.yaml:3:15: io.block_size: unknown unit 'XiB' in '1XiB' (valid units: "
-      "B, KiB, MiB, "
-      "GiB, TiB, KB, MB, GB, TB)\n"
+      "B, K or KiB, M or MiB, G or GiB, T or TiB (1024-based), KB, MB, GB, TB (1000-based), in any letter case)\n"
       "t.yaml:6:5: tiers.nvme.buffer_cont: unknown key (did you mean "
       "'buffer_count'?)\n"
       "t.yaml:7:23: integrity.checksum: expected one of crc32c, none, got "

@@ -1,0 +1,92 @@
+// Exit codes and machine-readable output shared by every `ztier` command
+// (cli/output.h): 0 success, 1 run-time failure, 2 usage or bad input;
+// `--version`; every --json document names the version, time and host.
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "tests/testutil/testutil.h"
+
+namespace {
+
+struct CliRun {
+  int status = -1;  // exit status
+  std::string out;  // stdout
+};
+
+// Runs `ztier <args>` with stderr dropped (progress and errors go there).
+CliRun Ztier(const std::string& args) {
+  CliRun r;
+  FILE* p = popen((std::string(ZTIER_CLI) + " " + args + " 2>/dev/null").c_str(), "r");
+  if (p == nullptr) return r;
+  char buf[4096];
+  size_t n = 0;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
+  const int st = pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  return r;
+}
+
+std::string Model(const char* name) {
+  return std::string(ZTIER_SOURCE_DIR) + "/configs/models/" + name + ".yaml";
+}
+
+TEST(ExitCodes, VersionAndHelpSucceed) {
+  CliRun v = Ztier("--version");
+  EXPECT_EQ(v.status, 0);
+  EXPECT_EQ(v.out, "ztier 0.2.0\n");
+  EXPECT_EQ(Ztier("--help").status, 0);
+  EXPECT_EQ(Ztier("bench io --help").status, 0);
+}
+
+TEST(ExitCodes, UsageErrorsAreTwo) {
+  // CLI11's own parse errors (its codes are 104, 106, 109, ...) all become 2.
+  EXPECT_EQ(Ztier("").status, 2);                         // no subcommand
+  EXPECT_EQ(Ztier("no-such-command").status, 2);          // unknown subcommand
+  EXPECT_EQ(Ztier("plan --no-such-option").status, 2);    // unknown option
+  EXPECT_EQ(Ztier("bench io --qd notanumber").status, 2); // option type
+  EXPECT_EQ(Ztier("plan --model").status, 2);             // missing value
+  // Bad values the commands check themselves.
+  EXPECT_EQ(Ztier("bench io --bs 1XiB").status, 2);
+  EXPECT_EQ(Ztier("plan --model no-such-model").status, 2);
+  EXPECT_EQ(Ztier("trace info /nonexistent/trace.json").status, 2);
+  EXPECT_EQ(Ztier("config check /nonexistent/config.yaml").status, 2);
+  EXPECT_EQ(Ztier("checkpoint info /nonexistent/checkpoint").status, 2);
+}
+
+TEST(ExitCodes, RunTimeFailureIsOne) {
+  // A write to /dev/full fails with ENOSPC: the disk-full case.
+  CliRun r = Ztier("bench io --rw write --bs 4k --size 64k --no-direct --file /dev/full");
+  EXPECT_EQ(r.status, 1) << r.out;
+}
+
+TEST(JsonOutput, CarriesVersionTimeAndHost) {
+  CliRun r = Ztier("plan --model " + Model("tiny") + " --json");
+  ASSERT_EQ(r.status, 0) << r.out;
+  nlohmann::json j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j.at("ztier_version"), "0.2.0");
+  const std::string time = j.at("time");
+  // 2026-12-03T23:40:00Z
+  ASSERT_EQ(time.size(), 20u) << time;
+  EXPECT_EQ(time[10], 'T');
+  EXPECT_EQ(time.back(), 'Z');
+  EXPECT_FALSE(j.at("host").get<std::string>().empty());
+}
+
+TEST(JsonOutput, BenchIoCarriesRunInfo) {
+  ztier::testing::ScratchDir dir;
+  CliRun r = Ztier("bench io --rw write --bs 4k --size 64k --no-direct --json --file " +
+                   dir.File("io.dat"));
+  ASSERT_EQ(r.status, 0) << r.out;
+  nlohmann::json j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j.at("ztier_version"), "0.2.0");
+  EXPECT_TRUE(j.contains("time"));
+  EXPECT_TRUE(j.contains("host"));
+}
+
+}  // namespace
