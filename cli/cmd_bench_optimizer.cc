@@ -596,7 +596,8 @@ void RegisterBenchOptimizer(CLI::App& bench, int* exit_code) {
       "the update's speed in memory");
   cmd->add_option("--model", a->model, "Model shape (configs/models/<name>.yaml or a path)");
   cmd->add_option("--scale", a->scale, "Divide every tensor's element count by this (>= 1)");
-  cmd->add_option("--config", a->config, "Config YAML (default: built-in defaults)");
+  cmd->add_option("--config", a->config,
+                  "ztier YAML config: file or name in configs/ (default: built-in defaults)");
   cmd->add_option("--dir", a->dir, "Directory for the optimizer state (optimizer.paths)");
   cmd->add_option("--sub-group-size", a->sub_group_size,
                   "Elements per sub-group (default: optimizer.sub_group_size / scale)");
@@ -621,7 +622,8 @@ void RegisterBenchCheckpoint(CLI::App& bench, int* exit_code) {
       "against the drive's bandwidth");
   cmd->add_option("--model", a->model, "Model shape (configs/models/<name>.yaml or a path)");
   cmd->add_option("--scale", a->scale, "Divide every tensor's element count by this (>= 1)");
-  cmd->add_option("--config", a->config, "Config YAML (default: built-in defaults)");
+  cmd->add_option("--config", a->config,
+                  "ztier YAML config: file or name in configs/ (default: built-in defaults)");
   cmd->add_option("--dir", a->dir,
                   "Directory for the state and the checkpoint (optimizer.paths)");
   cmd->add_option("--dtype", a->dtype, "Parameter type: bf16, fp16, fp32");

@@ -1005,7 +1005,8 @@ void RegisterBenchStep(CLI::App& bench, int* exit_code) {
               "against the bound max(compute, bytes / device bandwidth)");
   cmd->add_option("--model", a->model, "Model shape: file or name in configs/models/")
       ->capture_default_str();
-  cmd->add_option("--config", a->config, "ztier YAML config (default: built-in defaults)");
+  cmd->add_option("--config", a->config,
+                  "ztier YAML config: file or name in configs/ (default: built-in defaults)");
   cmd->add_option("--world-size", a->world_size, "Ranks")->capture_default_str();
   cmd->add_option("--ranks", a->ranks,
                   "threads: ranks are threads of this process (local collective); processes: "

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cli/commands.h"
+#include "cli/data_files.h"
 #include "tiering/config.h"
 #include "tiering/ds_import.h"
 
@@ -31,21 +32,26 @@ void PrintErrorLines(std::string_view message) {
 }
 
 struct CheckArgs {
-  std::string file;
+  std::string file = "default";  // the shipped configs/default.yaml
   bool no_path_check = false;
 };
 
 int RunCheck(const CheckArgs& a) {
+  Result<std::string> file = ResolveConfigPath(a.file);
+  if (!file.ok()) {
+    fprintf(stderr, "ztier: %s\n", std::string(file.status().message()).c_str());
+    return kExitBadConfig;
+  }
   tiering::LoadOptions options;
   options.check_paths = !a.no_path_check;
-  Result<tiering::Config> config = tiering::LoadConfigFile(a.file, options);
+  Result<tiering::Config> config = tiering::LoadConfigFile(*file, options);
   if (!config.ok()) {
     const Status& s = config.status();
     if (s.code() == StatusCode::kInvalidArgument) {
       PrintErrorLines(s.message());
       size_t lines = 1;
       for (char c : s.message()) lines += c == '\n';
-      fprintf(stderr, "ztier: %s: %zu error%s\n", a.file.c_str(), lines,
+      fprintf(stderr, "ztier: %s: %zu error%s\n", file->c_str(), lines,
               lines == 1 ? "" : "s");
       if (s.message().find("NVMe path") != std::string_view::npos) {
         fprintf(stderr,
@@ -57,7 +63,7 @@ int RunCheck(const CheckArgs& a) {
     }
     return kExitBadConfig;
   }
-  printf("%s: ok%s\n\n%s", a.file.c_str(),
+  printf("%s: ok%s\n\n%s", file->c_str(),
          a.no_path_check ? " (NVMe paths not checked)" : "",
          tiering::SummarizeConfig(*config).c_str());
   return 0;
@@ -129,7 +135,9 @@ void RegisterConfigCommands(CLI::App& app, int* exit_code) {
                              "Validate a YAML config: print the effective "
                              "config (exit 0) or every error "
                              "with its line and column (exit 2)");
-  check->add_option("FILE", check_args->file, "ztier YAML config")->required();
+  check->add_option("FILE", check_args->file,
+                    "ztier YAML config: a file, or a name in configs/ (examples/one_nvme)")
+      ->capture_default_str();
   check->add_flag("--no-path-check", check_args->no_path_check,
                   "Do not look at the NVMe paths on this machine (a config for "
                   "another one)");

@@ -256,7 +256,8 @@ void RegisterPlan(CLI::App& app, int* exit_code) {
               "buffers and prefetch, predicted step time");
   cmd->add_option("--model", a->model, "Model shape: file or name in configs/models/")
       ->required();
-  cmd->add_option("--config", a->config, "ztier YAML config (default: built-in defaults)");
+  cmd->add_option("--config", a->config,
+                  "ztier YAML config: file or name in configs/ (default: built-in defaults)");
   cmd->add_option("--world-size", a->world_size, "Ranks")->capture_default_str();
   cmd->add_option("--scale", a->scale, "Divide every tensor's element count by this")
       ->capture_default_str();

@@ -51,7 +51,12 @@ Status ApplyOverrides(const coordinator::TraceFile& t, tiering::Config* c) {
 }
 
 int RunReplay(const ReplayArgs& a) {
-  auto trace = coordinator::LoadTrace(a.trace);
+  auto path = ResolveTracePath(a.trace);
+  if (!path.ok()) {
+    fprintf(stderr, "ztier replay: %s\n", path.status().ToString().c_str());
+    return 2;
+  }
+  auto trace = coordinator::LoadTrace(*path);
   if (!trace.ok()) {
     fprintf(stderr, "ztier replay: %s\n", trace.status().ToString().c_str());
     return kExitUsage;
@@ -164,9 +169,12 @@ void RegisterReplay(CLI::App& app, int* exit_code) {
   CLI::App* cmd = app.add_subcommand(
       "replay", "Run a ztier-trace-v1 file through the coordinator and swapper; write the "
                 "event log and print the counters");
-  cmd->add_option("--trace", args->trace, "Trace file (ztier-trace-v1 JSON)")->required();
+  cmd->add_option("--trace", args->trace,
+                  "Trace: ztier-trace-v1 JSON file, or a name in configs/traces/ (gpt2_tied, ...)")
+      ->required();
   cmd->add_option("--events", args->events, "Write the event log (JSON lines) here");
-  cmd->add_option("--config", args->config, "ztier YAML config (default: built-in defaults)");
+  cmd->add_option("--config", args->config,
+                  "ztier YAML config: file or name in configs/ (default: built-in defaults)");
   cmd->add_flag("--null-io", args->null_io, "Bookkeeping only: no NVMe I/O, no device copies");
   cmd->add_option("--trace-policy", args->trace_policy,
                   "adaptive (learn several orders, choices, re-synchronise) or single (one "

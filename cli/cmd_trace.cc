@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "cli/data_files.h"
 #include "cli/output.h"
 #include "coordinator/trace_file.h"
 
@@ -72,7 +73,13 @@ struct GenArgs {
 };
 
 int RunGen(const GenArgs& a) {
-  Result<coordinator::ModelShape> shape = coordinator::LoadModelShape(a.model);
+  // A name resolves as in `plan` and `bench step` (cli/data_files.h).
+  Result<std::string> path = ResolveModelPath(a.model);
+  if (!path.ok()) {
+    PrintError(path.status());
+    return kExitUsage;
+  }
+  Result<coordinator::ModelShape> shape = coordinator::LoadModelShape(*path);
   if (!shape.ok()) {
     PrintError(shape.status());
     return kExitUsage;
@@ -229,10 +236,12 @@ void RegisterTraceCommands(CLI::App& app, int* exit_code) {
   auto gen_args = std::make_shared<GenArgs>();
   CLI::App* gen = trace->add_subcommand(
       "gen",
-      "Write the trace of a model shape (configs/models/*.yaml): its "
+      "Write the trace of a model shape (a file, or a name in configs/models/): its "
       "parameters, "
       "modules and the fetch/release calls of each training step");
-  gen->add_option("--model", gen_args->model, "Model shape YAML")->required();
+  gen->add_option("--model", gen_args->model,
+                  "Model shape: file or name in configs/models/ (tiny, llama2-7b, ...)")
+      ->required();
   gen->add_option("--steps", gen_args->steps, "Training steps to record")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);

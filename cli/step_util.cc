@@ -23,50 +23,10 @@ namespace ztier::cli {
 
 namespace fs = std::filesystem;
 
-namespace {
-
-// configs/models directories to look in: the working directory's, and the
-// source tree's when the executable sits in a build directory under it.
-std::vector<fs::path> ModelDirs() {
-  std::vector<fs::path> dirs = {fs::path("configs") / "models"};
-  std::error_code ec;
-  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  if (!ec) {
-    for (fs::path p = exe.parent_path(); !p.empty() && p != p.root_path(); p = p.parent_path()) {
-      const fs::path d = p / "configs" / "models";
-      if (fs::is_directory(d, ec)) {
-        dirs.push_back(d);
-        break;
-      }
-    }
-  }
-  return dirs;
-}
-
-}  // namespace
-
-Result<std::string> ResolveModelPath(std::string_view model) {
-  std::error_code ec;
-  const std::string m(model);
-  if (fs::is_regular_file(m, ec)) return m;
-  std::vector<std::string> names;
-  for (const fs::path& dir : ModelDirs()) {
-    const fs::path p = dir / (m + ".yaml");
-    if (fs::is_regular_file(p, ec)) return p.string();
-    for (const auto& e : fs::directory_iterator(dir, ec)) {
-      if (e.path().extension() == ".yaml") names.push_back(e.path().stem().string());
-    }
-  }
-  std::sort(names.begin(), names.end());
-  names.erase(std::unique(names.begin(), names.end()), names.end());
-  return Status::NotFound(fmt::format(
-      "model '{}' is neither a file nor a name in configs/models/ (known: {})", m,
-      names.empty() ? std::string("none found") : fmt::format("{}", fmt::join(names, ", "))));
-}
-
 Result<tiering::Config> LoadConfigOrDefaults(const std::string& path) {
   if (path.empty()) return tiering::LoadConfigText("{}", "defaults");
-  return tiering::LoadConfigFile(path);
+  ZTIER_ASSIGN_OR_RETURN(std::string file, ResolveConfigPath(path));
+  return tiering::LoadConfigFile(file);
 }
 
 Result<double> ParseDurationSeconds(std::string_view text) {

@@ -14,18 +14,15 @@
 #include <vector>
 
 #include "base/status.h"
+#include "cli/data_files.h"  // ResolveModelPath
 #include "coordinator/trace_file.h"
 #include "tiering/config.h"
 #include "tiering/plan.h"
 
 namespace ztier::cli {
 
-// A model shape file: `model` as a path, else configs/models/<model>.yaml
-// under the working directory or next to the executable's source tree.
-// The error lists the names found in configs/models/.
-Result<std::string> ResolveModelPath(std::string_view model);
-
-// LoadConfigFile(path), or the built-in defaults when `path` is empty.
+// LoadConfigFile(path), or the built-in defaults when `path` is empty. A
+// `path` that is no file is a shipped config's name ("examples/one_nvme").
 Result<tiering::Config> LoadConfigOrDefaults(const std::string& path);
 
 // Parses "2ms", "500us", "1.5s", "0.25" (seconds). Errors name the text.

@@ -10,7 +10,8 @@ packages=(
   libgtest-dev libgmock-dev googletest libbenchmark-dev
   libcli11-dev nlohmann-json3-dev libfmt-dev
   fio time
-  python3 python3-torch python3-numpy python3-matplotlib python3-yaml
+  python3 python3-venv python3-pip python3-setuptools
+  python3-torch python3-numpy python3-matplotlib python3-yaml
   python3-torchvision python3-torchaudio libopenblas0-pthread
 )
 

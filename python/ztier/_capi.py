@@ -1,10 +1,20 @@
 """ctypes binding of the ztier C API (include/ztier/ztier.h).
 
-No build step: the shared library is found, in this order, at $ZTIER_LIBRARY,
-next to this package (ztier/libztier.so*), or in a build folder of the source
-tree (build/lib/libztier.so, else the newest build*/lib/libztier.so that is
-not a sanitizer build). Every failing call raises
-ZtierError carrying the status and the library's message.
+No build step: the shared library is found, in this order (the first that
+loads and has every function this binding declares wins):
+  1. $ZTIER_LIBRARY, when set (then nothing else is tried);
+  2. next to this package (ztier/libztier.so*);
+  3. the install prefix's library folder: the one `cmake --install` recorded
+     in ztier/_install_paths.py, then sys.prefix/lib and
+     sys.prefix/lib/<multiarch> (a venv or prefix that holds both);
+  4. the dynamic loader's search path (LD_LIBRARY_PATH, ldconfig's cache):
+     libztier.so.0, then what ctypes.util.find_library("ztier") names;
+  5. a build folder of the source tree this package sits in
+     (build/lib/libztier.so, else the newest build*/lib/libztier.so that is
+     not a sanitizer build).
+The OSError raised when none loads lists every place tried and why it failed.
+Every failing call raises ZtierError carrying the status and the library's
+message.
 
 Buffers: calls that take memory accept an int address, a torch tensor
 (its data_ptr()), a ctypes object, or a writable buffer (bytearray,
@@ -14,11 +24,13 @@ memoryview, array). Sizes are elements unless a name ends in _bytes.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import datetime
 import enum
 import glob
 import os
 import sys
+import sysconfig
 from typing import Iterable, NamedTuple, Optional, Sequence
 
 __all__ = [
@@ -308,20 +320,87 @@ _SIGNATURES = {
 _lib = None
 
 
-def _candidates() -> Iterable[str]:
-    env = os.environ.get("ZTIER_LIBRARY")
-    if env:
-        yield env
-        return
-    here = os.path.dirname(os.path.abspath(__file__))
-    yield from sorted(glob.glob(os.path.join(here, "libztier.so*")))
+_SONAME = "libztier.so.0"  # capi/CMakeLists.txt: SOVERSION 0
+
+
+class _Candidate(NamedTuple):
+    """A library to try: `path` for ctypes.CDLL, and `where` for the error
+    (the place it stands for when nothing exists there)."""
+    path: Optional[str]
+    where: str
+
+
+def _in_folder(folder: str) -> _Candidate:
+    for name in (_SONAME, "libztier.so"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            return _Candidate(path, path)
+    return _Candidate(None, os.path.join(folder, _SONAME))
+
+
+def _recorded_libdir(here: str) -> Optional[str]:
+    """The library folder `cmake --install` recorded beside the package
+    (python/CMakeLists.txt), relative to it; None for a pip install or the
+    source tree."""
+    try:
+        from ztier import _install_paths  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return None
+    return os.path.normpath(os.path.join(here, _install_paths.LIBDIR))
+
+
+def _prefix_libdirs(here: str) -> Iterable[str]:
+    recorded = _recorded_libdir(here)
+    if recorded:
+        yield recorded
+    yield os.path.join(sys.prefix, "lib")
+    multiarch = sysconfig.get_config_var("MULTIARCH")
+    if multiarch:
+        yield os.path.join(sys.prefix, "lib", multiarch)
+
+
+def _loader_candidates() -> Iterable[_Candidate]:
+    search = "the dynamic loader's path (LD_LIBRARY_PATH={}, ldconfig)".format(
+        os.environ.get("LD_LIBRARY_PATH") or "unset")
+    yield _Candidate(_SONAME, f"{_SONAME} on {search}")
+    found = ctypes.util.find_library("ztier")
+    if found and found != _SONAME:
+        yield _Candidate(found, f"{found} (ctypes.util.find_library)")
+
+
+def _build_candidates(here: str) -> Iterable[_Candidate]:
     root = os.path.dirname(os.path.dirname(here))  # python/ztier -> source root
-    built = [p for p in glob.glob(os.path.join(root, "build*", "lib", "libztier.so"))
+    pattern = os.path.join(root, "build*", "lib", "libztier.so")
+    if not os.path.isfile(os.path.join(root, "capi", "CMakeLists.txt")):
+        return  # an installed package: no source tree around it
+    built = [p for p in glob.glob(pattern)
              if not _sanitized(os.path.dirname(os.path.dirname(p)))]
     # build/ (scripts/build.sh) first, then the newest.
     built.sort(key=lambda p: (os.path.basename(os.path.dirname(os.path.dirname(p))) != "build",
                               -os.path.getmtime(p)))
-    yield from built
+    if not built:
+        yield _Candidate(None, pattern + " (source tree, none built)")
+    for p in built:
+        yield _Candidate(p, p)
+
+
+def _candidates() -> Iterable[_Candidate]:
+    env = os.environ.get("ZTIER_LIBRARY")
+    if env:
+        yield _Candidate(env, f"{env} ($ZTIER_LIBRARY)")
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    beside = sorted(glob.glob(os.path.join(here, "libztier.so*")))
+    yield from (_Candidate(p, p) for p in beside)
+    if not beside:
+        yield _Candidate(None, os.path.join(here, "libztier.so*"))
+    seen = set()
+    for folder in _prefix_libdirs(here):
+        if folder not in seen:
+            seen.add(folder)
+            yield _in_folder(folder)
+    yield from _loader_candidates()
+    yield from _build_candidates(here)
 
 
 def _sanitized(build_dir: str) -> bool:
@@ -337,24 +416,33 @@ def _sanitized(build_dir: str) -> bool:
     return False
 
 
+def _try_load(candidate: _Candidate):
+    """(library, None) when `candidate` loads and has every function of this
+    binding, else (None, why not)."""
+    if candidate.path is None:
+        return None, "no such file"
+    if os.sep in candidate.path and not os.path.exists(candidate.path):
+        return None, "no such file"
+    try:
+        lib = ctypes.CDLL(candidate.path)
+    except OSError as e:  # e.g. a sanitizer build, or not on the loader's path
+        return None, str(e)
+    missing = [name for name in _SIGNATURES if not hasattr(lib, name)]
+    if missing:  # a library older than this binding
+        return None, f"lacks {missing[0]}: older than this binding"
+    return lib, None
+
+
 def load_library(path: Optional[str] = None) -> ctypes.CDLL:
     """Loads libztier (once) and declares every function's signature."""
     global _lib
     if _lib is not None and path is None:
         return _lib
     tried = []
-    for candidate in ([path] if path else _candidates()):
-        tried.append(candidate)
-        if not os.path.exists(candidate):
-            continue
-        try:
-            lib = ctypes.CDLL(candidate)
-        except OSError as e:  # e.g. a sanitizer build: try the next one
-            tried[-1] += f" ({e})"
-            continue
-        missing = [name for name in _SIGNATURES if not hasattr(lib, name)]
-        if missing:  # a library older than this binding
-            tried[-1] += f" (lacks {missing[0]})"
+    for candidate in ([_Candidate(path, path)] if path else _candidates()):
+        lib, why = _try_load(candidate)
+        if lib is None:
+            tried.append(f"{candidate.where}: {why}")
             continue
         for name, (restype, argtypes) in _SIGNATURES.items():
             fn = getattr(lib, name)
@@ -362,9 +450,11 @@ def load_library(path: Optional[str] = None) -> ctypes.CDLL:
             fn.argtypes = argtypes
         _lib = lib
         return lib
-    raise OSError("libztier.so not found (tried: {}); build it (cmake --build <dir> "
-                  "--target ztier_shared) or set ZTIER_LIBRARY".format(", ".join(tried) or
-                                                                       "nothing"))
+    raise OSError(
+        "libztier.so not found; tried:\n  {}\nSet ZTIER_LIBRARY to the library's path, add "
+        "its folder to LD_LIBRARY_PATH, install it into this Python's prefix "
+        "(cmake --install <build> --prefix {}), or build it (cmake --build <build> "
+        "--target ztier_shared)".format("\n  ".join(tried) or "nothing", sys.prefix))
 
 
 def _check(status: int) -> None:
