@@ -65,6 +65,7 @@ int RunCheck(const CheckArgs& a) {
 
 struct ImportArgs {
   std::string file;
+  bool strict = false;
 };
 
 int RunImport(const ImportArgs& a) {
@@ -87,10 +88,21 @@ int RunImport(const ImportArgs& a) {
     ss << in.rdbuf();
     text = ss.str();
   }
-  Result<tiering::ImportResult> r = tiering::ImportDeepSpeedJson(text);
+  tiering::ImportOptions options;
+  options.strict = a.strict;
+  Result<tiering::ImportResult> r = tiering::ImportDeepSpeedJson(text, options);
   if (!r.ok()) {
-    fprintf(stderr, "ztier: %s: %s\n", a.file.c_str(),
-            std::string(r.status().message()).c_str());
+    // One problem per line, each naming its key path.
+    std::string_view message = r.status().message();
+    size_t lines = 1;
+    for (char c : message) lines += c == '\n';
+    if (lines == 1) {
+      fprintf(stderr, "ztier: %s: %s\n", a.file.c_str(),
+              std::string(message).c_str());
+    } else {
+      fprintf(stderr, "ztier: %s:\n", a.file.c_str());
+      PrintErrorLines(message);
+    }
     return kExitBadConfig;
   }
   printf("# ztier config imported from the DeepSpeed config %s\n",
@@ -146,6 +158,9 @@ void RegisterConfigCommands(CLI::App& app, int* exit_code) {
       ->add_option("FILE", import_args->file,
                    "DeepSpeed JSON config ('-': stdin)")
       ->required();
+  import->add_flag("--strict", import_args->strict,
+                   "Fail (exit 2) on every DeepSpeed key the ztier config "
+                   "does not reproduce, instead of noting it");
   import->callback([import_args, exit_code] { *exit_code = RunImport(*import_args);
 });
 }  // namespace ztier::cli
