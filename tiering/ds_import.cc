@@ -176,11 +176,9 @@ std::optional<std::string> Importer::NumberText(const Json& v,
     return std::string(buf);
   }
   if (IsAuto(v)) {
-    Issue(key,
-          "\"auto\" (filled in by the HF Trainer at run time; DeepSpeed alone "
-          "reads it as not given): " +
-              std::string(target) + " keeps ztier's default " + kept +
-              "; write the value the run uses");
+    Issue(key, "\"auto\" (filled in by the HF Trainer at run time): " +
+                   std::string(target) + " keeps ztier's default " + kept +
+                   "; write the value the run uses");
     return std::nullopt;
   }
   if (v.is_string()) return v.get<std::string>();

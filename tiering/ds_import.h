@@ -14,21 +14,25 @@
 // host (an issue). A device other than none, cpu or nvme is an error, as it
 // is for DeepSpeed.
 //
+// The stage is DeepSpeed's: 0 (ZeRO off) when not given.
+//
 // Old spellings: zero_optimization.cpu_offload (true: offload_optimizer
 // {device: cpu}) and cpu_offload_param (true: offload_param {device: cpu});
 // given together with the new key they are an error. cpu_offload_use_pin_memory
 // has no effect in DeepSpeed and is listed as not mapped. "auto" (a value the
-// HF Trainer fills in) is read as not given, as DeepSpeed does, and is an
-// issue. aio: block_size, queue_depth, intra_op_parallelism; single_submit,
-// overlap_events and use_gds are taken when they match what ztier always does.
+// HF Trainer fills in) is read as not given, as DeepSpeed's ZeRO config does,
+// and is an issue. aio: block_size, queue_depth, intra_op_parallelism;
+// single_submit, overlap_events and use_gds are taken when they match what
+// ztier always does.
 //
-// Three kinds of output. unmapped_keys: keys with no ztier equivalent.
-// issues: one line per key whose DeepSpeed meaning the ztier config does not
-// reproduce ("KEY.PATH: why; how to fix"), unmapped keys included; the same
-// text is also a note. notes: everything said about the import, for a reader.
-// Zero_optimization keys about communication or checkpointing, and top-level
-// keys other than zero_optimization and aio, are outside the import and
-// named in one note each.
+// Three kinds of output, so that a caller can refuse a config whose
+// placement would silently change (ImportOptions::strict) and still read why.
+// unmapped_keys: keys with no ztier equivalent. issues: one line per key whose
+// DeepSpeed meaning the ztier config does not reproduce ("KEY.PATH: why; how to
+// fix"), unmapped keys included; the same text is also a note. notes:
+// everything said about the import, for a reader. zero_optimization keys about
+// communication or checkpointing, and top-level keys other than
+// zero_optimization and aio, are outside the import and named in one note each.
 //
 // Thread-safety: a pure function. The library never prints.
 #pragma once

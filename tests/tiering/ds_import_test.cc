@@ -370,8 +370,8 @@ TEST(DsImport, AutoAndBadValuesKeepDefaultsAsIssues) {
           "zero_optimization.offload_param.buffer_size: '1.5' is not a "
           "whole number; tiers.nvme.buffer_size keeps ztier's default 1e8",
           "zero_optimization.stage3_prefetch_bucket_size: \"auto\" "
-          "(filled in by the HF Trainer at run time; DeepSpeed alone "
-          "reads it as not given): coordinator.prefetch_bucket_size "
+          "(filled in by the HF Trainer at run time): "
+          "coordinator.prefetch_bucket_size "
           "keeps ztier's default 5e7; write the value the run uses",
           "aio.block_size: 5000 is not a multiple of 4KiB (direct I/O "
           "needs it): io.block_size keeps 1MiB; write a multiple of 4096",
@@ -437,6 +437,24 @@ TEST(DsImport, Errors) {
             "{\"device\": \"cpu\"}, got string");
 }
 
+TEST(DsImport, BooleanZeroOptimizationIsTheOldFormOfAStage) {
+  ImportResult r = MustImport(R"({"zero_optimization": true,
+      "cpu_offload": true})");  // top level: not a DeepSpeed offload key
+  EXPECT_TRUE(HasNote(r,
+                      "zero_optimization is true, DeepSpeed's old form of "
+                      "stage 1"))
+      << AllNotes(r);
+  EXPECT_TRUE(HasNote(r,
+                      "zero_optimization.stage: 1 (parameters are "
+                      "offloaded only at stage 3)"))
+      << AllNotes(r);
+  EXPECT_EQ(r.config.optimizer.tier, OptimizerTier::kHost);
+  EXPECT_TRUE(HasNote(r,
+                      "top-level keys not about offload, ignored: "
+                      "cpu_offload"))
+      << AllNotes(r);
+}
+
 TEST(DsImport, StrictListsEveryIssue) {
   const std::string json = R"({"zero_optimization": {"stage": 3,
       "offload_param": {"device": "nvme", "buffer_count": "auto"},
@@ -447,8 +465,8 @@ TEST(DsImport, StrictListsEveryIssue) {
             "--strict: 2 DeepSpeed keys not mapped or not taken as given "
             "(without --strict they are notes):\n"
             "zero_optimization.offload_param.buffer_count: \"auto\" (filled in "
-            "by the HF Trainer at run time; DeepSpeed alone reads it as not "
-            "given): tiers.nvme.buffer_count keeps ztier's default 5; write "
+            "by the HF Trainer at run time): tiers.nvme.buffer_count keeps "
+            "ztier's default 5; write "
             "the value the run uses\n"
             "zero_optimization.offload_optimizer.device: none: DeepSpeed keeps "
             "the optimizer state on the GPU, which ztier's optimizer cannot "
