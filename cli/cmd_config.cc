@@ -68,63 +68,81 @@ struct ImportArgs {
   bool strict = false;
 };
 
-int RunImport(const ImportArgs& a) {
-  std::string text;
-  if (a.file == "-") {
-    std::ostringstream ss;
+// The DeepSpeed JSON named by `file` ('-': stdin) into *text; false (after
+// printing why) when it cannot be read.
+bool ReadImportInput(const std::string& file, std::string* text) {
+  std::ostringstream ss;
+  if (file == "-") {
     char buf[65536];
     size_t n;
     while ((n = fread(buf, 1, sizeof(buf), stdin)) > 0)
       ss.write(buf, static_cast<std::streamsize>(n));
-    text = ss.str();
   } else {
-    std::ifstream in(a.file, std::ios::binary);
+    std::ifstream in(file, std::ios::binary);
     if (!in) {
-      Status s = Status::FromErrno(errno, "cannot open '" + a.file + "'");
+      Status s = Status::FromErrno(errno, "cannot open '" + file + "'");
       fprintf(stderr, "ztier: %s\n", std::string(s.message()).c_str());
-      return kExitBadConfig;
+      return false;
     }
-    std::ostringstream ss;
     ss << in.rdbuf();
-    text = ss.str();
   }
-  tiering::ImportOptions options;
-  options.strict = a.strict;
-  Result<tiering::ImportResult> r = tiering::ImportDeepSpeedJson(text, options);
-  if (!r.ok()) {
-    // One problem per line, each naming its key path.
-    std::string_view message = r.status().message();
-    size_t lines = 1;
-    for (char c : message) lines += c == '\n';
-    if (lines == 1) {
-      fprintf(stderr, "ztier: %s: %s\n", a.file.c_str(),
-              std::string(message).c_str());
-    } else {
-      fprintf(stderr, "ztier: %s:\n", a.file.c_str());
-      PrintErrorLines(message);
-    }
-    return kExitBadConfig;
+  *text = ss.str();
+  return true;
+}
+
+void PrintImportError(const std::string& file, std::string_view message) {
+  // One problem per line, each naming its key path.
+  if (message.find('\n') == std::string_view::npos) {
+    fprintf(stderr, "ztier: %s: %s\n", file.c_str(),
+            std::string(message).c_str());
+    return;
   }
+  fprintf(stderr, "ztier: %s:\n", file.c_str());
+  PrintErrorLines(message);
+}
+
+// The YAML with the notes and unmapped keys as comments on stdout; the notes
+// and a summary on stderr.
+void PrintImport(const std::string& file, const tiering::ImportResult& r) {
   printf("# ztier config imported from the DeepSpeed config %s\n",
-         a.file.c_str());
+         file.c_str());
   printf("# (`ztier config import`; docs/config.md describes every key).\n");
-  for (const std::string& note : r->notes) printf("# note: %s\n", note.c_str());
-  fputs(tiering::ConfigToYaml(r->config).c_str(), stdout);
-  for (const std::string& key : r->unmapped_keys)
+  for (const std::string& note : r.notes) printf("# note: %s\n", note.c_str());
+  fputs(tiering::ConfigToYaml(r.config).c_str(), stdout);
+  for (const std::string& key : r.unmapped_keys)
     printf("# not mapped: %s\n", key.c_str());
 
-  for (const std::string& note : r->notes)
+  for (const std::string& note : r.notes)
     fprintf(stderr, "ztier: note: %s\n", note.c_str());
-  if (!r->unmapped_keys.empty()) {
+  if (!r.unmapped_keys.empty()) {
     std::string list;
-    for (const std::string& k : r->unmapped_keys)
+    for (const std::string& k : r.unmapped_keys)
       list += (list.empty() ? "" : ", ") + k;
     fprintf(stderr,
             "ztier: %zu DeepSpeed key%s not mapped (listed at the end of the "
             "output): %s\n",
-            r->unmapped_keys.size(), r->unmapped_keys.size() == 1 ? "" : "s",
+            r.unmapped_keys.size(), r.unmapped_keys.size() == 1 ? "" : "s",
             list.c_str());
   }
+  if (!r.issues.empty()) {
+    fprintf(stderr,
+            "ztier: %zu DeepSpeed key%s not reproduced as DeepSpeed reads "
+            "them (see the notes); --strict makes this an error\n",
+            r.issues.size(), r.issues.size() == 1 ? "" : "s");
+  }
+}
+
+int RunImport(const ImportArgs& a) {
+  std::string text;
+  if (!ReadImportInput(a.file, &text)) return kExitBadConfig;
+  tiering::ImportOptions options;
+  options.strict = a.strict;
+  Result<tiering::ImportResult> r = tiering::ImportDeepSpeedJson(text, options);
+  if (!r.ok()) {
+    PrintImportError(a.file, r.status().message());
+    return kExitBadConfig;
+  }
+  PrintImport(a.file, *r);
   return 0;
 }
 

@@ -42,6 +42,11 @@ TEST(ConfigImport, WithoutStrictIssuesAreNotesAndTheExitIsZero) {
       err.out.find("ztier: note: zero_optimization.offload_param: not given"),
       std::string::npos)
       << err.out;
+  EXPECT_NE(err.out.find("ztier: 2 DeepSpeed keys not reproduced as DeepSpeed "
+                         "reads them (see the notes); --strict makes this an "
+                         "error"),
+            std::string::npos)
+      << err.out;
 }
 
 TEST(ConfigImport, StrictFailsWithExitTwoNamingEveryKey) {
