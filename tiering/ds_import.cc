@@ -147,6 +147,8 @@ class Importer {
   int Stage(const Json& zo, bool section_given);
   Offload Resolve(const Json& zo, const std::string& name,
                   const std::string& old_name);
+  Offload OldSpelling(const Json& zo, const std::string& name,
+                      const std::string& old_name, bool has_new);
   std::string DeviceOf(const Offload& o);
   void Params(const Offload& o, int stage);
   void ParamKeys(const Json& op, const std::string& base, ParamTier tier);
@@ -279,40 +281,46 @@ int Importer::Stage(const Json& zo, bool section_given) {
   return 0;
 }
 
-// One offload section, or the deprecated boolean that stands for
-// {device: cpu}. DeepSpeed refuses the two together, whatever the boolean.
-Offload Importer::Resolve(const Json& zo, const std::string& name,
-                          const std::string& old_name) {
+// The deprecated boolean `old_name` that stands for `name` {device: cpu},
+// when given without `name` (DeepSpeed refuses the two together, whatever
+// the boolean).
+Offload Importer::OldSpelling(const Json& zo, const std::string& name,
+                              const std::string& old_name, bool has_new) {
   const std::string key = "zero_optimization." + name;
   const std::string old_key = "zero_optimization." + old_name;
   Offload o{Json(nullptr), "", false};
-  auto it = zo.find(name);
   auto old = zo.find(old_name);
-  const bool has_new = it != zo.end() && !it->is_null();
-  if (old != zo.end() && !old->is_null()) {
-    if (has_new) {
-      Error(old_key + ": cannot be given together with " + key +
-            " (it is the old spelling of it, and DeepSpeed refuses both); "
-            "remove " +
-            old_name);
-    } else if (IsAuto(*old)) {
-      Issue(old_key,
-            "\"auto\" is read by DeepSpeed as not given (no offload); write "
-            "the " +
-                name + " section the run uses");
-    } else if (!old->is_boolean()) {
-      Error(old_key + ": expected true or false, got " + old->dump() +
-            " (better: write " + key + " {\"device\": \"cpu\"})");
-    } else if (old->get<bool>()) {
-      o.section = Json{{"device", "cpu"}};
-      o.key = old_key;
-      o.from_alias = true;
-      Note(old_key + " is true: DeepSpeed reads it as " + key +
-           " {device: cpu}, its old spelling");
-    } else {
-      Note(old_key + " is false: no offload, as DeepSpeed reads it");
-    }
+  if (old == zo.end() || old->is_null()) return o;
+  if (has_new) {
+    Error(old_key + ": cannot be given together with " + key +
+          " (it is the old spelling of it, and DeepSpeed refuses both); "
+          "remove " +
+          old_name);
+  } else if (IsAuto(*old)) {
+    Issue(old_key,
+          "\"auto\" is read by DeepSpeed as not given (no offload); "
+          "write the " +
+              name + " section the run uses");
+  } else if (!old->is_boolean()) {
+    Error(old_key + ": expected true or false, got " + old->dump() +
+          " (better: write " + key + " {\"device\": \"cpu\"})");
+  } else if (old->get<bool>()) {
+    o = Offload{Json{{"device", "cpu"}}, old_key, true};
+    Note(old_key + " is true: DeepSpeed reads it as " + key +
+         " {device: cpu}, its old spelling");
+  } else {
+    Note(old_key + " is false: no offload, as DeepSpeed reads it");
   }
+  return o;
+}
+
+// One offload section: `name`, else its old spelling; null when neither.
+Offload Importer::Resolve(const Json& zo, const std::string& name,
+                          const std::string& old_name) {
+  const std::string key = "zero_optimization." + name;
+  auto it = zo.find(name);
+  const bool has_new = it != zo.end() && !it->is_null();
+  Offload o = OldSpelling(zo, name, old_name, has_new);
   if (!has_new) return o;
   if (IsAuto(*it)) {
     Issue(key,
@@ -322,8 +330,7 @@ Offload Importer::Resolve(const Json& zo, const std::string& name,
     Error(key + ": expected an object such as {\"device\": \"cpu\"}, got " +
           std::string(it->type_name()));
   } else {
-    o.section = *it;
-    o.key = key;
+    o = Offload{*it, key, false};
   }
   return o;
 }
