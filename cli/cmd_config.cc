@@ -9,14 +9,12 @@
 
 #include "cli/commands.h"
 #include "cli/data_files.h"
+#include "cli/output.h"
 #include "tiering/config.h"
 #include "tiering/ds_import.h"
 
 namespace ztier::cli {
 namespace {
-
-// Exit status of a config that does not load or import.
-constexpr int kExitBadConfig = 2;
 
 void PrintErrorLines(std::string_view message) {
   // One error per line, as the loader wrote them.
@@ -40,7 +38,7 @@ int RunCheck(const CheckArgs& a) {
   Result<std::string> file = ResolveConfigPath(a.file);
   if (!file.ok()) {
     fprintf(stderr, "ztier: %s\n", std::string(file.status().message()).c_str());
-    return kExitBadConfig;
+    return kExitUsage;
   }
   tiering::LoadOptions options;
   options.check_paths = !a.no_path_check;
@@ -61,7 +59,7 @@ int RunCheck(const CheckArgs& a) {
     } else {
       fprintf(stderr, "ztier: %s\n", std::string(s.message()).c_str());
     }
-    return kExitBadConfig;
+    return kExitUsage;
   }
   printf("%s: ok%s\n\n%s", file->c_str(),
          a.no_path_check ? " (NVMe paths not checked)" : "",
@@ -71,54 +69,84 @@ int RunCheck(const CheckArgs& a) {
 
 struct ImportArgs {
   std::string file;
+  bool strict = false;
 };
 
-int RunImport(const ImportArgs& a) {
-  std::string text;
-  if (a.file == "-") {
-    std::ostringstream ss;
+// The DeepSpeed JSON named by `file` ('-': stdin) into *text; false (after
+// printing why) when it cannot be read.
+bool ReadImportInput(const std::string& file, std::string* text) {
+  std::ostringstream ss;
+  if (file == "-") {
     char buf[65536];
     size_t n;
     while ((n = fread(buf, 1, sizeof(buf), stdin)) > 0)
       ss.write(buf, static_cast<std::streamsize>(n));
-    text = ss.str();
   } else {
-    std::ifstream in(a.file, std::ios::binary);
+    std::ifstream in(file, std::ios::binary);
     if (!in) {
-      Status s = Status::FromErrno(errno, "cannot open '" + a.file + "'");
+      Status s = Status::FromErrno(errno, "cannot open '" + file + "'");
       fprintf(stderr, "ztier: %s\n", std::string(s.message()).c_str());
-      return kExitBadConfig;
+      return false;
     }
-    std::ostringstream ss;
     ss << in.rdbuf();
-    text = ss.str();
   }
-  Result<tiering::ImportResult> r = tiering::ImportDeepSpeedJson(text);
-  if (!r.ok()) {
-    fprintf(stderr, "ztier: %s: %s\n", a.file.c_str(),
-            std::string(r.status().message()).c_str());
-    return kExitBadConfig;
+  *text = ss.str();
+  return true;
+}
+
+void PrintImportError(const std::string& file, std::string_view message) {
+  // One problem per line, each naming its key path.
+  if (message.find('\n') == std::string_view::npos) {
+    fprintf(stderr, "ztier: %s: %s\n", file.c_str(),
+            std::string(message).c_str());
+    return;
   }
+  fprintf(stderr, "ztier: %s:\n", file.c_str());
+  PrintErrorLines(message);
+}
+
+// The YAML with the notes and unmapped keys as comments on stdout; the notes
+// and a summary on stderr.
+void PrintImport(const std::string& file, const tiering::ImportResult& r) {
   printf("# ztier config imported from the DeepSpeed config %s\n",
-         a.file.c_str());
+         file.c_str());
   printf("# (`ztier config import`; docs/config.md describes every key).\n");
-  for (const std::string& note : r->notes) printf("# note: %s\n", note.c_str());
-  fputs(tiering::ConfigToYaml(r->config).c_str(), stdout);
-  for (const std::string& key : r->unmapped_keys)
+  for (const std::string& note : r.notes) printf("# note: %s\n", note.c_str());
+  fputs(tiering::ConfigToYaml(r.config).c_str(), stdout);
+  for (const std::string& key : r.unmapped_keys)
     printf("# not mapped: %s\n", key.c_str());
 
-  for (const std::string& note : r->notes)
+  for (const std::string& note : r.notes)
     fprintf(stderr, "ztier: note: %s\n", note.c_str());
-  if (!r->unmapped_keys.empty()) {
+  if (!r.unmapped_keys.empty()) {
     std::string list;
-    for (const std::string& k : r->unmapped_keys)
+    for (const std::string& k : r.unmapped_keys)
       list += (list.empty() ? "" : ", ") + k;
     fprintf(stderr,
             "ztier: %zu DeepSpeed key%s not mapped (listed at the end of the "
             "output): %s\n",
-            r->unmapped_keys.size(), r->unmapped_keys.size() == 1 ? "" : "s",
+            r.unmapped_keys.size(), r.unmapped_keys.size() == 1 ? "" : "s",
             list.c_str());
   }
+  if (!r.issues.empty()) {
+    fprintf(stderr,
+            "ztier: %zu DeepSpeed key%s not reproduced as DeepSpeed reads "
+            "them (see the notes); --strict makes this an error\n",
+            r.issues.size(), r.issues.size() == 1 ? "" : "s");
+  }
+}
+
+int RunImport(const ImportArgs& a) {
+  std::string text;
+  if (!ReadImportInput(a.file, &text)) return kExitUsage;
+  tiering::ImportOptions options;
+  options.strict = a.strict;
+  Result<tiering::ImportResult> r = tiering::ImportDeepSpeedJson(text, options);
+  if (!r.ok()) {
+    PrintImportError(a.file, r.status().message());
+    return kExitUsage;
+  }
+  PrintImport(a.file, *r);
   return 0;
 }
 
@@ -154,6 +182,9 @@ void RegisterConfigCommands(CLI::App& app, int* exit_code) {
       ->add_option("FILE", import_args->file,
                    "DeepSpeed JSON config ('-': stdin)")
       ->required();
+  import->add_flag("--strict", import_args->strict,
+                   "Fail (exit 2) on every DeepSpeed key the ztier config "
+                   "does not reproduce, instead of noting it");
   import->callback([import_args, exit_code] { *exit_code = RunImport(*import_args);
 });
 }  // namespace ztier::cli

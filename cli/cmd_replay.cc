@@ -54,7 +54,7 @@ int RunReplay(const ReplayArgs& a) {
   auto path = ResolveTracePath(a.trace);
   if (!path.ok()) {
     fprintf(stderr, "ztier replay: %s\n", path.status().ToString().c_str());
-    return 2;
+    return kExitUsage;
   }
   auto trace = coordinator::LoadTrace(*path);
   if (!trace.ok()) {
