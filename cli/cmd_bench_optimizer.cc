@@ -88,6 +88,9 @@ class OptimizerBench {
     if (!io_file_.empty()) std::filesystem::remove(io_file_, ec);
   }
 
+  // Validates the options, the config and the model shape (usage errors:
+  // exit status 2); Setup() then lays out the state (run-time errors: 1).
+  Status Prepare();
   Status Setup();
   Status MeasureUpdateInMemory();
   const tiering::Config& config() const { return config_; }
@@ -119,7 +122,18 @@ class OptimizerBench {
   optim::AdamHyper hyper_;
 };
 
-Status OptimizerBench::Setup() {
+// Bytes of the file the drive's bandwidth is measured on: the step's state
+// (`state_bytes`), but at least one full queue of blocks (`block` bytes x
+// `queue_depth`), rounded up to whole blocks. A scaled-down model's state can
+// be smaller than one block (tiny at 1/64: 28 KiB of state against 1 MiB
+// blocks), and a bandwidth needs the queue kept full to mean anything.
+uint64_t DriveBenchBytes(uint64_t state_bytes, uint64_t block, uint32_t queue_depth) {
+  block = std::max<uint64_t>(block, 1);
+  const uint64_t want = std::max(state_bytes, block * std::max<uint32_t>(queue_depth, 1));
+  return (want + block - 1) / block * block;
+}
+
+Status OptimizerBench::Prepare() {
   ZTIER_ASSIGN_OR_RETURN(config_, LoadConfigOrDefaults(a_.config));
   if (!(a_.scale >= 1.0)) {
     return Status::InvalidArgument(
@@ -175,6 +189,10 @@ Status OptimizerBench::Setup() {
   go.scale = a_.scale;
   go.steps = 1;
   ZTIER_ASSIGN_OR_RETURN(trace_, co::GenerateTrace(shape, go));
+  return Status::Ok();
+}
+
+Status OptimizerBench::Setup() {
   uint64_t largest = 0;
   for (const auto& p : trace_.params) {
     elements_ += p.numel;
@@ -229,7 +247,8 @@ Status OptimizerBench::Setup() {
   // The drive's own bandwidth, on a file as large as one step's state.
   const auto& paths = tiering::OptimizerPaths(config_);
   io_file_ = paths.front() + "/bench_optimizer_io.dat";
-  io_bytes_ = rt_->optimizer()->store().used() / 2;
+  io_bytes_ = DriveBenchBytes(rt_->optimizer()->store().used() / 2, config_.io.block_size,
+                              config_.io.queue_depth);
   return Status::Ok();
 }
 
@@ -533,10 +552,13 @@ int OptimizerBench::ReportCheckpoint(const std::vector<CheckpointFigures>& runs)
 
 int RunBenchCheckpoint(const OptArgs& a) {
   OptimizerBench b(a);
-  auto fail = [](const Status& s) {
+  // Exit status 1: the run failed (I/O error, disk full); 2: an option, the
+  // config or the model is wrong (Prepare).
+  auto fail = [](const Status& s, int code = 1) {
     fprintf(stderr, "ztier bench checkpoint: error: %s\n", s.ToString().c_str());
-    return 1;
+    return code;
   };
+  if (Status s = b.Prepare(); !s.ok()) return fail(s, 2);
   Progress progress("checkpoint bench", a.runs + 2, !a.no_progress && !a.json);
   progress.Update(0, "laying out parameters and the initial optimizer state");
   if (Status s = b.Setup(); !s.ok()) return fail(s);
@@ -561,10 +583,13 @@ int RunBenchCheckpoint(const OptArgs& a) {
 
 int RunBenchOptimizer(const OptArgs& a) {
   OptimizerBench b(a);
-  auto fail = [](const Status& s) {
+  // Exit status 1: the run failed (I/O error, disk full); 2: an option, the
+  // config or the model is wrong (Prepare).
+  auto fail = [](const Status& s, int code = 1) {
     fprintf(stderr, "ztier bench optimizer: error: %s\n", s.ToString().c_str());
-    return 1;
+    return code;
   };
+  if (Status s = b.Prepare(); !s.ok()) return fail(s, 2);
   Progress progress("optimizer bench", a.runs + 3, !a.no_progress && !a.json);
   progress.Update(0, "laying out parameters and the initial optimizer state");
   if (Status s = b.Setup(); !s.ok()) return fail(s);
