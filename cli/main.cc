@@ -49,7 +49,10 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    // CLI11 prints the message; its own codes (104 conversion, 105 range,
+    // 109 unknown option, ...) become the CLI's one usage status, 2. --help
+    // is a ParseError too, with code 0.
+    return app.exit(e) == 0 ? 0 : 2;
   }
   return exit_code;
 }

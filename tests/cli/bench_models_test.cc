@@ -149,6 +149,10 @@ TEST(BenchModelsUsage, BadModelOrScaleExitsTwo) {
     EXPECT_EQ(r.status, 2) << command << ": " << r.err;
     EXPECT_NE(r.err.find("--scale"), std::string::npos) << command << ": " << r.err;
   }
+  // A value the option parser refuses (not a number) is a usage error too.
+  const CliRun r = Ztier("bench optimizer --model tiny --runs none", dir.File("stderr.txt"));
+  EXPECT_EQ(r.status, 2) << r.err;
+  EXPECT_NE(r.err.find("--runs"), std::string::npos) << r.err;
 }
 
 }  // namespace

@@ -103,6 +103,9 @@ TEST_F(BenchSweep, BadOptionsExitTwoNamingThem) {
   r = Ztier(Args("--backends psync", "128KiB,256KiB", "64KiB"));
   EXPECT_EQ(r.status, 2) << r.out;
   EXPECT_NE(r.out.find("--size"), std::string::npos) << r.out;
+  r = Ztier(Args("--backends psync --qd many"));  // refused by the option parser
+  EXPECT_EQ(r.status, 2) << r.out;
+  EXPECT_NE(r.out.find("--qd"), std::string::npos) << r.out;
   r = Ztier(Args("--backends nosuch"));
   EXPECT_EQ(r.status, 2) << r.out;
   EXPECT_NE(r.out.find("nosuch"), std::string::npos) << r.out;
