@@ -3,8 +3,9 @@
 // bound it, in the same run:
 //   - the drive: the step's bytes (state read, state written, parameters
 //     written) at the drive's own sequential read and write bandwidth,
-//     measured with `bench io`'s engine on a file of the same size in the
-//     same directory, alternating with the steps (ABBA);
+//     measured with `bench io`'s engine on a file of the same size (at least
+//     one queue of the config's blocks) in the same directory, alternating
+//     with the steps (ABBA);
 //   - the CPU: the same update over the same elements with the state in
 //     memory (same threads, same instruction set).
 // step / max(drive time, update time) is the pipeline's overhead: 1.0 means
@@ -244,7 +245,8 @@ Status OptimizerBench::Setup() {
   init_s_ = Since(t0);
   hyper_.lr = 1e-4;
   hyper_.weight_decay = 0.01;
-  // The drive's own bandwidth, on a file as large as one step's state.
+  // The drive's own bandwidth, on a file as large as one step's state (at
+  // least one queue of blocks: DriveBenchBytes).
   const auto& paths = tiering::OptimizerPaths(config_);
   io_file_ = paths.front() + "/bench_optimizer_io.dat";
   io_bytes_ = DriveBenchBytes(rt_->optimizer()->store().used() / 2, config_.io.block_size,
@@ -610,6 +612,16 @@ int RunBenchOptimizer(const OptArgs& a) {
 }
 
 
+constexpr const char* kFooter = R"(
+The model is a shape file or a name in configs/models/ (tiny, llama-tiny,
+moe-small, gpt2-xl, llama2-7b, llama2-13b, llama2-70b); --scale N divides
+every tensor's element count by N (default 64; the 7B shape at 1/2048 runs in
+seconds). The drive is measured with the config's io.backend, io.block_size
+and io.queue_depth on a file as large as the optimizer state, but at least
+io.block_size x io.queue_depth (a small shape's state can be less than one
+block). Exit status: 0 done, 1 the run failed (I/O error, disk full), 2 a bad
+option, config or model.)";
+
 }  // namespace
 
 void RegisterBenchOptimizer(CLI::App& bench, int* exit_code) {
@@ -634,6 +646,7 @@ void RegisterBenchOptimizer(CLI::App& bench, int* exit_code) {
       ->check(CLI::Range(1u, 100u));
   cmd->add_flag("--json", a->json, "Print one JSON object");
   cmd->add_flag("--no-progress", a->no_progress, "No progress lines on stderr");
+  cmd->footer(kFooter);
   cmd->callback([a, exit_code] { *exit_code = RunBenchOptimizer(*a); });
 }
 
@@ -653,6 +666,7 @@ void RegisterBenchCheckpoint(CLI::App& bench, int* exit_code) {
       ->check(CLI::Range(1u, 100u));
   cmd->add_flag("--json", a->json, "Print one JSON object");
   cmd->add_flag("--no-progress", a->no_progress, "No progress lines on stderr");
+  cmd->footer(kFooter);
   cmd->callback([a, exit_code] { *exit_code = RunBenchCheckpoint(*a); });
 }
 

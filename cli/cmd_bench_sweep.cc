@@ -5,10 +5,9 @@
 // step does with its swapped state), and an `io:` block is recommended only
 // when a point beats the config's own point beyond the run-to-run spread.
 // Every run goes to CSV, every point's medians and ranges to JSON.
-#include <unistd.h>
-
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -438,6 +437,8 @@ default point. An io: block is printed only when the best point's slowest
 combined run beats the default point's fastest (ranges that do not overlap);
 otherwise the default is as good as anything measured and nothing is
 recommended. Lists are comma separated: --bs 256KiB,1MiB --qd 8,32.
+The default grid is 324 points, each read and written --runs times: narrow
+it, or bound each run with --time, for a sweep of minutes rather than hours.
 Backends not available here are skipped with a note. Exit status: 0 done,
 1 a run or an output file failed, 2 a bad option or config.)";
 
