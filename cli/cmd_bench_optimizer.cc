@@ -3,8 +3,9 @@
 // bound it, in the same run:
 //   - the drive: the step's bytes (state read, state written, parameters
 //     written) at the drive's own sequential read and write bandwidth,
-//     measured with `bench io`'s engine on a file of the same size in the
-//     same directory, alternating with the steps (ABBA);
+//     measured with `bench io`'s engine on a file of the same size (at least
+//     one queue of the config's blocks) in the same directory, alternating
+//     with the steps (ABBA);
 //   - the CPU: the same update over the same elements with the state in
 //     memory (same threads, same instruction set).
 // step / max(drive time, update time) is the pipeline's overhead: 1.0 means
@@ -89,6 +90,9 @@ class OptimizerBench {
     if (!io_file_.empty()) std::filesystem::remove(io_file_, ec);
   }
 
+  // Validates the options, the config and the model shape (usage errors:
+  // exit status 2); Setup() then lays out the state (run-time errors: 1).
+  Status Prepare();
   Status Setup();
   Status MeasureUpdateInMemory();
   const tiering::Config& config() const { return config_; }
@@ -120,7 +124,18 @@ class OptimizerBench {
   optim::AdamHyper hyper_;
 };
 
-Status OptimizerBench::Setup() {
+// Bytes of the file the drive's bandwidth is measured on: the step's state
+// (`state_bytes`), but at least one full queue of blocks (`block` bytes x
+// `queue_depth`), rounded up to whole blocks. A scaled-down model's state can
+// be smaller than one block (tiny at 1/64: 28 KiB of state against 1 MiB
+// blocks), and a bandwidth needs the queue kept full to mean anything.
+uint64_t DriveBenchBytes(uint64_t state_bytes, uint64_t block, uint32_t queue_depth) {
+  block = std::max<uint64_t>(block, 1);
+  const uint64_t want = std::max(state_bytes, block * std::max<uint32_t>(queue_depth, 1));
+  return (want + block - 1) / block * block;
+}
+
+Status OptimizerBench::Prepare() {
   ZTIER_ASSIGN_OR_RETURN(config_, LoadConfigOrDefaults(a_.config));
   if (!(a_.scale >= 1.0)) {
     return Status::InvalidArgument(
@@ -176,6 +191,10 @@ Status OptimizerBench::Setup() {
   go.scale = a_.scale;
   go.steps = 1;
   ZTIER_ASSIGN_OR_RETURN(trace_, co::GenerateTrace(shape, go));
+  return Status::Ok();
+}
+
+Status OptimizerBench::Setup() {
   uint64_t largest = 0;
   for (const auto& p : trace_.params) {
     elements_ += p.numel;
@@ -227,10 +246,12 @@ Status OptimizerBench::Setup() {
   init_s_ = Since(t0);
   hyper_.lr = 1e-4;
   hyper_.weight_decay = 0.01;
-  // The drive's own bandwidth, on a file as large as one step's state.
+  // The drive's own bandwidth, on a file as large as one step's state (at
+  // least one queue of blocks: DriveBenchBytes).
   const auto& paths = tiering::OptimizerPaths(config_);
   io_file_ = paths.front() + "/bench_optimizer_io.dat";
-  io_bytes_ = rt_->optimizer()->store().used() / 2;
+  io_bytes_ = DriveBenchBytes(rt_->optimizer()->store().used() / 2, config_.io.block_size,
+                              config_.io.queue_depth);
   return Status::Ok();
 }
 
@@ -534,10 +555,13 @@ int OptimizerBench::ReportCheckpoint(const std::vector<CheckpointFigures>& runs)
 
 int RunBenchCheckpoint(const OptArgs& a) {
   OptimizerBench b(a);
-  auto fail = [](const Status& s) {
+  // Exit status 1: the run failed (I/O error, disk full); 2: an option, the
+  // config or the model is wrong (Prepare).
+  auto fail = [](const Status& s, int code = kExitFailure) {
     fprintf(stderr, "ztier bench checkpoint: error: %s\n", s.ToString().c_str());
-    return 1;
+    return code;
   };
+  if (Status s = b.Prepare(); !s.ok()) return fail(s, kExitUsage);
   Progress progress("checkpoint bench", a.runs + 2, !a.no_progress && !a.json);
   progress.Update(0, "laying out parameters and the initial optimizer state");
   if (Status s = b.Setup(); !s.ok()) return fail(s);
@@ -562,10 +586,13 @@ int RunBenchCheckpoint(const OptArgs& a) {
 
 int RunBenchOptimizer(const OptArgs& a) {
   OptimizerBench b(a);
-  auto fail = [](const Status& s) {
+  // Exit status 1: the run failed (I/O error, disk full); 2: an option, the
+  // config or the model is wrong (Prepare).
+  auto fail = [](const Status& s, int code = kExitFailure) {
     fprintf(stderr, "ztier bench optimizer: error: %s\n", s.ToString().c_str());
-    return 1;
+    return code;
   };
+  if (Status s = b.Prepare(); !s.ok()) return fail(s, kExitUsage);
   Progress progress("optimizer bench", a.runs + 3, !a.no_progress && !a.json);
   progress.Update(0, "laying out parameters and the initial optimizer state");
   if (Status s = b.Setup(); !s.ok()) return fail(s);
@@ -585,6 +612,16 @@ int RunBenchOptimizer(const OptArgs& a) {
   return b.Report(runs);
 }
 
+
+constexpr const char* kFooter = R"(
+The model is a shape file or a name in configs/models/ (tiny, llama-tiny,
+moe-small, gpt2-xl, llama2-7b, llama2-13b, llama2-70b); --scale N divides
+every tensor's element count by N (default 64; the 7B shape at 1/2048 runs in
+seconds). The drive is measured with the config's io.backend, io.block_size
+and io.queue_depth on a file as large as the optimizer state, but at least
+io.block_size x io.queue_depth (a small shape's state can be less than one
+block). Exit status: 0 done, 1 the run failed (I/O error, disk full), 2 a bad
+option, config or model.)";
 
 }  // namespace
 
@@ -611,6 +648,7 @@ void RegisterBenchOptimizer(CLI::App& bench, int* exit_code) {
       ->check(CLI::Range(1u, 100u));
   cmd->add_flag("--json", a->json, "Print one JSON object");
   cmd->add_flag("--no-progress", a->no_progress, "No progress lines on stderr");
+  cmd->footer(kFooter);
   cmd->callback([a, exit_code] { *exit_code = RunBenchOptimizer(*a); });
 }
 
@@ -631,6 +669,7 @@ void RegisterBenchCheckpoint(CLI::App& bench, int* exit_code) {
       ->check(CLI::Range(1u, 100u));
   cmd->add_flag("--json", a->json, "Print one JSON object");
   cmd->add_flag("--no-progress", a->no_progress, "No progress lines on stderr");
+  cmd->footer(kFooter);
   cmd->callback([a, exit_code] { *exit_code = RunBenchCheckpoint(*a); });
 }
 

@@ -344,6 +344,17 @@ Status StepBench::Prepare() {
   if (config_.tiers.params != tiering::ParamTier::kNvme) {
     notes_.push_back("tiers.params is host: no NVMe traffic, the bound is compute alone");
   }
+  if (!a_.bench_size.empty()) {
+    // The measurement reads whole io.block_size requests: it needs one.
+    auto size = ParseSize(a_.bench_size);
+    if (!size.ok()) return size.status().WithContext("--bench-size");
+    if (*size < config_.io.block_size) {
+      return Status::InvalidArgument(fmt::format(
+          "--bench-size {} is smaller than one request of the config's io.block_size ({}): "
+          "give at least {}",
+          a_.bench_size, FormatSize(config_.io.block_size), FormatSize(config_.io.block_size)));
+    }
+  }
   if (a_.allow_unpinned) config_.tiers.host.allow_unpinned = true;
   if (a_.ranks == "threads") {
     if (a_.world_size > 1 && config_.comm.backend != tiering::CommBackend::kLocal) {

@@ -1,0 +1,114 @@
+// `ztier bench sweep` end to end on a small grid: every point carries read
+// and write figures over --runs runs, the config's point is marked, and bad
+// options exit with status 2 before any I/O. Which point wins is the drive's
+// business (and noisy); the rule itself is tested in sweep_rule_test.cc.
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "tests/testutil/testutil.h"
+
+namespace {
+
+struct CliRun {
+  int status = -1;  // exit status
+  std::string out;  // stdout + stderr
+};
+
+CliRun Ztier(const std::string& args) {
+  CliRun r;
+  FILE* p = popen((std::string(ZTIER_CLI) + " " + args + " 2>&1").c_str(), "r");
+  if (p == nullptr) return r;
+  char buf[4096];
+  size_t n = 0;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
+  const int st = pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  return r;
+}
+
+class BenchSweep : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    // The default point: psync (present everywhere), 256 KiB, qd 1.
+    std::ofstream f(dir_.File("config.yaml"));
+    f << "io:\n  backend: psync\n  block_size: 256KiB\n  queue_depth: 1\n";
+  }
+  // psync, buffered, 2 MiB per run: a few milliseconds per run.
+  std::string Args(const std::string& extra, const std::string& bs = "128KiB,256KiB",
+                   const std::string& size = "2MiB") const {
+    return "bench sweep --bs " + bs + " --size " + size + " --qd 1 --threads 1 --no-direct " +
+           "--config " + dir_.File("config.yaml") + " --file " +
+           dir_.File("s.dat") + " --csv " + dir_.File("s.csv") + " --json " +
+           dir_.File("s.json") + " " + extra;
+  }
+  ztier::testing::ScratchDir dir_;
+};
+
+TEST_F(BenchSweep, EveryPointHasReadAndWriteOverItsRuns) {
+  const CliRun r = Ztier(Args("--runs 3 --backends psync"));
+  ASSERT_EQ(r.status, 0) << r.out;
+  std::ifstream js(dir_.File("s.json"));
+  const nlohmann::json j = nlohmann::json::parse(js);
+  ASSERT_EQ(j.at("points").size(), 2u);
+  EXPECT_EQ(j.at("runs"), 3);
+  int defaults = 0;
+  for (const auto& p : j.at("points")) {
+    for (const char* dir : {"read", "write"}) {
+      const auto& d = p.at(dir);
+      ASSERT_EQ(d.at("runs_bw_bytes_per_s").size(), 3u) << dir;
+      EXPECT_GT(d.at("median_bw_bytes_per_s").get<double>(), 0.0) << dir;
+      EXPECT_LE(d.at("min_bw_bytes_per_s").get<double>(),
+                d.at("median_bw_bytes_per_s").get<double>());
+      EXPECT_LE(d.at("median_bw_bytes_per_s").get<double>(),
+                d.at("max_bw_bytes_per_s").get<double>());
+    }
+    EXPECT_GT(p.at("combined").at("median_bw_bytes_per_s").get<double>(), 0.0);
+    if (p.at("default").get<bool>()) {
+      ++defaults;
+      EXPECT_EQ(p.at("bs"), 256 * 1024);
+    }
+  }
+  EXPECT_EQ(defaults, 1);
+  EXPECT_EQ(j.at("default").at("backend"), "psync");
+  // Either an io: block beyond the noise or an explicit "no recommendation".
+  const bool recommended = !j.at("recommendation").is_null();
+  EXPECT_EQ(r.out.find("io:\n  backend:") != std::string::npos, recommended) << r.out;
+  // Every run of every point and direction is a CSV row (plus the header).
+  std::ifstream csv(dir_.File("s.csv"));
+  int lines = 0;
+  for (std::string line; std::getline(csv, line);) ++lines;
+  EXPECT_EQ(lines, 1 + 2 * 2 * 3);
+}
+
+TEST_F(BenchSweep, DefaultPointOutsideTheGridIsAdded) {
+  const CliRun r = Ztier(Args("--runs 1 --backends psync", "128KiB"));
+  ASSERT_EQ(r.status, 0) << r.out;
+  std::ifstream js(dir_.File("s.json"));
+  const nlohmann::json j = nlohmann::json::parse(js);
+  ASSERT_EQ(j.at("points").size(), 2u);
+  EXPECT_FALSE(j.at("points")[1].at("in_grid").get<bool>());
+  EXPECT_TRUE(j.at("points")[1].at("default").get<bool>());
+}
+
+TEST_F(BenchSweep, BadOptionsExitTwoNamingThem) {
+  CliRun r = Ztier(Args("--runs 0 --backends psync"));
+  EXPECT_EQ(r.status, 2) << r.out;
+  EXPECT_NE(r.out.find("--runs"), std::string::npos) << r.out;
+  r = Ztier(Args("--backends psync", "128KiB,256KiB", "64KiB"));
+  EXPECT_EQ(r.status, 2) << r.out;
+  EXPECT_NE(r.out.find("--size"), std::string::npos) << r.out;
+  r = Ztier(Args("--backends psync --qd many"));  // refused by the option parser
+  EXPECT_EQ(r.status, 2) << r.out;
+  EXPECT_NE(r.out.find("--qd"), std::string::npos) << r.out;
+  r = Ztier(Args("--backends nosuch"));
+  EXPECT_EQ(r.status, 2) << r.out;
+  EXPECT_NE(r.out.find("nosuch"), std::string::npos) << r.out;
+}
+
+}  // namespace
