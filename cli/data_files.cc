@@ -53,14 +53,25 @@ std::vector<std::string> DataRoots() {
   const fs::path cwd = fs::current_path(ec);
   roots.push_back(ec ? std::string(".") : cwd.string());
   if (std::string_view(ZTIER_SOURCE_DIR).size() > 0) roots.emplace_back(ZTIER_SOURCE_DIR);
-  return roots;
+  // The working directory is often the source tree (or the prefix): look
+  // there once.
+  std::vector<std::string> unique;
+  for (std::string& r : roots) {
+    const std::string key = fs::weakly_canonical(r, ec).string();
+    bool seen = false;
+    for (const std::string& u : unique) seen = seen || fs::weakly_canonical(u, ec).string() == key;
+    if (!seen) unique.push_back(std::move(r));
+  }
+  return unique;
 }
 
 Result<std::string> ResolveDataFile(std::string_view what, std::string_view subdir,
                                     std::string_view name, std::string_view ext) {
   std::error_code ec;
   const std::string n(name);
-  if (fs::is_regular_file(n, ec)) return n;
+  // Any existing path that is not a folder is taken as given: a regular
+  // file, but also a pipe (`--config <(...)`) or a device.
+  if (fs::exists(n, ec) && !fs::is_directory(n, ec)) return n;
   const std::string file = n + std::string(ext);
   std::vector<std::string> looked;  // "<dir> (why not)"
   std::vector<std::string> names;

@@ -1,5 +1,6 @@
 #include "cli/timeline.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -131,17 +132,21 @@ Status TimelineRecorder::Write(const std::string& path, const Names& names) cons
                       {"args", {{"sort_index", rank}}}});
   }
   nlohmann::json doc = {{"traceEvents", std::move(events)}, {"displayTimeUnit", "ms"}};
-  // Written beside the target and renamed into place, so a failed write
-  // never leaves a truncated timeline under the final name.
-  const std::string tmp = path + ".tmp";
+  const std::string text = doc.dump();
+  // A target that exists and is not a regular file (/dev/null, a pipe) is
+  // written in place: renaming over it would replace the device node.
+  struct stat st{};
+  const bool special = stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode);
+  // Otherwise written beside the target and renamed into place, so a failed
+  // write never leaves a truncated timeline under the final name.
+  const std::string tmp = special ? path : path + ".tmp";
   FILE* f = fopen(tmp.c_str(), "w");
   if (f == nullptr) return Status::FromErrno(errno, fmt::format("opening {}", tmp));
-  const std::string text = doc.dump();
   const bool ok = fwrite(text.data(), 1, text.size(), f) == text.size();
   const bool closed = fclose(f) == 0;
-  if (!ok || !closed || rename(tmp.c_str(), path.c_str()) != 0) {
+  if (!ok || !closed || (!special && rename(tmp.c_str(), path.c_str()) != 0)) {
     const int err = errno;
-    unlink(tmp.c_str());
+    if (!special) unlink(tmp.c_str());
     return Status::FromErrno(err ? err : EIO, fmt::format("writing {}", path));
   }
   return Status::Ok();

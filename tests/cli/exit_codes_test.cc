@@ -1,11 +1,15 @@
 // Exit codes and machine-readable output shared by every `ztier` command
 // (cli/output.h): 0 success, 1 run-time failure, 2 usage or bad input;
 // `--version`; every --json document names the version, time and host.
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <fstream>
 #include <string>
+#include <thread>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -87,6 +91,39 @@ TEST(JsonOutput, BenchIoCarriesRunInfo) {
   EXPECT_EQ(j.at("ztier_version"), "0.2.0");
   EXPECT_TRUE(j.contains("time"));
   EXPECT_TRUE(j.contains("host"));
+}
+
+TEST(Outputs, SpecialFileTargetIsWrittenInPlace) {
+  // `--timeline /dev/null` must not replace the device node with a regular
+  // file (a write-then-rename would). A FIFO stands in for the device.
+  ztier::testing::ScratchDir dir;
+  const std::string fifo = dir.File("timeline.fifo");
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  size_t drained = 0;
+  std::thread reader([&] {
+    const int fd = open(fifo.c_str(), O_RDONLY);
+    if (fd < 0) return;
+    char buf[4096];
+    ssize_t n = 0;
+    while ((n = read(fd, buf, sizeof(buf))) > 0) drained += static_cast<size_t>(n);
+    close(fd);
+  });
+  std::ofstream(dir.File("c.yaml")) << "tiers:\n  nvme:\n    paths: [\"" << dir.File("nvme")
+                                    << "\"]\nio:\n  direct: false\n";
+  CliRun r = Ztier("bench step --model " + Model("tiny") +
+                   " --steps 1 --device-bw 1e9 --allow-unpinned --buffer-elements 16384 "
+                   "--buffer-count 8 --config " + dir.File("c.yaml") + " --timeline " + fifo);
+  if (r.status != 0) {
+    // Unblock the reader if the command never opened the FIFO.
+    const int fd = open(fifo.c_str(), O_WRONLY | O_NONBLOCK);
+    if (fd >= 0) close(fd);
+  }
+  reader.join();
+  EXPECT_EQ(r.status, 0) << r.out;
+  struct stat st {};
+  ASSERT_EQ(stat(fifo.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISFIFO(st.st_mode)) << "the FIFO was replaced";
+  EXPECT_GT(drained, 0u);  // the timeline went through it
 }
 
 }  // namespace
