@@ -58,7 +58,7 @@ Result<std::unique_ptr<const CudaRuntimeApi>> LoadCudaRuntime() {
   search.fix = fmt::format(
       "install the CUDA {} runtime (libcudart.so.{}) where the dynamic loader finds it "
       "(ldconfig or LD_LIBRARY_PATH), or set ZTIER_CUDART_LIBRARY to its path; "
-      "or use device: host",
+      "or use the host device instead",
       kBuiltMajor, kBuiltMajor);
   search.accept = [&api](const SharedLibrary& lib) { return Resolve(lib, api.get()); };
   ZTIER_ASSIGN_OR_RETURN(api->library, OpenSharedLibrary(search));
