@@ -57,7 +57,8 @@ endif()
 find_package(nlohmann_json REQUIRED)
 find_package(CLI11 REQUIRED)
 
-# CUDA runtime and NCCL: host-side API only (no kernels), so no nvcc needed.
+# CUDA runtime and NCCL: host-side API only (no kernels), so no nvcc needed;
+# their headers only, as both libraries are opened at run time (base/dynlib.h).
 if(NOT ZTIER_WITH_CUDA STREQUAL "OFF")
   if(NOT CUDAToolkit_ROOT AND EXISTS /usr/local/cuda)
     set(CUDAToolkit_ROOT /usr/local/cuda)
@@ -70,14 +71,14 @@ else()
   _ztier_feature(CUDA FALSE "CUDA toolkit not found (set CUDAToolkit_ROOT)")
 endif()
 
+# Only nccl.h is needed to build: libnccl is opened at run time.
 if(ZTIER_HAVE_CUDA AND NOT ZTIER_WITH_NCCL STREQUAL "OFF")
   find_path(NCCL_INCLUDE_DIR nccl.h HINTS ${CUDAToolkit_INCLUDE_DIRS} /usr/local/cuda/include)
-  find_library(NCCL_LIBRARY nccl HINTS ${CUDAToolkit_LIBRARY_DIR} /usr/local/cuda/lib64)
 endif()
-if(ZTIER_HAVE_CUDA AND NCCL_INCLUDE_DIR AND NCCL_LIBRARY)
+if(ZTIER_HAVE_CUDA AND NCCL_INCLUDE_DIR)
   _ztier_feature(NCCL TRUE "")
 else()
-  _ztier_feature(NCCL FALSE "NCCL (nccl.h, libnccl.so) or the CUDA toolkit not found")
+  _ztier_feature(NCCL FALSE "NCCL's header (nccl.h) or the CUDA toolkit not found")
 endif()
 
 # gloo (libgloo-dev): collectives between processes over TCP, for CPU ranks.

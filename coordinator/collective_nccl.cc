@@ -10,10 +10,12 @@
 // peer died, the network failed) are polled with ncclCommGetAsyncError at the
 // start of each call and after each host rendezvous.
 //
+// NCCL and the CUDA runtime are loaded at run time (coordinator/nccl_api.h,
+// tiering/cudart.h): the first NCCL collective, unique id or wrapped
+// communicator loads NCCL, preferring the copy already in the process.
+//
 // Thread-safety: as Collective (one thread per rank issues its collectives);
 // AllGatherHost also serialises on its own scratch buffer and stream.
-#include <cuda_runtime_api.h>
-#include <nccl.h>
 
 #include <cstdint>
 #include <cstring>
@@ -28,28 +30,35 @@
 #include "base/log.h"
 #include "coordinator/collective.h"
 #include "coordinator/collective_internal.h"
+#include "coordinator/nccl_api.h"
+#include "tiering/cudart.h"
 
 namespace ztier::coordinator {
 namespace {
 
+using tiering::CudaRuntimeApi;
 using tiering::DeviceBackend;
 using tiering::StreamHandle;
 
+// In the functions below, `rt_` is the CUDA runtime's table and `nccl_`
+// NCCL's, as in the collective's members, so that the check macros read the
+// same everywhere.
+
 static_assert(sizeof(ncclUniqueId) == NCCL_UNIQUE_ID_BYTES);
 
-Status CudaError(cudaError_t err, std::string_view what) {
+Status CudaError(const CudaRuntimeApi& rt_, cudaError_t err, std::string_view what) {
   // Clear the runtime's last error (for non-sticky errors), so that a later,
   // unrelated check does not report this one again.
-  (void)cudaGetLastError();
-  return Status::IoError(fmt::format("{}: {} ({})", what, cudaGetErrorString(err),
-                                     cudaGetErrorName(err)));
+  (void)rt_.cudaGetLastError();
+  return Status::IoError(fmt::format("{}: {} ({})", what, rt_.cudaGetErrorString(err),
+                                     rt_.cudaGetErrorName(err)));
 }
 
-Status NcclError(ncclResult_t result, std::string_view what) {
+Status NcclError(const NcclApi& nccl_, ncclResult_t result, std::string_view what) {
   std::string msg = fmt::format("{}: {} (ncclResult_t {})", what,
-                                ncclGetErrorString(result), static_cast<int>(result));
+                                nccl_.ncclGetErrorString(result), static_cast<int>(result));
   // NCCL keeps a more specific text of its latest failure on this thread.
-  const char* detail = ncclGetLastError(nullptr);
+  const char* detail = nccl_.ncclGetLastError(nullptr);
   if (detail != nullptr && detail[0] != '\0') msg += fmt::format("; NCCL says: {}", detail);
   switch (result) {
     case ncclInvalidArgument:
@@ -63,37 +72,40 @@ Status NcclError(ncclResult_t result, std::string_view what) {
 #define ZTIER_CUDA_CHECK(call, what)                                   \
   do {                                                                 \
     const cudaError_t _zt_err = (call);                                \
-    if (_zt_err != cudaSuccess) return CudaError(_zt_err, (what));     \
+    if (_zt_err != cudaSuccess) return CudaError(rt_, _zt_err, (what)); \
   } while (0)
 
 // A communicator created non-blocking answers ncclInProgress while an
 // operation is still being set up; wait for it to settle before going on.
-Status Settle(ncclComm_t comm, ncclResult_t result, std::string_view what) {
+Status Settle(const NcclApi& nccl_, ncclComm_t comm, ncclResult_t result,
+              std::string_view what) {
   while (result == ncclInProgress) {
     std::this_thread::yield();
     ncclResult_t state = ncclSuccess;
-    const ncclResult_t r = ncclCommGetAsyncError(comm, &state);
-    if (r != ncclSuccess) return NcclError(r, fmt::format("{} (ncclCommGetAsyncError)", what));
+    const ncclResult_t r = nccl_.ncclCommGetAsyncError(comm, &state);
+    if (r != ncclSuccess) {
+      return NcclError(nccl_, r, fmt::format("{} (ncclCommGetAsyncError)", what));
+    }
     result = state;
   }
-  if (result != ncclSuccess) return NcclError(result, what);
+  if (result != ncclSuccess) return NcclError(nccl_, result, what);
   return Status::Ok();
 }
 
 #define ZTIER_NCCL_CHECK(comm, call, what)                             \
   do {                                                                 \
-    ZTIER_RETURN_IF_ERROR(Settle((comm), (call), (what)));             \
+    ZTIER_RETURN_IF_ERROR(Settle(nccl_, (comm), (call), (what)));      \
   } while (0)
 
 // The CUDA device that `device`'s memory lives on: the interface does not
 // expose it, so ask CUDA where a small allocation of it landed.
-Result<int> CudaDeviceOf(DeviceBackend* device) {
+Result<int> CudaDeviceOf(const CudaRuntimeApi& rt_, DeviceBackend* device) {
   constexpr uint64_t kProbeBytes = 256;
   ZTIER_ASSIGN_OR_RETURN(void* probe, device->Alloc(kProbeBytes, StreamHandle{}));
   cudaPointerAttributes attr{};
-  const cudaError_t err = cudaPointerGetAttributes(&attr, probe);
+  const cudaError_t err = rt_.cudaPointerGetAttributes(&attr, probe);
   Status freed = device->Free(probe, StreamHandle{});
-  if (err != cudaSuccess) return CudaError(err, "cudaPointerGetAttributes");
+  if (err != cudaSuccess) return CudaError(rt_, err, "cudaPointerGetAttributes");
   ZTIER_RETURN_IF_ERROR(freed);
   return attr.device;
 }
@@ -105,6 +117,19 @@ Status CheckDevice(const DeviceBackend* device) {
         device ? device->name() : "null"));
   }
   return Status::Ok();
+}
+
+// Both libraries, loaded for the process (a CUDA device backend has already
+// loaded the runtime; NCCL may be loaded here for the first time).
+struct Libraries {
+  const NcclApi* nccl;
+  const CudaRuntimeApi* rt;
+};
+
+Result<Libraries> LoadLibraries() {
+  ZTIER_ASSIGN_OR_RETURN(const NcclApi* nccl, Nccl());
+  ZTIER_ASSIGN_OR_RETURN(const CudaRuntimeApi* rt, tiering::CudaRuntime());
+  return Libraries{nccl, rt};
 }
 
 Result<ncclDataType_t> MeanType(DType dtype) {
@@ -124,10 +149,11 @@ class NcclCollective final : public Collective {
  public:
   // Builds the collective around `comm` (destroyed with it when `owned`; on
   // failure here too). `cuda_device` is the communicator's device.
-  static Result<std::unique_ptr<Collective>> Create(ncclComm_t comm, bool owned,
-                                                    int cuda_device,
+  static Result<std::unique_ptr<Collective>> Create(const Libraries& libs, ncclComm_t comm,
+                                                    bool owned, int cuda_device,
                                                     DeviceBackend* device) {
-    std::unique_ptr<NcclCollective> c(new NcclCollective(comm, owned, cuda_device, device));
+    std::unique_ptr<NcclCollective> c(
+        new NcclCollective(libs, comm, owned, cuda_device, device));
     ZTIER_RETURN_IF_ERROR(c->Init());
     return std::unique_ptr<Collective>(std::move(c));
   }
@@ -142,23 +168,23 @@ class NcclCollective final : public Collective {
       if (!s.ok()) Log(LogLevel::kWarning, "nccl collective: {}", s.message());
     }
     if (!owned_) return;
-    if (cudaSetDevice(cuda_device_) != cudaSuccess) (void)cudaGetLastError();
+    if (rt_.cudaSetDevice(cuda_device_) != cudaSuccess) (void)rt_.cudaGetLastError();
     // Finalize flushes what is still queued; if that fails, abort instead of
     // destroying, which would wait for peers that may be gone.
-    Status fin = Settle(comm_, ncclCommFinalize(comm_), "ncclCommFinalize");
+    Status fin = Settle(nccl_, comm_, nccl_.ncclCommFinalize(comm_), "ncclCommFinalize");
     if (!fin.ok()) {
       Log(LogLevel::kWarning, "nccl collective: {}", fin.message());
-      const ncclResult_t r = ncclCommAbort(comm_);
+      const ncclResult_t r = nccl_.ncclCommAbort(comm_);
       if (r != ncclSuccess) {
         Log(LogLevel::kWarning, "nccl collective: {}",
-            NcclError(r, "ncclCommAbort").message());
+            NcclError(nccl_, r, "ncclCommAbort").message());
       }
       return;
     }
-    const ncclResult_t r = ncclCommDestroy(comm_);
+    const ncclResult_t r = nccl_.ncclCommDestroy(comm_);
     if (r != ncclSuccess) {
       Log(LogLevel::kWarning, "nccl collective: {}",
-          NcclError(r, "ncclCommDestroy").message());
+          NcclError(nccl_, r, "ncclCommDestroy").message());
     }
   }
 
@@ -175,7 +201,7 @@ class NcclCollective final : public Collective {
     ZTIER_RETURN_IF_ERROR(Prepare());
     // As bytes: the gather moves bits, whatever the element type.
     ZTIER_NCCL_CHECK(comm_,
-                     ncclAllGather(part, full, part_bytes, ncclUint8, comm_,
+                     nccl_.ncclAllGather(part, full, part_bytes, ncclUint8, comm_,
                                    static_cast<cudaStream_t>(stream.p)),
                      fmt::format("ncclAllGather({} bytes per rank)", part_bytes));
     return Status::Ok();
@@ -194,7 +220,7 @@ class NcclCollective final : public Collective {
     if (part_elems == 0) return Status::Ok();
     ZTIER_RETURN_IF_ERROR(Prepare());
     ZTIER_NCCL_CHECK(comm_,
-                     ncclReduceScatter(full, part, part_elems, type, ncclAvg, comm_,
+                     nccl_.ncclReduceScatter(full, part, part_elems, type, ncclAvg, comm_,
                                        static_cast<cudaStream_t>(stream.p)),
                      fmt::format("ncclReduceScatter({} {} elements per rank, avg)",
                                  part_elems, DTypeName(dtype)));
@@ -215,21 +241,27 @@ class NcclCollective final : public Collective {
   }
 
  private:
-  NcclCollective(ncclComm_t comm, bool owned, int cuda_device, DeviceBackend* device)
-      : comm_(comm), owned_(owned), cuda_device_(cuda_device), device_(device) {}
+  NcclCollective(const Libraries& libs, ncclComm_t comm, bool owned, int cuda_device,
+                 DeviceBackend* device)
+      : nccl_(*libs.nccl),
+        rt_(*libs.rt),
+        comm_(comm),
+        owned_(owned),
+        cuda_device_(cuda_device),
+        device_(device) {}
 
   Status Init() {
     int count = 0;
     int rank = 0;
-    ZTIER_NCCL_CHECK(comm_, ncclCommCount(comm_, &count), "ncclCommCount");
-    ZTIER_NCCL_CHECK(comm_, ncclCommUserRank(comm_, &rank), "ncclCommUserRank");
+    ZTIER_NCCL_CHECK(comm_, nccl_.ncclCommCount(comm_, &count), "ncclCommCount");
+    ZTIER_NCCL_CHECK(comm_, nccl_.ncclCommUserRank(comm_, &rank), "ncclCommUserRank");
     if (count <= 0 || rank < 0 || rank >= count) {
       return Status::Internal(fmt::format(
           "nccl communicator reports rank {} of world size {}", rank, count));
     }
     world_ = static_cast<uint32_t>(count);
     rank_ = static_cast<uint32_t>(rank);
-    ZTIER_CUDA_CHECK(cudaSetDevice(cuda_device_), "cudaSetDevice");
+    ZTIER_CUDA_CHECK(rt_.cudaSetDevice(cuda_device_), "cudaSetDevice");
     ZTIER_ASSIGN_OR_RETURN(stream_, device_->CreateStream());
     // One uint64 per rank for AllGatherHost.
     ZTIER_ASSIGN_OR_RETURN(void* scratch,
@@ -237,26 +269,28 @@ class NcclCollective final : public Collective {
                                           StreamHandle{}));
     scratch_ = static_cast<uint64_t*>(scratch);
     int version = 0;
-    ZTIER_NCCL_CHECK(comm_, ncclGetVersion(&version), "ncclGetVersion");
-    Log(LogLevel::kInfo, "nccl collective: rank {} of {} on cuda:{} (NCCL {}){}", rank_,
-        world_, cuda_device_, version, owned_ ? "" : ", communicator not owned");
+    ZTIER_NCCL_CHECK(comm_, nccl_.ncclGetVersion(&version), "ncclGetVersion");
+    Log(LogLevel::kInfo, "nccl collective: rank {} of {} on cuda:{} (NCCL {} from {}{}){}",
+        rank_, world_, cuda_device_, version, nccl_.library.name,
+        nccl_.library.was_loaded ? ", already loaded" : "",
+        owned_ ? "" : ", communicator not owned");
     return Status::Ok();
   }
 
   // Makes the communicator's device current on this thread and reports a
   // failure NCCL saw in collectives that already ran.
   Status Prepare() {
-    ZTIER_CUDA_CHECK(cudaSetDevice(cuda_device_), "cudaSetDevice");
+    ZTIER_CUDA_CHECK(rt_.cudaSetDevice(cuda_device_), "cudaSetDevice");
     return AsyncError();
   }
 
   Status AsyncError() {
     ncclResult_t state = ncclSuccess;
-    const ncclResult_t r = ncclCommGetAsyncError(comm_, &state);
-    if (r != ncclSuccess) return NcclError(r, "ncclCommGetAsyncError");
+    const ncclResult_t r = nccl_.ncclCommGetAsyncError(comm_, &state);
+    if (r != ncclSuccess) return NcclError(nccl_, r, "ncclCommGetAsyncError");
     // In progress is a non-blocking communicator at work, not a failure.
     if (state != ncclSuccess && state != ncclInProgress) {
-      return NcclError(state, "an earlier NCCL collective failed");
+      return NcclError(nccl_, state, "an earlier NCCL collective failed");
     }
     return Status::Ok();
   }
@@ -267,13 +301,15 @@ class NcclCollective final : public Collective {
     uint64_t* mine = scratch_ + rank_;
     ZTIER_RETURN_IF_ERROR(device_->MemcpyH2DAsync(mine, value, sizeof(*value), stream_));
     ZTIER_NCCL_CHECK(comm_,
-                     ncclAllGather(mine, scratch_, 1, ncclUint64, comm_,
+                     nccl_.ncclAllGather(mine, scratch_, 1, ncclUint64, comm_,
                                    static_cast<cudaStream_t>(stream_.p)),
                      "ncclAllGather(1 uint64 per rank, host values)");
     return device_->MemcpyD2HAsync(out, scratch_, uint64_t{world_} * sizeof(uint64_t),
                                    stream_);
   }
 
+  const NcclApi& nccl_;          // both loaded for the process, never unloaded
+  const CudaRuntimeApi& rt_;
   const ncclComm_t comm_;
   const bool owned_;
   const int cuda_device_;
@@ -301,20 +337,23 @@ Result<std::unique_ptr<Collective>> CreateNcclCollective(
         "nccl collective: rank {} is out of range for world size {}", rank, world_size));
   }
   ZTIER_RETURN_IF_ERROR(CheckDevice(device));
-  ZTIER_ASSIGN_OR_RETURN(const int cuda_device, CudaDeviceOf(device));
+  ZTIER_ASSIGN_OR_RETURN(const Libraries libs, LoadLibraries());
+  const NcclApi& nccl_ = *libs.nccl;
+  const CudaRuntimeApi& rt_ = *libs.rt;
+  ZTIER_ASSIGN_OR_RETURN(const int cuda_device, CudaDeviceOf(rt_, device));
   // The communicator binds to the device current at its creation.
-  ZTIER_CUDA_CHECK(cudaSetDevice(cuda_device), "cudaSetDevice");
+  ZTIER_CUDA_CHECK(rt_.cudaSetDevice(cuda_device), "cudaSetDevice");
   ncclUniqueId id;
   std::memcpy(&id, unique_id, sizeof(id));
   ncclComm_t comm = nullptr;
-  const ncclResult_t r = ncclCommInitRank(&comm, static_cast<int>(world_size), id,
+  const ncclResult_t r = nccl_.ncclCommInitRank(&comm, static_cast<int>(world_size), id,
                                           static_cast<int>(rank));
   if (r != ncclSuccess) {
-    return NcclError(r, fmt::format("ncclCommInitRank(rank {} of {}, cuda:{})", rank,
+    return NcclError(nccl_, r, fmt::format("ncclCommInitRank(rank {} of {}, cuda:{})", rank,
                                     world_size, cuda_device));
   }
   // Owned: on failure the collective's destructor releases the communicator.
-  return NcclCollective::Create(comm, /*owned=*/true, cuda_device, device);
+  return NcclCollective::Create(libs, comm, /*owned=*/true, cuda_device, device);
 }
 
 Result<std::unique_ptr<Collective>> WrapNcclCommunicator(void* nccl_comm,
@@ -323,30 +362,39 @@ Result<std::unique_ptr<Collective>> WrapNcclCommunicator(void* nccl_comm,
     return Status::InvalidArgument("nccl collective: null communicator");
   }
   ZTIER_RETURN_IF_ERROR(CheckDevice(device));
+  ZTIER_ASSIGN_OR_RETURN(const Libraries libs, LoadLibraries());
+  const NcclApi& nccl_ = *libs.nccl;
   auto comm = static_cast<ncclComm_t>(nccl_comm);
   int comm_device = -1;
-  ZTIER_NCCL_CHECK(comm, ncclCommCuDevice(comm, &comm_device), "ncclCommCuDevice");
-  ZTIER_ASSIGN_OR_RETURN(const int backend_device, CudaDeviceOf(device));
+  ZTIER_NCCL_CHECK(comm, nccl_.ncclCommCuDevice(comm, &comm_device), "ncclCommCuDevice");
+  ZTIER_ASSIGN_OR_RETURN(const int backend_device, CudaDeviceOf(*libs.rt, device));
   if (comm_device != backend_device) {
     return Status::InvalidArgument(fmt::format(
         "nccl collective: the communicator is on cuda:{} but the device backend on "
         "cuda:{}",
         comm_device, backend_device));
   }
-  return NcclCollective::Create(comm, /*owned=*/false, comm_device, device);
+  return NcclCollective::Create(libs, comm, /*owned=*/false, comm_device, device);
 }
 
 Result<std::vector<uint8_t>> NcclUniqueId() {
+  ZTIER_ASSIGN_OR_RETURN(const NcclApi* nccl, Nccl());
+  const NcclApi& nccl_ = *nccl;
   ncclUniqueId id;
-  const ncclResult_t r = ncclGetUniqueId(&id);
-  if (r != ncclSuccess) return NcclError(r, "ncclGetUniqueId");
+  const ncclResult_t r = nccl_.ncclGetUniqueId(&id);
+  if (r != ncclSuccess) return NcclError(nccl_, r, "ncclGetUniqueId");
   std::vector<uint8_t> bytes(sizeof(id));
   std::memcpy(bytes.data(), &id, sizeof(id));
   return bytes;
 }
 
 bool NcclAvailable(std::string* why) {
-  // NCCL is linked in; what can be missing is a GPU (and its driver).
+  // Built with nccl.h; what can be missing is the library, a GPU or its driver.
+  auto nccl = Nccl();
+  if (!nccl.ok()) {
+    if (why) *why = std::string(nccl.status().message());
+    return false;
+  }
   return tiering::CudaDeviceAvailable(why);
 }
 

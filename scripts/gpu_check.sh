@@ -17,7 +17,8 @@ pack() {
   local build=$1 dest=$2
   rm -rf "$dest" && mkdir -p "$dest/tests"
   cp "$build/ztier" "$dest/"
-  for t in tiering_device_test tiering_pinned_pool_test coordinator_collective_test \
+  for t in tiering_device_test tiering_cudart_test tiering_pinned_pool_test \
+           coordinator_nccl_api_test coordinator_collective_test \
            coordinator_coordinator_test swapper_param_swapper_test io_engine_test \
            io_backend_test base_crc32c_test; do
     [[ -x $build/tests/$t ]] && cp "$build/tests/$t" "$dest/tests/"

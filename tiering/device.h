@@ -10,8 +10,10 @@
 //    StreamWaitEvent holds a stream back until then.
 //  - "cuda": the CUDA runtime API (non-blocking streams, events without
 //    timing, cudaMallocAsync, cudaMemcpyAsync, cudaLaunchHostFunc,
-//    cudaHostRegister). Compiled only where the toolkit is found; it reports
-//    Unavailable with the reason on a machine without a usable device.
+//    cudaHostRegister). Compiled only where the toolkit's headers are found;
+//    the runtime library is opened at first use (tiering/cudart.h). It
+//    reports Unavailable with the reason on a machine without a loadable
+//    runtime or without a usable device.
 //
 // Handles are opaque values owned by the backend that created them: destroy
 // each stream and event with the same backend, before the backend. Device
@@ -157,13 +159,16 @@ Result<std::unique_ptr<DeviceBackend>> CreateHostDeviceBackend(
     const HostDeviceOptions& options = {});
 
 // The CUDA backend on device `device`. Unavailable, with the reason, when
-// built without the toolkit, when the runtime finds no driver or no device,
+// built without the toolkit, when the runtime library cannot be loaded
+// (naming what was tried), when the runtime finds no driver or no device,
 // or when `device` is out of range.
 Result<std::unique_ptr<DeviceBackend>> CreateCudaDeviceBackend(int device);
 
 // Whether CreateCudaDeviceBackend(0) can work here; if not and `why` is not
 // null, sets it to the reason ("built without the CUDA toolkit",
+// "the CUDA runtime (libcudart) cannot be loaded: ...",
 // "cudaGetDeviceCount: CUDA driver version is insufficient ...", ...).
+// Loads the runtime on its first call.
 bool CudaDeviceAvailable(std::string* why);
 
 }  // namespace ztier::tiering

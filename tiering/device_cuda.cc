@@ -4,8 +4,8 @@
 // Every call first makes `device_` current on the calling thread (the CUDA
 // current device is per thread, and callers come from many threads), and every
 // return code is checked and turned into a Status that names the call, the
-// runtime's text and the error's name.
-#include <cuda_runtime_api.h>
+// runtime's text and the error's name. The runtime is loaded at first use
+// (tiering/cudart.h); the host emulation never loads it.
 #include <fmt/format.h>
 
 #include <atomic>
@@ -13,18 +13,19 @@
 #include <utility>
 
 #include "base/log.h"
+#include "tiering/cudart.h"
 #include "tiering/device.h"
 
 namespace ztier::tiering {
 namespace {
 
-Status CudaStatus(cudaError_t err, std::string_view what) {
+Status CudaStatus(const CudaRuntimeApi& rt_, cudaError_t err, std::string_view what) {
   // Clear the runtime's "last error" for non-sticky errors, so that a later,
   // unrelated check does not report this one again.
-  (void)cudaGetLastError();
+  (void)rt_.cudaGetLastError();
   std::string msg =
-      fmt::format("{}: {} ({} = {})", what, cudaGetErrorString(err),
-                  cudaGetErrorName(err), static_cast<int>(err));
+      fmt::format("{}: {} ({} = {})", what, rt_.cudaGetErrorString(err),
+                  rt_.cudaGetErrorName(err), static_cast<int>(err));
   switch (err) {
     case cudaErrorMemoryAllocation:
       return Status::ResourceExhausted(std::move(msg));
@@ -44,22 +45,23 @@ Status CudaStatus(cudaError_t err, std::string_view what) {
   }
 }
 
-#define ZTIER_CUDA_RETURN(call, what)                             \
-  do {                                                            \
-    const cudaError_t _zt_err = (call);                           \
-    if (_zt_err != cudaSuccess) return CudaStatus(_zt_err, what); \
+// `rt_`, the runtime's table, must be in scope.
+#define ZTIER_CUDA_RETURN(call, what)                                  \
+  do {                                                                 \
+    const cudaError_t _zt_err = (call);                                \
+    if (_zt_err != cudaSuccess) return CudaStatus(rt_, _zt_err, what); \
   } while (0)
 
 // Number of devices, or the reason there are none. cudaGetDeviceCount leaves
 // its output unwritten when it fails (no driver), hence the initial 0.
-Result<int> DeviceCount() {
+Result<int> DeviceCount(const CudaRuntimeApi& rt_) {
   int count = 0;
-  const cudaError_t err = cudaGetDeviceCount(&count);
+  const cudaError_t err = rt_.cudaGetDeviceCount(&count);
   if (err != cudaSuccess) {
     // Whatever the runtime's reason (no driver, driver too old, no device),
     // to callers it means the same: no CUDA here.
     return Status::Unavailable(
-        std::string(CudaStatus(err, "cudaGetDeviceCount").message()));
+        std::string(CudaStatus(rt_, err, "cudaGetDeviceCount").message()));
   }
   if (count <= 0) {
     return Status::Unavailable(
@@ -79,36 +81,40 @@ Status NullStream(std::string_view what) {
 class CudaDeviceBackend final : public DeviceBackend {
  public:
   static Result<std::unique_ptr<DeviceBackend>> Create(int device) {
-    ZTIER_ASSIGN_OR_RETURN(const int count, DeviceCount());
+    ZTIER_ASSIGN_OR_RETURN(const CudaRuntimeApi* runtime, CudaRuntime());
+    const CudaRuntimeApi& rt_ = *runtime;  // the member's name, for ZTIER_CUDA_RETURN
+    ZTIER_ASSIGN_OR_RETURN(const int count, DeviceCount(rt_));
     if (device < 0 || device >= count) {
       return Status::Unavailable(
           fmt::format("CUDA device {} does not exist ({} device(s) visible)",
                       device, count));
     }
-    ZTIER_CUDA_RETURN(cudaSetDevice(device), "cudaSetDevice");
+    ZTIER_CUDA_RETURN(rt_.cudaSetDevice(device), "cudaSetDevice");
     cudaDeviceProp prop{};
-    ZTIER_CUDA_RETURN(cudaGetDeviceProperties(&prop, device),
+    ZTIER_CUDA_RETURN(rt_.cudaGetDeviceProperties(&prop, device),
                       "cudaGetDeviceProperties");
     int pools = 0;
     ZTIER_CUDA_RETURN(
-        cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, device),
+        rt_.cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, device),
         "cudaDeviceGetAttribute(MemoryPoolsSupported)");
     cudaStream_t internal = nullptr;
     ZTIER_CUDA_RETURN(
-        cudaStreamCreateWithFlags(&internal, cudaStreamNonBlocking),
+        rt_.cudaStreamCreateWithFlags(&internal, cudaStreamNonBlocking),
         "cudaStreamCreateWithFlags");
     std::string desc = fmt::format(
         "cuda:{} {} ({} bytes{})", device, prop.name, prop.totalGlobalMem,
         pools ? "" : ", no stream-ordered allocator");
-    Log(LogLevel::kInfo, "device backend: {}", desc);
+    Log(LogLevel::kInfo, "device backend: {}; CUDA runtime {}.{} from {}{}", desc,
+        rt_.version / 1000, rt_.version % 1000 / 10, rt_.library.name,
+        rt_.library.was_loaded ? " (already loaded)" : "");
     return std::unique_ptr<DeviceBackend>(
-        new CudaDeviceBackend(device, pools != 0, internal, std::move(desc)));
+        new CudaDeviceBackend(rt_, device, pools != 0, internal, std::move(desc)));
   }
 
   ~CudaDeviceBackend() override {
-    if (cudaSetDevice(device_) == cudaSuccess) {
-      (void)cudaStreamSynchronize(internal_);
-      (void)cudaStreamDestroy(internal_);
+    if (rt_.cudaSetDevice(device_) == cudaSuccess) {
+      (void)rt_.cudaStreamSynchronize(internal_);
+      (void)rt_.cudaStreamDestroy(internal_);
     }
   }
 
@@ -122,16 +128,16 @@ class CudaDeviceBackend final : public DeviceBackend {
     void* p = nullptr;
     const std::string what = fmt::format("device Alloc of {} bytes", bytes);
     if (!pools_) {
-      ZTIER_CUDA_RETURN(cudaMalloc(&p, bytes), what);
+      ZTIER_CUDA_RETURN(rt_.cudaMalloc(&p, bytes), what);
       return p;
     }
     cudaStream_t s = stream ? S(stream) : internal_;
-    ZTIER_CUDA_RETURN(cudaMallocAsync(&p, bytes, s), what);
+    ZTIER_CUDA_RETURN(rt_.cudaMallocAsync(&p, bytes, s), what);
     if (!stream) {
-      const cudaError_t err = cudaStreamSynchronize(internal_);
+      const cudaError_t err = rt_.cudaStreamSynchronize(internal_);
       if (err != cudaSuccess) {
-        (void)cudaFreeAsync(p, internal_);
-        return CudaStatus(err, what);
+        (void)rt_.cudaFreeAsync(p, internal_);
+        return CudaStatus(rt_, err, what);
       }
     }
     return p;
@@ -142,19 +148,19 @@ class CudaDeviceBackend final : public DeviceBackend {
     ZTIER_RETURN_IF_ERROR(SetDevice());
     if (!pools_) {
       // cudaFree waits for the device, which orders it after any stream.
-      ZTIER_CUDA_RETURN(cudaFree(ptr), "device Free (cudaFree)");
+      ZTIER_CUDA_RETURN(rt_.cudaFree(ptr), "device Free (cudaFree)");
       return Status::Ok();
     }
     if (stream) {
-      ZTIER_CUDA_RETURN(cudaFreeAsync(ptr, S(stream)),
+      ZTIER_CUDA_RETURN(rt_.cudaFreeAsync(ptr, S(stream)),
                         "device Free (cudaFreeAsync)");
       return Status::Ok();
     }
-    ZTIER_CUDA_RETURN(cudaDeviceSynchronize(),
+    ZTIER_CUDA_RETURN(rt_.cudaDeviceSynchronize(),
                       "device Free (cudaDeviceSynchronize)");
-    ZTIER_CUDA_RETURN(cudaFreeAsync(ptr, internal_),
+    ZTIER_CUDA_RETURN(rt_.cudaFreeAsync(ptr, internal_),
                       "device Free (cudaFreeAsync)");
-    ZTIER_CUDA_RETURN(cudaStreamSynchronize(internal_),
+    ZTIER_CUDA_RETURN(rt_.cudaStreamSynchronize(internal_),
                       "device Free (cudaStreamSynchronize)");
     return Status::Ok();
   }
@@ -162,7 +168,7 @@ class CudaDeviceBackend final : public DeviceBackend {
   Status MemInfo(uint64_t* free_bytes, uint64_t* total_bytes) override {
     ZTIER_RETURN_IF_ERROR(SetDevice());
     size_t f = 0, t = 0;
-    ZTIER_CUDA_RETURN(cudaMemGetInfo(&f, &t), "cudaMemGetInfo");
+    ZTIER_CUDA_RETURN(rt_.cudaMemGetInfo(&f, &t), "cudaMemGetInfo");
     if (free_bytes) *free_bytes = f;
     if (total_bytes) *total_bytes = t;
     return Status::Ok();
@@ -173,7 +179,7 @@ class CudaDeviceBackend final : public DeviceBackend {
     cudaStream_t s = nullptr;
     // Non-blocking: no implicit ordering with the legacy default stream, which
     // a framework running beside us may be using.
-    ZTIER_CUDA_RETURN(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking),
+    ZTIER_CUDA_RETURN(rt_.cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking),
                       "cudaStreamCreateWithFlags");
     return StreamHandle{s};
   }
@@ -183,7 +189,7 @@ class CudaDeviceBackend final : public DeviceBackend {
     ZTIER_RETURN_IF_ERROR(SetDevice());
     // Same contract as the emulation: queued work finishes first.
     Status sync = StreamSynchronize(stream);
-    ZTIER_CUDA_RETURN(cudaStreamDestroy(S(stream)), "cudaStreamDestroy");
+    ZTIER_CUDA_RETURN(rt_.cudaStreamDestroy(S(stream)), "cudaStreamDestroy");
     return sync;
   }
 
@@ -191,7 +197,7 @@ class CudaDeviceBackend final : public DeviceBackend {
     ZTIER_RETURN_IF_ERROR(SetDevice());
     cudaEvent_t e = nullptr;
     // No timing: cheaper to record and to wait on.
-    ZTIER_CUDA_RETURN(cudaEventCreateWithFlags(&e, cudaEventDisableTiming),
+    ZTIER_CUDA_RETURN(rt_.cudaEventCreateWithFlags(&e, cudaEventDisableTiming),
                       "cudaEventCreateWithFlags");
     return EventHandle{e};
   }
@@ -200,7 +206,7 @@ class CudaDeviceBackend final : public DeviceBackend {
     if (!event)
       return Status::InvalidArgument("DestroyEvent: null event handle");
     ZTIER_RETURN_IF_ERROR(SetDevice());
-    ZTIER_CUDA_RETURN(cudaEventDestroy(E(event)), "cudaEventDestroy");
+    ZTIER_CUDA_RETURN(rt_.cudaEventDestroy(E(event)), "cudaEventDestroy");
     return Status::Ok();
   }
 
@@ -209,7 +215,7 @@ class CudaDeviceBackend final : public DeviceBackend {
     if (!event)
       return Status::InvalidArgument("RecordEvent: null event handle");
     ZTIER_RETURN_IF_ERROR(SetDevice());
-    ZTIER_CUDA_RETURN(cudaEventRecord(E(event), S(stream)), "cudaEventRecord");
+    ZTIER_CUDA_RETURN(rt_.cudaEventRecord(E(event), S(stream)), "cudaEventRecord");
     return Status::Ok();
   }
 
@@ -218,7 +224,7 @@ class CudaDeviceBackend final : public DeviceBackend {
     if (!event)
       return Status::InvalidArgument("StreamWaitEvent: null event handle");
     ZTIER_RETURN_IF_ERROR(SetDevice());
-    ZTIER_CUDA_RETURN(cudaStreamWaitEvent(S(stream), E(event), 0),
+    ZTIER_CUDA_RETURN(rt_.cudaStreamWaitEvent(S(stream), E(event), 0),
                       "cudaStreamWaitEvent");
     return Status::Ok();
   }
@@ -226,34 +232,34 @@ class CudaDeviceBackend final : public DeviceBackend {
   Result<bool> EventQuery(EventHandle event) override {
     if (!event) return Status::InvalidArgument("EventQuery: null event handle");
     ZTIER_RETURN_IF_ERROR(SetDevice());
-    const cudaError_t err = cudaEventQuery(E(event));
+    const cudaError_t err = rt_.cudaEventQuery(E(event));
     if (err == cudaSuccess) return true;
     if (err == cudaErrorNotReady) {
-      (void)cudaGetLastError();  // not an error: clear it
+      (void)rt_.cudaGetLastError();  // not an error: clear it
       return false;
     }
-    return CudaStatus(err, "cudaEventQuery");
+    return CudaStatus(rt_, err, "cudaEventQuery");
   }
 
   Status EventSynchronize(EventHandle event) override {
     if (!event)
       return Status::InvalidArgument("EventSynchronize: null event handle");
     ZTIER_RETURN_IF_ERROR(SetDevice());
-    ZTIER_CUDA_RETURN(cudaEventSynchronize(E(event)), "cudaEventSynchronize");
+    ZTIER_CUDA_RETURN(rt_.cudaEventSynchronize(E(event)), "cudaEventSynchronize");
     return TakeCallbackError();
   }
 
   Status StreamSynchronize(StreamHandle stream) override {
     if (!stream) return NullStream("StreamSynchronize");
     ZTIER_RETURN_IF_ERROR(SetDevice());
-    ZTIER_CUDA_RETURN(cudaStreamSynchronize(S(stream)),
+    ZTIER_CUDA_RETURN(rt_.cudaStreamSynchronize(S(stream)),
                       "cudaStreamSynchronize");
     return TakeCallbackError();
   }
 
   Status DeviceSynchronize() override {
     ZTIER_RETURN_IF_ERROR(SetDevice());
-    ZTIER_CUDA_RETURN(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    ZTIER_CUDA_RETURN(rt_.cudaDeviceSynchronize(), "cudaDeviceSynchronize");
     return TakeCallbackError();
   }
 
@@ -278,7 +284,7 @@ class CudaDeviceBackend final : public DeviceBackend {
     if (!stream) return NullStream("MemsetAsync");
     if (bytes == 0) return Status::Ok();
     ZTIER_RETURN_IF_ERROR(SetDevice());
-    ZTIER_CUDA_RETURN(cudaMemsetAsync(dst, value, bytes, S(stream)),
+    ZTIER_CUDA_RETURN(rt_.cudaMemsetAsync(dst, value, bytes, S(stream)),
                       fmt::format("cudaMemsetAsync({} bytes)", bytes));
     return Status::Ok();
   }
@@ -289,10 +295,10 @@ class CudaDeviceBackend final : public DeviceBackend {
     if (!fn) return Status::InvalidArgument("LaunchHostFunc: empty function");
     ZTIER_RETURN_IF_ERROR(SetDevice());
     auto* call = new HostCall{this, std::move(fn)};
-    const cudaError_t err = cudaLaunchHostFunc(S(stream), &RunHostCall, call);
+    const cudaError_t err = rt_.cudaLaunchHostFunc(S(stream), &RunHostCall, call);
     if (err != cudaSuccess) {
       delete call;
-      return CudaStatus(err, "cudaLaunchHostFunc");
+      return CudaStatus(rt_, err, "cudaLaunchHostFunc");
     }
     return Status::Ok();
   }
@@ -303,14 +309,14 @@ class CudaDeviceBackend final : public DeviceBackend {
     }
     ZTIER_RETURN_IF_ERROR(SetDevice());
     // Portable: pinned for every device, not only the current one.
-    ZTIER_CUDA_RETURN(cudaHostRegister(ptr, bytes, cudaHostRegisterPortable),
+    ZTIER_CUDA_RETURN(rt_.cudaHostRegister(ptr, bytes, cudaHostRegisterPortable),
                       fmt::format("cudaHostRegister({} bytes)", bytes));
     return Status::Ok();
   }
 
   Status HostUnregister(void* ptr) override {
     ZTIER_RETURN_IF_ERROR(SetDevice());
-    ZTIER_CUDA_RETURN(cudaHostUnregister(ptr), "cudaHostUnregister");
+    ZTIER_CUDA_RETURN(rt_.cudaHostUnregister(ptr), "cudaHostUnregister");
     return Status::Ok();
   }
 
@@ -332,15 +338,16 @@ class CudaDeviceBackend final : public DeviceBackend {
     delete call;
   }
 
-  CudaDeviceBackend(int device, bool pools, cudaStream_t internal,
-                    std::string desc)
-      : device_(device),
+  CudaDeviceBackend(const CudaRuntimeApi& rt, int device, bool pools,
+                    cudaStream_t internal, std::string desc)
+      : rt_(rt),
+        device_(device),
         pools_(pools),
         internal_(internal),
         description_(std::move(desc)) {}
 
   Status SetDevice() {
-    ZTIER_CUDA_RETURN(cudaSetDevice(device_), "cudaSetDevice");
+    ZTIER_CUDA_RETURN(rt_.cudaSetDevice(device_), "cudaSetDevice");
     return Status::Ok();
   }
 
@@ -352,7 +359,7 @@ class CudaDeviceBackend final : public DeviceBackend {
       return Status::InvalidArgument(fmt::format("{}: null pointer", what));
     }
     ZTIER_RETURN_IF_ERROR(SetDevice());
-    ZTIER_CUDA_RETURN(cudaMemcpyAsync(dst, src, bytes, kind, S(stream)),
+    ZTIER_CUDA_RETURN(rt_.cudaMemcpyAsync(dst, src, bytes, kind, S(stream)),
                       fmt::format("{} ({} bytes)", what, bytes));
     return Status::Ok();
   }
@@ -374,6 +381,7 @@ class CudaDeviceBackend final : public DeviceBackend {
     return s;
   }
 
+  const CudaRuntimeApi& rt_;  // loaded for the process, never unloaded
   const int device_;
   const bool pools_;       // cudaMallocAsync supported
   cudaStream_t internal_;  // for synchronous Alloc/Free
@@ -394,7 +402,12 @@ Result<std::unique_ptr<DeviceBackend>> CreateCudaDeviceBackend(int device) {
 }
 
 bool CudaDeviceAvailable(std::string* why) {
-  auto count = DeviceCount();
+  auto runtime = CudaRuntime();
+  if (!runtime.ok()) {
+    if (why) *why = std::string(runtime.status().message());
+    return false;
+  }
+  auto count = DeviceCount(**runtime);
   if (!count.ok()) {
     if (why) *why = std::string(count.status().message());
     return false;

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 namespace ztier::testing {
@@ -20,6 +21,20 @@ class ScratchDir {
 
  private:
   std::string path_;
+};
+
+// Sets (or, with nullptr, unsets) an environment variable for its lifetime,
+// then restores what was there.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value);
+  ~ScopedEnv();
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::string name_;
+  std::optional<std::string> old_;
 };
 
 struct FreeDeleter {
