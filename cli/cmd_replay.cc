@@ -51,6 +51,14 @@ Status ApplyOverrides(const coordinator::TraceFile& t, tiering::Config* c) {
 }
 
 int RunReplay(const ReplayArgs& a) {
+  if (a.null_io && a.device == "cuda") {
+    // --null-io creates no device at all; silently running without the GPU
+    // asked for would report figures of something else.
+    fprintf(stderr,
+            "ztier replay: --device cuda and --null-io exclude each other (--null-io runs the "
+            "bookkeeping only, with no device): drop one\n");
+    return kExitUsage;
+  }
   auto path = ResolveTracePath(a.trace);
   if (!path.ok()) {
     fprintf(stderr, "ztier replay: %s\n", path.status().ToString().c_str());

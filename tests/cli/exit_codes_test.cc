@@ -61,6 +61,7 @@ TEST(ExitCodes, UsageErrorsAreTwo) {
   EXPECT_EQ(Ztier("trace info /nonexistent/trace.json").status, 2);
   EXPECT_EQ(Ztier("config check /nonexistent/config.yaml").status, 2);
   EXPECT_EQ(Ztier("checkpoint info /nonexistent/checkpoint").status, 2);
+  EXPECT_EQ(Ztier("replay --trace gpt2_tied --null-io --device cuda").status, 2);
 }
 
 TEST(ExitCodes, RunTimeFailureIsOne) {
