@@ -126,6 +126,14 @@ class Importer {
     r_.unmapped_keys.push_back(key);
     Issue(key, why);
   }
+  // A key DeepSpeed does not know in `section`: unmapped, with the nearest
+  // known key of that section as a suggestion.
+  void UnknownKey(const std::string& key, std::string_view k, const auto& known,
+                  std::string_view section) {
+    const std::string near = Nearest(k, known);
+    Unmapped(key, std::string(section) + "; " +
+                      (near.empty() ? "remove it" : "did you mean '" + near + "'?"));
+  }
   // A value DeepSpeed itself rejects: the import fails.
   void Error(std::string s) { errors_.push_back(std::move(s)); }
 
@@ -447,12 +455,7 @@ void Importer::ParamKeys(const Json& op, const std::string& base,
     } else if (k == "pin_memory") {
       Bool(v, key, "tiers.host.pin_memory", &t.host.pin_memory);
     } else {
-      std::string near = Nearest(k, kKeys);
-      Unmapped(
-          key,
-          "not a key of DeepSpeed's offload_param (DeepSpeed "
-          "rejects it); " +
-              (near.empty() ? "remove it" : "did you mean '" + near + "'?"));
+      UnknownKey(key, k, kKeys, "not a key of DeepSpeed's offload_param (DeepSpeed rejects it)");
     }
   }
 }
@@ -553,12 +556,8 @@ void Importer::OptimizerKeys(const Json& oo, const std::string& base) {
            ": ignored; DeepSpeed reads it only with super_offload (ztier's "
            "update threads are optimizer.threads)");
     } else {
-      std::string near = Nearest(k, kKeys);
-      Unmapped(
-          key,
-          "not a key of DeepSpeed's offload_optimizer (DeepSpeed "
-          "rejects it); " +
-              (near.empty() ? "remove it" : "did you mean '" + near + "'?"));
+      UnknownKey(key, k, kKeys,
+                 "not a key of DeepSpeed's offload_optimizer (DeepSpeed rejects it)");
     }
   }
 }
@@ -726,10 +725,7 @@ void Importer::Aio(const Json& aio) {
       constexpr std::string_view kKeys[] = {
           "block_size",    "queue_depth",    "intra_op_parallelism",
           "single_submit", "overlap_events", "use_gds"};
-      std::string near = Nearest(k, kKeys);
-      Unmapped(key, "not a DeepSpeed aio key; " +
-                        (near.empty() ? "remove it"
-                                      : "did you mean '" + near + "'?"));
+      UnknownKey(key, k, kKeys, "not a DeepSpeed aio key");
     }
   }
   if (!aio.contains("queue_depth")) {

@@ -4,7 +4,6 @@
 // block, and the drive measurement refused it), the large ones scaled down
 // until a run takes seconds. Exit statuses follow the CLI's convention: 0
 // success, 2 a bad option or model.
-#include <sys/wait.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -18,28 +17,15 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "tests/cli/cli_run.h"
 #include "tests/testutil/testutil.h"
 
 namespace {
 
-struct CliRun {
-  int status = -1;  // exit status
-  std::string out;  // stdout only (the JSON report)
-  std::string err;  // stderr (log lines, errors)
-};
+using ztier::testing::CliRun;
 
 CliRun Ztier(const std::string& args, const std::string& err_file) {
-  CliRun r;
-  FILE* p = popen((std::string(ZTIER_CLI) + " " + args + " 2>" + err_file).c_str(), "r");
-  if (p == nullptr) return r;
-  char buf[4096];
-  size_t n = 0;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
-  const int st = pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  std::ifstream e(err_file);
-  r.err.assign(std::istreambuf_iterator<char>(e), std::istreambuf_iterator<char>());
-  return r;
+  return ztier::testing::RunZtier(args, err_file);
 }
 
 // --scale per shipped shape: none (the command's default) for the small

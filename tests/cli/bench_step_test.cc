@@ -1,9 +1,7 @@
 // `ztier bench step --ranks processes`: world size 2 as forked processes over
 // the gloo collective gives the report threads mode gives (same bytes moved,
 // fetch counts), and a rank that dies fails the run with its error, quickly.
-#include <sys/wait.h>
 
-#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <string>
@@ -11,29 +9,14 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "tests/cli/cli_run.h"
 #include "tests/testutil/testutil.h"
 
 namespace {
 
-struct CliRun {
-  int status = -1;  // exit status
-  std::string out;  // stdout + stderr
-  double seconds = 0;
-};
+using ztier::testing::CliRun;
 
-CliRun Ztier(const std::string& args) {
-  CliRun r;
-  const auto t0 = std::chrono::steady_clock::now();
-  FILE* p = popen((std::string(ZTIER_CLI) + " " + args + " 2>&1").c_str(), "r");
-  if (p == nullptr) return r;
-  char buf[4096];
-  size_t n = 0;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
-  const int st = pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return r;
-}
+CliRun Ztier(const std::string& args) { return ztier::testing::RunZtier(args); }
 
 class BenchStepRanks : public ::testing::Test {
  protected:

@@ -2,7 +2,6 @@
 // and write figures over --runs runs, the config's point is marked, and bad
 // options exit with status 2 before any I/O. Which point wins is the drive's
 // business (and noisy); the rule itself is tested in sweep_rule_test.cc.
-#include <sys/wait.h>
 
 #include <cstdio>
 #include <fstream>
@@ -11,26 +10,14 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "tests/cli/cli_run.h"
 #include "tests/testutil/testutil.h"
 
 namespace {
 
-struct CliRun {
-  int status = -1;  // exit status
-  std::string out;  // stdout + stderr
-};
+using ztier::testing::CliRun;
 
-CliRun Ztier(const std::string& args) {
-  CliRun r;
-  FILE* p = popen((std::string(ZTIER_CLI) + " " + args + " 2>&1").c_str(), "r");
-  if (p == nullptr) return r;
-  char buf[4096];
-  size_t n = 0;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
-  const int st = pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  return r;
-}
+CliRun Ztier(const std::string& args) { return ztier::testing::RunZtier(args); }
 
 class BenchSweep : public ::testing::Test {
  protected:

@@ -1,35 +1,24 @@
 // `ztier config import [--strict]`: the exit status and what reaches stderr,
 // run on configs of tests/data/deepspeed/.
-#include <gtest/gtest.h>
-#include <sys/wait.h>
-
-#include <cstdio>
 #include <string>
+
+#include <gtest/gtest.h>
+
+#include "tests/cli/cli_run.h"
+#include "tests/testutil/testutil.h"
 
 namespace {
 
-struct CliRun {
-  int status = -1;  // exit status
-  std::string out;  // stdout, or stderr when asked for
-};
+using ztier::testing::CliRun;
 
-// Runs `ztier config import ARGS` on a corpus file, keeping stdout or stderr.
-CliRun Import(const std::string& args, const std::string& file,
-              bool want_stderr) {
+// Runs `ztier config import ARGS` on a corpus file; `out` holds its stdout,
+// or its stderr when asked for.
+CliRun Import(const std::string& args, const std::string& file, bool want_stderr) {
   const std::string path = ZTIER_SOURCE_DIR "/tests/data/deepspeed/" + file;
-  const std::string redirect =
-      want_stderr ? " 2>&1 >/dev/null" : " 2>/dev/null";
-  CliRun r;
-  FILE* p = popen((std::string(ZTIER_CLI) + " config import " + args + " " +
-                   path + redirect)
-                      .c_str(),
-                  "r");
-  if (p == nullptr) return r;
-  char buf[4096];
-  size_t n = 0;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
-  const int st = pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  ztier::testing::ScratchDir dir;
+  CliRun r = ztier::testing::RunZtier("config import " + args + " " + path,
+                                      dir.File("stderr.txt"));
+  if (want_stderr) r.out = r.err;
   return r;
 }
 

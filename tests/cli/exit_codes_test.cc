@@ -3,7 +3,6 @@
 // `--version`; every --json document names the version, time and host.
 #include <fcntl.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -14,27 +13,15 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "tests/cli/cli_run.h"
 #include "tests/testutil/testutil.h"
 
 namespace {
 
-struct CliRun {
-  int status = -1;  // exit status
-  std::string out;  // stdout
-};
+using ztier::testing::CliRun;
 
 // Runs `ztier <args>` with stderr dropped (progress and errors go there).
-CliRun Ztier(const std::string& args) {
-  CliRun r;
-  FILE* p = popen((std::string(ZTIER_CLI) + " " + args + " 2>/dev/null").c_str(), "r");
-  if (p == nullptr) return r;
-  char buf[4096];
-  size_t n = 0;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
-  const int st = pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  return r;
-}
+CliRun Ztier(const std::string& args) { return ztier::testing::RunZtier(args, "/dev/null"); }
 
 std::string Model(const char* name) {
   return std::string(ZTIER_SOURCE_DIR) + "/configs/models/" + name + ".yaml";
