@@ -98,8 +98,15 @@ Result<std::string> ResolveAuto() {
   return Status::Unavailable("no I/O backend works here");
 }
 
-// Every point must give each thread at least one block of --size.
+// Every point must give each thread at least one block of --size (and no
+// value may be 0: nothing would move, and the check below divides by them).
 Status CheckFits(uint64_t size, const Point& p, std::string_view where) {
+  if (p.bs == 0 || p.qd == 0 || p.threads == 0) {
+    return Status::InvalidArgument(fmt::format(
+        "{}: block size, queue depth and threads must each be at least 1 (got bs {}, qd {}, "
+        "threads {})",
+        where, p.bs, p.qd, p.threads));
+  }
   if (size / p.bs / p.threads > 0) return Status::Ok();
   return Status::InvalidArgument(fmt::format(
       "--size {} is smaller than {} (block {} x {} threads): give --size at least {}",
@@ -297,8 +304,8 @@ Status WriteJson(const std::string& path, const SweepArgs& a, const std::string&
       {"warmup", a.warmup},
       {"combined", "harmonic mean of read and write bandwidth: one read and one write of the "
                    "same bytes"},
-      {"rule", "recommend the best combined median only if its combined min exceeds the "
-               "default point's combined max"},
+      {"rule", "recommend the highest combined median among the points whose combined min "
+               "exceeds the default point's combined max"},
       {"points", js},
       {"default", IoBlockJson(points[baseline])},
       {"best", IoBlockJson(points[d.best])},
@@ -340,8 +347,8 @@ void PrintDecision(const std::vector<Point>& points, size_t baseline, const Swee
       fmt::print("the default ({}) is the fastest point measured: nothing to change\n",
                  Describe(def));
     } else {
-      fmt::print("no recommendation: the best point ({}, r+w {}) does not beat the default "
-                 "({}, r+w {}) beyond the spread (their ranges overlap); the default is as "
+      fmt::print("no recommendation: no point beats the default ({1}, r+w {3}) beyond the "
+                 "spread; the best median, {0} (r+w {2}), overlaps it: the default is as "
                  "good\n",
                  Describe(points[d.best]), FormatSpread(bc), Describe(def), FormatSpread(dc));
     }
@@ -387,17 +394,26 @@ int RunSweep(const SweepArgs& a) {
     PrintError(points.status().message());
     return kExitUsage;
   }
-  // The outputs must be writable before minutes of runs go into them.
+  // The outputs must be writable before minutes of runs go into them. The
+  // check creates them; a failed run removes the ones it created.
+  std::vector<std::string> created;
   for (const std::string* out : {&a.csv, &a.json}) {
+    std::error_code ec;
+    const bool existed = std::filesystem::exists(*out, ec);
     if (!std::ofstream(*out, std::ios::app)) {
       PrintError(fmt::format("cannot write {}: check the directory exists and is writable", *out));
       return kExitFailure;
     }
+    if (!existed) created.push_back(*out);
   }
   const std::string file = SweepFile(a);
   Sweep sweep(a, file);
   if (Status s = sweep.Measure(&*points, baseline); !s.ok()) {
     PrintError(s.ToString());
+    for (const std::string& out : created) {
+      std::error_code ec;
+      std::filesystem::remove(out, ec);
+    }
     return ExitCodeFor(s);
   }
   std::vector<Spread> combined;
@@ -429,10 +445,10 @@ Points are ranked by the combined bandwidth of a run's read and write: one
 read and one write of the same bytes, 2 / (1/read + 1/write) (a training
 step reads its swapped bytes and writes them back; the slower direction
 bounds it). The table shows median (min-max) over the runs in GB/s, '*' the
-default point. An io: block is printed only when the best point's slowest
-combined run beats the default point's fastest (ranges that do not overlap);
-otherwise the default is as good as anything measured and nothing is
-recommended. Lists are comma separated: --bs 256KiB,1MiB --qd 8,32.
+default point. An io: block is printed only for a point whose slowest
+combined run beats the default point's fastest (ranges that do not overlap),
+the highest median of those; otherwise the default is as good as anything
+measured and nothing is recommended. Lists are comma separated: --bs 256KiB,1MiB --qd 8,32.
 The default grid is 324 points, each read and written --runs times: narrow
 it, or bound each run with --time, for a sweep of minutes rather than hours.
 Backends not available here are skipped with a note. Exit status: 0 done,

@@ -32,8 +32,12 @@ SweepDecision DecideSweep(const std::vector<Spread>& combined, size_t baseline) 
   for (size_t i = 1; i < combined.size(); ++i) {
     if (combined[i].median > combined[d.best].median) d.best = i;
   }
-  if (d.best != baseline && combined[d.best].min > combined[baseline].max) {
-    d.recommend = d.best;
+  // Among the points whose slowest run beats the baseline's fastest, the
+  // highest median: a noisy best-median point must not hide a steady one
+  // that clearly beats the baseline.
+  for (size_t i = 0; i < combined.size(); ++i) {
+    if (i == baseline || !(combined[i].min > combined[baseline].max)) continue;
+    if (!d.recommend || combined[i].median > combined[*d.recommend].median) d.recommend = i;
   }
   return d;
 }

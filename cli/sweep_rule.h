@@ -35,9 +35,11 @@ std::vector<double> CombinedRuns(const std::vector<double>& read_bytes_per_s,
 
 struct SweepDecision {
   size_t best = 0;  // the point with the highest combined median
-  // Set when `best` beats the baseline beyond the noise: its slowest
-  // combined run is faster than the baseline's fastest (the two ranges do
-  // not overlap). Unset: the baseline is as good as anything measured.
+  // Of the points that beat the baseline beyond the noise (their slowest
+  // combined run is faster than the baseline's fastest: the two ranges do
+  // not overlap), the one with the highest median; often `best`, but not
+  // when `best` is too noisy to clear the baseline. Unset: no point beats
+  // the baseline beyond the run-to-run spread.
   std::optional<size_t> recommend;
 };
 

@@ -18,6 +18,7 @@
 // AllGatherHost also serialises on its own scratch buffer and stream.
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <string>
@@ -356,11 +357,33 @@ Result<std::unique_ptr<Collective>> CreateNcclCollective(
   return NcclCollective::Create(libs, comm, /*owned=*/true, cuda_device, device);
 }
 
+namespace {
+
+// A communicator made elsewhere can only be driven by the NCCL copy that made
+// it. When ztier opened its own copy (none was in the process before it, and
+// no override names one), the maker linked NCCL some other way (statically,
+// or under another name) and the two copies would share a communicator.
+Status CheckSameNccl() {
+  ZTIER_ASSIGN_OR_RETURN(const NcclApi* nccl, Nccl());
+  if (nccl->library.was_loaded || std::getenv("ZTIER_NCCL_LIBRARY") != nullptr) {
+    return Status::Ok();
+  }
+  return Status::FailedPrecondition(fmt::format(
+      "nccl collective: a communicator created outside ztier must be driven by the NCCL that "
+      "created it, but no NCCL was loaded in this process before ztier opened {} (the "
+      "framework links NCCL statically or under another name): set ZTIER_NCCL_LIBRARY to the "
+      "framework's NCCL library, or let ztier create the communicator",
+      nccl->library.name));
+}
+
+}  // namespace
+
 Result<std::unique_ptr<Collective>> WrapNcclCommunicator(void* nccl_comm,
                                                          tiering::DeviceBackend* device) {
   if (nccl_comm == nullptr) {
     return Status::InvalidArgument("nccl collective: null communicator");
   }
+  ZTIER_RETURN_IF_ERROR(CheckSameNccl());
   ZTIER_RETURN_IF_ERROR(CheckDevice(device));
   ZTIER_ASSIGN_OR_RETURN(const Libraries libs, LoadLibraries());
   const NcclApi& nccl_ = *libs.nccl;

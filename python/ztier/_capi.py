@@ -4,14 +4,15 @@ No build step: the shared library is found, in this order (the first that
 loads and has every function this binding declares wins):
   1. $ZTIER_LIBRARY, when set (then nothing else is tried);
   2. next to this package (ztier/libztier.so*);
-  3. the install prefix's library folder: the one `cmake --install` recorded
+  3. a build folder of the source tree this package sits in, when it is
+     used from there (build/lib/libztier.so, else the newest
+     build*/lib/libztier.so that is not a sanitizer build): a checkout's own
+     build comes before any installed copy;
+  4. the install prefix's library folder: the one `cmake --install` recorded
      in ztier/_install_paths.py, then sys.prefix/lib and
      sys.prefix/lib/<multiarch> (a venv or prefix that holds both);
-  4. the dynamic loader's search path (LD_LIBRARY_PATH, ldconfig's cache):
-     libztier.so.0, then what ctypes.util.find_library("ztier") names;
-  5. a build folder of the source tree this package sits in
-     (build/lib/libztier.so, else the newest build*/lib/libztier.so that is
-     not a sanitizer build).
+  5. the dynamic loader's search path (LD_LIBRARY_PATH, ldconfig's cache):
+     libztier.so.0, then what ctypes.util.find_library("ztier") names.
 The OSError raised when none loads lists every place tried and why it failed.
 Every failing call raises ZtierError carrying the status and the library's
 message.
@@ -394,13 +395,15 @@ def _candidates() -> Iterable[_Candidate]:
     yield from (_Candidate(p, p) for p in beside)
     if not beside:
         yield _Candidate(None, os.path.join(here, "libztier.so*"))
+    # A package used from its source tree (PYTHONPATH=python) is a developer's
+    # checkout: its own build comes before any installed copy.
+    yield from _build_candidates(here)
     seen = set()
     for folder in _prefix_libdirs(here):
         if folder not in seen:
             seen.add(folder)
             yield _in_folder(folder)
     yield from _loader_candidates()
-    yield from _build_candidates(here)
 
 
 def _sanitized(build_dir: str) -> bool:

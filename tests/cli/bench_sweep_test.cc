@@ -96,6 +96,28 @@ TEST_F(BenchSweep, BadOptionsExitTwoNamingThem) {
   r = Ztier(Args("--backends nosuch"));
   EXPECT_EQ(r.status, 2) << r.out;
   EXPECT_NE(r.out.find("nosuch"), std::string::npos) << r.out;
+  // Zero block size, depth or threads: refused before any run (a zero
+  // divisor once crashed the size check).
+  for (const std::string& extra : {std::string("--qd 0"), std::string("--threads 0")}) {
+    r = Ztier(Args("--backends psync " + extra));
+    EXPECT_EQ(r.status, 2) << extra << ": " << r.out;
+    EXPECT_NE(r.out.find("at least 1"), std::string::npos) << extra << ": " << r.out;
+  }
+  r = Ztier(Args("--backends psync", "0"));
+  EXPECT_EQ(r.status, 2) << r.out;
+  EXPECT_NE(r.out.find("at least 1"), std::string::npos) << r.out;
+}
+
+TEST_F(BenchSweep, FailedRunRemovesTheOutputsItCreated) {
+  // The scratch file's folder does not exist: the first run fails.
+  const std::string args = "bench sweep --bs 128KiB --size 2MiB --qd 1 --threads 1 --no-direct "
+                           "--backends psync --config " + dir_.File("config.yaml") +
+                           " --file " + dir_.File("missing/s.dat") + " --csv " +
+                           dir_.File("s.csv") + " --json " + dir_.File("s.json");
+  const CliRun r = Ztier(args);
+  EXPECT_NE(r.status, 0) << r.out;
+  EXPECT_FALSE(std::ifstream(dir_.File("s.csv")).good()) << r.out;
+  EXPECT_FALSE(std::ifstream(dir_.File("s.json")).good()) << r.out;
 }
 
 }  // namespace

@@ -60,6 +60,18 @@ TEST(SweepRule, ClearWinnerIsRecommended) {
   EXPECT_EQ(*d.recommend, 1u);
 }
 
+TEST(SweepRule, SteadyPointClearingTheBaselineBeatsANoisyBestMedian) {
+  const std::vector<Spread> points = {
+      Point({1.0, 1.1, 1.2}, {1.0, 1.1, 1.2}),  // baseline: up to 1.2
+      Point({3.0, 2.9, 1.1}, {3.0, 2.9, 1.1}),  // best median, one run within the baseline's
+      Point({1.8, 1.9, 2.0}, {1.8, 1.9, 2.0}),  // every run beats the baseline
+  };
+  const SweepDecision d = DecideSweep(points, 0);
+  EXPECT_EQ(d.best, 1u);
+  ASSERT_TRUE(d.recommend.has_value());
+  EXPECT_EQ(*d.recommend, 2u);
+}
+
 TEST(SweepRule, FastReadsSlowWritesLoseToBalanced) {
   // Reads alone would pick point 1; a step reads and writes the same bytes.
   const std::vector<Spread> points = {

@@ -83,6 +83,24 @@ TEST(NcclApiTest, AvailabilityFollowsTheDevice) {
   }
 }
 
+// A communicator from a framework whose NCCL ztier cannot see (linked
+// statically, another name) must not be handed to a second copy. In a fresh
+// process (ctest runs each test alone) nothing loaded NCCL before ztier did.
+TEST(NcclApiTest, ForeignCommunicatorNeedsTheNcclThatMadeIt) {
+  testing::ScopedEnv env(kEnv, nullptr);
+  auto nccl = Nccl();
+  ASSERT_TRUE(nccl.ok()) << nccl.status().ToString();
+  int dummy = 0;  // never dereferenced: refused before any NCCL call
+  auto wrapped = WrapNcclCommunicator(&dummy, nullptr);
+  ASSERT_FALSE(wrapped.ok());
+  if ((*nccl)->library.was_loaded) {
+    GTEST_SKIP() << "NCCL was loaded before ztier's first use in this process (the whole binary "
+                    "in one run): the refusal needs a fresh process";
+  }
+  EXPECT_EQ(wrapped.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(wrapped.status().message()), HasSubstr("ZTIER_NCCL_LIBRARY"));
+}
+
 }  // namespace
 }  // namespace ztier::coordinator
 #else
