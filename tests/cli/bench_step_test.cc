@@ -1,6 +1,7 @@
 // `ztier bench step --ranks processes`: world size 2 as forked processes over
 // the gloo collective gives the report threads mode gives (same bytes moved,
-// fetch counts), and a rank that dies fails the run with its error, quickly.
+// fetch counts), and a rank that dies fails the run with its error (the test
+// asserts no wall time: a hang ends at ctest's timeout).
 
 #include <cstdio>
 #include <fstream>
@@ -54,7 +55,6 @@ TEST_F(BenchStepRanks, ProcessesReport) {
   EXPECT_NE(r.out.find("comm.backend set to gloo"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("step / bound"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("collective / rank"), std::string::npos) << r.out;
-  EXPECT_LT(r.seconds, 30) << r.out;
 }
 
 TEST_F(BenchStepRanks, ThreadsAndProcessesMoveTheSame) {
@@ -90,8 +90,8 @@ TEST_F(BenchStepRanks, DeadRankFailsTheRun) {
   EXPECT_NE(r.out.find("rank 1 (pid"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("killed by signal 9"), std::string::npos) << r.out;
   EXPECT_LT(r.out.find("rank 1 (pid"), r.out.find("rank 0 (pid")) << r.out;
+  // A hang instead would end at ctest's timeout for this test (120 s).
   EXPECT_EQ(r.out.find("SIGKILL) "), std::string::npos) << r.out;
-  EXPECT_LT(r.seconds, 20) << r.out;
 }
 
 }  // namespace
