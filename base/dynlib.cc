@@ -70,8 +70,13 @@ Result<SharedLibrary> OpenSharedLibrary(const SharedLibrarySearch& search) {
   for (const std::string& name : search.sonames) {
     if (TryOpen(search, name, RTLD_NOW | RTLD_NOLOAD, &refused, &lib)) return lib;
   }
+  // A name refused above is loaded already: opening it again would return
+  // the same library and the same refusal.
+  const size_t refused_loaded = refused.size();
   for (const std::string& name : search.sonames) {
-    if (TryOpen(search, name, RTLD_NOW | RTLD_LOCAL, &refused, &lib)) return lib;
+    bool seen = false;
+    for (size_t i = 0; i < refused_loaded; ++i) seen = seen || refused[i].name == name;
+    if (!seen && TryOpen(search, name, RTLD_NOW | RTLD_LOCAL, &refused, &lib)) return lib;
   }
   return NotLoadable(search, "", refused);
 }

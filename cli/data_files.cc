@@ -55,12 +55,12 @@ std::vector<std::string> DataRoots() {
   if (std::string_view(ZTIER_SOURCE_DIR).size() > 0) roots.emplace_back(ZTIER_SOURCE_DIR);
   // The working directory is often the source tree (or the prefix): look
   // there once.
-  std::vector<std::string> unique;
+  std::vector<std::string> unique, keys;
   for (std::string& r : roots) {
-    const std::string key = fs::weakly_canonical(r, ec).string();
-    bool seen = false;
-    for (const std::string& u : unique) seen = seen || fs::weakly_canonical(u, ec).string() == key;
-    if (!seen) unique.push_back(std::move(r));
+    std::string key = fs::weakly_canonical(r, ec).string();
+    if (std::find(keys.begin(), keys.end(), key) != keys.end()) continue;
+    keys.push_back(std::move(key));
+    unique.push_back(std::move(r));
   }
   return unique;
 }
